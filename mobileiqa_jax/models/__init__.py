@@ -1,0 +1,1 @@
+"""Flax modules of MobileIQA: timm-exact backbones and the IQA head."""

@@ -1,0 +1,229 @@
+"""PyTorch-exact building blocks shared by the backbones and the head.
+
+Everything here works in NHWC. Each block reproduces the PyTorch/timm operation it stands for
+to float32 rounding; the comments name the PyTorch behaviour that a plain Flax/JAX call would
+get wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+  """Symmetric padding per side that timm's `create_conv2d(padding='')` uses.
+
+  Flax's 'SAME' pads asymmetrically at stride 2 and shifts the output by whole pixels.
+  """
+  return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    stride: int = 1,
+    *,
+    dilation: int = 1,
+    groups: int = 1,
+    use_bias: bool = True,
+    padding: int | None = None,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+  """A `torch.nn.Conv2d` with timm's default symmetric padding (params: kernel HWIO, bias)."""
+  pad = torch_padding(kernel_size, stride, dilation) if padding is None else padding
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(dilation, dilation),
+      feature_group_count=groups,
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
+  )
+
+
+def default_depthwise_impl() -> str:
+  """'shift' on CPU (XLA:CPU grouped convs are ~7x slower than PyTorch), 'conv' elsewhere."""
+  return "shift" if jax.default_backend() == "cpu" else "conv"
+
+
+class DepthwiseConv2d(nn.Module):
+  """Depthwise `Conv2d(C, C, k, groups=C)` with two exact implementations.
+
+  `impl='conv'` is XLA's grouped convolution (fast on GPU/TPU); `impl='shift'` sums k*k
+  strided, shifted slices times per-channel weights, which XLA:CPU fuses into one pass.
+  Both read the same parameters, laid out as `nn.Conv` would: kernel (k, k, 1, C).
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  use_bias: bool = False
+  impl: str | None = None  # None: default_depthwise_impl()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, d = self.kernel_size, self.stride, self.dilation
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (k, k, 1, self.features), jnp.float32
+    )
+    pad = torch_padding(k, s, d)
+    impl = self.impl or default_depthwise_impl()
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if impl == "conv":
+      y = jax.lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(s, s),
+          padding=((pad, pad), (pad, pad)),
+          rhs_dilation=(d, d),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=self.features,
+      )
+    elif impl == "shift":
+      h, w = x.shape[1], x.shape[2]
+      out_h = (h + 2 * pad - d * (k - 1) - 1) // s + 1
+      out_w = (w + 2 * pad - d * (k - 1) - 1) // s + 1
+      xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      y = None
+      for i in range(k):
+        for j in range(k):
+          tap = jax.lax.slice(
+              xp,
+              (0, i * d, j * d, 0),
+              (xp.shape[0], i * d + s * (out_h - 1) + 1, j * d + s * (out_w - 1) + 1,
+               xp.shape[3]),
+              (1, s, s, 1),
+          )
+          term = tap * kernel[i, j, 0]
+          y = term if y is None else y + term
+    else:
+      raise ValueError(f"DepthwiseConv2d impl must be 'conv' or 'shift', got {impl!r}.")
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+  """`torch.nn.BatchNorm2d` defaults: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+
+  In training, statistics are taken over every axis but channels of the array the step sees;
+  under `jax.jit` with a batch sharded over devices and hosts that is the *global* batch.
+  """
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      use_fast_variance=False,
+      dtype=dtype,
+      name=name,
+  )
+
+
+def group_norm_1(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+  """`torch.nn.GroupNorm(1, C)` as timm's MobileViTv2 uses it: one group, eps 1e-5."""
+  return nn.GroupNorm(
+      num_groups=1, epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name
+  )
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+  """PyTorch's hardsigmoid: relu6(x + 3) / 6 (not Keras' 0.2x + 0.5)."""
+  return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def hard_swish(x: jax.Array) -> jax.Array:
+  """PyTorch's hardswish: x * relu6(x + 3) / 6."""
+  return x * hard_sigmoid(x)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """`torch.nn.GELU()` default: the exact erf form, not Flax's tanh approximation."""
+  return nn.gelu(x, approximate=False)
+
+
+def _adaptive_windows(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gather indices (out, K) and averaging weights (out, K) of PyTorch's adaptive pooling.
+
+  Output cell i averages input rows floor(i*in/out) .. ceil((i+1)*in/out) - 1; windows overlap
+  when `in_size` is not a multiple of `out_size` and repeat rows when it is smaller.
+  """
+  starts = (np.arange(out_size) * in_size) // out_size
+  ends = -((-(np.arange(out_size) + 1) * in_size) // out_size)
+  lengths = ends - starts
+  width = int(lengths.max())
+  offsets = np.arange(width)
+  idx = np.minimum(starts[:, None] + offsets[None, :], in_size - 1)
+  weights = np.where(offsets[None, :] < lengths[:, None], 1.0 / lengths[:, None], 0.0)
+  return idx.astype(np.int32), weights.astype(np.float32)
+
+
+def _pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  in_size = x.shape[axis]
+  if in_size % out_size == 0:
+    # Equal, disjoint windows: a reshape-mean avoids materialising the gathered copy.
+    k = in_size // out_size
+    shape = x.shape[:axis] + (out_size, k) + x.shape[axis + 1:]
+    return jnp.mean(x.reshape(shape), axis=axis + 1)
+  idx, weights = _adaptive_windows(in_size, out_size)
+  gathered = jnp.take(x, jnp.asarray(idx.reshape(-1)), axis=axis)
+  gathered = gathered.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+  wshape = [1] * gathered.ndim
+  wshape[axis], wshape[axis + 1] = idx.shape
+  return jnp.sum(gathered * jnp.asarray(weights, x.dtype).reshape(wshape), axis=axis + 1)
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+  """`torch.nn.AdaptiveAvgPool2d` on NHWC input, PyTorch's exact (overlapping) windows."""
+  if isinstance(output_size, int):
+    output_size = (output_size, output_size)
+  x = _pool_axis(x, 1, output_size[0])
+  return _pool_axis(x, 2, output_size[1])
+
+
+def avg_pool2d(x: jax.Array, kernel_size: int) -> jax.Array:
+  """`torch.nn.AvgPool2d(k)` (stride k, no padding, floor mode) on NHWC input."""
+  k = kernel_size
+  return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+
+
+def _align_corners_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  # PyTorch computes the source coordinate in float32: scale * dst_index.
+  scale = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0)
+  src = scale * np.arange(out_size, dtype=np.float32)
+  lo = np.floor(src).astype(np.int32)
+  lo = np.minimum(lo, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = (src - lo).astype(np.float32)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  frac = jnp.asarray(frac, x.dtype).reshape(shape)
+  x_lo = jnp.take(x, jnp.asarray(lo), axis=axis)
+  x_hi = jnp.take(x, jnp.asarray(hi), axis=axis)
+  return x_lo * (1 - frac) + x_hi * frac
+
+
+def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.Array:
+  """`F.interpolate(mode='bilinear', align_corners=True)` on NHWC input.
+
+  `jax.image.resize` implements half-pixel (align_corners=False) sampling and does not match.
+  """
+  x = _align_corners_axis(x, 1, size_hw[0])
+  return _align_corners_axis(x, 2, size_hw[1])

@@ -1,0 +1,75 @@
+"""The PyTorch-exact blocks of models/layers.py against PyTorch itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobileiqa_jax.models import layers
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _nhwc(t):
+  return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("in_hw,out", [((44, 44), 22), ((16, 16), 22), ((77, 119), 22),
+                                       ((616, 954), 22), ((5, 3), 4)])
+def test_adaptive_avg_pool_matches_torch(in_hw, out):
+  x = np.random.default_rng(0).normal(size=(2, *in_hw, 3)).astype(np.float32)
+  ref = _nhwc(F.adaptive_avg_pool2d(_nchw(x), out))
+  got = layers.adaptive_avg_pool2d(jnp.asarray(x), out)
+  assert got.shape == ref.shape
+  # Summation order differs from PyTorch's: float32 rounding, not a window error.
+  assert _rel(got, ref) <= 5e-6
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((7, 9), (8, 10)), ((33, 48), (34, 48)),
+                                          ((5, 5), (6, 6))])
+def test_align_corners_resize_matches_torch(in_hw, out_hw):
+  x = np.random.default_rng(1).normal(size=(2, *in_hw, 4)).astype(np.float32)
+  ref = _nhwc(F.interpolate(_nchw(x), size=out_hw, mode="bilinear", align_corners=True))
+  got = layers.resize_bilinear_align_corners(jnp.asarray(x), out_hw)
+  assert _rel(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", ["conv", "shift"])
+@pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (9, 11)), (3, 2, 1, (9, 11)),
+                                      (5, 2, 1, (10, 13)), (3, 1, 2, (8, 8))])
+def test_depthwise_conv_matches_torch(impl, k, s, d, hw):
+  c = 6
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, *hw, c)).astype(np.float32)
+  w = rng.normal(size=(c, 1, k, k)).astype(np.float32)
+  ref = _nhwc(F.conv2d(_nchw(x), torch.from_numpy(w), stride=s,
+                       padding=layers.torch_padding(k, s, d), dilation=d, groups=c))
+  mod = layers.DepthwiseConv2d(c, k, s, d, impl=impl)
+  params = {"params": {"kernel": jnp.asarray(np.transpose(w, (2, 3, 1, 0)))}}
+  got = mod.apply(params, jnp.asarray(x))
+  assert got.shape == ref.shape
+  assert _rel(got, ref) <= 1e-6
+
+
+def test_activations_match_torch():
+  x = np.linspace(-6, 6, 1001).astype(np.float32)
+  t = torch.from_numpy(x)
+  np.testing.assert_allclose(layers.hard_swish(jnp.asarray(x)), F.hardswish(t), atol=1e-6)
+  np.testing.assert_allclose(layers.hard_sigmoid(jnp.asarray(x)), F.hardsigmoid(t), atol=1e-6)
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), F.gelu(t), atol=1e-6)
+
+
+def test_torch_padding_is_symmetric_timm_rule():
+  assert layers.torch_padding(3, 2) == 1
+  assert layers.torch_padding(5, 2) == 2
+  assert layers.torch_padding(1, 2) == 0
+  assert layers.torch_padding(3, 1, 2) == 2

@@ -1,0 +1,283 @@
+"""PyTorch state dicts <-> Flax variables for MobileIQA and its timm backbones.
+
+The Flax modules of this package name their submodules after the PyTorch modules they port, so
+a PyTorch key and a Flax variable path are the same words: `LGF1.cnn1.weight` is
+`params['LGF1']['cnn1']['kernel']`. Conversion is therefore one table of leaf names
+(`_LEAVES`) and one place where layouts change (`_to_flax` / `_to_torch`).
+
+Conversion is strict: a missing, unexpected or mis-shaped key raises `ConversionError` listing
+every offender. The only keys ever dropped are the classifier of a full timm classification
+checkpoint (`conv_head.*`, `classifier.*`, `head.*`), which a features backbone does not have,
+and PyTorch's `num_batches_tracked` counters; both are logged.
+
+Reading `.pkl`/`.pth`/`.pt`/`.bin` needs torch; `.safetensors` does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+
+Variables = dict[str, Any]
+
+# (Flax collection, Flax leaf name) -> PyTorch leaf name.
+_LEAVES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "gamma"): "gamma",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+# Keys of a full timm classification model that a features_only backbone does not have.
+_CLASSIFIER_PREFIXES = ("conv_head.", "classifier.", "head.")
+_BN_COUNTER = "num_batches_tracked"
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the model: lists every missing, unexpected, mis-shaped key."""
+
+
+def _to_flax(array: np.ndarray, flax_leaf: str) -> np.ndarray:
+  if flax_leaf == "kernel" and array.ndim == 4:  # Conv OIHW -> HWIO (depthwise included).
+    return np.transpose(array, (2, 3, 1, 0))
+  if flax_leaf == "kernel" and array.ndim == 2:  # Linear (out, in) -> (in, out).
+    return np.transpose(array, (1, 0))
+  return array
+
+
+def _to_torch(array: np.ndarray, flax_leaf: str) -> np.ndarray:
+  if flax_leaf == "kernel" and array.ndim == 4:
+    return np.transpose(array, (3, 2, 0, 1))
+  if flax_leaf == "kernel" and array.ndim == 2:
+    return np.transpose(array, (1, 0))
+  return array
+
+
+def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
+  """Flax path ('params', 'a', 'b', 'kernel') -> ('a.b.weight', 'kernel')."""
+  collection, *modules, leaf = path
+  if (collection, leaf) not in _LEAVES:
+    raise ConversionError(f"No PyTorch name for Flax variable {'/'.join(path)}.")
+  return ".".join([*modules, _LEAVES[(collection, leaf)]]), leaf
+
+
+def _flat(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)))
+
+
+def normalize_key(key: str) -> str:
+  """Maps a full timm model's `stages.N` to the features wrapper's `stages_N`, at any depth."""
+  return re.sub(r"(^|\.)stages\.(\d+)\.", r"\1stages_\2.", key)
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any],
+    template: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    drop_classifier: bool = False,
+    source: str = "checkpoint",
+) -> Variables:
+  """Converts a PyTorch state dict to Flax variables shaped like `template`.
+
+  Args:
+    state_dict: PyTorch names -> arrays (numpy or torch tensors).
+    template: Flax variables (arrays or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`)
+      giving the expected tree and shapes.
+    prefix: only keys under this prefix are read, with the prefix removed (e.g. `global_vit.`
+      to take a backbone out of a whole MobileIQA checkpoint). Empty: all keys.
+    drop_classifier: drop (with a log line) a timm classification head's keys.
+    source: the checkpoint's name for error messages.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} as float32 numpy arrays (only the collections the
+    template has).
+
+  Raises:
+    ConversionError: naming every missing, unexpected or mis-shaped key.
+  """
+  arrays: dict[str, np.ndarray] = {}
+  dropped = []
+  for key, value in state_dict.items():
+    if prefix:
+      if not key.startswith(prefix):
+        continue
+      key = key[len(prefix):]
+    key = normalize_key(key)
+    if key.endswith(_BN_COUNTER):
+      continue
+    if drop_classifier and key.startswith(_CLASSIFIER_PREFIXES):
+      dropped.append(key)
+      continue
+    arrays[key] = _as_numpy(value)
+  if dropped:
+    logging.info("%s: dropped %d classifier keys a features backbone does not have: %s",
+                 source, len(dropped), ", ".join(sorted(dropped)))
+
+  flat_out = {}
+  missing, misshaped = [], []
+  used = set()
+  for path, leaf in _flat(template).items():
+    torch_key, flax_leaf = _torch_key(path)
+    if torch_key not in arrays:
+      missing.append(torch_key)
+      continue
+    used.add(torch_key)
+    value = _to_flax(arrays[torch_key], flax_leaf)
+    if flax_leaf == "gamma" and value.shape != tuple(leaf.shape) and value.size == 1:
+      value = value.reshape(leaf.shape)
+    if value.shape != tuple(leaf.shape):
+      misshaped.append(f"{torch_key}: checkpoint {tuple(arrays[torch_key].shape)}, model "
+                       f"expects {tuple(_to_torch(np.empty(leaf.shape), flax_leaf).shape)}")
+      continue
+    flat_out[path] = value.astype(np.float32)
+  unexpected = sorted(set(arrays) - used)
+  if missing or unexpected or misshaped:
+    lines = [f"{source} does not match the model{f' (keys under {prefix!r})' if prefix else ''}:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", misshaped)):
+      if keys:
+        lines.append(f"  {len(keys)} {title}: " + "; ".join(sorted(keys)[:20])
+                     + (" ..." if len(keys) > 20 else ""))
+    lines.append("Check that --model matches the checkpoint (teacher: MobileViTv2-200 backbone "
+                 "'global_vit.*'; student: MobileNetV3 'local_cnn.*').")
+    raise ConversionError("\n".join(lines))
+  return flax.traverse_util.unflatten_dict(flat_out)
+
+
+def flax_to_torch(variables: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
+  """Flax variables -> a PyTorch state dict (numpy arrays) that the PyTorch model loads strictly.
+
+  BatchNorm layers get the `num_batches_tracked` counter PyTorch expects (0: it only matters
+  for momentum=None, which neither backbone uses).
+  """
+  out = {}
+  for path, value in _flat({k: variables[k] for k in ("params", "batch_stats")
+                            if k in variables}).items():
+    torch_key, flax_leaf = _torch_key(path)
+    out[prefix + torch_key] = _to_torch(np.asarray(value, np.float32), flax_leaf)
+    if flax_leaf == "var":
+      out[prefix + torch_key[: -len("running_var")] + _BN_COUNTER] = np.zeros((), np.int64)
+  return out
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch.
+    return value.detach().cpu().float().numpy() if value.is_floating_point() else (
+        value.detach().cpu().numpy())
+  return np.asarray(value)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a PyTorch/timm checkpoint file into {name: array}.
+
+  `.safetensors` is read with the safetensors library (no torch). Other files (`.pkl`, `.pth`,
+  `.pt`, `.bin`) go through `torch.load(weights_only=True)`: a state dict, possibly wrapped in
+  {'state_dict': ...} / {'model': ...} or saved from `nn.DataParallel` ('module.' prefix).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    state = load_file(path)
+  else:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f"Reading {path} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
+          ".safetensors, which needs no torch).") from e
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types.
+      raise ConversionError(
+          f"{path} is not a PyTorch state dict readable with torch.load(weights_only=True): "
+          f"{e}. Save the model's state_dict() (torch.save(model.state_dict(), path)).") from e
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+      if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+        state = state[wrapper]
+  if not isinstance(state, Mapping):
+    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict.")
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  return dict(state)
+
+
+def variables_template(model: Any, image_hw: tuple[int, int] = (64, 64)) -> Variables:
+  """Shapes of a module's variables, without running it (the head does not depend on size)."""
+  x = jax.numpy.zeros((1, *image_hw, 3), jax.numpy.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+
+def backbone_module(arch: str, **kwargs: Any) -> Any:
+  """The Flax backbone for a timm architecture name (e.g. 'mobilevitv2_200')."""
+  # Imported here: each architecture lives in its own module, named like timm's.
+  from mobileiqa_jax.models import mobilenetv3, mobilevitv2  # pylint: disable=g-import-not-at-top
+  base = arch.split(".")[0]  # 'mobilevitv2_200.cvnets_in22k_ft_in1k' -> 'mobilevitv2_200'
+  for module in (mobilevitv2, mobilenetv3):
+    factory = getattr(module, base, None)
+    if callable(factory):
+      return factory(**kwargs)
+  raise ValueError(f"Unknown backbone architecture {arch!r}: expected a timm name of a "
+                   "MobileViTv2 (mobilevitv2_050 ... mobilevitv2_200) or MobileNetV3 "
+                   "(e.g. mobilenetv3_large_100) model.")
+
+
+def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
+  """A timm ImageNet checkpoint (`.pth`, `.bin`, `.safetensors`) -> backbone variables.
+
+  Accepts a full classification checkpoint (`stages.N` names; its classifier is dropped with a
+  log line) or a features_only one (`stages_N`).
+  """
+  template = variables_template(backbone_module(arch))
+  return torch_to_flax(load_state_dict(path), template, drop_classifier=True,
+                       source=os.fspath(path))
+
+
+def load_mobileiqa(path: str | os.PathLike, model: str,
+                   **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
+  """The authors' whole-model checkpoint (`.pkl` state dict) -> (module, variables, config).
+
+  Args:
+    path: the checkpoint.
+    model: 'teacher' (MobileViT-IQA) or 'student' (MobileNet-IQA).
+    **overrides: model config overrides (e.g. dtype) passed to the preset.
+  """
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  presets = {"teacher": mobileiqa.mobileiqa_teacher, "student": mobileiqa.mobileiqa_student}
+  if model not in presets:
+    raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}.")
+  module = presets[model](**overrides)
+  template = variables_template(module)
+  variables = torch_to_flax(load_state_dict(path), template, source=os.fspath(path))
+  return module, variables, module.config.to_dict()
+
+
+def torch_file_to_checkpoint(path: str, model: str, output: str,
+                             image_size: str = "1231,1907") -> None:
+  """`launch/convert.py` PyTorch -> JAX: writes an orbax checkpoint with the model config."""
+  from mobileiqa_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
+  size_hw = inference.parse_image_size(image_size)
+  _, variables, config = load_mobileiqa(path, model)
+  checkpoint.save_model(output, variables, config,
+                        extra={"image_size": list(size_hw), "source": os.fspath(path)})
+  logging.info("Wrote %s (%s, default input %dx%d).", output, model, *size_hw)
+
+
+def checkpoint_to_torch_file(directory: str, output: str) -> None:
+  """`launch/convert.py` JAX -> PyTorch: a state dict the authors' model loads strictly."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _, variables, _ = checkpoint.load_model(directory)
+  state = {k: torch.from_numpy(np.ascontiguousarray(v))
+           for k, v in flax_to_torch(variables).items()}
+  torch.save(state, output)
+  logging.info("Wrote %s (%d tensors).", output, len(state))

@@ -1,0 +1,118 @@
+"""The IQA data sets by name, and `prepare`, which turns a manual download into tfds records.
+
+Importing this module registers the tfds builders (`uhd_iqa`, `koniq10k`, `spaq`, `livec`,
+`bid`, `kadid10k`, `iqa_folder`). Preparing needs TensorFlow (CPU build) because tfds
+serialises records with it; reading them back (`pipeline.tfds_source`) does not.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from mobileiqa_jax.data import base
+from mobileiqa_jax.data import bid
+from mobileiqa_jax.data import iqa_folder
+from mobileiqa_jax.data import kadid10k
+from mobileiqa_jax.data import koniq10k
+from mobileiqa_jax.data import livec
+from mobileiqa_jax.data import spaq
+from mobileiqa_jax.data import uhd_iqa
+
+BUILDERS: dict[str, type[base.IQABuilder]] = {
+    "uhd_iqa": uhd_iqa.UhdIqa,
+    "koniq10k": koniq10k.Koniq10k,
+    "spaq": spaq.Spaq,
+    "livec": livec.Livec,
+    "bid": bid.Bid,
+    "kadid10k": kadid10k.Kadid10k,
+    "iqa_folder": iqa_folder.IqaFolder,
+}
+
+
+def hide_gpus_from_tensorflow() -> None:
+  """Keeps TensorFlow (used by tfds to write records) off the accelerators JAX uses."""
+  if "tensorflow" not in sys.modules:
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # TF already initialised its devices; nothing more can be done here.
+
+
+def default_data_dir() -> pathlib.Path:
+  """tfds's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+  return pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def default_manual_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """<data_dir>/downloads/manual/<name>/, where a download is expected by default."""
+  return pathlib.Path(data_dir or default_data_dir()).expanduser() / "downloads" / "manual" / name
+
+
+def make_builder(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    config_name: str | None = None,
+    labels_csv: str | None = None,
+    mos_range: tuple[float, float] | None = None,
+) -> base.IQABuilder:
+  """The tfds builder of data set `name` (array_record files under data_dir)."""
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown data set {name!r}; choose one of {sorted(BUILDERS)}.")
+  data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
+  kwargs = {}
+  if name == "iqa_folder":
+    folder = manual_dir or default_manual_dir(name, data_dir)
+    kwargs["config"] = iqa_folder.config_for(
+        folder, config_name, labels_csv=labels_csv,
+        mos_range=tuple(mos_range) if mos_range else None)
+  elif config_name or labels_csv or mos_range:
+    raise ValueError("config_name, labels_csv and mos_range apply to iqa_folder only.")
+  return BUILDERS[name](data_dir=str(data_dir), file_format="array_record", **kwargs)
+
+
+def prepare(
+    name: str,
+    manual_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    config_name: str | None = None,
+    labels_csv: str | None = None,
+    mos_range: tuple[float, float] | None = None,
+) -> pathlib.Path:
+  """Prepares data set `name` from its manual download; a no-op if already prepared.
+
+  Args:
+    name: One of BUILDERS.
+    manual_dir: The folder holding the release (default <data_dir>/downloads/manual/<name>).
+    data_dir: Where tfds writes (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
+    config_name: iqa_folder only: the config's name (default: the folder's name).
+    labels_csv: iqa_folder only: the label CSV (default labels.csv or the only .csv).
+    mos_range: iqa_folder only: the scores' documented (low, high) scale.
+
+  Returns:
+    The prepared data set's folder (pass it, or name + data_dir, to `pipeline.tfds_source`).
+
+  Raises:
+    layout.MissingDataError: the download is absent or incomplete (lists what is missing).
+    preprocess.ImageDecodeError: an image does not decode (names the file).
+  """
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError(
+        "Preparing a tfds data set needs TensorFlow to write records: pip install "
+        "tensorflow-cpu (reading prepared data does not)."
+    ) from e
+  hide_gpus_from_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  manual = pathlib.Path(manual_dir or default_manual_dir(name, data_dir)).expanduser()
+  builder = make_builder(name, data_dir, manual, config_name, labels_csv, mos_range)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  return pathlib.Path(builder.data_dir)

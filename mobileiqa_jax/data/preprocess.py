@@ -1,0 +1,119 @@
+"""Image decoding and the reference's preprocessing, free of tfds and TensorFlow.
+
+The reference (PyTorch MobileIQA) does, per image::
+
+    img = PIL.Image.open(path).convert('RGB')
+    img = transforms.Resize((H, W))(img)          # PIL bicubic, Image.resize's default
+    [RandomHorizontalFlip, RandomVerticalFlip]    # training only
+    x = transforms.ToTensor()(img)                # uint8 -> float32 / 255
+    x = transforms.Normalize(MEAN, STD)(x)        # (x - mean) / std
+
+This module does exactly that, in float32 and in the same order of operations, so the
+values it produces are bit-identical to the reference's for the same decoded pixels. The
+training pipeline, evaluation and the scoring command (files on disk) all use it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The per-pixel map uint8 -> normalised float32 has only 256 values per channel, so it is a
+# table look-up. Built with the reference's float32 operations in its order ((v / 255 - mean)
+# / std), the table is bit-exact and the look-up is ~2x faster than the arithmetic.
+_LUT = (
+    (np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0))
+    - np.asarray(IMAGENET_MEAN, np.float32)[:, None]
+) / np.asarray(IMAGENET_STD, np.float32)[:, None]  # (3, 256) float32
+
+
+class ImageDecodeError(ValueError):
+  """An image file that PIL cannot decode (corrupt, truncated, empty or not an image)."""
+
+  def __init__(self, name: str, reason: str):
+    self.name = name
+    self.reason = reason
+    super().__init__(
+        f"Cannot decode image {name!r}: {reason}. Replace the file with a complete copy "
+        "from the data set's release (or remove it from the label file)."
+    )
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+  """Decodes encoded image bytes fully and converts to RGB as the reference does.
+
+  Greyscale, palette, CMYK, RGBA and 16-bit images become RGB by PIL's `convert('RGB')`
+  (alpha dropped, CMYK inverted by PIL's rule, 16-bit values clipped by PIL's rule) — the
+  reference's conversion, so labels keep meaning the same pixels. EXIF orientation is not
+  applied, as in the reference.
+
+  Args:
+    data: The encoded file contents (JPEG, PNG, BMP, ...).
+    name: The image's name or path, used in error messages.
+
+  Returns:
+    A fully loaded RGB PIL image.
+
+  Raises:
+    ImageDecodeError: The bytes are empty, not an image, truncated or corrupt.
+  """
+  if not data:
+    raise ImageDecodeError(name, "the file is empty (0 bytes)")
+  try:
+    img = Image.open(io.BytesIO(data))
+    # load() forces the full decode: a truncated file fails here, not later in a worker.
+    img.load()
+  except Image.UnidentifiedImageError:
+    raise ImageDecodeError(
+        name, f"not a recognised image format (first bytes {data[:8]!r})"
+    ) from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
+  if img.mode == "RGB":
+    return img  # convert('RGB') would only copy.
+  try:
+    return img.convert("RGB")
+  except (OSError, ValueError) as e:
+    raise ImageDecodeError(
+        name, f"cannot convert mode {img.mode!r} to RGB: {e}"
+    ) from e
+
+
+def resize_normalize(
+    img: Image.Image,
+    size_hw: tuple[int, int],
+    hflip: bool = False,
+    vflip: bool = False,
+) -> np.ndarray:
+  """Resizes with PIL's bicubic filter and normalises with ImageNet statistics.
+
+  Args:
+    img: An RGB PIL image (from `decode_rgb`).
+    size_hw: Target (height, width), e.g. (1231, 1907) for UHD-IQA.
+    hflip: Flip left-right (training augmentation); applied after the resize, as the
+      reference does, on uint8 where it is free.
+    vflip: Flip upside-down.
+
+  Returns:
+    float32 array of shape (H, W, 3): (pixel / 255 - mean) / std.
+  """
+  h, w = size_hw
+  if img.mode != "RGB":
+    raise ValueError(f"resize_normalize expects an RGB image, got mode {img.mode!r}.")
+  if img.size != (w, h):
+    # Image.resize's default filter for RGB images is BICUBIC (the reference's).
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+  a = np.asarray(img)
+  if hflip:
+    a = a[:, ::-1]
+  if vflip:
+    a = a[::-1]
+  out = np.empty(a.shape, np.float32)
+  for c in range(3):
+    np.take(_LUT[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
+  return out

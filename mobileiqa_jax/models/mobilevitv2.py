@@ -1,0 +1,336 @@
+"""MobileViTv2 backbone, numerically equal to timm's `mobilevitv2_*` with `features_only=True`.
+
+The module returns the five stage outputs (strides 2, 4, 8, 16, 32) of
+`timm.create_model('mobilevitv2_XXX', features_only=True, out_indices=(0, 1, 2, 3, 4))`
+as NHWC arrays. The stem is not a feature; the last feature is stage 4's output (timm's
+`final_conv` is an identity for these models).
+
+The Flax variable tree mirrors the PyTorch state dict of that timm model: the torch key
+`stages_2.1.transformer.0.attn.qkv_proj.weight` lives at
+`params['stages_2']['1']['transformer']['0']['attn']['qkv_proj']['kernel']`. Convolution
+kernels are HWIO, norms hold `scale`/`bias`, BatchNorm statistics are `batch_stats` `mean`/`var`.
+The weight converter relies on this one-to-one naming.
+
+Layout note: timm unfolds the MobileViTv2 block's map [B, C, H, W] into 2x2 patches
+[B, C, P=4, N] before the transformer and folds it back afterwards. Every transformer operation
+except the attention's softmax/sum over N acts per position (1x1 convs, activations) or over all
+positions at once (GroupNorm with one group), so here the map stays NHWC and is only *viewed*
+as (B, n_h, p_h, n_w, p_w, C) (a free reshape) where the softmax over N needs it: the same
+numbers without the two transposes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobileiqa_jax.models import layers
+
+Dtype = Any
+
+# timm `_mobilevitv2_cfg`: stage widths at multiplier 1, stem width, blocks per stage and the
+# transformer depth of the stage's MobileViTv2 block (0: no such block).
+_BASE_CHANNELS = (64, 128, 256, 384, 512)
+_BASE_STEM = 32
+_STAGE_DEPTHS = (1, 2, 1, 1, 1)
+_STAGE_STRIDES = (1, 2, 2, 2, 2)
+_TRANSFORMER_DEPTHS = (0, 0, 2, 4, 3)
+_BOTTLE_RATIO = 2.0  # inverted residual expansion, applied to the block's input channels
+_TRANSFORMER_RATIO = 0.5  # transformer dim = make_divisible(0.5 * in_chs)
+_MLP_RATIO = 2.0
+_PATCH = 2
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+  """timm's `make_divisible`: nearest multiple of `divisor`, never below 90% of `v`."""
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new_v < round_limit * v:
+    new_v += divisor
+  return new_v
+
+
+def stage_channels(width_multiplier: float) -> tuple[int, ...]:
+  """Output channels of stages 0..4 (= the five features), derived as timm does."""
+  chs = _BASE_CHANNELS
+  if width_multiplier != 1.0:
+    chs = tuple(int(c * width_multiplier) for c in chs)
+  # ByobNet applies make_divisible(c * width_factor) with width_factor 1.
+  return tuple(make_divisible(c) for c in chs)
+
+
+def stem_channels(width_multiplier: float) -> int:
+  """Stem width: ByobNet's int(round(int(32 * multiplier)))."""
+  return int(round(int(_BASE_STEM * width_multiplier)))
+
+
+class ConvNormAct(nn.Module):
+  """timm `ConvNormAct`: conv (no bias) -> BatchNorm -> optional SiLU.
+
+  Submodules are named `conv` and `bn` like timm's. Depthwise convs (groups == channels) use
+  `layers.DepthwiseConv2d`, whose kernel (k, k, 1, C) is the torch (C, 1, k, k) in HWIO.
+  """
+
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  depthwise: bool = False
+  apply_act: bool = True
+  depthwise_impl: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.depthwise:
+      x = layers.DepthwiseConv2d(
+          self.features, self.kernel_size, self.stride, impl=self.depthwise_impl,
+          dtype=self.dtype, name="conv")(x)
+    else:
+      x = layers.conv2d(
+          self.features, self.kernel_size, self.stride, use_bias=False, dtype=self.dtype,
+          name="conv")(x)
+    x = layers.batch_norm(train, dtype=self.dtype, name="bn")(x)
+    return nn.silu(x) if self.apply_act else x
+
+
+class BottleneckBlock(nn.Module):
+  """timm `BottleneckBlock` as MobileViTv2 configures it: an inverted residual.
+
+  1x1 expand (x2 of the input channels) + SiLU -> depthwise 3x3 (stride) + SiLU -> 1x1 linear
+  projection; identity residual only when the shape is unchanged (timm's `downsample=''` gives
+  no shortcut at all otherwise), no activation after the sum.
+  """
+
+  features: int
+  stride: int = 1
+  depthwise_impl: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    in_chs = x.shape[-1]
+    mid = make_divisible(in_chs * _BOTTLE_RATIO)
+    shortcut = x
+    x = ConvNormAct(mid, 1, dtype=self.dtype, name="conv1_1x1")(x, train)
+    x = ConvNormAct(
+        mid, 3, self.stride, depthwise=True, depthwise_impl=self.depthwise_impl,
+        dtype=self.dtype, name="conv2_kxk")(x, train)
+    x = ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, name="conv3_1x1")(
+        x, train)
+    if in_chs == self.features and self.stride == 1:
+      x = x + shortcut
+    return x
+
+
+def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
+  """A torch `Conv2d(k=1, bias=True)` (kernel (1, 1, in, out))."""
+  return layers.conv2d(features, 1, use_bias=True, dtype=dtype, name=name)
+
+
+def _patch_view(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, n_h, p_h, n_w, p_w, C): patch pixel (p_h, p_w), patch (n_h, n_w).
+
+  timm's P axis is p_h * 2 + p_w and its N axis is n_h * n_w_count + n_w; reductions over N
+  are reductions over axes (1, 3) of this view.
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // _PATCH, _PATCH, w // _PATCH, _PATCH, c)
+
+
+class LinearSelfAttention(nn.Module):
+  """timm `LinearSelfAttention` (separable self-attention of MobileViTv2).
+
+  qkv_proj makes 1 + 2d channels = query (1), key (d), value (d). For every patch pixel P the
+  query is softmaxed over the N patches, the context vector is sum_N key * softmax(query), and
+  the output is relu(value) * context -> out_proj.
+  """
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    qkv = _conv1x1(1 + 2 * d, self.dtype, "qkv_proj")(x)
+    qkv = _patch_view(qkv)
+    query, key, value = qkv[..., :1], qkv[..., 1:1 + d], qkv[..., 1 + d:]
+    scores = jax.nn.softmax(query, axis=(1, 3))
+    context = jnp.sum(key * scores, axis=(1, 3), keepdims=True)
+    out = nn.relu(value) * context
+    out = out.reshape(x.shape[:-1] + (d,))
+    return _conv1x1(d, self.dtype, "out_proj")(out)
+
+
+class ConvMlp(nn.Module):
+  """timm `ConvMlp`: 1x1 conv (fc1) -> SiLU -> 1x1 conv (fc2); norm and dropout are identities."""
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.silu(_conv1x1(self.hidden, self.dtype, "fc1")(x))
+    return _conv1x1(d, self.dtype, "fc2")(x)
+
+
+class LinearTransformerBlock(nn.Module):
+  """timm `LinearTransformerBlock`: pre-norm (GroupNorm, 1 group) attention and MLP residuals."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = x + LinearSelfAttention(self.dtype, name="attn")(
+        layers.group_norm_1(self.dtype, name="norm1")(x))
+    x = x + ConvMlp(int(d * _MLP_RATIO), self.dtype, name="mlp")(
+        layers.group_norm_1(self.dtype, name="norm2")(x))
+    return x
+
+
+class LinearTransformer(nn.Module):
+  """The `transformer` nn.Sequential of a MobileViTv2 block (children named '0', '1', ...)."""
+
+  depth: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.depth):
+      x = LinearTransformerBlock(self.dtype, name=str(i))(x)
+    return x
+
+
+class MobileVitV2Block(nn.Module):
+  """timm `MobileVitV2Block`.
+
+  An input with odd H or W is first resized UP to the next multiple of the patch size with
+  bilinear align_corners=True interpolation and is never resized back, so the block's output
+  keeps the enlarged size (as timm's does). Then depthwise 3x3 + BN + SiLU (`conv_kxk`),
+  1x1 to the transformer dim (`conv_1x1`, no bias), the linear transformer on 2x2 patches,
+  GroupNorm (`norm`), and a 1x1 conv + BN back to the block width (`conv_proj`, no act).
+  """
+
+  features: int
+  transformer_depth: int
+  depthwise_impl: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    _, h, w, in_chs = x.shape
+    new_h, new_w = -(-h // _PATCH) * _PATCH, -(-w // _PATCH) * _PATCH
+    if new_h != h or new_w != w:
+      x = layers.resize_bilinear_align_corners(x, (new_h, new_w))
+    dim = make_divisible(_TRANSFORMER_RATIO * in_chs)
+    x = ConvNormAct(
+        in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+        name="conv_kxk")(x, train)
+    x = layers.conv2d(dim, 1, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
+    x = LinearTransformer(self.transformer_depth, self.dtype, name="transformer")(x)
+    x = layers.group_norm_1(self.dtype, name="norm")(x)
+    return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, name="conv_proj")(
+        x, train)
+
+
+class Stage(nn.Module):
+  """One timm stage (`stages_i` nn.Sequential): bottleneck blocks, then an optional MobileViTv2
+  block, children named '0', '1', ..."""
+
+  features: int
+  stride: int
+  depth: int
+  transformer_depth: int = 0
+  depthwise_impl: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for i in range(self.depth):
+      x = BottleneckBlock(
+          self.features, self.stride if i == 0 else 1, self.depthwise_impl, self.dtype,
+          name=str(i))(x, train)
+    if self.transformer_depth:
+      x = MobileVitV2Block(
+          self.features, self.transformer_depth, self.depthwise_impl, self.dtype,
+          name=str(self.depth))(x, train)
+    return x
+
+
+class MobileViTv2(nn.Module):
+  """timm `mobilevitv2_*` features backbone: NHWC image -> five NHWC features.
+
+  Attributes:
+    width_multiplier: timm's width multiplier (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0).
+    dtype: computation dtype; parameters and BatchNorm statistics stay float32.
+    depthwise_impl: 'conv' or 'shift' for `layers.DepthwiseConv2d`; None picks per backend.
+    remat: rematerialise each stage in the backward pass (saves training memory at high
+      resolution; the variable tree is unchanged).
+  """
+
+  width_multiplier: float = 2.0
+  dtype: Dtype = jnp.float32
+  depthwise_impl: str | None = None
+  remat: bool = False
+
+  @property
+  def feature_channels(self) -> tuple[int, ...]:
+    """Channels of the five features."""
+    return stage_channels(self.width_multiplier)
+
+  @property
+  def feature_strides(self) -> tuple[int, ...]:
+    """Strides of the five features relative to the input."""
+    return (2, 4, 8, 16, 32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    """Runs the backbone.
+
+    Args:
+      x: float images (B, H, W, 3), H and W at least 32 (any parity).
+      train: BatchNorm uses batch statistics and updates `batch_stats` (make it mutable).
+
+    Returns:
+      The outputs of stages 0..4, NHWC, channels `feature_channels`, in `dtype`.
+    """
+    x = x.astype(self.dtype)
+    x = ConvNormAct(
+        stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype, name="stem")(x, train)
+    stage_cls: Callable[..., nn.Module] = Stage
+    if self.remat:
+      # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
+      stage_cls = nn.remat(Stage, static_argnums=(2,))
+    features = []
+    for i, chs in enumerate(self.feature_channels):
+      x = stage_cls(
+          chs, _STAGE_STRIDES[i], _STAGE_DEPTHS[i], _TRANSFORMER_DEPTHS[i],
+          self.depthwise_impl, self.dtype, name=f"stages_{i}")(x, train)
+      features.append(x)
+    return features
+
+
+def _factory(width_multiplier: float, doc_name: str) -> Callable[..., MobileViTv2]:
+  def make(**kwargs: Any) -> MobileViTv2:
+    return MobileViTv2(width_multiplier=width_multiplier, **kwargs)
+
+  make.__name__ = doc_name
+  make.__doc__ = f"timm `{doc_name}` features backbone (width multiplier {width_multiplier})."
+  return make
+
+
+mobilevitv2_050 = _factory(0.5, "mobilevitv2_050")
+mobilevitv2_075 = _factory(0.75, "mobilevitv2_075")
+mobilevitv2_100 = _factory(1.0, "mobilevitv2_100")
+mobilevitv2_125 = _factory(1.25, "mobilevitv2_125")
+mobilevitv2_150 = _factory(1.5, "mobilevitv2_150")
+mobilevitv2_175 = _factory(1.75, "mobilevitv2_175")
+mobilevitv2_200 = _factory(2.0, "mobilevitv2_200")
+
+MODELS: dict[str, Callable[..., MobileViTv2]] = {
+    f.__name__: f
+    for f in (mobilevitv2_050, mobilevitv2_075, mobilevitv2_100, mobilevitv2_125,
+              mobilevitv2_150, mobilevitv2_175, mobilevitv2_200)
+}

@@ -89,6 +89,7 @@ def resize_normalize(
     size_hw: tuple[int, int],
     hflip: bool = False,
     vflip: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Resizes with PIL's bicubic filter and normalises with ImageNet statistics.
 
@@ -98,6 +99,8 @@ def resize_normalize(
     hflip: Flip left-right (training augmentation); applied after the resize, as the
       reference does, on uint8 where it is free.
     vflip: Flip upside-down.
+    out: Optional float32 (H, W, 3) array to write into (e.g. a row of a batch), which
+      saves a copy of the largest array of the pipeline.
 
   Returns:
     float32 array of shape (H, W, 3): (pixel / 255 - mean) / std.
@@ -113,7 +116,10 @@ def resize_normalize(
     a = a[:, ::-1]
   if vflip:
     a = a[::-1]
-  out = np.empty(a.shape, np.float32)
+  if out is None:
+    out = np.empty(a.shape, np.float32)
+  elif out.shape != a.shape or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 {a.shape}, got {out.dtype} {out.shape}.")
   for c in range(3):
     np.take(_LUT[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
   return out

@@ -1,0 +1,491 @@
+"""The input pipeline shared by training, evaluation and scoring.
+
+Sources are random-access sequences of records `{'image': bytes, 'mos': float, 'name': str}`
+(`mos` already normalised to [0, 1]; `source.scale` maps it back to the MOS scale):
+
+- `tfds_source(name, split, data_dir)`: a prepared tfds split (array_record via
+  `tfds.data_source`; reading needs no TensorFlow), optionally re-split with `split_seed`.
+- `folder_source(folder, split)`: a folder of images + CSV, without tfds.
+- `memory_source(images, mos, names)`: lists in memory (tests, demos).
+
+`Loader` turns a source into numpy batches for *this process*:
+
+    loader = Loader(source, batch_size=global_batch // jax.process_count(),
+                    image_size=(1231, 1907), train=True, seed=3407,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    loader.set_state(restored_state)            # {'epoch': e, 'step': s}, from a checkpoint
+    for batch in loader:                        # endless in training, one epoch in eval
+      ...                                       # batch: image [b,H,W,3] f32, mos [b] f32,
+      save(..., data_state=loader.state)        #        mask [b] bool, index [b] i64
+
+Order: epoch e visits `permutation(n)` from `np.random.default_rng([seed, e])` (training)
+or 0..n-1 (evaluation). Global batch s is positions [s*G, (s+1)*G) of that order with
+G = batch_size * process_count, and process p takes its p-th slice of b = batch_size: so
+the global batch, and hence training, does not depend on how many processes share it,
+`jax.make_array_from_process_local_data` puts each slice where it belongs, and
+together the processes see every example exactly once per epoch. Training drops the last
+partial global batch (drop_remainder); evaluation pads it with zero images and mask=False.
+Flips are drawn per epoch from `default_rng([seed, e, 1])` per position, so they do not
+depend on worker timing either. `loader.state` is the position of the *next* batch; a run
+restored with it continues at the same example.
+
+Workers decode in threads by default: PIL releases the GIL while decoding and resizing and
+numpy while normalising, so threads scale without copying images between processes
+(`benchmarks/input_pipeline.py` measures both).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import preprocess
+
+Record = dict  # {'image': bytes, 'mos': float, 'name': str}
+
+
+class Source(Protocol):
+  """A random-access sequence of records, with the MOS scale of its `mos`."""
+
+  scale: layout.MosScale | None
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> Record:
+    ...
+
+
+# ------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass
+class MemorySource:
+  """Records held in lists. `mos` are the normalised [0, 1] targets."""
+
+  images: Sequence[bytes]
+  mos: Sequence[float]
+  names: Sequence[str]
+  scale: layout.MosScale | None = None
+
+  def __post_init__(self):
+    if not len(self.images) == len(self.mos) == len(self.names):
+      raise ValueError(
+          f"images, mos and names differ in length: {len(self.images)}, {len(self.mos)}, "
+          f"{len(self.names)}.")
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> Record:
+    return {"image": self.images[index], "mos": float(self.mos[index]),
+            "name": self.names[index]}
+
+
+def memory_source(
+    images: Sequence[bytes],
+    mos: Sequence[float],
+    names: Sequence[str] | None = None,
+    scale: layout.MosScale | None = None,
+) -> MemorySource:
+  """A source from encoded images and their normalised scores (names default to indices)."""
+  names = list(names) if names is not None else [f"image_{i:06d}" for i in range(len(images))]
+  return MemorySource(list(images), list(mos), names, scale)
+
+
+@dataclasses.dataclass
+class FolderSource:
+  """Images read from disk on access; `entries` from `layout.read_folder_labels`."""
+
+  entries: Sequence[layout.Entry]
+  scale: layout.MosScale
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def __getitem__(self, index: int) -> Record:
+    e = self.entries[index]
+    return {"image": e.path.read_bytes(), "mos": float(self.scale.to_unit(e.mos)),
+            "name": e.name}
+
+
+def folder_source(
+    folder: str | os.PathLike,
+    split: str | None = "train",
+    labels_csv: str | None = None,
+    mos_range: tuple[float, float] | None = None,
+    split_seed: int | None = None,
+) -> FolderSource:
+  """A folder of images + CSV `image_name,mos[,mos_std][,set][,group]`, without tfds.
+
+  Args:
+    folder: The folder (see `layout.read_folder_labels` for where images may be).
+    split: 'train', 'validation', 'test', or None for every image.
+    labels_csv: The CSV (default labels.csv or the folder's only .csv).
+    mos_range: The scores' documented (low, high); default: the training split's range.
+    split_seed: Re-split 80/20 by group with this seed (ignores a `set` column).
+
+  Returns:
+    A source with the same labels, split and scale as the prepared `iqa_folder` data set.
+  """
+  entries = layout.read_folder_labels(folder, labels_csv)
+  if split_seed is not None:
+    assign = layout.split_by_group([e.group for e in entries], split_seed)
+    entries = [dataclasses.replace(e, split=s) for e, s in zip(entries, assign)]
+  if mos_range is not None:
+    scale = layout.MosScale(float(mos_range[0]), float(mos_range[1]), "documented")
+  else:
+    scale = layout.train_range_scale(entries)
+  if split is not None:
+    chosen = [e for e in entries if e.split == split]
+    if not chosen:
+      raise ValueError(
+          f"{folder}: no images in split {split!r} (splits present: "
+          f"{sorted({e.split for e in entries})}).")
+    entries = chosen
+  return FolderSource(entries, scale)
+
+
+class TfdsSource:
+  """Records of a prepared tfds data set, over one split or a re-split of all of them."""
+
+  def __init__(self, data_sources: dict[str, Any], keys: Sequence[tuple[str, int]],
+               scale: layout.MosScale, metadata: dict, directory: pathlib.Path):
+    self._sources = data_sources
+    self._keys = list(keys)
+    self.scale = scale
+    self.metadata = metadata
+    self.directory = directory
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+  def __getitem__(self, index: int) -> Record:
+    split, i = self._keys[index]
+    r = self._sources[split][i]
+    name = r["image_name"]
+    return {"image": r["image"], "mos": float(r["mos_norm"]),
+            "name": name.decode() if isinstance(name, bytes) else str(name)}
+
+
+def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """The folder of a prepared data set: `name` ('livec', 'iqa_folder/<config>') or a path."""
+  if os.path.isfile(os.path.join(name, "dataset_info.json")):
+    return pathlib.Path(name)
+  root = pathlib.Path(
+      data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+  base_dir = root / name
+  versions = sorted(
+      (d for d in base_dir.glob("*") if (d / "dataset_info.json").is_file()),
+      key=lambda d: tuple(int(x) for x in d.name.split(".") if x.isdigit()))
+  if not versions and "/" not in name and (base_dir / "default").is_dir():
+    return find_prepared(f"{name}/default", data_dir)
+  if not versions:
+    dataset = name.split("/")[0]
+    raise layout.MissingDataError(
+        f"Data set {name!r} is not prepared under {root} (looked for "
+        f"{base_dir}/<version>/dataset_info.json). Prepare it with: python "
+        f"launch/prepare_data.py --dataset={dataset} --data_dir={root} "
+        f"--manual_dir=<folder holding the downloaded release>"
+        + (f" --config_name={name.split('/')[1]}" if dataset == "iqa_folder" and "/" in name else ""))
+  return versions[-1]
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    split_seed: int | None = None,
+) -> TfdsSource:
+  """A split of a prepared data set, read with `tfds.data_source` (no TensorFlow).
+
+  Args:
+    name: 'uhd_iqa', 'koniq10k', 'spaq', 'livec', 'bid', 'kadid10k', 'iqa_folder/<config>',
+      or the prepared folder itself.
+    split: 'train', 'validation' or 'test' (with split_seed: 'train' or 'test').
+    data_dir: tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
+    split_seed: None: the stored split. An int: pool every stored split and re-split 80/20
+      by group (by reference image for KADID-10k) with this seed — the "10 random splits"
+      protocol uses seeds 0..9; seed 0 gives the stored split of the seeded data sets.
+
+  Returns:
+    A source whose `mos` is the stored [0, 1] target and whose `scale` maps it back.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if "tensorflow" in sys.modules:  # Someone imported TF: keep it off the accelerator.
+    from mobileiqa_jax.data import builders  # pylint: disable=g-import-not-at-top
+    builders.hide_gpus_from_tensorflow()
+  directory = find_prepared(name, data_dir)
+  # Read the metadata file directly: the same on every tfds version and needs no builder.
+  meta_path = directory / "metadata.json"
+  if not meta_path.is_file():
+    raise layout.MissingDataError(
+        f"{meta_path} is missing: {directory} was not prepared by mobileiqa_jax's builders. "
+        "Prepare it again with launch/prepare_data.py.")
+  metadata = json.loads(meta_path.read_text())
+  scale = layout.MosScale.from_dict(metadata["mos_scale"])
+  builder = tfds.builder_from_directory(str(directory))
+  sources = builder.as_data_source()
+  sources = {str(k): v for k, v in sources.items()}
+  if split_seed is None:
+    if split not in sources:
+      raise ValueError(f"{directory}: no split {split!r}; it has {sorted(sources)}.")
+    keys = [(split, i) for i in range(len(sources[split]))]
+  else:
+    if split not in ("train", "test"):
+      raise ValueError(f"A re-split (split_seed={split_seed}) has 'train' and 'test', not {split!r}.")
+    pooled = [(s, i, g) for s in sorted(sources) for i, g in enumerate(metadata["groups"][s])]
+    # Order-independent: sort by group then stored position, so the same seed gives the
+    # same split whatever the stored splits were.
+    pooled.sort(key=lambda t: (t[2], t[0], t[1]))
+    assign = layout.split_by_group([g for _, _, g in pooled], split_seed,
+                                   metadata.get("train_fraction", layout.TRAIN_FRACTION))
+    keys = [(s, i) for (s, i, _), a in zip(pooled, assign) if a == split]
+  return TfdsSource(sources, keys, scale, metadata, directory)
+
+
+# ------------------------------------------------------------------------------------------
+# Loader.
+
+
+def _load_example(record: Record, size_hw, hflip, vflip, out=None) -> np.ndarray:
+  img = preprocess.decode_rgb(record["image"], record["name"])
+  return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out)
+
+
+def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip) -> np.ndarray:
+  # Process workers get only bytes: sources (open files, tfds readers) stay in the parent.
+  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip)
+
+
+@dataclasses.dataclass
+class LoaderState:
+  """Where the next batch starts: saved with checkpoints (`as_dict`), JSON-serialisable."""
+
+  epoch: int = 0
+  step: int = 0
+
+  def as_dict(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "step": int(self.step)}
+
+
+class Loader:
+  """Deterministic, resumable, multi-process batches of preprocessed images.
+
+  Args:
+    source: Random-access records (see the module docstring).
+    batch_size: Examples per batch *in this process* (global batch // process_count).
+    image_size: (height, width) after resizing, e.g. (1231, 1907).
+    train: Shuffle per epoch, random horizontal and vertical flips, drop the last partial
+      global batch; else the stored order, no flips, pad-and-mask the last batch.
+    seed: Seed of the order and flips.
+    process_index: This process (`jax.process_index()`).
+    process_count: Processes sharing the global batch (`jax.process_count()`).
+    num_workers: Parallel decoders; default: the CPUs this process may use.
+    worker_type: 'thread' (default; fastest measured) or 'process'.
+    drop_remainder: Override of the last-batch rule (default: `train`).
+    prefetch: Batches decoded ahead of the consumer.
+    flips: Random flips in training (False for exact reproducibility tests).
+  """
+
+  def __init__(
+      self,
+      source: Source,
+      batch_size: int,
+      image_size: tuple[int, int],
+      *,
+      train: bool,
+      seed: int = 0,
+      process_index: int = 0,
+      process_count: int = 1,
+      num_workers: int | None = None,
+      worker_type: str = "thread",
+      drop_remainder: bool | None = None,
+      prefetch: int = 2,
+      flips: bool = True,
+  ):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    if worker_type not in ("thread", "process"):
+      raise ValueError(f"worker_type must be 'thread' or 'process', got {worker_type!r}.")
+    self.source = source
+    self.batch_size = batch_size
+    self.image_size = tuple(int(x) for x in image_size)
+    self.train = train
+    self.seed = int(seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.num_workers = num_workers or _available_cpus()
+    self.worker_type = worker_type
+    self.drop_remainder = train if drop_remainder is None else drop_remainder
+    self.prefetch = max(1, prefetch)
+    self.flips = flips and train
+    self.global_batch = batch_size * process_count
+    n = len(source)
+    self.steps_per_epoch = (n // self.global_batch if self.drop_remainder
+                            else math.ceil(n / self.global_batch))
+    if self.steps_per_epoch == 0:
+      raise ValueError(
+          f"{n} examples make no full global batch of {self.global_batch}; lower the batch "
+          "size or set drop_remainder=False.")
+    self._state = LoaderState()
+    self._pool: concurrent.futures.Executor | None = None
+
+  # --- state -------------------------------------------------------------------------------
+
+  @property
+  def state(self) -> dict[str, int]:
+    """{'epoch', 'step'} of the next batch; save it with the checkpoint."""
+    return self._state.as_dict()
+
+  def set_state(self, state: dict[str, int] | LoaderState) -> None:
+    if isinstance(state, dict):
+      state = LoaderState(int(state["epoch"]), int(state["step"]))
+    if not 0 <= state.step <= self.steps_per_epoch:
+      raise ValueError(f"step {state.step} outside [0, {self.steps_per_epoch}] of an epoch.")
+    self._state = LoaderState(state.epoch, state.step)
+
+  # --- order -------------------------------------------------------------------------------
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Source indices in the order epoch `epoch` visits them (all processes together)."""
+    n = len(self.source)
+    if not self.train:
+      return np.arange(n)
+    return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+  def _epoch_flips(self, epoch: int) -> np.ndarray:
+    n = len(self.source)
+    if not self.flips:
+      return np.zeros((n, 2), bool)
+    return np.random.default_rng([self.seed, epoch, 1]).random((n, 2)) < 0.5
+
+  def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+    """This process's source indices for batch `step` of `epoch`; -1 marks padding."""
+    order = self.epoch_order(epoch)
+    start = step * self.global_batch + self.process_index * self.batch_size
+    pos = np.arange(start, start + self.batch_size)
+    return np.where(pos < len(order), order[np.minimum(pos, len(order) - 1)], -1)
+
+  # --- iteration ---------------------------------------------------------------------------
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    """From `state` on: endless over epochs in training; to the epoch's end in evaluation."""
+    while True:
+      epoch, step = self._state.epoch, self._state.step
+      if step >= self.steps_per_epoch:
+        self._state = LoaderState(epoch + 1, 0)
+        continue
+      for batch in self.iter_epoch(epoch, step):
+        yield batch
+      if not self.train:
+        return
+
+  def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches start_step.. of `epoch`; updates `state` to each next batch as it yields.
+
+    Each batch: image float32 [b, H, W, 3], mos float32 [b], mask bool [b] (False on
+    padding), index int64 [b] (source index, -1 on padding).
+    """
+    order = self.epoch_order(epoch)
+    flips = self._epoch_flips(epoch)
+    pool = self._get_pool()
+    pending: collections.deque = collections.deque()
+    step = start_step
+    submitted = start_step
+    try:
+      while step < self.steps_per_epoch:
+        while submitted < self.steps_per_epoch and len(pending) < self.prefetch:
+          pending.append(self._submit(pool, order, flips, submitted))
+          submitted += 1
+        batch = self._collect(pending.popleft())
+        step += 1
+        # Set before yielding: while the consumer trains on this batch (and may save a
+        # checkpoint), the state already points at the next one.
+        self._state = (LoaderState(epoch, step) if step < self.steps_per_epoch
+                       else LoaderState(epoch + 1, 0))
+        yield batch
+    finally:
+      for b in pending:  # an abandoned epoch: drop queued work
+        for f in b[1]:
+          f.cancel()
+
+  def _submit(self, pool, order, flips, step):
+    h, w = self.image_size
+    n = len(order)
+    start = step * self.global_batch + self.process_index * self.batch_size
+    pos = np.arange(start, start + self.batch_size)
+    valid = pos < n
+    idx = np.where(valid, order[np.minimum(pos, n - 1)], -1)
+    image = np.zeros((self.batch_size, h, w, 3), np.float32)
+    mos = np.zeros((self.batch_size,), np.float32)
+    futures = []
+    for j in np.flatnonzero(valid):
+      p = int(pos[j])
+      hf, vf = bool(flips[p, 0]), bool(flips[p, 1])
+      if self.worker_type == "thread":
+        futures.append(pool.submit(self._thread_task, int(idx[j]), image, mos, j, hf, vf))
+      else:
+        rec = self.source[int(idx[j])]
+        mos[j] = rec["mos"]
+        fut = pool.submit(_load_bytes, rec["image"], rec["name"], self.image_size, hf, vf)
+        fut.row = j
+        futures.append(fut)
+    return (dict(image=image, mos=mos, mask=valid, index=idx.astype(np.int64)), futures)
+
+  def _thread_task(self, index, image, mos, row, hflip, vflip):
+    rec = self.source[index]
+    mos[row] = rec["mos"]
+    _load_example(rec, self.image_size, hflip, vflip, out=image[row])
+
+  def _collect(self, pending):
+    batch, futures = pending
+    for f in futures:
+      r = f.result()  # re-raises ImageDecodeError naming the file
+      if self.worker_type == "process":
+        batch["image"][f.row] = r
+    return batch
+
+  def _get_pool(self) -> concurrent.futures.Executor:
+    if self._pool is None:
+      if self.worker_type == "thread":
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
+      else:
+        import multiprocessing  # pylint: disable=g-import-not-at-top
+        # spawn: forking a process that runs JAX (threads) can deadlock.
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+    return self._pool
+
+  def close(self) -> None:
+    """Stops the workers (also done when the loader is garbage collected)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def _available_cpus() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1

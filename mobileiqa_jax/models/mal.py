@@ -1,0 +1,148 @@
+"""Multi-view attention learning (MAL): the part of MobileIQA that forms diverse opinions.
+
+A MAL reads n "views" of an image (n feature maps of the same (S, S, C) shape), lets each view
+attend to itself (SAGAN-style `SelfAttention`), and then mixes the views with two attention
+blocks: a *pixel* branch whose tokens are channels and whose features are all views' pixels, and
+a *channel* branch whose tokens are pixels and whose features are all views' channels. The two
+branches are averaged and the views are averaged, giving one (S, S, C) opinion feature.
+
+Layout: everything here is NHWC. A view is (B, S, S, C); a stack of views is (n, B, S, S, C).
+The reference is PyTorch (NCHW); the comments give the reference's shapes so that the two
+reshapes it does — which are reinterpretations of memory, not transposes — are reproduced
+exactly (the published weights depend on them; see MOBILEIQA.md section 2).
+
+Parameter names mirror the reference's state-dict keys (torch path split on '.'):
+`attention_module/{k}/{qConv,kConv,vConv,gamma}`, `channel_attention/{c_q,c_k,c_v}`,
+`feature_attention/{c_q,c_k,c_v}`. Conv kernels are HWIO (1, 1, in, out), Linear kernels
+(in, out). Parameters are float32; `dtype` is the compute dtype. Softmaxes run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
+  return nn.Conv(features, (1, 1), padding="VALID", use_bias=True, dtype=dtype, name=name)
+
+
+def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class SelfAttention(nn.Module):
+  """Per-view SAGAN self attention: x + gamma * (v @ softmax(q^T k)^T), gamma initialised 0.
+
+  Input and output (B, H, W, C). q and k have C // 8 channels (reference: `in_dim // 8`), v has
+  C. The energy is over the N = H*W positions flattened row-major (H, W), softmax over the
+  last (key) axis.
+  """
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = x.astype(self.dtype)
+    q = _conv1x1(c // 8, self.dtype, "qConv")(x).reshape(b, h * w, -1)
+    k = _conv1x1(c // 8, self.dtype, "kConv")(x).reshape(b, h * w, -1)
+    v = _conv1x1(c, self.dtype, "vConv")(x).reshape(b, h * w, c)
+    gamma = self.param("gamma", nn.initializers.zeros, (1,), jnp.float32)
+    # Reference: energy = bmm(q^T (B,N,c8), k (B,c8,N)); out = bmm(v (B,C,N), attn^T).
+    # In NHWC the latter is attn (B,N,N) @ v (B,N,C).
+    energy = jnp.einsum("bic,bjc->bij", q, k)
+    attention = _softmax_f32(energy, self.dtype)
+    out = jnp.einsum("bij,bjc->bic", attention, v).reshape(b, h, w, c)
+    return gamma.astype(self.dtype) * out + x
+
+
+class AttentionBlock(nn.Module):
+  """The reference's `Attention(dim)` block on X of shape (B, R, dim), including its reshape.
+
+  Q, K, V = Linear(dim, dim)(X) (`c_q`, `c_k`, `c_v`); A = softmax(Q K^T * dim^-0.5) (R x R);
+  Y = A V (B, R, dim). The reference then transposes Y to (B, dim, R) and reinterprets that
+  memory row-major as (B, R, dim) — NOT a transpose back — applies dropout and adds X.
+  """
+
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    b, r, dim = x.shape
+    x = x.astype(self.dtype)
+    q = nn.Dense(dim, dtype=self.dtype, name="c_q")(x)
+    k = nn.Dense(dim, dtype=self.dtype, name="c_k")(x)
+    v = nn.Dense(dim, dtype=self.dtype, name="c_v")(x)
+    # Reference order: (q @ k^T) * norm_fact, then softmax over the last axis.
+    logits = jnp.einsum("brd,bsd->brs", q, k) * jnp.asarray(dim ** -0.5, self.dtype)
+    attn = _softmax_f32(logits, self.dtype)
+    # (A V)^T computed directly as (B, dim, R), then the reference's row-major reinterpretation.
+    y_t = jnp.einsum("brs,bsd->bdr", attn, v)
+    y = y_t.reshape(b, r, dim)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return x + y
+
+
+class _SelfAttentionList(nn.Module):
+  """`attention_module` of the reference: a ModuleList of per-view SelfAttention ('0'..'n-1')."""
+
+  num_views: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, views: Sequence[jax.Array]) -> list[jax.Array]:
+    if len(views) != self.num_views:
+      raise ValueError(f"expected {self.num_views} views, got {len(views)}")
+    return [SelfAttention(dtype=self.dtype, name=str(i))(v) for i, v in enumerate(views)]
+
+
+class MAL(nn.Module):
+  """Multi-view attention learning over n views of shape (B, S, S, C).
+
+  Input: a stacked array (n, B, S, S, C) or a sequence of n (B, S, S, C) arrays.
+  Output: (B, S, S, C). Reference steps (NCHW shapes; N = S*S):
+
+  1. view k -> `attention_module[k]`; stack (n, B, C, S, S);
+  2. T = rearrange 'n b c h w -> b (n c) (h w)' (B, n*C, N), channel index view*C + c;
+  3. pixel branch: P = T reinterpreted row-major as (B, C, n*N) (channel j -> row j // n,
+     slot j % n; last index slot*N + position); P' = feature_attention(P), dim n*N;
+  4. channel branch: Q = T^T (B, N, n*C); Q' = channel_attention(Q), dim n*C;
+  5. (P' reinterpreted back to (B, n*C, N) + Q'^T) / 2;
+  6. view as (B, n, C, N), mean over n -> (B, C, N).
+
+  In NHWC, Q is simply the views concatenated along channels, (B, N, n*C); only the pixel
+  branch needs a transpose in and out.
+  """
+
+  num_views: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, views: jax.Array | Sequence[jax.Array], train: bool = False) -> jax.Array:
+    n = self.num_views
+    views = [views[i] for i in range(len(views))]
+    views = _SelfAttentionList(n, dtype=self.dtype, name="attention_module")(views)
+    b, h, w, c = views[0].shape
+    npix = h * w
+    # Q = T^T: (B, N, n, C) -> (B, N, n*C), channel index view*C + c.
+    q_in = jnp.stack([v.reshape(b, npix, c) for v in views], axis=2).reshape(b, npix, n * c)
+    # Pixel branch: T (B, n*C, N) -> reinterpret as (B, C, n*N).
+    p_in = jnp.swapaxes(q_in, 1, 2).reshape(b, c, n * npix)
+    p_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, name="feature_attention")(
+        p_in, train)
+    # Inverse reinterpretation (B, C, n*N) -> (B, n*C, N), then to (B, N, n*C).
+    p_back = jnp.swapaxes(p_out.reshape(b, n * c, npix), 1, 2)
+    q_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, name="channel_attention")(
+        q_in, train)
+    res = (p_back + q_out) / 2
+    # View as (B, n, C, N) and average the views: here (B, N, n, C) mean over n.
+    res = jnp.mean(res.reshape(b, npix, n, c), axis=2)
+    return res.reshape(b, h, w, c)

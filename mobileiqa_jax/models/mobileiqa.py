@@ -1,0 +1,361 @@
+"""MobileIQA: a mobile backbone + the IQA head (LDAs, MALs, fusion MAL, regressor).
+
+    images (B, H, W, 3) --backbone--> 5 features (strides 2..32)
+      --LDA_i--> x: (5, B, S, S, C)              (S = 22, C = 256 in the paper)
+      --MALs[j](x), j < 3--> DOF: (3, B, S, S, C) (diverse opinion features)
+      --fusion_mal(DOF)--> fused: (B, S, S, C)    (image quality feature)
+      --regressor--> score (B,)
+
+Layout: everything is NHWC, so x is (views, B, S, S, C) and DOF (mals, B, S, S, C); the
+reference's are (views, B, C, S, S) / (mals, B, C, S, S). The distillation MSEs are means
+over all elements and do not depend on the layout.
+
+Teacher (MobileViT-IQA): backbone `mobilevitv2_200` under `global_vit`, LDAs `LGF1..LGF5`,
+regressor pool 4, no sigmoid. Student (MobileNet-IQA): `mobilenetv3_large_100` under
+`local_cnn`, LDAs `LDA1..LDA5`, pool 2, sigmoid. Parameter paths mirror the authors' PyTorch
+state-dict keys split on '.', e.g. `MALs/0/feature_attention/c_q/kernel`, `cnn/3/kernel`,
+`fc_score/0/kernel`, so the converter maps keys one to one.
+
+Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
+`MobileIQAConfig` is the serialisable description a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobileiqa_jax.models import layers
+from mobileiqa_jax.models.mal import MAL
+
+Dtype = Any
+
+
+class LDA(nn.Module):
+  """Local distortion aware module: 1x1 conv (C_i -> 2C) -> exact GELU ->
+  adaptive average pool to S x S (PyTorch windows) -> 1x1 conv (2C -> C).
+
+  Param names `cnn1`, `cnn2` as the reference. Input (B, H, W, C_i), output (B, S, S, C).
+  """
+
+  width: int = 256
+  pooled_size: int = 22
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    x = nn.Conv(2 * self.width, (1, 1), padding="VALID", dtype=self.dtype, name="cnn1")(x)
+    x = layers.gelu(x)
+    x = layers.adaptive_avg_pool2d(x, self.pooled_size)
+    return nn.Conv(self.width, (1, 1), padding="VALID", dtype=self.dtype, name="cnn2")(x)
+
+
+class _RegressorConv(nn.Module):
+  """The reference's `cnn` Sequential: 0 conv1x1 (C -> C/2), 1 ReLU, 2 AvgPool2d(k),
+  3 conv3x3 VALID (C/2 -> C/2), 4 ReLU, then a global average."""
+
+  pool: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.width // 2
+    x = nn.relu(nn.Conv(h, (1, 1), padding="VALID", dtype=self.dtype, name="0")(x))
+    x = layers.avg_pool2d(x, self.pool)
+    x = nn.relu(nn.Conv(h, (3, 3), padding="VALID", dtype=self.dtype, name="3")(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+class _RegressorFC(nn.Module):
+  """The reference's `fc_score` Sequential: 0 Linear (C/2 -> C/4), 1 ReLU, 2 Dropout,
+  3 Linear (C/4 -> 1)."""
+
+  width: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.relu(nn.Dense(self.width // 4, dtype=self.dtype, name="0")(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(1, dtype=self.dtype, name="3")(x)
+
+
+class Regressor(nn.Module):
+  """Quality regressor: fused feature (B, S, S, C) -> score (B,) float32.
+
+  conv1x1 (C -> C/2) -> ReLU -> AvgPool k x k (stride k) -> conv3x3 VALID -> ReLU ->
+  global average -> Linear (C/2 -> C/4) -> ReLU -> Dropout -> Linear (-> 1) [-> sigmoid].
+  With S = 22: k = 4 gives 5x5 -> 3x3, k = 2 gives 11x11 -> 9x9 before the average.
+  Parameters under `cnn/{0,3}` and `fc_score/{0,3}` (inside `MobileIQA` they share its scope,
+  so those are top-level paths as in the reference).
+  """
+
+  pool: int = 4
+  width: int = 256
+  sigmoid: bool = False
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.cnn = _RegressorConv(self.pool, self.width, self.dtype)
+    self.fc_score = _RegressorFC(self.width, self.dropout_rate, self.dtype)
+
+  def __call__(self, fused: jax.Array, train: bool = False) -> jax.Array:
+    s = fused.shape[1]
+    if s // self.pool < 3:
+      raise ValueError(
+          f"regressor: pooled side {s} // pool {self.pool} = {s // self.pool} is smaller than "
+          "the 3x3 VALID conv; use a larger pooled_size or a smaller regressor_pool.")
+    y = self.fc_score(self.cnn(fused.astype(self.dtype)), train)
+    y = y.astype(jnp.float32)
+    if self.sigmoid:
+      y = jax.nn.sigmoid(y)
+    return y[:, 0]
+
+
+class _MALList(nn.Module):
+  """The reference's `MALs` ModuleList ('0'..'m-1'), each MAL reading all views."""
+
+  num_mals: int
+  num_views: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return jnp.stack([
+        MAL(self.num_views, self.dropout_rate, dtype=self.dtype, name=str(j))(x, train)
+        for j in range(self.num_mals)
+    ])
+
+
+class MobileIQA(nn.Module):
+  """Backbone + IQA head.
+
+  Attributes:
+    backbone: a Flax module; `backbone(images_nhwc, train=train)` returns a list of NHWC
+      features (5 for the paper's backbones). Its variables live under `backbone_name`.
+    backbone_name: 'global_vit' (teacher) or 'local_cnn' (student).
+    lda_prefix: 'LGF' (teacher) or 'LDA' (student); LDAs are named prefix1..prefixV.
+    pooled_size: S, the side every LDA pools to (22).
+    width: C, the head's channel width (256); LDA hidden 2C, self-attention q/k C // 8,
+      regressor C/2 and C/4.
+    num_mals: number of opinion MALs (3); the fusion MAL has that many views.
+    regressor_pool: k of the regressor's average pool (teacher 4, student 2).
+    sigmoid: end the score with a sigmoid (student).
+    dropout_rate: dropout of the attention blocks and the regressor; active only when
+      `train=True` (then pass `rngs={'dropout': key}`).
+    dtype: compute dtype (parameters stay float32; the score is returned float32).
+
+  Methods (all usable through `model.apply(variables, ..., method=...)`):
+    __call__(images, train=False, return_features=False, return_fused=False)
+    forward_features(images, train=False) -> (x, dof, fused)
+    regress(fused, train=False) -> score   (e.g. the teacher's regressor on the student's
+      fused feature: `teacher.apply(t_vars, s_fused, method='regress')`)
+  """
+
+  backbone: nn.Module
+  backbone_name: str = "global_vit"
+  lda_prefix: str = "LGF"
+  pooled_size: int = 22
+  width: int = 256
+  num_mals: int = 3
+  regressor_pool: int = 4
+  sigmoid: bool = False
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    # The backbone field is re-registered under the reference's name ('global_vit' or
+    # 'local_cnn'); the field itself is never called and owns no variables.
+    setattr(self, self.backbone_name, self.backbone.clone(name=None, parent=None))
+    self._lda_names = tuple(f"{self.lda_prefix}{i + 1}" for i in range(self._num_views()))
+    for name in self._lda_names:
+      setattr(self, name, LDA(self.width, self.pooled_size, self.dtype))
+    self.MALs = _MALList(self.num_mals, self._num_views(), self.dropout_rate, self.dtype)
+    self.fusion_mal = MAL(self.num_mals, self.dropout_rate, dtype=self.dtype)
+    self.regressor = Regressor(
+        self.regressor_pool, self.width, self.sigmoid, self.dropout_rate, self.dtype)
+    # `cnn` and `fc_score` are top-level in the reference: no `regressor` scope of its own.
+    nn.share_scope(self, self.regressor)
+
+  def _num_views(self) -> int:
+    chans = getattr(self.backbone, "feature_channels", None)
+    return len(chans) if chans is not None else 5
+
+  def forward_features(
+      self, images: jax.Array, train: bool = False
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """images (B, H, W, 3) -> x (V, B, S, S, C), dof (M, B, S, S, C), fused (B, S, S, C)."""
+    feats = getattr(self, self.backbone_name)(images, train=train)
+    if len(feats) != len(self._lda_names):
+      raise ValueError(
+          f"backbone returned {len(feats)} features, expected {len(self._lda_names)}")
+    x = jnp.stack([getattr(self, n)(f) for n, f in zip(self._lda_names, feats)])
+    dof = self.MALs(x, train)
+    fused = self.fusion_mal(dof, train)
+    return x, dof, fused
+
+  def regress(self, fused: jax.Array, train: bool = False) -> jax.Array:
+    """The regressor alone: fused (B, S, S, C) -> score (B,) float32."""
+    return self.regressor(fused, train)
+
+  def __call__(
+      self,
+      images: jax.Array,
+      train: bool = False,
+      return_features: bool = False,
+      return_fused: bool = False,
+  ):
+    """Scores images (B, H, W, 3), ImageNet-normalised.
+
+    Returns score (B,) float32; with `return_features`, (x, dof, score); with
+    `return_fused` as well, (x, dof, score, fused); with only `return_fused`,
+    (score, fused).
+    """
+    x, dof, fused = self.forward_features(images, train)
+    score = self.regress(fused, train)
+    if return_features and return_fused:
+      return x, dof, score, fused
+    if return_features:
+      return x, dof, score
+    if return_fused:
+      return score, fused
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisable configuration and presets.
+
+_VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "teacher": dict(backbone="mobilevitv2_200", backbone_name="global_vit", lda_prefix="LGF",
+                    regressor_pool=4, sigmoid=False),
+    "student": dict(backbone="mobilenetv3_large_100", backbone_name="local_cnn",
+                    lda_prefix="LDA", regressor_pool=2, sigmoid=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MobileIQAConfig:
+  """Everything needed to rebuild a `MobileIQA` (stored with checkpoints).
+
+  `backbone` is a timm name (`mobilevitv2_050` ... `mobilevitv2_200`, `mobilenetv3_*`); the
+  backbone's width is part of its name. `backbone_kwargs` go to the backbone factory as well
+  (e.g. {'remat': True} for MobileViTv2). `dtype` is a numpy dtype name.
+  """
+
+  variant: str = "teacher"
+  backbone: str = "mobilevitv2_200"
+  backbone_name: str = "global_vit"
+  lda_prefix: str = "LGF"
+  pooled_size: int = 22
+  width: int = 256
+  num_mals: int = 3
+  regressor_pool: int = 4
+  sigmoid: bool = False
+  dropout_rate: float = 0.1
+  dtype: str = "float32"
+  depthwise_impl: str | None = None
+  backbone_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["backbone_kwargs"] = dict(self.backbone_kwargs)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "MobileIQAConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown MobileIQA config keys {unknown}; known: {sorted(known)}")
+    d = dict(d)
+    if "dtype" in d:
+      d["dtype"] = jnp.dtype(d["dtype"]).name
+    if "backbone_kwargs" in d:
+      d["backbone_kwargs"] = dict(d["backbone_kwargs"] or {})
+    return cls(**d)
+
+
+def model_config(variant: str, **overrides: Any) -> MobileIQAConfig:
+  """The teacher's or student's config with `overrides` (any `MobileIQAConfig` field)."""
+  if variant not in _VARIANT_DEFAULTS:
+    raise ValueError(f"variant must be one of {sorted(_VARIANT_DEFAULTS)}, got {variant!r}")
+  d = dict(variant=variant, **_VARIANT_DEFAULTS[variant])
+  d.update(overrides)
+  return MobileIQAConfig.from_dict(d)
+
+
+def _backbone_factory(name: str) -> Callable[..., nn.Module]:
+  # Imported lazily so this module imports without the backbone modules.
+  if name.startswith("mobilevitv2"):
+    from mobileiqa_jax.models import mobilevitv2 as mod
+  elif name.startswith("mobilenetv3"):
+    from mobileiqa_jax.models import mobilenetv3 as mod
+  else:
+    raise ValueError(f"unknown backbone {name!r} (expected mobilevitv2_* or mobilenetv3_*)")
+  factory = getattr(mod, name, None)
+  if factory is None:
+    raise ValueError(f"unknown backbone {name!r} in {mod.__name__}")
+  return factory
+
+
+def build_backbone(name: str, dtype: Dtype = jnp.float32, depthwise_impl: str | None = None,
+                   **kwargs: Any) -> nn.Module:
+  """A Flax features backbone by timm name."""
+  factory = _backbone_factory(name)
+  kwargs = dict(kwargs, dtype=dtype)
+  if depthwise_impl is not None:
+    kwargs["depthwise_impl"] = depthwise_impl
+  try:
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+      kwargs = {k: v for k, v in kwargs.items() if k in params}
+  except (TypeError, ValueError):
+    pass
+  return factory(**kwargs)
+
+
+def build_model(config: MobileIQAConfig | Mapping[str, Any]) -> MobileIQA:
+  """Rebuilds a `MobileIQA` from a `MobileIQAConfig` or its `to_dict()`."""
+  if not isinstance(config, MobileIQAConfig):
+    config = MobileIQAConfig.from_dict(config)
+  dtype = jnp.dtype(config.dtype)
+  backbone = build_backbone(config.backbone, dtype, config.depthwise_impl,
+                            **dict(config.backbone_kwargs))
+  return MobileIQA(
+      backbone=backbone,
+      backbone_name=config.backbone_name,
+      lda_prefix=config.lda_prefix,
+      pooled_size=config.pooled_size,
+      width=config.width,
+      num_mals=config.num_mals,
+      regressor_pool=config.regressor_pool,
+      sigmoid=config.sigmoid,
+      dropout_rate=config.dropout_rate,
+      dtype=dtype,
+  )
+
+
+def mobileiqa_teacher(**overrides: Any) -> MobileIQA:
+  """MobileViT-IQA (teacher): mobilevitv2_200 under `global_vit`, LDAs `LGF*`, pool 4."""
+  return build_model(model_config("teacher", **overrides))
+
+
+def mobileiqa_student(**overrides: Any) -> MobileIQA:
+  """MobileNet-IQA (student): mobilenetv3_large_100 under `local_cnn`, LDAs `LDA*`, pool 2,
+  sigmoid."""
+  return build_model(model_config("student", **overrides))
+
+
+def count_params(variables: Mapping[str, Any]) -> int:
+  """Number of parameters in `variables['params']`."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(variables["params"]))

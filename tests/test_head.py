@@ -1,0 +1,382 @@
+"""The MobileIQA head (and whole models) against the PyTorch reference in torch_reference.py.
+
+Parity is max |JAX - PyTorch| / max |PyTorch| in float32, with non-trivial weights: every
+self-attention gamma in [0.5, 1.5] (at 0 the attention paths would be invisible) and
+BatchNorm statistics away from 0/1. The torch state dicts are mapped to Flax by the naming
+rule the converter uses (torch path split on '.'; conv OIHW -> HWIO, Linear (out, in) ->
+(in, out), BN/GN weight -> scale, running_mean/var -> batch_stats mean/var).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobileiqa_jax.models import layers
+from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention
+from mobileiqa_jax.models.mobileiqa import (
+    LDA, MobileIQA, MobileIQAConfig, Regressor, build_model, model_config)
+
+TOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers.
+
+def torch_to_flax(state_dict) -> dict:
+  """Torch state dict -> {'params': ..., 'batch_stats': ...} by the naming rule."""
+  params: dict = {}
+  stats: dict = {}
+
+  def put(tree, path, value):
+    for p in path[:-1]:
+      tree = tree.setdefault(p, {})
+    assert path[-1] not in tree, path
+    tree[path[-1]] = jnp.asarray(value)
+
+  for key, t in state_dict.items():
+    *path, leaf = key.split(".")
+    a = t.detach().cpu().numpy()
+    if leaf == "num_batches_tracked":
+      continue
+    if leaf == "running_mean":
+      put(stats, path + ["mean"], a)
+    elif leaf == "running_var":
+      put(stats, path + ["var"], a)
+    elif leaf == "weight" and a.ndim == 4:
+      put(params, path + ["kernel"], a.transpose(2, 3, 1, 0))
+    elif leaf == "weight" and a.ndim == 2:
+      put(params, path + ["kernel"], a.T)
+    elif leaf == "weight" and a.ndim == 1:
+      put(params, path + ["scale"], a)
+    elif leaf in ("bias", "gamma"):
+      put(params, path + [leaf], a)
+    else:
+      raise KeyError(f"no rule for {key} {tuple(a.shape)}")
+  out = {"params": params}
+  if stats:
+    out["batch_stats"] = stats
+  return out
+
+
+def assert_same_tree(converted, initialised):
+  """Same variable paths and shapes as the Flax module's own init."""
+  flat_c = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_leaves_with_path(converted)}
+  flat_i = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_leaves_with_path(dict(initialised))}
+  assert sorted(flat_c) == sorted(flat_i), (
+      sorted(set(flat_c) ^ set(flat_i))[:20])
+  bad = {k: (flat_c[k], flat_i[k]) for k in flat_c if flat_c[k] != flat_i[k]}
+  assert not bad, bad
+
+
+def load(module, torch_module, *init_args, **init_kwargs):
+  """Converted variables of `torch_module`, checked against `module.init`'s tree."""
+  variables = torch_to_flax(torch_module.state_dict())
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *init_args, **init_kwargs))
+  assert_same_tree(variables, shapes)
+  return variables
+
+
+def rel_err(jax_out, torch_out) -> float:
+  ref = np.asarray(torch_out.detach().numpy(), np.float64)
+  got = np.asarray(jax_out, np.float64)
+  assert got.shape == ref.shape, (got.shape, ref.shape)
+  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def to_nhwc(t):
+  """Torch (..., C, H, W) -> numpy (..., H, W, C)."""
+  a = t.detach().numpy()
+  return np.moveaxis(a, -3, -1)
+
+
+def from_nhwc(a):
+  return np.moveaxis(np.asarray(a), -1, -3)
+
+
+# ------------------------------------------------------------------------------------------
+# A stand-in backbone: five strided 3x3 conv + BN + ReLU stages (strides 2..32).
+
+TOY_CHANNELS = (8, 12, 16, 20, 24)
+
+
+class ToyBackbone(nn.Module):
+  channels: tuple = TOY_CHANNELS
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def feature_channels(self):
+    return self.channels
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    feats = []
+    x = x.astype(self.dtype)
+    for i, c in enumerate(self.channels):
+      x = layers.conv2d(c, 3, 2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+      x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x)
+      x = nn.relu(x)
+      feats.append(x)
+    return feats
+
+
+def torch_toy_backbone():
+  import torch
+  from torch import nn as tnn
+
+  class TorchToy(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      cin = 3
+      for i, c in enumerate(TOY_CHANNELS):
+        setattr(self, f"conv{i}", tnn.Conv2d(cin, c, 3, 2, 1, bias=False))
+        setattr(self, f"bn{i}", tnn.BatchNorm2d(c))
+        cin = c
+
+    def forward(self, x):
+      feats = []
+      for i in range(len(TOY_CHANNELS)):
+        x = torch.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        feats.append(x)
+      return feats
+
+  return TorchToy()
+
+
+def toy_models(seed=0, *, pooled_size=6, width=32, regressor_pool=2, sigmoid=True,
+               teacher_names=False, num_mals=3, dtype=jnp.float32):
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  names = ("global_vit", "LGF") if teacher_names else ("local_cnn", "LDA")
+  torch.manual_seed(seed)
+  tm = ref.MobileIQA(torch_toy_backbone(), TOY_CHANNELS, names[0], names[1],
+                     pooled_size=pooled_size, width=width, num_mals=num_mals,
+                     regressor_pool=regressor_pool, sigmoid=sigmoid)
+  ref.randomize_(tm, seed).eval()
+  jm = MobileIQA(ToyBackbone(dtype=dtype), backbone_name=names[0], lda_prefix=names[1],
+                 pooled_size=pooled_size, width=width, num_mals=num_mals,
+                 regressor_pool=regressor_pool, sigmoid=sigmoid, dtype=dtype)
+  return tm, jm
+
+
+# ------------------------------------------------------------------------------------------
+# Components.
+
+def test_self_attention_parity():
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(0)
+  tm = ref.randomize_(ref.SelfAttention(32), 1).eval()
+  assert float(tm.gamma.detach()) > 0.4
+  x = torch.randn(2, 32, 6, 7)  # non-square: checks the row-major (H, W) flattening
+  with torch.no_grad():
+    want = tm(x)
+  jm = SelfAttention()
+  v = load(jm, tm, jnp.zeros((1, 6, 7, 32)))
+  got = jm.apply(v, jnp.asarray(to_nhwc(x)))
+  assert rel_err(from_nhwc(got), want) < TOL
+
+
+@pytest.mark.parametrize("r,dim", [(12, 20), (20, 12)])
+def test_attention_block_parity(r, dim):
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(1)
+  tm = ref.Attention(dim).eval()
+  x = torch.randn(2, r, dim)
+  with torch.no_grad():
+    want = tm(x)
+  jm = AttentionBlock()
+  v = load(jm, tm, jnp.zeros((1, r, dim)))
+  got = jm.apply(v, jnp.asarray(x.numpy()))
+  assert rel_err(got, want) < TOL
+  # The reshape is a reinterpretation: undoing it with a transpose must give other numbers.
+  with torch.no_grad():
+    q, k, vv = tm.c_q(x), tm.c_k(x), tm.c_v(x)
+    naive = torch.softmax(q @ k.transpose(-2, -1) * dim ** -0.5, -1) @ vv + x
+  assert rel_err(got, naive) > 1e-2
+
+
+def _mal_case(n, size, width, batch, seed):
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(seed)
+  tm = ref.randomize_(ref.MAL(width, n, size), seed).eval()
+  x = torch.randn(n, batch, width, size, size)
+  with torch.no_grad():
+    want = tm(x).view(batch, width, size, size)
+  jm = MAL(n)
+  v = load(jm, tm, jnp.zeros((n, 1, size, size, width)))
+  got = jax.jit(jm.apply)(v, jnp.asarray(to_nhwc(x)))
+  return rel_err(from_nhwc(got), want)
+
+
+@pytest.mark.parametrize("n", [5, 3])
+def test_mal_parity_small(n):
+  assert _mal_case(n, size=6, width=32, batch=2, seed=n) < TOL
+
+
+def test_mal_parity_real_size():
+  """n = 5, S = 22, C = 256: the 2420 x 2420 pixel branch of the paper."""
+  assert _mal_case(5, size=22, width=256, batch=1, seed=7) < TOL
+
+
+@pytest.mark.parametrize("pool,sigmoid,size", [(4, False, 22), (2, True, 22), (2, False, 8)])
+def test_regressor_parity(pool, sigmoid, size):
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(pool)
+  tm = ref.Regressor(256, pool, sigmoid).eval()
+  f = torch.randn(3, 256, size, size)
+  with torch.no_grad():
+    want = tm(f)
+  jm = Regressor(pool=pool, width=256, sigmoid=sigmoid)
+  v = load(jm, tm, jnp.zeros((1, size, size, 256)))
+  got = jm.apply(v, jnp.asarray(to_nhwc(f)))
+  assert got.shape == (3,) and got.dtype == jnp.float32
+  assert rel_err(got, want) < TOL
+
+
+def test_regressor_too_small_raises():
+  jm = Regressor(pool=4, width=32)
+  with pytest.raises(ValueError, match="3x3"):
+    jm.init(jax.random.key(0), jnp.zeros((1, 8, 8, 32)))
+
+
+def test_lda_parity_overlapping_windows():
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(3)
+  tm = ref.LDA(12, 16, 6).eval()
+  for hw in [(13, 29), (4, 3)]:  # overlapping windows; repeated rows (H < S)
+    x = torch.randn(2, 12, *hw)
+    with torch.no_grad():
+      want = tm(x)
+    jm = LDA(width=16, pooled_size=6)
+    v = load(jm, tm, jnp.zeros((1, *hw, 12)))
+    got = jm.apply(v, jnp.asarray(to_nhwc(x)))
+    assert rel_err(from_nhwc(got), want) < TOL
+
+
+# ------------------------------------------------------------------------------------------
+# Whole model with the stand-in backbone.
+
+@pytest.mark.parametrize("cfg,hw", [
+    (dict(pooled_size=6, width=32, regressor_pool=2, sigmoid=True), (64, 64)),
+    (dict(pooled_size=12, width=32, regressor_pool=4, sigmoid=False, teacher_names=True),
+     (70, 50)),
+])
+def test_head_parity(cfg, hw):
+  torch = pytest.importorskip("torch")
+  tm, jm = toy_models(seed=11, **cfg)
+  images = torch.randn(2, 3, *hw)
+  with torch.no_grad():
+    x_t, dof_t, score_t, fused_t = tm(images, return_features=True)
+  img = jnp.asarray(to_nhwc(images))
+  v = load(jm, tm, img[:1])
+  x, dof, score, fused = jax.jit(
+      lambda v, i: jm.apply(v, i, return_features=True, return_fused=True))(v, img)
+  s = cfg["pooled_size"]
+  assert x.shape == (5, 2, s, s, 32) and dof.shape == (3, 2, s, s, 32)
+  assert score.shape == (2,)
+  errs = dict(x=rel_err(from_nhwc(x), x_t), dof=rel_err(from_nhwc(dof), dof_t),
+              fused=rel_err(from_nhwc(fused), fused_t), score=rel_err(score, score_t))
+  assert max(errs.values()) < TOL, errs
+  # The plain call and the `regress` method agree with the full forward.
+  np.testing.assert_allclose(jm.apply(v, img), score, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jm.apply(v, fused, method="regress"), score, rtol=1e-6,
+                             atol=1e-6)
+  with torch.no_grad():
+    # Another model's regressor on this fused feature (the distillation monitor).
+    cross_t = tm.regress(fused_t)
+  assert rel_err(jm.apply(v, fused, method="regress"), cross_t) < TOL
+
+
+def test_param_names_mirror_reference():
+  _, jm = toy_models(teacher_names=True, pooled_size=12, regressor_pool=4, sigmoid=False)
+  shapes = jax.eval_shape(lambda: jm.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  p = shapes["params"]
+  assert set(p) == {"global_vit", "LGF1", "LGF2", "LGF3", "LGF4", "LGF5", "MALs",
+                    "fusion_mal", "cnn", "fc_score"}
+  assert p["LGF1"]["cnn1"]["kernel"].shape == (1, 1, 8, 64)
+  assert p["MALs"]["2"]["feature_attention"]["c_q"]["kernel"].shape == (5 * 144,) * 2
+  assert p["MALs"]["0"]["channel_attention"]["c_v"]["kernel"].shape == (5 * 32,) * 2
+  assert p["MALs"]["0"]["attention_module"]["4"]["gamma"].shape == (1,)
+  assert p["fusion_mal"]["feature_attention"]["c_k"]["kernel"].shape == (3 * 144,) * 2
+  assert p["cnn"]["3"]["kernel"].shape == (3, 3, 16, 16)
+  assert p["fc_score"]["3"]["kernel"].shape == (8, 1)
+  assert set(shapes["batch_stats"]) == {"global_vit"}
+
+
+def test_dropout_only_in_training():
+  pytest.importorskip("torch")
+  tm, jm = toy_models(seed=5)
+  img = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  v = torch_to_flax(tm.state_dict())
+  a = jm.apply(v, img, return_features=True)
+  b = jm.apply(v, img, return_features=True, rngs={"dropout": jax.random.key(9)})
+  for u, w in zip(a, b):
+    np.testing.assert_array_equal(u, w)
+
+  def train(key):
+    out, _ = jm.apply(v, img, train=True, return_features=True, rngs={"dropout": key},
+                      mutable=["batch_stats"])
+    return out
+
+  t1, t2, t1b = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
+  # x has no dropout (LDAs); DOF and the score do.
+  np.testing.assert_array_equal(t1[0], t2[0])
+  assert not np.allclose(t1[1], t2[1]) and not np.allclose(t1[2], t2[2])
+  for u, w in zip(t1, t1b):
+    np.testing.assert_array_equal(u, w)
+  with pytest.raises(Exception):
+    jm.apply(v, img, train=True, mutable=["batch_stats"])  # no 'dropout' rng
+
+
+def test_bfloat16_compute_close():
+  pytest.importorskip("torch")
+  tm, jm = toy_models(seed=2)
+  _, jm16 = toy_models(seed=2, dtype=jnp.bfloat16)
+  v = torch_to_flax(tm.state_dict())
+  img = jax.random.normal(jax.random.key(3), (2, 64, 64, 3))
+  x32, dof32, s32 = jm.apply(v, img, return_features=True)
+  x16, dof16, s16 = jm16.apply(v, img, return_features=True)
+  assert s16.dtype == jnp.float32 and x16.dtype == jnp.bfloat16
+  assert jax.tree_util.tree_all(jax.tree.map(lambda a: a.dtype == jnp.float32, v))
+  rel = float(jnp.max(jnp.abs(dof16.astype(jnp.float32) - dof32)) / jnp.max(jnp.abs(dof32)))
+  assert rel < 5e-2
+  np.testing.assert_allclose(s16, s32, atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# Config and presets.
+
+def test_config_roundtrip():
+  c = model_config("student", pooled_size=8, width=64, dtype=jnp.bfloat16,
+                   backbone_kwargs={"foo": 1})
+  d = c.to_dict()
+  assert d["dtype"] == "bfloat16" and d["variant"] == "student"
+  assert d["backbone_name"] == "local_cnn" and d["lda_prefix"] == "LDA"
+  assert d["regressor_pool"] == 2 and d["sigmoid"] is True
+  import json
+  assert MobileIQAConfig.from_dict(json.loads(json.dumps(d))) == c
+  t = model_config("teacher").to_dict()
+  assert (t["backbone"], t["backbone_name"], t["lda_prefix"], t["regressor_pool"],
+          t["sigmoid"], t["pooled_size"], t["width"], t["num_mals"]) == (
+              "mobilevitv2_200", "global_vit", "LGF", 4, False, 22, 256, 3)
+  with pytest.raises(ValueError, match="unknown"):
+    MobileIQAConfig.from_dict(dict(d, bogus=1))
+  with pytest.raises(ValueError):
+    model_config("nope")

@@ -1,0 +1,379 @@
+"""The built-in demo data set: real photos, graded distortions, full-reference labels.
+
+Downloads nothing. The pristine content is the colour natural photographs that ship
+inside scikit-image (`skimage.data`, read from the installed package, no network):
+
+  astronaut (512x512), chelsea (the cat, 300x451), coffee (400x600),
+  rocket (427x640), motorcycle (left view of `stereo_motorcycle`, 500x741).
+
+(scikit-image's other colour images are microscopy, retina, a telescope field,
+synthetic charts or need a download; they are left out.)
+
+Recipe (all deterministic; no random numbers except the seeded noise):
+
+1. References. From each photo, `CROPS` (4 fractional boxes: the whole frame and
+   three overlapping ~2/3 crops) are cut and resized with PIL LANCZOS so the longer
+   side is `LONG_SIDE` = 192 px: 5 photos x 4 crops = 20 pristine references.
+2. Distortions. Each reference gets 6 distortions x 5 graded levels (`DISTORTIONS`):
+   gaussian blur (sigma 0.6-4 px), additive gaussian noise (std 3-32 of 255, seeded
+   per image), JPEG (quality 60-5, the stored bytes are that JPEG file, so the
+   artefacts are real), contrast reduction towards the mean (factor 0.75-0.18),
+   desaturation towards grey (saturation 0.7-0), pixelation (box-downsample by
+   2-8, nearest-upsample; integer blocks, so severity is monotonic). Plus the pristine reference itself:
+   20 x (30 + 1) = 620 images. All but the JPEG ones are stored as lossless PNG.
+3. Labels (`mos`, in [0, 1]). A full-reference quality of the stored (decoded)
+   image against its pristine reference, multi-scale colour SSIM:
+
+       mos = clip(mean_{s in 1, 1/2, 1/4} SSIM(ref_s, img_s), 0, 1)
+
+   where `x_s` is `x` box-averaged by `1/s`, and SSIM is scikit-image's
+   `structural_similarity` (gaussian window sigma 1.5, data_range 255, RGB
+   channels averaged). Averaging over scales (as MS-SSIM does) weighs the coarse
+   structure a low-resolution model can see, not only pixel-level noise. The
+   label is content-aware (the same blur hurts a textured crop more than a flat
+   one), monotonic in severity within a distortion, and exactly 1 for the
+   pristine references.
+4. Split, by source photo so the test content is unseen:
+   train = astronaut, rocket, motorcycle (12 references, 372 images);
+   test  = chelsea, coffee (8 references, 248 images).
+
+Records follow the IQA builders' features (`mobileiqa_jax.data.base`): `image`
+(encoded bytes), `image_name` (`<photo>_c<crop>_<distortion>_<level>.<png|jpg>`),
+`mos` (the label, already in [0, 1]), `mos_std` (NaN: no raters), `mos_norm`
+(= mos; the scale is the documented [0, 1]), `width`, `height`, `group`
+(`<photo>`: the unit the split keeps together); plus `distortion` and `level`
+(0 = pristine, 1-5 graded).
+
+Two ways in:
+
+* `examples(split)` / `memory_source(split)`: built in memory (about 10 s on one
+  core, cached per process) — tests and `configs/*:demo`.
+* The tfds builder `IqaDemo` (name `iqa_demo`): `prepare(data_dir)` writes the
+  same records as a tfds data set (needs TensorFlow to write, as every tfds build).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+#: skimage.data loader name -> how to get the RGB array from its return value.
+PHOTOS = {
+    'astronaut': ('astronaut', None),
+    'chelsea': ('chelsea', None),
+    'coffee': ('coffee', None),
+    'rocket': ('rocket', None),
+    'motorcycle': ('stereo_motorcycle', 0),  # (left, right, disparity): left view
+}
+TRAIN_PHOTOS = ('astronaut', 'rocket', 'motorcycle')
+TEST_PHOTOS = ('chelsea', 'coffee')
+SPLITS = {'train': TRAIN_PHOTOS, 'test': TEST_PHOTOS}
+
+#: Fractional crop boxes (left, top, right, bottom) cut from every photo.
+CROPS = (
+    (0.0, 0.0, 1.0, 1.0),
+    (0.0, 0.0, 0.68, 0.68),
+    (0.32, 0.32, 1.0, 1.0),
+    (0.16, 0.30, 0.84, 0.98),
+)
+LONG_SIDE = 192
+
+#: Distortion -> its 5 levels, mildest first (the parameter each function takes).
+DISTORTIONS = {
+    'blur': (0.6, 1.0, 1.6, 2.5, 4.0),          # gaussian sigma, pixels
+    'noise': (3.0, 6.0, 11.0, 19.0, 32.0),      # std on the 0-255 scale
+    'jpeg': (60, 35, 20, 10, 5),                # PIL JPEG quality
+    'contrast': (0.75, 0.55, 0.4, 0.28, 0.18),  # factor towards the mean
+    'saturation': (0.7, 0.45, 0.25, 0.1, 0.0),  # 1 = unchanged, 0 = grey
+    'pixelate': (2, 3, 4, 6, 8),                # integer block size, pixels
+}
+SSIM_SCALES = (1, 2, 4)
+
+
+def load_photo(name: str) -> np.ndarray:
+  """One of `PHOTOS` as a uint8 RGB array, read from the installed scikit-image."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+
+  loader, index = PHOTOS[name]
+  image = getattr(skimage.data, loader)()
+  if index is not None:
+    image = image[index]
+  return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+
+
+def reference_crops(photo: np.ndarray) -> list[np.ndarray]:
+  """The `CROPS` of `photo`, each resized so its longer side is `LONG_SIDE`."""
+  h, w = photo.shape[:2]
+  out = []
+  for left, top, right, bottom in CROPS:
+    box = (round(left * w), round(top * h), round(right * w), round(bottom * h))
+    crop = Image.fromarray(photo).crop(box)
+    scale = LONG_SIDE / max(crop.size)
+    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    out.append(np.asarray(crop.resize(size, Image.LANCZOS)))
+  return out
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def distort(image: np.ndarray, distortion: str, level: int,
+            seed: int = 0) -> tuple[np.ndarray, bytes, str]:
+  """Applies `distortion` at `level` (1-5) to a uint8 RGB image.
+
+  Returns:
+    (decoded uint8 RGB result, the encoded file bytes to store, file extension).
+    The decoded result is what the label is computed on: for JPEG it is the
+    decoded JPEG, so label and stored bytes agree.
+  """
+  p = DISTORTIONS[distortion][level - 1]
+  x = image.astype(np.float64)
+  if distortion == 'jpeg':
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format='JPEG', quality=p)
+    data = buf.getvalue()
+    return np.asarray(Image.open(io.BytesIO(data)).convert('RGB')), data, 'jpg'
+  if distortion == 'blur':
+    out = ndimage.gaussian_filter(x, sigma=(p, p, 0), mode='reflect')
+  elif distortion == 'noise':
+    rng = np.random.default_rng(seed)
+    out = x + rng.normal(scale=p, size=x.shape)
+  elif distortion == 'contrast':
+    out = x.mean() + p * (x - x.mean())
+  elif distortion == 'saturation':
+    grey = x @ np.array([0.299, 0.587, 0.114])
+    out = grey[..., None] + p * (x - grey[..., None])
+  elif distortion == 'pixelate':
+    pil = Image.fromarray(image)
+    small = (max(1, round(pil.width / p)), max(1, round(pil.height / p)))
+    out = np.asarray(pil.resize(small, Image.BOX).resize(pil.size, Image.NEAREST))
+  else:
+    raise ValueError(f'unknown distortion {distortion!r}; one of {list(DISTORTIONS)}.')
+  out = _to_uint8(out)
+  return out, _png(out), 'png'
+
+
+def _png(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  # Lossless at any level; level 1 is several times faster than the default 6.
+  Image.fromarray(image).save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
+def _box_downsample(x: np.ndarray, factor: int) -> np.ndarray:
+  if factor == 1:
+    return x
+  h, w = (x.shape[0] // factor) * factor, (x.shape[1] // factor) * factor
+  x = x[:h, :w].reshape(h // factor, factor, w // factor, factor, -1)
+  return x.mean(axis=(1, 3))
+
+
+def _blur(x: np.ndarray) -> np.ndarray:
+  # skimage's SSIM window: gaussian sigma 1.5 truncated at 3.5 sigma (11 x 11),
+  # per channel (sigma 0 on the channel axis).
+  return ndimage.gaussian_filter(x, sigma=(1.5, 1.5, 0.0), truncate=3.5,
+                                 mode='reflect')
+
+
+class _Reference:
+  """A pristine image's SSIM statistics per scale, computed once for its 31 images."""
+
+  def __init__(self, image: np.ndarray):
+    self.scales = []
+    for s in SSIM_SCALES:
+      r = _box_downsample(image.astype(np.float32), s)
+      self.scales.append((r, _blur(r), _blur(r * r)))
+
+
+def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 255.0,
+         _x_stats: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+  """Colour SSIM, equal (to float32 rounding) to skimage's
+  `structural_similarity(x, y, channel_axis=2, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=data_range)`.
+
+  Re-implemented in float32 with the reference's statistics reusable: several
+  times faster than skimage per channel, which matters for 1,800 calls.
+  """
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  ux, uxx = _x_stats if _x_stats is not None else (_blur(x), _blur(x * x))
+  uy, uyy, uxy = _blur(y), _blur(y * y), _blur(x * y)
+  vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+  c1, c2 = (0.01 * data_range)**2, (0.03 * data_range)**2
+  s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+  pad = 5  # skimage averages without the border half-window: (11 - 1) // 2
+  return float(s[pad:-pad, pad:-pad].mean(dtype=np.float64))
+
+
+def quality_label(reference: np.ndarray | _Reference, image: np.ndarray) -> float:
+  """Multi-scale colour SSIM of `image` against `reference`, clipped to [0, 1]."""
+  if not isinstance(reference, _Reference):
+    reference = _Reference(reference)
+  img = image.astype(np.float32)
+  scores = [ssim(r, _box_downsample(img, s), _x_stats=(ur, urr))
+            for s, (r, ur, urr) in zip(SSIM_SCALES, reference.scales)]
+  return float(np.clip(np.mean(scores), 0.0, 1.0))
+
+
+def _examples_of_photo(photo_name: str) -> list[dict[str, Any]]:
+  out = []
+  for c, ref in enumerate(reference_crops(load_photo(photo_name))):
+    stem = f'{photo_name}_c{c}'
+    ref_stats = _Reference(ref)
+    items = [('pristine', 0, ref, _png(ref), 'png')]
+    for d_index, distortion in enumerate(DISTORTIONS):
+      for level in range(1, 6):
+        # A seed per (photo, crop, distortion, level): reproducible noise.
+        seed = [list(PHOTOS).index(photo_name), c, d_index, level]
+        img, data, ext = distort(ref, distortion, level, seed=seed)
+        items.append((distortion, level, img, data, ext))
+    for distortion, level, img, data, ext in items:
+      label = 1.0 if level == 0 else quality_label(ref_stats, img)
+      out.append({
+          'image': data,
+          'image_name': f'{stem}_{distortion}_{level}.{ext}',
+          'mos': np.float32(label),
+          'mos_std': np.float32(np.nan),
+          'mos_norm': np.float32(label),
+          'width': np.int32(img.shape[1]),
+          'height': np.int32(img.shape[0]),
+          'group': photo_name,
+          'distortion': distortion,
+          'level': np.int32(level),
+      })
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _examples_cached(photos: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+  return tuple(ex for p in photos for ex in _examples_of_photo(p))
+
+
+def examples(split: str | None = None,
+             photos: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """The demo records in memory (no tfds), in a fixed order.
+
+  Args:
+    split: 'train', 'test', or None for both.
+    photos: instead of a split, the photos to use (a subset keeps tests fast).
+
+  Returns:
+    A list of dicts with the features listed in the module docstring. Cached
+    per process: repeated calls cost nothing (the dicts are shared; do not
+    mutate them).
+  """
+  if photos is None:
+    if split is None:
+      photos = TRAIN_PHOTOS + TEST_PHOTOS
+    elif split in SPLITS:
+      photos = SPLITS[split]
+    else:
+      raise ValueError(f"demo split must be 'train' or 'test', got {split!r}.")
+  unknown = set(photos) - set(PHOTOS)
+  if unknown:
+    raise ValueError(f'unknown demo photo(s) {sorted(unknown)}; one of {list(PHOTOS)}.')
+  return list(_examples_cached(tuple(photos)))
+
+
+def memory_source(split: str):
+  """The demo split as a `pipeline.MemorySource` (what `configs/*:demo` train on)."""
+  from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  exs = examples(split)
+  return pipeline.memory_source(
+      [e['image'] for e in exs], [float(e['mos']) for e in exs],
+      [e['image_name'] for e in exs],
+      scale=layout.MosScale(low=0.0, high=1.0, source='documented'))
+
+
+# ------------------------------------------------------------------------------------------
+# tfds builder.
+
+
+def _tfds_builder_class():
+  """Defines (once) the tfds builder; tfds is imported only when it is asked for."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class IqaDemo(tfds.core.GeneratorBasedBuilder):
+    """The built-in demo IQA data set (see `mobileiqa_jax.data.demo`); downloads nothing."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'skimage photos x 6 distortions x 5 levels, MS-SSIM labels.'}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          description=__doc__,
+          features=tfds.features.FeaturesDict({
+              # The same features as the IQA builders (`data.base`), plus two.
+              'image': tfds.features.Tensor(shape=(), dtype=np.object_,
+                                            doc='Encoded image file (PNG, or JPEG for jpeg).'),
+              'image_name': tfds.features.Text(),
+              'mos': tfds.features.Scalar(np.float32, doc='Label: multi-scale SSIM, [0, 1].'),
+              'mos_std': tfds.features.Scalar(np.float32, doc='NaN: no raters.'),
+              'mos_norm': tfds.features.Scalar(np.float32, doc='= mos (scale [0, 1]).'),
+              'width': tfds.features.Scalar(np.int32),
+              'height': tfds.features.Scalar(np.int32),
+              'group': tfds.features.Text(doc='Source photo; splits keep it together.'),
+              'distortion': tfds.features.Text(),
+              'level': tfds.features.Scalar(np.int32, doc='0 pristine, 1-5 graded.'),
+          }),
+          homepage='https://scikit-image.org/docs/stable/api/skimage.data.html',
+          metadata=tfds.core.MetadataDict(),
+          # Stored order = generation order: the metadata's per-record groups rely on it.
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Nothing to download.
+      self.info.metadata.update({
+          'mos_scale': {'low': 0.0, 'high': 1.0, 'source': 'documented'},
+          'split_kind': 'by_source_photo',
+          'train_fraction': len(TRAIN_PHOTOS) / len(PHOTOS),
+          'groups': {s: [e['group'] for e in examples(s)] for s in SPLITS},
+      })
+      return {s: self._generate_examples(s) for s in SPLITS}
+
+    def _generate_examples(self, split):
+      for e in examples(split):
+        yield e['image_name'], dict(e)
+
+  return IqaDemo
+
+
+_BUILDER_CLASS = None
+
+
+def builder_class():
+  """The tfds builder class `IqaDemo` (registers the name `iqa_demo` with tfds)."""
+  global _BUILDER_CLASS
+  if _BUILDER_CLASS is None:
+    _BUILDER_CLASS = _tfds_builder_class()
+  return _BUILDER_CLASS
+
+
+def prepare(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Writes the demo data set as tfds records (array_record); a no-op if present.
+
+  Needs TensorFlow (CPU is enough) to write, as every tfds build; reading back
+  (`pipeline.tfds_source('iqa_demo', split, data_dir)`) does not.
+
+  Args:
+    data_dir: tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
+
+  Returns:
+    The prepared folder.
+  """
+  data_dir = pathlib.Path(
+      data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')).expanduser()
+  builder = builder_class()(data_dir=str(data_dir), file_format='array_record')
+  builder.download_and_prepare()
+  return pathlib.Path(builder.data_dir)

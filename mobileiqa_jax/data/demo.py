@@ -46,7 +46,7 @@ Records follow the IQA builders' features (`mobileiqa_jax.data.base`): `image`
 
 Two ways in:
 
-* `examples(split)` / `memory_source(split)`: built in memory (about 10 s on one
+* `examples(split)` / `memory_source(split)`: built in memory (about 20 s on one shared
   core, cached per process) — tests and `configs/*:demo`.
 * The tfds builder `IqaDemo` (name `iqa_demo`): `prepare(data_dir)` writes the
   same records as a tfds data set (needs TensorFlow to write, as every tfds build).

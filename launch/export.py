@@ -1,0 +1,52 @@
+r"""Exports a MobileIQA checkpoint to a LiteRT/TFLite model plus a JSON sidecar for apps.
+
+  python launch/export.py --checkpoint=DIR --output=model.tflite \
+      [--image_size=HEIGHT,WIDTH] [--quantize=none|float16|dynamic_int8] [--select_tf_ops]
+
+The model takes one ImageNet-normalised RGB image, NHWC float32 (1, H, W, 3), and returns one
+score (1,). `model.json` beside `model.tflite` holds the input size, layout, normalisation,
+MOS mapping and quantisation. See mobileiqa_jax/export.py for the conversion path.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+from mobileiqa_jax import export
+
+flags.DEFINE_string("checkpoint", None, "Checkpoint folder (launch/convert.py output, or a "
+                    "training workdir).", required=True)
+flags.DEFINE_string("output", None, "The .tflite file to write; the sidecar JSON goes beside "
+                    "it with the extension .json.", required=True)
+flags.DEFINE_string("image_size", None, "HEIGHT,WIDTH of the exported model's fixed input; "
+                    "default: the checkpoint's.")
+flags.DEFINE_enum("quantize", "none", list(export.QUANTIZATIONS), "Post-training "
+                  "quantisation: none (float32), float16 weights, or dynamic_int8 (int8 "
+                  "weights, dynamic-range kernels).")
+flags.DEFINE_boolean("select_tf_ops", False, "Fallback only: allow TensorFlow (Flex) kernels "
+                     "for ops TFLite lacks; the app then needs the Flex delegate.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    meta = export.export_checkpoint(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size,
+                                    FLAGS.quantize, FLAGS.select_tf_ops)
+  except (ValueError, FileNotFoundError, export.ExportError) as e:
+    sys.exit(f"export failed: {e}")
+  print(json.dumps({"output": os.path.abspath(FLAGS.output),
+                    "sidecar": os.path.abspath(export.sidecar_path(FLAGS.output)),
+                    "bytes": meta["file_bytes"], "input_shape": meta["input"]["shape"],
+                    "quantization": meta["quantization"],
+                    "requires_flex": meta["requires_flex"]}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

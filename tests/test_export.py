@@ -1,0 +1,172 @@
+"""TFLite export: the interpreter scores real photos like JAX; quantised exports rank like it.
+
+Needs `tensorflow` (or `tensorflow-cpu`) for the converter and `ai-edge-litert` for the
+interpreter; skipped without them. Uses a small student (pooled side 8, width 64, 128x128
+input) with non-trivial weights: every parameter and BN statistic is drawn at random (the
+self-attention gammas are non-zero) and the last layer is standardised so that the photos'
+scores spread over the sigmoid rather than crowding at 0.5.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+
+from mobileiqa_jax import checkpoint
+from mobileiqa_jax import export
+from mobileiqa_jax import metrics
+from mobileiqa_jax.data import preprocess
+from mobileiqa_jax.models import mobileiqa
+
+LIVEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "livec_jpg")
+SIZE = (128, 128)
+NUM_PHOTOS = 8
+SMALL = dict(pooled_size=8, width=64)
+MOS_RANGE = [3.42, 92.43]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _photos():
+  labels = os.path.join(LIVEC, "labels.csv")
+  if not os.path.exists(labels):
+    pytest.skip(f"no LIVEC subset at {LIVEC}")
+  with open(labels) as f:
+    rows = sorted(csv.DictReader(f), key=lambda r: float(r["mos"]))
+  # Spread over the MOS range.
+  pick = [rows[i] for i in np.linspace(0, len(rows) - 1, NUM_PHOTOS).astype(int)]
+  out = []
+  for r in pick:
+    path = os.path.join(LIVEC, "Images", r["image_name"])
+    with open(path, "rb") as f:
+      out.append(preprocess.resize_normalize(preprocess.decode_rgb(f.read(), path), SIZE))
+  return np.stack(out)
+
+
+def _random_variables(model, seed=0):
+  """Init-shaped variables, all drawn at random (no compile: eval_shape + numpy)."""
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SIZE, 3), jnp.float32)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    coll = str(getattr(path[0], "key", path[0]))
+    shape = leaf.shape
+    if coll == "batch_stats":
+      if name == "var":
+        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+      return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name == "kernel":
+      fan_in = int(np.prod(shape[:-1]))
+      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    if name == "scale":
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name == "gamma":
+      return (0.5 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  photos = _photos()
+  config = mobileiqa.model_config("student", depthwise_impl="conv", **SMALL)
+  model = mobileiqa.build_model(config)
+  variables = _random_variables(model)
+  gammas = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+            if str(getattr(p[-1], "key", "")) == "gamma"]
+  assert gammas and all(np.all(g != 0) for g in gammas)
+
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  scores = np.asarray(apply(variables, photos))
+  # Standardise the last layer's logits over the photos: scores spread over the sigmoid.
+  logits = np.log(scores) - np.log1p(-scores)
+  mu, sd = logits.mean(), logits.std() + 1e-6
+  fc = variables["params"]["fc_score"]["3"]
+  fc["kernel"] = (fc["kernel"] / sd).astype(np.float32)
+  fc["bias"] = ((fc["bias"] - mu) / sd).astype(np.float32)
+  jax_scores = np.asarray(apply(variables, photos))
+  assert jax_scores.std() > 0.1, jax_scores
+
+  tmp = tmp_path_factory.mktemp("export")
+  ckpt = checkpoint.save_model(str(tmp / "ckpt"), variables, config.to_dict(),
+                               extra={"image_size": list(SIZE), "mos_range": MOS_RANGE})
+  return dict(photos=photos, model=model, variables=variables, jax_scores=jax_scores,
+              config=config, ckpt=ckpt, tmp=tmp)
+
+
+def test_float32_export_matches_jax(setup):
+  out = str(setup["tmp"] / "student.tflite")
+  # The checkpoint stores depthwise_impl='conv'; a 'shift' config would be exported as 'conv'.
+  meta = export.export_checkpoint(setup["ckpt"], out, quantize="none")
+  assert os.path.getsize(out) == meta["file_bytes"]
+  assert not meta["requires_flex"], meta["ops"]
+  assert not any(op.startswith("Flex") for op in meta["ops"])
+
+  with open(export.sidecar_path(out)) as f:
+    side = json.load(f)
+  assert side["input"]["shape"] == [1, *SIZE, 3]
+  assert side["input"]["layout"] == "NHWC"
+  np.testing.assert_allclose(side["input"]["mean"], preprocess.IMAGENET_MEAN)
+  np.testing.assert_allclose(side["input"]["std"], preprocess.IMAGENET_STD)
+  assert side["mos_mapping"]["range"] == MOS_RANGE
+  assert side["quantization"] == "none"
+  assert side["output"]["range"] == [0.0, 1.0]
+
+  scorer = export.TFLiteScorer(out)
+  assert scorer.image_size == SIZE
+  tfl = scorer(setup["photos"])
+  err = np.abs(tfl - setup["jax_scores"])
+  print("\nfloat32: max |tflite - jax| =", err.max(), "scores", np.round(tfl, 4))
+  assert err.max() < 1e-3, (tfl, setup["jax_scores"])
+
+
+@pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
+def test_quantised_export_ranks_like_float(setup, quantize):
+  out = str(setup["tmp"] / f"student_{quantize}.tflite")
+  meta = export.export(setup["model"], setup["variables"], out, SIZE, quantize,
+                       setup["config"].to_dict(), {"mos_range": MOS_RANGE})
+  assert meta["quantization"] == quantize and not meta["requires_flex"]
+  tfl = export.TFLiteScorer(out)(setup["photos"])
+  ref = setup["jax_scores"]
+  srocc = metrics.srocc(tfl, ref)
+  print(f"\n{quantize}: SROCC vs float {srocc:.4f}, max |diff| {np.abs(tfl - ref).max():.4f}, "
+        f"{meta['file_bytes'] / 1e6:.2f} MB")
+  assert np.all(np.isfinite(tfl)) and np.all((tfl >= 0) & (tfl <= 1))
+  if quantize == "float16":
+    assert srocc >= 0.95
+
+
+@pytest.mark.parametrize("size", ["16,128", "0,64", "-32,64", "64.5,64", "64", "64,64,3",
+                                  "big,64"])
+def test_bad_image_size_is_a_clear_error(setup, size):
+  with pytest.raises(ValueError, match=r"--image_size must be HEIGHT,WIDTH"):
+    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "bad.tflite"), image_size=size)
+  assert not os.path.exists(setup["tmp"] / "bad.tflite")
+
+
+def test_bad_settings_direct_api():
+  with pytest.raises(ValueError, match="image_size"):
+    export.to_tflite(None, None, (31, 64))
+  with pytest.raises(ValueError, match="--quantize"):
+    export.check_quantize("int4")
+
+
+def test_launcher_reports_bad_image_size(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "export.py"), f"--checkpoint={tmp_path}",
+       f"--output={tmp_path / 'm.tflite'}", "--image_size=20,20"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode != 0
+  assert "--image_size must be HEIGHT,WIDTH" in proc.stderr and "20" in proc.stderr

@@ -53,7 +53,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -132,17 +132,6 @@ def export_model_for(model_config: Mapping[str, Any]):
 # ----------------------------------------------------------------------------- conversion
 
 
-def scorer_fn(model: Any, variables: Any) -> Callable[[Any], Any]:
-  """images (B, H, W, 3) normalised float32 -> scores (B,) float32, inference mode."""
-  import jax  # pylint: disable=g-import-not-at-top
-  variables = jax.tree.map(np.asarray, dict(variables))
-
-  def score(images):
-    return model.apply(variables, images, train=False)
-
-  return score
-
-
 def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: str = "none",
               select_tf_ops: bool = False) -> bytes:
   """Converts `model.apply(variables, x, train=False)` at input (1, H, W, 3) to a TFLite model.
@@ -161,13 +150,24 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
+  import jax  # pylint: disable=g-import-not-at-top
+
   h, w = parse_image_size(image_size, "image_size")
   check_quantize(quantize)
-  fn = jax2tf.convert(scorer_fn(model, variables), with_gradient=False)
+  # The weights enter the XlaCallModule as tf.Variables (the converter freezes them into
+  # constants) rather than as constants inside the serialized StableHLO: embedding 80M
+  # parameters there made the module string get copied several times and conversion peak
+  # at ~12 GB.
+  leaves, treedef = jax.tree_util.tree_flatten(dict(variables))
 
+  def score(flat, images):
+    return model.apply(jax.tree_util.tree_unflatten(treedef, flat), images, train=False)
+
+  fn = jax2tf.convert(score, with_gradient=False)
   module = tf.Module()
+  module.weights = [tf.Variable(np.asarray(a), trainable=False) for a in leaves]
   module.serve = tf.function(
-      lambda image: {OUTPUT_NAME: fn(image)}, autograph=False,
+      lambda image: {OUTPUT_NAME: fn(module.weights, image)}, autograph=False,
       input_signature=[tf.TensorSpec((1, h, w, 3), tf.float32, name=INPUT_NAME)])
   concrete = module.serve.get_concrete_function()
 

@@ -118,20 +118,13 @@ class DepthwiseConv2d(nn.Module):
     return y
 
 
-def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
-  """`torch.nn.BatchNorm2d` defaults: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+  """`torch.nn.BatchNorm2d` with its defaults (eps 1e-5, momentum 0.1), training included.
 
   In training, statistics are taken over every axis but channels of the array the step sees;
   under `jax.jit` with a batch sharded over devices and hosts that is the *global* batch.
   """
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      use_fast_variance=False,
-      dtype=dtype,
-      name=name,
-  )
+  return BatchNorm2d(use_running_average=not train, dtype=dtype, name=name)
 
 
 def group_norm_1(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
@@ -227,3 +220,44 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
   """
   x = _align_corners_axis(x, 1, size_hw[0])
   return _align_corners_axis(x, 2, size_hw[1])
+
+
+class BatchNorm2d(nn.Module):
+  """`torch.nn.BatchNorm2d` exactly, training included (variables named as `nn.BatchNorm`'s).
+
+  `nn.BatchNorm` updates its running variance with the biased batch variance; PyTorch
+  normalises with the biased one but stores the *unbiased* one (times n / (n - 1)), which
+  differs visibly wherever few positions are averaged (the stride-32 layers). Params `scale`,
+  `bias`; batch_stats `mean`, `var`. `momentum` is PyTorch's (weight of the new batch).
+  """
+
+  use_running_average: bool = True
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      # Statistics in float32 whatever the compute dtype, two-pass like PyTorch.
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // c
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+        ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+    # One multiply-add per element, as PyTorch's CPU kernel does (alpha, beta per channel).
+    alpha = scale * jax.lax.rsqrt(var + self.epsilon)
+    beta = bias - mean * alpha
+    return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)

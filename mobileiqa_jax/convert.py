@@ -217,27 +217,15 @@ def variables_template(model: Any, image_hw: tuple[int, int] = (64, 64)) -> Vari
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
 
-def backbone_module(arch: str, **kwargs: Any) -> Any:
-  """The Flax backbone for a timm architecture name (e.g. 'mobilevitv2_200')."""
-  # Imported here: each architecture lives in its own module, named like timm's.
-  from mobileiqa_jax.models import mobilenetv3, mobilevitv2  # pylint: disable=g-import-not-at-top
-  base = arch.split(".")[0]  # 'mobilevitv2_200.cvnets_in22k_ft_in1k' -> 'mobilevitv2_200'
-  for module in (mobilevitv2, mobilenetv3):
-    factory = getattr(module, base, None)
-    if callable(factory):
-      return factory(**kwargs)
-  raise ValueError(f"Unknown backbone architecture {arch!r}: expected a timm name of a "
-                   "MobileViTv2 (mobilevitv2_050 ... mobilevitv2_200) or MobileNetV3 "
-                   "(e.g. mobilenetv3_large_100) model.")
-
-
 def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
   """A timm ImageNet checkpoint (`.pth`, `.bin`, `.safetensors`) -> backbone variables.
 
   Accepts a full classification checkpoint (`stages.N` names; its classifier is dropped with a
   log line) or a features_only one (`stages_N`).
   """
-  template = variables_template(backbone_module(arch))
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  # 'mobilevitv2_200.cvnets_in22k_ft_in1k' (a timm hub tag) -> 'mobilevitv2_200'.
+  template = variables_template(mobileiqa.build_backbone(arch.split(".")[0]))
   return torch_to_flax(load_state_dict(path), template, drop_classifier=True,
                        source=os.fspath(path))
 
@@ -252,13 +240,13 @@ def load_mobileiqa(path: str | os.PathLike, model: str,
     **overrides: model config overrides (e.g. dtype) passed to the preset.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  presets = {"teacher": mobileiqa.mobileiqa_teacher, "student": mobileiqa.mobileiqa_student}
-  if model not in presets:
+  if model not in ("teacher", "student"):
     raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}.")
-  module = presets[model](**overrides)
+  config = mobileiqa.model_config(model, **overrides)
+  module = mobileiqa.build_model(config)
   template = variables_template(module)
   variables = torch_to_flax(load_state_dict(path), template, source=os.fspath(path))
-  return module, variables, module.config.to_dict()
+  return module, variables, config.to_dict()
 
 
 def torch_file_to_checkpoint(path: str, model: str, output: str,

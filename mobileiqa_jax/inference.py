@@ -142,7 +142,12 @@ def predict_csv(
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
   files = expand_paths(paths)
   model, variables, meta = ckpt.load_model(checkpoint)
-  size_hw = parse_image_size(image_size) or tuple(meta["image_size"])
+  size_hw = parse_image_size(image_size)
+  if size_hw is None:
+    stored = (meta.get("extra") or {}).get("image_size")
+    if not stored:
+      raise ValueError(f"{checkpoint} stores no input size: pass --image_size=HEIGHT,WIDTH.")
+    size_hw = tuple(stored)
   scorer = make_scorer(model, variables)
   bar = None
   if progress:

@@ -23,10 +23,24 @@ setup(
         "safetensors>=0.4",
         # Progress bars on stderr for scoring, preparing and training.
         "tqdm>=4.66",
+        # SPAQ and BID release their scores as .xlsx.
+        "openpyxl>=3.1",
+        # tfds reads prepared data sets as array_record (no TensorFlow at read time) and
+        # imports importlib_resources when building.
+        "array_record>=0.8",
+        "importlib_resources>=6",
+        # The built-in demo data set distorts the photos scikit-image ships.
+        "scikit-image>=0.22",
+        # TensorBoard event files without TensorFlow, and the predicted-vs-MOS scatter plot.
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # The PyTorch side: reading .pkl/.pth checkpoints and the parity tests' reference.
-        "torch": ["torch>=2.1", "timm>=1.0.9"],
+        "torch": ["torch>=2.1", "timm>=1.0.9", "huggingface_hub>=0.24"],
+        # Preparing tfds data sets (writing needs TensorFlow; the CPU build is enough) and the
+        # TFLite export with its LiteRT interpreter.
+        "tf": ["tensorflow-cpu>=2.21", "ai-edge-litert>=2.0"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
 )

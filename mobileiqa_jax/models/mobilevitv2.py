@@ -91,7 +91,8 @@ class ConvNormAct(nn.Module):
       x = layers.conv2d(
           self.features, self.kernel_size, self.stride, use_bias=False, dtype=self.dtype,
           name="conv")(x)
-    x = layers.batch_norm(train, dtype=self.dtype, name="bn")(x)
+    # BatchNorm2d, not nn.BatchNorm: PyTorch stores the unbiased batch variance in training.
+    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn")(x)
     return nn.silu(x) if self.apply_act else x
 
 

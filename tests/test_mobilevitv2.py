@@ -1,0 +1,231 @@
+"""models/mobilevitv2.py against timm's `mobilevitv2_*` features_only models.
+
+Every feature is compared in float32 with non-trivial weights (random BatchNorm statistics and
+affine, GroupNorm affine and conv biases), eval mode, both depthwise implementations, at sizes
+where the MobileViTv2 blocks see even maps (256x256, 250x378) and odd ones (65x97: the block
+input is resized up with align_corners=True), plus one training-mode forward.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mobileiqa_jax.models import mobilevitv2
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+pytestmark = pytest.mark.torch
+
+RTOL = 1e-5
+WIDTHS = ("050", "075", "100", "125", "150", "175", "200")
+
+
+def build_timm(name: str, seed: int = 0):
+  """A timm features model with randomised norms and biases (eval mode)."""
+  torch.manual_seed(seed)
+  model = timm.create_model(
+      name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3, 4))
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0.0, 0.2)
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.normal_(0.0, 0.2)
+        module.running_var.uniform_(0.5, 1.5)
+      if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+        module.bias.normal_(0.0, 0.2)
+  return model.eval()
+
+
+def torch_to_flax(state_dict) -> dict:
+  """The naming rule: torch key split on '.' is the Flax path; leaves renamed and transposed."""
+  params, stats = {}, {}
+  for key, value in state_dict.items():
+    *path, leaf = key.split(".")
+    value = value.detach().numpy().copy()  # state_dict tensors alias the live buffers
+    if leaf == "num_batches_tracked":
+      continue
+    if leaf == "running_mean":
+      stats[tuple(path) + ("mean",)] = value
+    elif leaf == "running_var":
+      stats[tuple(path) + ("var",)] = value
+    elif leaf == "weight" and value.ndim == 4:
+      params[tuple(path) + ("kernel",)] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    elif leaf == "weight":
+      params[tuple(path) + ("scale",)] = value
+    elif leaf == "bias":
+      params[tuple(path) + ("bias",)] = value
+    else:
+      raise KeyError(key)
+  return {"params": traverse_util.unflatten_dict(params),
+          "batch_stats": traverse_util.unflatten_dict(stats)}
+
+
+def images(h: int, w: int, seed: int = 0, batch: int = 2) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(batch, 3, h, w)).astype(np.float32)
+
+
+def rel_err(got, ref) -> float:
+  ref = ref.detach().numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(got)
+  assert got.shape == ref.shape, (got.shape, ref.shape)
+  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(name: str, impl: str, train: bool = False):
+  module = mobilevitv2.MODELS[name](depthwise_impl=impl)
+  if train:
+    return module, jax.jit(
+        lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+  return module, jax.jit(lambda v, x: module.apply(v, x))
+
+
+@functools.lru_cache(maxsize=None)
+def timm_case(name: str):
+  model = build_timm(name)
+  return model, torch_to_flax(model.state_dict())
+
+
+@functools.lru_cache(maxsize=None)
+def timm_features(name: str, h: int, w: int):
+  model, _ = timm_case(name)
+  with torch.no_grad():
+    return model(torch.from_numpy(images(h, w)))
+
+
+def check_eval(name: str, impl: str, h: int, w: int) -> list[float]:
+  model, variables = timm_case(name)
+  module, apply = jitted_apply(name, impl)
+  ref = timm_features(name, h, w)
+  feats = apply(variables, jnp.asarray(images(h, w).transpose(0, 2, 3, 1)))
+  assert len(feats) == 5
+  assert tuple(f.shape[-1] for f in feats) == module.feature_channels
+  assert tuple(f.shape[-1] for f in feats) == tuple(model.feature_info.channels())
+  errs = [rel_err(f, r) for f, r in zip(feats, ref)]
+  assert max(errs) <= RTOL, errs
+  return errs
+
+
+@pytest.mark.parametrize("name", [f"mobilevitv2_{w}" for w in WIDTHS])
+def test_variable_tree_mirrors_state_dict(name):
+  """Same keys and shapes both ways, for every width (no forward pass)."""
+  model = timm.create_model(name, pretrained=False, features_only=True,
+                            out_indices=(0, 1, 2, 3, 4))
+  want = traverse_util.flatten_dict(torch_to_flax(model.state_dict()), sep=".")
+  module = mobilevitv2.MODELS[name]()
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  got = traverse_util.flatten_dict(shapes, sep=".")
+  assert sorted(set(want) - set(got)) == []
+  assert sorted(set(got) - set(want)) == []
+  bad = {k: (got[k].shape, want[k].shape) for k in want if got[k].shape != want[k].shape}
+  assert not bad, bad
+  assert module.feature_channels == tuple(model.feature_info.channels())
+  assert module.feature_strides == tuple(model.feature_info.reduction())
+
+
+@pytest.mark.parametrize("impl", ["conv", "shift"])
+@pytest.mark.parametrize("hw", [(256, 256), (250, 378)])
+def test_mobilevitv2_200_eval_parity(impl, hw):
+  errs = check_eval("mobilevitv2_200", impl, *hw)
+  print(f"mobilevitv2_200 {impl} {hw}: " + " ".join(f"{e:.2e}" for e in errs))
+
+
+def test_mobilevitv2_200_odd_block_input():
+  """65x97 gives odd maps (9x13, 5x7, 3x4) at the MobileViTv2 blocks: resized up, kept."""
+  check_eval("mobilevitv2_200", "shift", 65, 97)
+
+
+# The other widths once each at a small size; sizes and depthwise forms alternate so each form
+# meets even and odd block inputs (65x97 gives 9x13, 5x7 and 3x4 at the three blocks).
+@pytest.mark.parametrize("name,impl,hw", [
+    ("mobilevitv2_050", "conv", (64, 96)), ("mobilevitv2_075", "shift", (65, 97)),
+    ("mobilevitv2_100", "shift", (64, 96)), ("mobilevitv2_125", "conv", (65, 97)),
+    ("mobilevitv2_150", "conv", (64, 96)), ("mobilevitv2_175", "shift", (65, 97)),
+])
+def test_other_widths_eval_parity(name, impl, hw):
+  check_eval(name, impl, *hw)
+
+
+def test_minimum_input_32():
+  feats = check_eval("mobilevitv2_050", "shift", 32, 33)
+  assert len(feats) == 5
+
+
+def test_train_mode_batch_stats():
+  """Batch statistics in the forward and PyTorch's running-stat update (unbiased var)."""
+  name = "mobilevitv2_050"
+  model = build_timm(name, seed=1).train()
+  variables = torch_to_flax(model.state_dict())
+  _, apply = jitted_apply(name, "shift", True)
+  x = images(65, 97, seed=1)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(x))
+  feats, updated = apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  errs = [rel_err(f, r) for f, r in zip(feats, ref)]
+  assert max(errs) <= RTOL, errs
+  want = traverse_util.flatten_dict(torch_to_flax(model.state_dict())["batch_stats"], sep=".")
+  got = traverse_util.flatten_dict(updated["batch_stats"], sep=".")
+  assert set(got) == set(want)
+  stat_errs = {k: float(np.max(np.abs(np.asarray(got[k]) - want[k])) / np.max(np.abs(want[k])))
+               for k in want}
+  worst = max(stat_errs, key=stat_errs.get)
+  assert stat_errs[worst] <= RTOL, (worst, stat_errs[worst])
+
+
+def _remat_case():
+  # 64x64, batch 2: at 32x32, batch 1, stage 4 normalises four copies of one pixel (var 0), which
+  # makes gradients ill-conditioned enough that recomputation noise shows.
+  x = jnp.asarray(images(64, 64).transpose(0, 2, 3, 1))
+  plain = mobilevitv2.mobilevitv2_050(depthwise_impl="shift")
+  remat = mobilevitv2.mobilevitv2_050(depthwise_impl="shift", remat=True)
+  _, variables = timm_case("mobilevitv2_050")
+  return x, plain, remat, variables
+
+
+def test_remat_same_tree_and_forward():
+  x, plain, remat, variables = _remat_case()
+  shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
+  assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+  train_apply = lambda m: jax.jit(
+      lambda v: m.apply(v, x, train=True, mutable=["batch_stats"]))
+  want, got = train_apply(plain)(variables), train_apply(remat)(variables)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_remat_same_gradients():
+  """Backward compiles are slow on CPU (~20 s each): deselected by default."""
+  x, plain, remat, variables = _remat_case()
+
+  def loss(module, params):
+    feats, _ = module.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return sum(jnp.mean(f ** 2) for f in feats)
+
+  g_plain = jax.jit(jax.grad(functools.partial(loss, plain)))(variables["params"])
+  g_remat = jax.jit(jax.grad(functools.partial(loss, remat)))(variables["params"])
+  # Recomputation reorders float32 sums, and some leaves (a GroupNorm bias feeding a 1x1 conv
+  # and a training-mode BatchNorm) have a true gradient of 0: compare on the global scale.
+  scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(g_plain))
+  diff = max(float(np.max(np.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)))
+  assert diff <= 1e-4 * scale, (diff, scale)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  module = mobilevitv2.mobilevitv2_050(dtype=jnp.bfloat16)
+  x = jnp.zeros((1, 33, 47, 3))
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(shapes))
+  _, variables = timm_case("mobilevitv2_050")
+  feats = jax.jit(module.apply)(variables, x)
+  assert all(f.dtype == jnp.bfloat16 for f in feats)
+  assert [f.shape[1:3] for f in feats] == [(17, 24), (9, 12), (6, 6), (4, 4), (2, 2)]

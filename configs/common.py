@@ -1,0 +1,114 @@
+"""Shared pieces of the experiment configs (teacher.py, student.py).
+
+Every field the trainer reads is defined here, so a typo on the command line
+(`--config.optimiser.lr=...`) is an error from config_flags, never silently ignored.
+`get_config(arg)` in each experiment file picks a variant: `demo` or a data set name.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mobileiqa_jax import optim
+from mobileiqa_jax.models import mobileiqa
+
+# Data sets and their reference input size (H, W) and held-out split. UHD-IQA and KonIQ-10k
+# ship official train/validation/test splits; the others get the reference's seeded 80/20
+# train/test split when prepared.
+DATASETS = {
+    "uhd_iqa": dict(image_size=(1231, 1907), eval_split="validation"),
+    "koniq10k": dict(image_size=(512, 512), eval_split="validation"),
+    "livec": dict(image_size=(512, 512), eval_split="test"),
+    "spaq": dict(image_size=(512, 512), eval_split="test"),
+    "bid": dict(image_size=(512, 512), eval_split="test"),
+    "kadid10k": dict(image_size=(512, 512), eval_split="test"),
+}
+VARIANTS = ("demo",) + tuple(DATASETS)
+
+
+def base_config(variant: str) -> ml_collections.ConfigDict:
+  """The reference recipe (MOBILEIQA.md section 4) for one data set; model filled in by caller."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.seed = 3407
+  # Readable workdir name under runs/ when --workdir is not given (launch/train.py).
+  c.name = ""
+
+  # Model: any MobileIQAConfig field (models/mobileiqa.py); filled by teacher.py / student.py.
+  c.model = ml_collections.ConfigDict()
+  # 'float32' (default: parity with the reference) or 'bfloat16' (compute only; params and
+  # optimizer stay float32, scores are returned float32).
+  c.compute_dtype = "float32"
+  # Rematerialise backbone stages in the backward pass (memory for 1231x1907 at batch 8).
+  c.remat = False
+
+  # Initialisation of the backbone: '' (random: the log warns loudly), a local timm
+  # .pth/.bin/.safetensors file, or a timm hub name such as
+  # 'mobilevitv2_200.cvnets_in22k_ft_in1k' (fetched with huggingface_hub when reachable).
+  c.init = ml_collections.ConfigDict()
+  c.init.backbone = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = variant
+  c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.image_size = DATASETS.get(variant, {}).get("image_size", (64, 64))
+  c.data.train_split = "train"
+  c.data.eval_split = DATASETS.get(variant, {}).get("eval_split", "test")
+  c.data.flips = True  # random horizontal and vertical flips (training only)
+  c.data.num_workers = 4  # decode/resize threads per process
+  c.data.eval_batch_size = 8  # global; padded batches are masked out of the metrics
+
+  c.batch_size = 8  # global, over all processes and devices
+  c.num_epochs = 10
+  c.loss = "mse"  # 'mse' (reference) or 'mae'
+  c.optimizer = optim.default_config()  # Adam lr 1e-5, L2 1e-5, cosine per epoch, T_max 50
+
+  # Mesh: the batch is split over data x fsdp; parameters are replicated over `data` and
+  # split over `fsdp` (size 1 = plain data parallelism). One size may be -1 (the rest).
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.fsdp_min_size = 2**14  # arrays smaller than this stay replicated under fsdp
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # and always at the end of each epoch
+  c.checkpoint.keep = 2  # last K, plus the best epoch by selection metric
+  c.checkpoint.async_save = True
+
+  c.log_every_steps = 20
+  c.eval_every_epochs = 1
+  c.progress_bar = True
+  c.max_steps = -1  # > 0 stops early (smoke tests, benchmarks)
+  c.distributed = False  # jax.distributed.initialize() (or env MOBILEIQA_DISTRIBUTED=1)
+  c.scatter_plot = True  # best checkpoint's predicted vs MOS PNG at the end (matplotlib)
+
+  # Filled for distillation by student.py; empty for the teacher.
+  c.teacher_checkpoint = ""
+  c.distill = ml_collections.ConfigDict()
+  c.distill.weights = ml_collections.ConfigDict(dict(x=1.0, dof=1.0, score=1.0))
+  return c
+
+
+def model_section(variant: str) -> ml_collections.ConfigDict:
+  """`config.model`: every MobileIQAConfig field of the preset except dtype.
+
+  The compute dtype is `config.compute_dtype` (one switch, not two).
+  """
+  d = mobileiqa.model_config(variant).to_dict()
+  d.pop("dtype")
+  return ml_collections.ConfigDict(d)
+
+
+def demo_overrides(c: ml_collections.ConfigDict) -> None:
+  """Small model and resolution for the built-in demo data: minutes on 2 CPU cores."""
+  c.data.name = "demo"
+  c.data.image_size = (64, 64)
+  c.data.eval_split = "test"
+  c.data.eval_batch_size = 32
+  c.batch_size = 16
+  c.num_epochs = 8
+  c.log_every_steps = 10
+  c.checkpoint.every_steps = 100
+  # The demo trains from scratch in minutes: a larger constant-ish LR than the reference's
+  # fine-tuning recipe (which assumes an ImageNet-initialised backbone).
+  c.optimizer.lr = 1e-3
+  c.optimizer.t_max_epochs = 16

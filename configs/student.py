@@ -1,0 +1,46 @@
+r"""Student: MobileNet-IQA (timm mobilenetv3_large_100 + IQA head) distilled from a teacher.
+
+The frozen teacher (read from its own orbax checkpoint: a training workdir, one of its steps,
+or `launch/convert.py` output) runs in inference mode; the student in training mode on the
+same batch. Loss = w_dof MSE(DOF) + w_x MSE(x) + w_score MSE(score, MOS), weights 1.
+
+Demo (after the teacher demo; distils from its best epoch):
+
+  python launch/train.py --config=configs/teacher.py:demo --workdir=runs/teacher_demo
+  python launch/train.py --config=configs/student.py:demo \
+      --config.teacher_checkpoint=runs/teacher_demo
+
+UHD-IQA (default variant):
+
+  python launch/train.py --config=configs/student.py \
+      --config.teacher_checkpoint=runs/teacher_uhd_iqa \
+      --config.init.backbone=mobilenetv3_large_100.ra_in1k
+
+Other data sets: configs/student.py:koniq10k | livec | spaq | bid | kadid10k.
+On a TPU pod every worker runs the same command: see launch/pod_distill.sh.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "uhd_iqa"
+  c = common.base_config(variant)
+  c.name = f"student_{variant}"
+  c.model = common.model_section("student")
+  c.init.backbone = "mobilenetv3_large_100.ra_in1k" if variant != "demo" else ""
+  # Required: where the teacher checkpoint is (workdir -> its best epoch).
+  c.teacher_checkpoint = f"runs/teacher_{variant}"
+  if variant == "demo":
+    common.demo_overrides(c)
+    # Same pooled size and width as the teacher demo: the distillation MSEs compare the
+    # student's x and DOF with the teacher's element by element.
+    c.model.backbone = "mobilenetv3_large_100"
+    c.model.width = 32
+    c.model.pooled_size = 8
+    c.model.dropout_rate = 0.0
+  return c

@@ -1,0 +1,174 @@
+"""Training and distillation on tiny settings: a few steps, finite losses, logs, checkpoints,
+NaN handling, backbone initialisation, SIGTERM + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from mobileiqa_jax import checkpoint
+from mobileiqa_jax import train
+from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
+
+use_compilation_cache()
+
+
+def _read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backbone", [
+    "mobilenetv3_small_050",
+    # The real teacher backbone family; its compile alone takes minutes on 2 cores.
+    pytest.param("mobilevitv2_050", marks=pytest.mark.slow),
+])
+def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
+  c = tiny_config("teacher", backbone=backbone, num_epochs=1, max_steps=3)
+  c.scatter_plot = True
+  workdir = str(tmp_path / "teacher")
+  summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  assert summary["step"] == 3 and not summary["preempted"]
+  rows = _read_jsonl(workdir)
+  train_rows = [r for r in rows if r["kind"] == "train"]
+  eval_rows = [r for r in rows if r["kind"] == "eval"]
+  assert [r["step"] for r in train_rows] == [1, 2, 3]
+  for r in train_rows:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["images_per_sec"]) and r["lr"] > 0
+  assert len(eval_rows) == 1
+  for k in ("srocc", "plcc", "krocc", "rmse", "mae", "selection"):
+    assert np.isfinite(eval_rows[0][k]), k
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["backbone"] == backbone
+  assert os.path.isfile(os.path.join(workdir, "best_scatter.png"))
+  assert os.path.isfile(os.path.join(workdir, "best_predictions.csv"))
+  # A workdir is a checkpoint for load_model (the predict/convert/student path).
+  model, variables, meta = checkpoint.load_model(workdir)
+  assert meta["train"]["step"] == 3 and meta["extra"]["image_size"] == [32, 32]
+  _assert_trees_close(variables["params"], summary["final_params"])
+  scores = model.apply(variables, np.zeros((2, 32, 32, 3), np.float32))
+  assert scores.shape == (2,)
+
+
+def _teacher_checkpoint(tmp_path):
+  """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
+  t = tiny_config("teacher")
+  setup = train.build_setup(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=1)
+  variables = jax.device_get(setup.init_variables())
+  return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
+                               setup.model_config.to_dict(), extra={"image_size": [32, 32]})
+
+
+def test_distillation_logs_three_terms_and_monitor(tmp_path):
+  c = tiny_config("student", num_epochs=1, max_steps=2)
+  c.teacher_checkpoint = _teacher_checkpoint(tmp_path)
+  workdir = str(tmp_path / "student")
+  summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  assert summary["step"] == 2
+  train_rows = [r for r in _read_jsonl(workdir) if r["kind"] == "train"]
+  assert len(train_rows) == 2
+  for r in train_rows:
+    for k in ("loss", "loss_x", "loss_dof", "loss_score", "monitor_teacher_regressor_mse"):
+      assert np.isfinite(r[k]), (k, r)
+    np.testing.assert_allclose(r["loss"], r["loss_x"] + r["loss_dof"] + r["loss_score"],
+                               rtol=1e-5)
+  eval_rows = [r for r in _read_jsonl(workdir) if r["kind"] == "eval"]
+  assert np.isfinite(eval_rows[-1]["srocc"])
+  # The student's checkpoint names its teacher and never contains it.
+  _, variables, meta = checkpoint.load_model(workdir)
+  assert meta["extra"]["distilled_from"] == c.teacher_checkpoint
+  assert "local_cnn" in variables["params"] and "global_vit" not in variables["params"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
+  c = tiny_config("student", num_epochs=2)
+  data = tiny_data(c)
+  data._yt[8:16] = np.nan  # the second batch of epoch 0 (no shuffle below)  pylint: disable=protected-access
+  data.shuffle = False
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match="at step 2"):
+    train.train_and_evaluate(c, workdir, data=data)
+  # No checkpoint was written after the bad step (every_steps=2 would have saved step 2).
+  assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == []
+
+
+class _SigtermAt(train.Data):
+  """Wraps data; sends SIGTERM to this process while batch `at` of the first epoch is in use."""
+
+  def __init__(self, data, at):
+    self._data, self._at, self._sent = data, at, False
+    self.num_train, self.num_eval = data.num_train, data.num_eval
+    self.steps_per_epoch, self.mos_range = data.steps_per_epoch, data.mos_range
+
+  def train_epoch(self, epoch, start=0):
+    for i, b in enumerate(self._data.train_epoch(epoch, start), start):
+      if not self._sent and i == self._at:
+        self._sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield b
+
+  def eval_batches(self):
+    return self._data.eval_batches()
+
+
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+  c = tiny_config("student", num_epochs=2)
+  c.checkpoint.every_steps = 100  # only the preemption and epoch-end saves
+  ref = train.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
+  workdir = str(tmp_path / "pre")
+  first = train.train_and_evaluate(c, workdir, data=_SigtermAt(tiny_data(c), at=1))
+  assert first["preempted"] and first["step"] == 2  # batch 1 is the second step
+  assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == [2]
+  resumed = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  assert resumed["step"] == ref["step"] == 6 and not resumed["preempted"]
+  _assert_trees_close(resumed["final_params"], ref["final_params"], rtol=1e-6, atol=1e-8)
+  assert resumed["best"]["selection"] == pytest.approx(ref["best"]["selection"])
+
+
+def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):
+  """config.init.backbone as a timm hub name: the download is mocked to a local file."""
+  timm = pytest.importorskip("timm")
+  torch = pytest.importorskip("torch")
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  net = timm.create_model("mobilenetv3_small_050", pretrained=False)
+  path = str(tmp_path / "model.safetensors")
+  safetensors_torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+  calls = []
+
+  def fake_download(repo_id, filename, **kwargs):
+    calls.append((repo_id, filename))
+    return path
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+  c = tiny_config("student")
+  c.init.backbone = "mobilenetv3_small_050.lamb_in1k"
+  setup = train.build_setup(c, train.sharding.make_mesh(c.mesh), steps_per_epoch=1)
+  variables = jax.device_get(setup.init_variables())
+  assert calls == [("timm/mobilenetv3_small_050.lamb_in1k", "model.safetensors")]
+  want = net.state_dict()["conv_stem.weight"].numpy().transpose(2, 3, 1, 0)
+  stem = [v for k, v in _flat(variables["params"]["local_cnn"]).items()
+          if "stem" in k and v.shape == want.shape]
+  assert stem and any(np.allclose(s, want) for s in stem)
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out

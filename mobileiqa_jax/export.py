@@ -132,6 +132,53 @@ def export_model_for(model_config: Mapping[str, Any]):
 # ----------------------------------------------------------------------------- conversion
 
 
+# LDAs whose hidden activation (H * W * 2C) exceeds this many elements are exported row strip by
+# row strip (see `_lda_in_strips`).
+LDA_STRIP_ELEMENTS = 4 * 2**20
+
+
+def _lda_in_strips(lda: Any, x: Any) -> Any:
+  """`LDA.__call__` computed one output row of the adaptive pool at a time.
+
+  Same parameters and the same math (conv1x1 -> exact GELU -> PyTorch adaptive average pool ->
+  conv1x1); only the order of the window sums differs. TFLite materialises every elementwise
+  intermediate of XLA's erf/erfc expansion at full size, so at 1231x1907 the first LDA's
+  (616, 954, 512) hidden activation made the interpreter need more than 20 GB; computed per
+  pooled row it needs about 1/S of that.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  params = lda.variables["params"]
+  s = lda.pooled_size
+
+  def conv1x1(y, p):
+    y = jax.lax.conv_general_dilated(y, p["kernel"].astype(y.dtype), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["bias"].astype(y.dtype)
+
+  x = x.astype(lda.dtype)
+  h = x.shape[1]
+  rows = []
+  for i in range(s):
+    start, end = (i * h) // s, -((-(i + 1) * h) // s)
+    y = layers.gelu(conv1x1(x[:, start:end], params["cnn1"]))
+    rows.append(jnp.mean(y, axis=1, keepdims=True))
+  y = layers.adaptive_avg_pool2d(jnp.concatenate(rows, axis=1), (s, s))
+  return conv1x1(y, params["cnn2"])
+
+
+def _strip_interceptor(next_fun, args, kwargs, context):
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  mod = context.module
+  if isinstance(mod, mobileiqa.LDA) and context.method_name == "__call__" and not kwargs:
+    x = args[0]
+    if x.shape[1] * x.shape[2] * 2 * mod.width > LDA_STRIP_ELEMENTS:
+      return _lda_in_strips(mod, x)
+  return next_fun(*args, **kwargs)
+
+
 def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: str = "none",
               select_tf_ops: bool = False) -> bytes:
   """Converts `model.apply(variables, x, train=False)` at input (1, H, W, 3) to a TFLite model.
@@ -161,7 +208,9 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
   leaves, treedef = jax.tree_util.tree_flatten(dict(variables))
 
   def score(flat, images):
-    return model.apply(jax.tree_util.tree_unflatten(treedef, flat), images, train=False)
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    with nn.intercept_methods(_strip_interceptor):
+      return model.apply(jax.tree_util.tree_unflatten(treedef, flat), images, train=False)
 
   fn = jax2tf.convert(score, with_gradient=False)
   module = tf.Module()

@@ -30,7 +30,7 @@ def torch_to_flax(state_dict) -> dict:
     *path, leaf = key.split(".")
     if leaf == "num_batches_tracked":
       continue
-    a = tensor.detach().cpu().numpy()
+    a = tensor.detach().cpu().numpy().copy()  # state_dict tensors alias live buffers.
     if leaf in ("running_mean", "running_var"):
       stats[tuple(path) + (leaf.removeprefix("running_"),)] = a
       continue

@@ -38,6 +38,8 @@ flags.DEFINE_integer("threads", 0, "Interpreter threads; 0 = os.cpu_count().")
 flags.DEFINE_integer("pooled_size", 22, "Head's pooled side S (22 in the paper).")
 flags.DEFINE_integer("width", 256, "Head's width C (256 in the paper).")
 flags.DEFINE_boolean("jax", True, "Also time JAX.")
+flags.DEFINE_list("xnnpack", ["auto"], "Interpreter runs per export: on, off (builtin kernels) "
+                  "or auto (on up to export.XNNPACK_MAX_PIXELS).")
 FLAGS = flags.FLAGS
 
 
@@ -100,16 +102,20 @@ def main(argv):
         meta = export.export(exp_model, variables, path, (h, w), q,
                              mobileiqa.model_config("student", **small).to_dict())
         convert_s = time.perf_counter() - t
-        scorer = export.TFLiteScorer(path, num_threads=threads)
-        score = scorer(x)
-        tfl_ms = 1e3 * scorer.time_invoke(repeats=FLAGS.repeats, warmup=1)
-        diff = float(np.abs(score - jax_score).max()) if jax_score is not None else float("nan")
-        rows.append((f"{h}x{w}", q, meta["file_bytes"] / 2**20, tfl_ms, jax_ms, diff, convert_s,
-                     meta["requires_flex"]))
-        print(f"  {q}: {meta['file_bytes'] / 2**20:.1f} MiB, convert {convert_s:.0f} s, "
-              f"interpreter {tfl_ms:.0f} ms, |tflite - jax| {diff:.2g}", flush=True)
-        del scorer
-  print(f"\n| input HxW | quantisation | .tflite MiB | LiteRT ms ({threads} threads) | "
+        for mode in FLAGS.xnnpack:
+          xnn = {"on": True, "off": False, "auto": None}[mode]
+          scorer = export.TFLiteScorer(path, num_threads=threads, xnnpack=xnn)
+          score = scorer(x)
+          tfl_ms = 1e3 * scorer.time_invoke(repeats=FLAGS.repeats, warmup=1)
+          diff = (float(np.abs(score - jax_score).max()) if jax_score is not None
+                  else float("nan"))
+          label = f"{q} ({'XNNPACK' if scorer.xnnpack else 'builtin'})"
+          rows.append((f"{h}x{w}", label, meta["file_bytes"] / 2**20, tfl_ms, jax_ms, diff,
+                       convert_s, meta["requires_flex"]))
+          print(f"  {label}: {meta['file_bytes'] / 2**20:.1f} MiB, convert {convert_s:.0f} s, "
+                f"interpreter {tfl_ms:.0f} ms, |tflite - jax| {diff:.2g}", flush=True)
+          del scorer
+  print(f"\n| input HxW | quantisation (kernels) | .tflite MiB | LiteRT ms ({threads} threads) | "
         "JAX jit ms | max abs diff vs JAX | convert s | needs Flex |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:

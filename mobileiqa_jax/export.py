@@ -40,6 +40,14 @@ app (they are image-library work, not model work); see `sidecar()`.
   that XNNPACK runs well), whatever the checkpoint's config says: the 'shift' form (k*k
   strided slices and multiply-adds, faster under XLA:CPU) reads the same parameters and gives
   the same numbers, but would become k*k STRIDED_SLICE/MUL/ADD ops per layer in TFLite.
+- Version skew: jax 0.10 writes StableHLO 1.15 while TF 2.21 reads 1.13. Plain ops
+  deserialise fine, but newer constructs do not: a `jax.lax.composite` (tried, to map the
+  exact GELU to TFLite's GELU op) fails with "unregistered operation 'vhlo.composite_v2'".
+  If a future model change trips this, the converter error names the vhlo op.
+- Memory at full resolution: TFLite materialises every intermediate of the erf expansion at
+  full size, so the first LDA's (616, 954, 512) hidden activation at 1231x1907 is exported in
+  row strips (`_lda_in_strips`, same math). LiteRT's default XNNPACK delegate still needed
+  > 13 GB there; the builtin CPU kernels do not (`TFLiteScorer(xnnpack=None)` picks).
 - Quantisation is the converter's post-training kind, needing no calibration data:
   `float16` stores weights in float16 (about half the file; dequantised at load on CPU),
   `dynamic_int8` stores weights in int8 with dynamic-range int8 kernels for the FULLY_CONNECTED
@@ -311,6 +319,10 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
       },
       "mos_mapping": mos,
       "quantization": quantize,
+      "runtime_note": (
+          "LiteRT's default XNNPACK delegate needed > 13 GB at 1231x1907 in ai-edge-litert 2.3;"
+          " above ~1 Mpx create the interpreter without default delegates (builtin kernels)"
+          if h * w > XNNPACK_MAX_PIXELS else None),
       "requires_flex": _needs_flex(ops or {}),
       "ops": dict(sorted((ops or {}).items())),
       "source_checkpoint": source,
@@ -383,12 +395,33 @@ def make_interpreter(model_path: str | None = None, model_content: bytes | None 
   return cls(**kwargs)
 
 
-class TFLiteScorer:
-  """Scores normalised NHWC float32 images with an exported model, one image per invoke."""
+# Measured with ai-edge-litert 2.3 on the full student: at 1231x1907 the XNNPACK delegate (on
+# by default) took the process past 13 GB (and 20 GB before the LDA strips) while the builtin
+# CPU kernels run it in about 1 GB above the model; at 512x512 XNNPACK runs fine.
+XNNPACK_MAX_PIXELS = 1024 * 1024
 
-  def __init__(self, model_path: str, num_threads: int | None = None):
+
+def _input_pixels(model_path: str) -> int:
+  it = make_interpreter(model_path=model_path, delegate=False)
+  shape = it.get_input_details()[0]["shape"]
+  return int(shape[1]) * int(shape[2])
+
+
+class TFLiteScorer:
+  """Scores normalised NHWC float32 images with an exported model, one image per invoke.
+
+  `xnnpack`: use LiteRT's default XNNPACK delegate; None = only for inputs up to
+  XNNPACK_MAX_PIXELS (see there).
+  """
+
+  def __init__(self, model_path: str, num_threads: int | None = None,
+               xnnpack: bool | None = None):
     self.model_path = model_path
-    self.interpreter = make_interpreter(model_path=model_path, num_threads=num_threads)
+    if xnnpack is None:
+      xnnpack = _input_pixels(model_path) <= XNNPACK_MAX_PIXELS
+    self.xnnpack = xnnpack
+    self.interpreter = make_interpreter(model_path=model_path, num_threads=num_threads,
+                                        delegate=xnnpack)
     self.interpreter.allocate_tensors()
     self._in = self.interpreter.get_input_details()[0]
     self._out = self.interpreter.get_output_details()[0]

@@ -281,17 +281,6 @@ def test_regressor_too_small_raises():
     jm.init(jax.random.key(0), jnp.zeros((1, 8, 8, 32)))
 
 
-@pytest.mark.parametrize("hw", [(44, 66), (22, 22), (13, 29), (4, 3), (30, 22)])
-def test_lda_adaptive_pool_matches_torch(hw):
-  torch = pytest.importorskip("torch")
-  from mobileiqa_jax.models.mobileiqa import adaptive_avg_pool2d
-
-  x = torch.randn(2, 5, *hw)
-  want = torch.nn.functional.adaptive_avg_pool2d(x, 22)
-  got = adaptive_avg_pool2d(jnp.asarray(to_nhwc(x)), 22)
-  assert rel_err(from_nhwc(got), want) < 1e-6
-
-
 def test_lda_parity_overlapping_windows():
   torch = pytest.importorskip("torch")
   import torch_reference as ref

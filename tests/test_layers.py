@@ -24,7 +24,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("in_hw,out", [((44, 44), 22), ((16, 16), 22), ((77, 119), 22),
-                                       ((616, 954), 22), ((5, 3), 4)])
+                                       ((616, 954), 22), ((5, 3), 4),
+                                       ((4, 3), 22), ((30, 22), 22), ((13, 29), 22)])
 def test_adaptive_avg_pool_matches_torch(in_hw, out):
   x = np.random.default_rng(0).normal(size=(2, *in_hw, 3)).astype(np.float32)
   ref = _nhwc(F.adaptive_avg_pool2d(_nchw(x), out))

@@ -36,43 +36,6 @@ from mobileiqa_jax.models.mal import MAL
 Dtype = Any
 
 
-def _pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-  """PyTorch adaptive average pooling along one axis, as a sum of K gathered slices.
-
-  Same windows as `layers.adaptive_avg_pool2d`, but the window sum is unrolled into K
-  elementwise adds (K = the longest window, e.g. 28 for 616 -> 22): XLA:CPU runs a reduction
-  over a middle axis ~10x slower than that (2.4 s vs 0.2 s on 616x954x512, measured), and the
-  teacher's first LDA pools exactly such an array at the paper's resolution.
-  """
-  in_size = x.shape[axis]
-  if in_size == out_size:
-    return x
-  if in_size % out_size == 0:
-    k = in_size // out_size
-    xr = x.reshape(x.shape[:axis] + (out_size, k) + x.shape[axis + 1:])
-    acc = jax.lax.index_in_dim(xr, 0, axis + 1, keepdims=False)
-    for j in range(1, k):
-      acc = acc + jax.lax.index_in_dim(xr, j, axis + 1, keepdims=False)
-    return acc / jnp.asarray(k, x.dtype)
-  idx, weights = layers._adaptive_windows(in_size, out_size)  # pylint: disable=protected-access
-  valid = weights > 0
-  lengths = valid.sum(axis=1)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  acc = None
-  for j in range(idx.shape[1]):
-    tap = jnp.take(x, jnp.asarray(idx[:, j]), axis=axis)
-    if not valid[:, j].all():
-      tap = tap * jnp.asarray(valid[:, j], x.dtype).reshape(shape)
-    acc = tap if acc is None else acc + tap
-  return acc / jnp.asarray(lengths, x.dtype).reshape(shape)
-
-
-def adaptive_avg_pool2d(x: jax.Array, size: int) -> jax.Array:
-  """`torch.nn.AdaptiveAvgPool2d(size)` on NHWC input (PyTorch's overlapping windows)."""
-  return _pool_axis(_pool_axis(x, 1, size), 2, size)
-
-
 class LDA(nn.Module):
   """Local distortion aware module: 1x1 conv (C_i -> 2C) -> exact GELU ->
   adaptive average pool to S x S (PyTorch windows) -> 1x1 conv (2C -> C).
@@ -89,7 +52,7 @@ class LDA(nn.Module):
     x = x.astype(self.dtype)
     x = nn.Conv(2 * self.width, (1, 1), padding="VALID", dtype=self.dtype, name="cnn1")(x)
     x = layers.gelu(x)
-    x = adaptive_avg_pool2d(x, self.pooled_size)
+    x = layers.adaptive_avg_pool2d(x, self.pooled_size)
     return nn.Conv(self.width, (1, 1), padding="VALID", dtype=self.dtype, name="cnn2")(x)
 
 

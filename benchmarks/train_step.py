@@ -1,0 +1,180 @@
+r"""Times the teacher train step and the distillation step: JAX (float32/bfloat16, remat on/off)
+and the PyTorch reference (eager float32) in the same run. Prints images/s and peak memory.
+
+The paper's setting (GPU):
+
+  python benchmarks/train_step.py --size=1231,1907 --batch=8
+
+A CPU-sized run (small models, small images):
+
+  python benchmarks/train_step.py --size=128,128 --batch=4 --teacher_backbone=mobilevitv2_050 \
+      --student_backbone=mobilenetv3_large_100 --width=64 --pooled=8 --teacher_pool=2 --steps=3
+
+Peak memory: the accelerator's peak_bytes_in_use (JAX) / max_memory_allocated (PyTorch CUDA);
+on CPU the process's peak RSS (ru_maxrss, cumulative over the run, so only the first figure
+is clean: order matters). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+flags.DEFINE_string("size", "1231,1907", "HEIGHT,WIDTH")
+flags.DEFINE_integer("batch", 8, "global batch size")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "JAX compute dtypes")
+flags.DEFINE_list("remat", ["0", "1"], "JAX remat settings to time")
+flags.DEFINE_list("kinds", ["teacher", "distill"], "steps to time")
+flags.DEFINE_integer("steps", 5, "timed steps after one warm-up step")
+flags.DEFINE_bool("torch", True, "also time the PyTorch reference (eager float32)")
+flags.DEFINE_string("teacher_backbone", "mobilevitv2_200", "")
+flags.DEFINE_string("student_backbone", "mobilenetv3_large_100", "")
+flags.DEFINE_integer("width", 256, "head width C")
+flags.DEFINE_integer("pooled", 22, "pooled side S")
+flags.DEFINE_integer("teacher_pool", 4, "teacher regressor pool")
+FLAGS = flags.FLAGS
+
+
+def _peak_bytes_jax() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return float(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def _config(kind: str, dtype: str, remat: bool, teacher_ckpt: str = ""):
+  from configs import student, teacher  # pylint: disable=g-import-not-at-top
+  c = (teacher if kind == "teacher" else student).get_config("uhd_iqa")
+  c.model.backbone = FLAGS.teacher_backbone if kind == "teacher" else FLAGS.student_backbone
+  c.model.width, c.model.pooled_size = FLAGS.width, FLAGS.pooled
+  if kind == "teacher":
+    c.model.regressor_pool = FLAGS.teacher_pool
+  c.init.backbone = ""
+  c.compute_dtype, c.remat = dtype, remat
+  c.data.image_size = tuple(int(x) for x in FLAGS.size.split(","))
+  c.batch_size = FLAGS.batch
+  c.teacher_checkpoint = teacher_ckpt
+  return c
+
+
+def time_jax(kind: str, dtype: str, remat: bool, teacher_ckpt: str) -> tuple[float, float]:
+  from mobileiqa_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  c = _config("teacher" if kind == "teacher" else "student", dtype, remat,
+              teacher_ckpt if kind == "distill" else "")
+  mesh = sharding.make_mesh(c.mesh)
+  setup = train.build_setup(c, mesh, steps_per_epoch=100)
+  state = setup.init_state()
+  h, w = c.data.image_size
+  rng = np.random.default_rng(0)
+  batch = sharding.host_to_global(
+      {"image": rng.normal(size=(c.batch_size, h, w, 3)).astype(np.float32),
+       "mos": rng.random(c.batch_size).astype(np.float32)}, mesh)
+  state, m = setup.train_step(state, batch, setup.teacher_vars)  # compile + warm up
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, m = setup.train_step(state, batch, setup.teacher_vars)
+  jax.block_until_ready(m)
+  dt = time.perf_counter() - t
+  return FLAGS.steps * c.batch_size / dt, _peak_bytes_jax()
+
+
+def time_torch(kind: str) -> tuple[float, float]:
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  h, w = (int(x) for x in FLAGS.size.split(","))
+
+  def make(backbone, prefix, name, pool, sigmoid):
+    bb = ref.timm_backbone(backbone)
+    return ref.MobileIQA(bb, bb.feature_info.channels(), name, prefix, pooled_size=FLAGS.pooled,
+                         width=FLAGS.width, regressor_pool=pool, sigmoid=sigmoid).to(dev)
+  if kind == "teacher":
+    model = make(FLAGS.teacher_backbone, "LGF", "global_vit", FLAGS.teacher_pool, False)
+    teacher = None
+  else:
+    model = make(FLAGS.student_backbone, "LDA", "local_cnn", 2, True)
+    teacher = make(FLAGS.teacher_backbone, "LGF", "global_vit", FLAGS.teacher_pool, False).eval()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-5)
+  x = torch.randn(FLAGS.batch, 3, h, w, device=dev)
+  y = torch.rand(FLAGS.batch, device=dev)
+
+  def step():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    if teacher is None:
+      loss = torch.nn.functional.mse_loss(model(x), y)
+    else:
+      with torch.no_grad():
+        tx, tdof, _, _ = teacher(x, return_features=True)
+      sx, sdof, s, _ = model(x, return_features=True)
+      loss = (torch.nn.functional.mse_loss(sdof, tdof) + torch.nn.functional.mse_loss(sx, tx)
+              + torch.nn.functional.mse_loss(s, y))
+    loss.backward()
+    opt.step()
+    return loss
+
+  step()
+  if dev == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+  t = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    step()
+  if dev == "cuda":
+    torch.cuda.synchronize()
+    peak = float(torch.cuda.max_memory_allocated())
+  else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+  return FLAGS.steps * FLAGS.batch / (time.perf_counter() - t), peak
+
+
+def main(argv):
+  del argv
+  from mobileiqa_jax import checkpoint, train, sharding  # pylint: disable=g-import-not-at-top
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  size {FLAGS.size}  "
+        f"batch {FLAGS.batch}  teacher {FLAGS.teacher_backbone}  student "
+        f"{FLAGS.student_backbone}  width {FLAGS.width}  pooled {FLAGS.pooled}")
+  teacher_ckpt = ""
+  if "distill" in FLAGS.kinds:
+    c = _config("teacher", "float32", False)
+    setup = train.build_setup(c, sharding.make_mesh(c.mesh), 1)
+    teacher_ckpt = checkpoint.save_model(
+        os.path.join(tempfile.mkdtemp(), "teacher"), jax.device_get(setup.init_variables()),
+        setup.model_config.to_dict())
+  rows = []
+  for kind in FLAGS.kinds:
+    for dtype in FLAGS.dtypes:
+      for remat in FLAGS.remat:
+        name = f"jax {kind:8s} {dtype:9s} remat={remat}"
+        try:
+          ips, peak = time_jax(kind, dtype, remat == "1", teacher_ckpt)
+          rows.append(f"{name}  {ips:8.2f} img/s  peak {peak / 2**30:6.2f} GiB")
+        except Exception as e:  # pylint: disable=broad-except
+          rows.append(f"{name}  failed: {type(e).__name__}: {str(e)[:200]}")
+        print(rows[-1], flush=True)
+    if FLAGS.torch:
+      name = f"torch {kind:8s} float32   eager  "
+      try:
+        ips, peak = time_torch(kind)
+        rows.append(f"{name}  {ips:8.2f} img/s  peak {peak / 2**30:6.2f} GiB")
+      except Exception as e:  # pylint: disable=broad-except
+        rows.append(f"{name}  failed: {type(e).__name__}: {str(e)[:200]}")
+      print(rows[-1], flush=True)
+  print("\n".join(["", "summary:"] + rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

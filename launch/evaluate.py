@@ -1,0 +1,43 @@
+r"""Evaluates a checkpoint on a split: metrics JSON, predictions CSV and scatter plot.
+
+  python launch/evaluate.py --checkpoint=runs/teacher_demo             # best epoch, its config
+  python launch/evaluate.py --checkpoint=runs/teacher_demo --which=latest --split=train
+  python launch/evaluate.py --checkpoint=ckpt/student --config=configs/student.py:koniq10k \
+      --split=test
+
+--checkpoint: a standalone checkpoint (launch/convert.py output), a training step folder, or a
+training workdir (its best step by SROCC+PLCC+KROCC). --config is needed only for checkpoints
+outside a training workdir; its fields can be overridden as in launch/train.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
+                                          "data set (default: the checkpoint's workdir config).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint, step folder or workdir.",
+                                  required=True)
+_SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.data.eval_split).")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Step of a workdir to load.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Default <checkpoint>/eval_<data>_<split>.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch size override.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from mobileiqa_jax import evaluate  # pylint: disable=g-import-not-at-top
+  result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _SPLIT.value,
+                                        _OUTPUT.value, _WHICH.value, _BATCH.value)
+  print(" ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+  print(f"wrote {result['output_dir']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

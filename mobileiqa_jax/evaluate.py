@@ -1,0 +1,92 @@
+"""Evaluates any checkpoint on any split: SROCC, PLCC, KROCC, RMSE, MAE + scatter plot.
+
+`evaluate_checkpoint(checkpoint_dir, config, split)` loads a checkpoint with
+`checkpoint.load_model` (standalone, a training step, or a workdir -> its best step), reads the
+held-out split of `config.data` with the training pipeline (sharded over every device of
+every process), and writes to `output_dir` (default `<checkpoint>/eval_<data>_<split>`):
+
+  metrics.json       the metrics (+ logistic-fitted PLCC), checkpoint path, split, count
+  predictions.csv    predicted score and MOS per example
+  scatter.png        predicted vs MOS (matplotlib)
+
+Without a config, the one saved next to a training checkpoint (`<workdir>/config.json`) is
+used; a standalone checkpoint needs `config` (its image size comes from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from mobileiqa_jax import checkpoint as ckpt_lib
+from mobileiqa_jax import metrics as metrics_lib
+from mobileiqa_jax import sharding
+from mobileiqa_jax import train
+
+
+def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
+  """The resolved config.json of the training run a checkpoint belongs to, if any."""
+  d = os.path.abspath(path)
+  for _ in range(3):
+    f = os.path.join(d, "config.json")
+    if os.path.isfile(f):
+      with open(f, encoding="utf-8") as fh:
+        return ml_collections.ConfigDict(json.load(fh))
+    d = os.path.dirname(d)
+  return None
+
+
+def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
+                        split: str | None = None, output_dir: str | None = None,
+                        which: str = "best", batch_size: int | None = None) -> dict[str, Any]:
+  """Scores a split with a checkpoint; returns the metrics (also written to output_dir)."""
+  sharding.maybe_initialize_distributed(bool(config and config.get("distributed")))
+  path = ckpt_lib.resolve_checkpoint(checkpoint_dir, which=which)
+  model, host_vars, meta = ckpt_lib.load_model(path)
+  config = config or _workdir_config(path)
+  if config is None:
+    raise ValueError(f"{path} is not inside a training workdir: pass --config to say which "
+                     "data set to evaluate on")
+  config = ml_collections.ConfigDict(config.to_dict())
+  if meta.get("extra", {}).get("image_size"):
+    config.data.image_size = tuple(meta["extra"]["image_size"])
+  if batch_size:
+    config.data.eval_batch_size = batch_size
+  split = split or config.data.eval_split
+
+  mesh = sharding.make_mesh(config.get("mesh"))
+  sharding.check_batch_size(config.data.eval_batch_size, mesh)
+  shardings = {k: sharding.param_shardings(v, mesh, config.get("fsdp_min_size", 2**14))
+               for k, v in host_vars.items()}
+  variables = train._to_global(host_vars, shardings)  # pylint: disable=protected-access
+  eval_step = jax.jit(train.make_eval_step(model),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.batch_sharding(mesh))
+  train_source, eval_source = train.make_sources(config, split)
+  # The train loader is built too (steps, scale) but never iterated.
+  data = train.PipelineData(train_source, eval_source, config)
+  result, pred, mos = train.evaluate(eval_step, variables, data.eval_batches(), mesh)
+  try:
+    result["plcc_logistic"] = metrics_lib.plcc_logistic(pred, mos)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("logistic PLCC fit failed: %s", e)
+  result = {k: float(v) for k, v in result.items()}
+
+  output_dir = output_dir or os.path.join(path, f"eval_{config.data.name}_{split}")
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+      json.dump({"checkpoint": path, "data": config.data.name, "split": split, **result}, f,
+                indent=2)
+    train.write_predictions(os.path.join(output_dir, "predictions.csv"), pred, mos)
+    train.write_scatter(os.path.join(output_dir, "scatter.png"), pred, mos,
+                        f"{os.path.basename(path)} on {config.data.name}/{split}: "
+                        f"SROCC {result['srocc']:.3f} PLCC {result['plcc']:.3f}")
+  result["output_dir"] = output_dir
+  return result

@@ -1,0 +1,153 @@
+"""Sharding: mesh construction, parameter shardings, and that sharding does not change a step.
+
+The multi-device checks run in subprocesses because the fake CPU device count
+(XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from mobileiqa_jax import sharding
+from test_train_helpers import CACHE_ENV, REPO
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ, **CACHE_ENV)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _run(code: str, devices: int, timeout: int = 900, args=()) -> str:
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=_env(devices),
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return proc.stdout
+
+
+def test_make_mesh_single_device_and_errors():
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == ("data", "fsdp") and mesh.size == jax.device_count()
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh((("model", 1),))
+  with pytest.raises(ValueError, match="needs"):
+    sharding.make_mesh((("data", 3),))
+
+
+def test_fsdp_spec_splits_largest_divisible_dim():
+  assert sharding._fsdp_spec((64, 128), 4, 16) == jax.sharding.PartitionSpec(None, "fsdp")  # pylint: disable=protected-access
+  assert sharding._fsdp_spec((6,), 4, 1) == jax.sharding.PartitionSpec()  # pylint: disable=protected-access
+  assert sharding._fsdp_spec((64, 128), 4, 10**6) == jax.sharding.PartitionSpec()  # pylint: disable=protected-access
+
+
+# One training step on the same global batch: 1 device, 8 devices on `data`, and 4 x 2 with
+# fsdp-sharded parameters. Prints the max relative parameter difference to the 1-device step.
+# Parameters are compared over the whole tree (max abs difference / max abs value) and the
+# update by its relative L2 norm. Per-leaf relative errors are meaningless for leaves whose
+# gradient is zero up to rounding (a bias followed by BatchNorm, which removes any shift): the
+# reduction order across devices decides their noise. For the same reason eps = 1 makes Adam's
+# first step linear in the gradient (with eps -> 0 it is lr * sign(g), which turns rounding
+# noise into +-lr).
+_STEP_SCRIPT = """
+import jax, numpy as np
+from mobileiqa_jax import sharding, train
+from test_train_helpers import tiny_config, tiny_data
+assert jax.device_count() == 8, jax.devices()
+c = tiny_config("student", batch_size=8, fsdp_min_size=64)
+c.optimizer.eps = 1.0
+data = tiny_data(c, flips=False)
+batch = next(data.train_epoch(0))
+
+def one_step(mesh):
+  setup = train.build_setup(c, mesh, data.steps_per_epoch)
+  state = setup.init_state()
+  p0 = jax.device_get(state.params)
+  state, m = setup.train_step(state, sharding.host_to_global(batch, mesh), None)
+  return p0, jax.device_get(state.params), float(m["loss"]), state
+
+def flat(t):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+
+p0, ref, ref_loss, _ = one_step(sharding.make_mesh((("data", 1),), jax.devices()[:1]))
+for shape in ((("data", 8),), (("data", 4), ("fsdp", 2))):
+  q0, params, loss, state = one_step(sharding.make_mesh(shape))
+  if shape[-1][0] == "fsdp":
+    specs = {l.sharding.spec for l in jax.tree.leaves(state.params)}
+    assert any("fsdp" in str(s) for s in specs), specs
+  a, b = flat(params), flat(ref)
+  assert np.array_equal(flat(q0), flat(p0))  # same initial parameters
+  rel_params = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+  ua, ub = a - flat(q0), b - flat(p0)
+  rel_update = float(np.linalg.norm(ua - ub) / np.linalg.norm(ub))
+  print("REL", shape, rel_params, rel_update, abs(loss - ref_loss) / abs(ref_loss))
+"""
+
+
+def test_sharded_step_equals_single_device_step():
+  out = _run(_STEP_SCRIPT, devices=8)
+  lines = [l for l in out.splitlines() if l.startswith("REL")]
+  assert len(lines) == 2, out
+  for line in lines:
+    rel_params, rel_update, rel_loss = (float(x) for x in line.split()[-3:])
+    assert rel_params <= 1e-5 and rel_update <= 1e-4 and rel_loss <= 1e-5, line
+
+
+# Three steps of train_and_evaluate; process 0 saves the final params to argv[1].
+_TRAIN_SCRIPT = """
+import os, sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+out, nproc, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if nproc > 1:
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
+                             process_id=pid)
+import numpy as np
+from mobileiqa_jax import train
+from test_train_helpers import tiny_config, tiny_data
+c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=3)
+c.checkpoint.every_steps = 2
+summary = train.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))
+params = train.sharding.global_to_host(summary["final_params"])
+if jax.process_index() == 0:
+  flat = {"/".join(str(k.key) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  np.savez(out, **flat)
+print("DONE", jax.process_index(), summary["step"])
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  single = str(tmp_path / "single.npz")
+  _run(_TRAIN_SCRIPT, devices=8, args=(single, "1", "0", "0"))
+  port = str(_free_port())
+  multi = str(tmp_path / "multi.npz")
+  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2",
+                             str(i), port], env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stdout[-2000:] + stderr[-6000:]
+  a, b = np.load(single), np.load(multi)
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  # Both runs checkpointed through orbax (all processes took part).
+  assert os.path.isdir(str(tmp_path / "multi.npz_workdir" / "checkpoints" / "3"))

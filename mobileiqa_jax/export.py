@@ -31,7 +31,7 @@ app (they are image-library work, not model work); see `sidecar()`.
   BATCH_MATMUL, softmax -> SOFTMAX, sigmoid -> LOGISTIC; the exact (erf) GELU becomes XLA's
   erf polynomial in elementwise builtins (MUL/ADD/DIV/EXP/SELECT...), so it stays exact to
   float32 rounding instead of switching to the tanh GELU; PyTorch's overlapping adaptive
-  pooling becomes GATHER_ND + SUM. `select_tf_ops=True` (`--select_tf_ops`) lets the converter
+  pooling becomes slices/gathers and sums (whatever `layers.adaptive_avg_pool2d` lowers to). `select_tf_ops=True` (`--select_tf_ops`) lets the converter
   fall back to TensorFlow (Flex) kernels for anything it cannot legalise; such a model needs an
   interpreter linked with the Flex delegate (the `tensorflow` package's `tf.lite.Interpreter`,
   or the Flex AAR on Android) — `ai-edge-litert` alone cannot run it. It is a documented

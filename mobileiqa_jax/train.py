@@ -426,8 +426,17 @@ def evaluate(eval_fn: Callable, variables: PyTree, loader: Any, mesh: Any,
     moses.append(m[valid])
   pred = np.concatenate(preds) if preds else np.zeros((0,), np.float32)
   mos = np.concatenate(moses) if moses else np.zeros((0,), np.float32)
-  result = metrics_lib.iqa_metrics(pred, mos, logistic=False)
-  result["selection"] = metrics_lib.selection_score(result)
+  try:
+    result = metrics_lib.iqa_metrics(pred, mos, logistic=False)
+    result["selection"] = metrics_lib.selection_score(result)
+  except ValueError as e:
+    # A collapsed model (one score for every image) has no correlation; training goes on,
+    # and this evaluation can never be the best one.
+    logging.warning("evaluation: %s", e)
+    result = {"srocc": np.nan, "plcc": np.nan, "krocc": np.nan,
+              "rmse": float(np.sqrt(np.mean((pred - mos) ** 2))) if len(pred) else np.nan,
+              "mae": float(np.mean(np.abs(pred - mos))) if len(pred) else np.nan,
+              "selection": np.nan}
   result["num_examples"] = float(len(pred))
   return result, pred, mos
 
@@ -484,7 +493,7 @@ class Setup:
     """Fresh state: random init (+ the configured backbone weights), optimizer init."""
     variables = self.init_variables()
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(variables["params"])
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32),
+    return TrainState(step=jax.device_put(np.zeros((), np.int32),
                                           self.state_shardings.step),
                       params=variables["params"], batch_stats=variables["batch_stats"],
                       opt_state=opt_state)
@@ -622,7 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
     variables, opt_state, train_meta = ckpt.restore(
         latest, abstract(abstract_vars, var_shardings), abstract(abstract_opt, opt_shardings))
-    state = TrainState(step=jax.device_put(jnp.asarray(train_meta["step"], jnp.int32),
+    # Host numpy -> a replicated global array (device_put of a host value is multi-host safe).
+    state = TrainState(step=jax.device_put(np.asarray(train_meta["step"], np.int32),
                                            sharding.replicated(mesh)),
                        params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=opt_state)
@@ -709,10 +719,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, metrics, "eval")
         logging.info("step %d epoch %d: %s", step, epoch,
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if not best or metrics["selection"] > best.get("selection", -np.inf):
+        if np.isfinite(metrics["selection"]) and (
+            not best or metrics["selection"] > best["selection"]):
           best = dict(metrics, step=float(step))
       save(step, {"epoch": epoch, "step_in_epoch": start},
-           {"selection": metrics["selection"]} if metrics else None)
+           {"selection": metrics["selection"]}
+           if metrics and np.isfinite(metrics["selection"]) else None)
   if progress is not None:
     progress.close()
   ckpt.wait()

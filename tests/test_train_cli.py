@@ -1,0 +1,47 @@
+"""The command-line entry points: config overrides, unknown keys, end-to-end demo + evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train_helpers import CACHE_ENV, REPO
+
+
+def _launch(args, timeout=900, cwd=None):
+  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = _launch(["launch/train.py", "--config=configs/teacher.py:demo",
+                  "--config.optimiser.lr=3e-5", f"--workdir={tmp_path}"], timeout=300)
+  assert proc.returncode != 0
+  assert "optimiser" in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+
+
+@pytest.mark.slow
+def test_demo_cli_train_then_evaluate(tmp_path):
+  """launch/train.py on the built-in demo data for a few steps, then launch/evaluate.py."""
+  workdir = str(tmp_path / "run")
+  proc = _launch(["launch/train.py", "--config=configs/teacher.py:demo",
+                  f"--workdir={workdir}", "--config.max_steps=3",
+                  "--config.model.backbone=mobilenetv3_small_050",
+                  "--config.model.depthwise_impl=conv", "--config.data.image_size=(32,32)",
+                  "--config.model.width=16", "--config.model.pooled_size=6"])
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  cfg = json.load(open(os.path.join(workdir, "config.json")))
+  assert cfg["max_steps"] == 3 and cfg["data"]["image_size"] == [32, 32]
+  assert "RANDOM" in proc.stderr  # the loud no-backbone-init warning
+  proc = _launch(["launch/evaluate.py", f"--checkpoint={workdir}", "--split=test",
+                  f"--output_dir={tmp_path / 'eval'}"])
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+  assert metrics["split"] == "test" and metrics["num_examples"] == 248
+  assert os.path.isfile(tmp_path / "eval" / "scatter.png")

@@ -2,9 +2,8 @@
 
 Parity is max |JAX - PyTorch| / max |PyTorch| in float32, with non-trivial weights: every
 self-attention gamma in [0.5, 1.5] (at 0 the attention paths would be invisible) and
-BatchNorm statistics away from 0/1. The torch state dicts are mapped to Flax by the naming
-rule the converter uses (torch path split on '.'; conv OIHW -> HWIO, Linear (out, in) ->
-(in, out), BN/GN weight -> scale, running_mean/var -> batch_stats mean/var).
+BatchNorm statistics away from 0/1. The torch state dicts are mapped to Flax by the project's
+converter, `convert.torch_to_flax`, strictly against each Flax module's own init tree.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mobileiqa_jax import convert
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention
 from mobileiqa_jax.models.mobileiqa import (
@@ -26,61 +26,23 @@ TOL = 1e-4
 # ------------------------------------------------------------------------------------------
 # Helpers.
 
-def torch_to_flax(state_dict) -> dict:
-  """Torch state dict -> {'params': ..., 'batch_stats': ...} by the naming rule."""
-  params: dict = {}
-  stats: dict = {}
-
-  def put(tree, path, value):
-    for p in path[:-1]:
-      tree = tree.setdefault(p, {})
-    assert path[-1] not in tree, path
-    tree[path[-1]] = jnp.asarray(value)
-
-  for key, t in state_dict.items():
-    *path, leaf = key.split(".")
-    a = t.detach().cpu().numpy()
-    if leaf == "num_batches_tracked":
-      continue
-    if leaf == "running_mean":
-      put(stats, path + ["mean"], a)
-    elif leaf == "running_var":
-      put(stats, path + ["var"], a)
-    elif leaf == "weight" and a.ndim == 4:
-      put(params, path + ["kernel"], a.transpose(2, 3, 1, 0))
-    elif leaf == "weight" and a.ndim == 2:
-      put(params, path + ["kernel"], a.T)
-    elif leaf == "weight" and a.ndim == 1:
-      put(params, path + ["scale"], a)
-    elif leaf in ("bias", "gamma"):
-      put(params, path + [leaf], a)
-    else:
-      raise KeyError(f"no rule for {key} {tuple(a.shape)}")
-  out = {"params": params}
-  if stats:
-    out["batch_stats"] = stats
-  return out
-
-
-def assert_same_tree(converted, initialised):
-  """Same variable paths and shapes as the Flax module's own init."""
-  flat_c = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_leaves_with_path(converted)}
-  flat_i = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_leaves_with_path(dict(initialised))}
-  assert sorted(flat_c) == sorted(flat_i), (
-      sorted(set(flat_c) ^ set(flat_i))[:20])
-  bad = {k: (flat_c[k], flat_i[k]) for k in flat_c if flat_c[k] != flat_i[k]}
-  assert not bad, bad
+def shapes_of(tree) -> dict:
+  return {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_leaves_with_path(dict(tree))}
 
 
 def load(module, torch_module, *init_args, **init_kwargs):
-  """Converted variables of `torch_module`, checked against `module.init`'s tree."""
-  variables = torch_to_flax(torch_module.state_dict())
+  """`torch_module`'s variables by the project's converter, against `module.init`'s tree.
+
+  `convert.torch_to_flax` is strict: a key on one side only, or a shape mismatch, raises
+  `ConversionError` naming it. The converted tree must also equal the init tree (paths, shapes).
+  """
   shapes = jax.eval_shape(
       lambda: module.init(jax.random.key(0), *init_args, **init_kwargs))
-  assert_same_tree(variables, shapes)
-  return variables
+  variables = convert.torch_to_flax(torch_module.state_dict(), shapes,
+                                    source=type(torch_module).__name__)
+  assert shapes_of(variables) == shapes_of(shapes)
+  return jax.tree.map(jnp.asarray, variables)
 
 
 def rel_err(jax_out, torch_out) -> float:
@@ -354,7 +316,7 @@ def test_dropout_only_in_training():
   pytest.importorskip("torch")
   tm, jm = toy_models(seed=5, num_mals=2)
   img = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  v = torch_to_flax(tm.state_dict())
+  v = load(jm, tm, img[:1])
 
   @jax.jit
   def evaluate(v, key):
@@ -387,8 +349,8 @@ def test_bfloat16_compute_close():
   pytest.importorskip("torch")
   tm, jm = toy_models(seed=2, num_mals=2)
   _, jm16 = toy_models(seed=2, num_mals=2, dtype=jnp.bfloat16)
-  v = torch_to_flax(tm.state_dict())
   img = jax.random.normal(jax.random.key(3), (2, 64, 64, 3))
+  v = load(jm, tm, img[:1])
   run = lambda m: jax.jit(lambda v: m.apply(v, img, return_features=True))(v)
   x32, dof32, s32 = run(jm)
   x16, dof16, s16 = run(jm16)

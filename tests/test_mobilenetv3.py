@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobilenetv3
 
 torch = pytest.importorskip("torch")
@@ -19,44 +20,25 @@ RTOL = 1e-5
 BATCH = 2
 
 
-def torch_to_flax(state_dict) -> dict:
-  """timm state dict -> Flax variables by the naming rule the converter uses.
+@functools.lru_cache(maxsize=None)
+def template(variant: str, impl: str = "conv"):
+  """Shapes of the Flax module's variables: the strict converter's target."""
+  module = mobilenetv3.create_mobilenetv3(variant, depthwise_impl=impl)
+  return convert.variables_template(module, (32, 32))
 
-  Module path split on '.'; conv OIHW -> HWIO; Linear (out, in) -> (in, out); BN weight ->
-  scale, running_mean/var -> batch_stats mean/var; num_batches_tracked dropped.
+
+def to_flax(model, variant: str, impl: str = "conv") -> dict:
+  """timm state dict -> Flax variables via the project's converter.
+
+  Strict: raises `ConversionError` on any missing, unexpected or mis-shaped key. The converter
+  copies (state_dict tensors alias the live BatchNorm buffers).
   """
-  params, stats = {}, {}
-  for key, tensor in state_dict.items():
-    *path, leaf = key.split(".")
-    if leaf == "num_batches_tracked":
-      continue
-    a = tensor.detach().cpu().numpy().copy()  # state_dict tensors alias live buffers.
-    if leaf in ("running_mean", "running_var"):
-      stats[tuple(path) + (leaf.removeprefix("running_"),)] = a
-      continue
-    if leaf == "weight":
-      if a.ndim == 4:
-        a, leaf = a.transpose(2, 3, 1, 0), "kernel"
-      elif a.ndim == 2:
-        a, leaf = a.T, "kernel"
-      else:
-        leaf = "scale"
-    params[tuple(path) + (leaf,)] = a
-  out = {"params": traverse_util.unflatten_dict(params)}
-  if stats:
-    out["batch_stats"] = traverse_util.unflatten_dict(stats)
-  return jax.tree.map(jnp.asarray, out)
+  variables = convert.torch_to_flax(model.state_dict(), template(variant, impl), source=variant)
+  return jax.tree.map(jnp.asarray, variables)
 
 
-def assert_same_tree(converted, reference):
-  """Key sets equal both ways (names listed on failure) and shapes equal."""
-  for col in ("params", "batch_stats"):
-    a = traverse_util.flatten_dict(converted[col], sep=".")
-    b = traverse_util.flatten_dict(reference[col], sep=".")
-    assert not set(a) - set(b), f"{col} only in torch: {sorted(set(a) - set(b))}"
-    assert not set(b) - set(a), f"{col} only in flax: {sorted(set(b) - set(a))}"
-    bad = [k for k in a if a[k].shape != b[k].shape]
-    assert not bad, f"{col} shape mismatch: {[(k, a[k].shape, b[k].shape) for k in bad]}"
+def shapes_of(tree) -> dict:
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def randomize(model, seed: int = 0):
@@ -107,7 +89,7 @@ def check_eval(variant: str, impl: str, h: int, w: int):
   x = images(h, w)
   with torch.no_grad():
     ref = tm(torch.from_numpy(x))
-  feats = apply(torch_to_flax(tm.state_dict()), jnp.asarray(x.transpose(0, 2, 3, 1)))
+  feats = apply(to_flax(tm, variant, impl), jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert len(feats) == len(ref) == 5
   assert tuple(f.shape[-1] for f in feats) == module.feature_channels
   errs = [rel_err(f, r) for f, r in zip(feats, ref)]
@@ -122,10 +104,14 @@ def check_eval(variant: str, impl: str, h: int, w: int):
 
 @pytest.mark.parametrize("variant", sorted(mobilenetv3.VARIANTS))
 def test_variable_tree_mirrors_state_dict(variant):
+  """The strict converter maps every timm key onto the Flax init tree, shapes included."""
   tm = timm.create_model(variant, pretrained=False, features_only=True)
   module = mobilenetv3.create_mobilenetv3(variant)
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  assert_same_tree(torch_to_flax(tm.state_dict()), shapes)
+  variables = convert.torch_to_flax(tm.state_dict(), shapes, source=variant)  # raises on diff
+  assert set(variables) == set(shapes) == {"params", "batch_stats"}
+  assert shapes_of(variables) == shapes_of(shapes)
+  assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
   assert module.feature_channels == tuple(tm.feature_info.channels())
   assert module.feature_strides == tuple(tm.feature_info.reduction())
 
@@ -149,7 +135,7 @@ def test_large_100_train_mode():
   variant, impl = "mobilenetv3_large_100", "shift"
   tm = timm.create_model(variant, pretrained=False, features_only=True)
   randomize(tm, seed=1).train()
-  variables = torch_to_flax(tm.state_dict())
+  variables = to_flax(tm, variant, impl)  # a copy: the forward below updates the buffers
   _, apply = jitted_apply(variant, impl, True)
   x = images(67, 90, seed=1)
   with torch.no_grad():
@@ -158,9 +144,12 @@ def test_large_100_train_mode():
   errs = [rel_err(f, r) for f, r in zip(feats, ref)]
   print(f"\ntrain {impl}: features " + ", ".join(f"{e:.2e}" for e in errs))
   assert max(errs) <= RTOL, errs
-  want = traverse_util.flatten_dict(torch_to_flax(tm.state_dict())["batch_stats"], sep=".")
+  want = traverse_util.flatten_dict(to_flax(tm, variant, impl)["batch_stats"], sep=".")
   got = traverse_util.flatten_dict(updated["batch_stats"], sep=".")
   assert set(got) == set(want)
+  # The converted inputs did not alias the buffers that the torch forward updated in place.
+  before = traverse_util.flatten_dict(variables["batch_stats"], sep=".")
+  assert all(not np.array_equal(before[k], want[k]) for k in want)
   # The 960-channel layer sees 2x3x3 positions: the n/(n-1) correction is 6% there.
   stat_errs = {k: float(np.max(np.abs(np.asarray(got[k]) - np.asarray(want[k])))
                         / np.max(np.abs(np.asarray(want[k])))) for k in want}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobilevitv2
 
 torch = pytest.importorskip("torch")
@@ -43,28 +44,23 @@ def build_timm(name: str, seed: int = 0):
   return model.eval()
 
 
-def torch_to_flax(state_dict) -> dict:
-  """The naming rule: torch key split on '.' is the Flax path; leaves renamed and transposed."""
-  params, stats = {}, {}
-  for key, value in state_dict.items():
-    *path, leaf = key.split(".")
-    value = value.detach().numpy().copy()  # state_dict tensors alias the live buffers
-    if leaf == "num_batches_tracked":
-      continue
-    if leaf == "running_mean":
-      stats[tuple(path) + ("mean",)] = value
-    elif leaf == "running_var":
-      stats[tuple(path) + ("var",)] = value
-    elif leaf == "weight" and value.ndim == 4:
-      params[tuple(path) + ("kernel",)] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    elif leaf == "weight":
-      params[tuple(path) + ("scale",)] = value
-    elif leaf == "bias":
-      params[tuple(path) + ("bias",)] = value
-    else:
-      raise KeyError(key)
-  return {"params": traverse_util.unflatten_dict(params),
-          "batch_stats": traverse_util.unflatten_dict(stats)}
+@functools.lru_cache(maxsize=None)
+def template(name: str, impl: str = "conv"):
+  """Shapes of the Flax module's variables: the strict converter's target."""
+  return convert.variables_template(mobilevitv2.MODELS[name](depthwise_impl=impl), (64, 64))
+
+
+def to_flax(model, name: str, impl: str = "conv") -> dict:
+  """timm state dict -> Flax variables via the project's converter (float32 numpy).
+
+  Strict: raises `ConversionError` on any missing, unexpected or mis-shaped key. The converter
+  copies (state_dict tensors alias the live BatchNorm buffers).
+  """
+  return convert.torch_to_flax(model.state_dict(), template(name, impl), source=name)
+
+
+def shapes_of(tree) -> dict:
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def images(h: int, w: int, seed: int = 0, batch: int = 2) -> np.ndarray:
@@ -90,7 +86,7 @@ def jitted_apply(name: str, impl: str, train: bool = False):
 @functools.lru_cache(maxsize=None)
 def timm_case(name: str):
   model = build_timm(name)
-  return model, torch_to_flax(model.state_dict())
+  return model, to_flax(model, name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,17 +111,18 @@ def check_eval(name: str, impl: str, h: int, w: int) -> list[float]:
 
 @pytest.mark.parametrize("name", [f"mobilevitv2_{w}" for w in WIDTHS])
 def test_variable_tree_mirrors_state_dict(name):
-  """Same keys and shapes both ways, for every width (no forward pass)."""
+  """Same keys and shapes both ways, for every width (no forward pass).
+
+  The converter is strict: a key on one side only, or a shape mismatch, raises.
+  """
   model = timm.create_model(name, pretrained=False, features_only=True,
                             out_indices=(0, 1, 2, 3, 4))
-  want = traverse_util.flatten_dict(torch_to_flax(model.state_dict()), sep=".")
   module = mobilevitv2.MODELS[name]()
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  got = traverse_util.flatten_dict(shapes, sep=".")
-  assert sorted(set(want) - set(got)) == []
-  assert sorted(set(got) - set(want)) == []
-  bad = {k: (got[k].shape, want[k].shape) for k in want if got[k].shape != want[k].shape}
-  assert not bad, bad
+  variables = convert.torch_to_flax(model.state_dict(), shapes, source=name)
+  assert set(variables) == set(shapes) == {"params", "batch_stats"}
+  assert shapes_of(variables) == shapes_of(shapes)
+  assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
   assert module.feature_channels == tuple(model.feature_info.channels())
   assert module.feature_strides == tuple(model.feature_info.reduction())
 
@@ -162,7 +159,7 @@ def test_train_mode_batch_stats():
   """Batch statistics in the forward and PyTorch's running-stat update (unbiased var)."""
   name = "mobilevitv2_050"
   model = build_timm(name, seed=1).train()
-  variables = torch_to_flax(model.state_dict())
+  variables = to_flax(model, name, "shift")  # a copy: the forward below updates the buffers
   _, apply = jitted_apply(name, "shift", True)
   x = images(65, 97, seed=1)
   with torch.no_grad():
@@ -170,9 +167,12 @@ def test_train_mode_batch_stats():
   feats, updated = apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   errs = [rel_err(f, r) for f, r in zip(feats, ref)]
   assert max(errs) <= RTOL, errs
-  want = traverse_util.flatten_dict(torch_to_flax(model.state_dict())["batch_stats"], sep=".")
+  want = traverse_util.flatten_dict(to_flax(model, name, "shift")["batch_stats"], sep=".")
   got = traverse_util.flatten_dict(updated["batch_stats"], sep=".")
   assert set(got) == set(want)
+  # The converted inputs did not alias the buffers that the torch forward updated in place.
+  before = traverse_util.flatten_dict(variables["batch_stats"], sep=".")
+  assert all(not np.array_equal(before[k], want[k]) for k in want)
   stat_errs = {k: float(np.max(np.abs(np.asarray(got[k]) - want[k])) / np.max(np.abs(want[k])))
                for k in want}
   worst = max(stat_errs, key=stat_errs.get)

@@ -249,7 +249,9 @@ def test_lda_parity_overlapping_windows():
 
   torch.manual_seed(3)
   tm = ref.LDA(12, 16, 6).eval()
-  for hw in [(13, 29), (4, 3)]:  # overlapping windows; repeated rows (H < S)
+  # Overlapping windows (banded: H > 2S), equal windows (banded), repeated rows (H < S),
+  # and the plain form (H <= 2S).
+  for hw in [(13, 29), (48, 30), (4, 3), (12, 7)]:
     x = torch.randn(2, 12, *hw)
     with torch.no_grad():
       want = tm(x)
@@ -257,6 +259,24 @@ def test_lda_parity_overlapping_windows():
     v = load(jm, tm, jnp.zeros((1, *hw, 12)))
     got = jm.apply(v, jnp.asarray(to_nhwc(x)))
     assert rel_err(from_nhwc(got), want) < TOL
+
+
+def test_lda_banded_gradients_match_torch():
+  """The banded, rematerialised LDA differentiates like conv -> GELU -> pool -> conv."""
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref
+
+  torch.manual_seed(4)
+  tm = ref.LDA(12, 16, 6)
+  x = torch.randn(2, 12, 31, 17, requires_grad=True)
+  (tm(x) ** 2).sum().backward()
+  jm = LDA(width=16, pooled_size=6)
+  v = load(jm, tm, jnp.zeros((1, 31, 17, 12)))
+  loss = lambda p, xx: jnp.sum(jm.apply({"params": p}, xx) ** 2)
+  gp, gx = jax.grad(loss, argnums=(0, 1))(v["params"], jnp.asarray(to_nhwc(x.detach())))
+  assert rel_err(gx, x.grad.permute(0, 2, 3, 1)) < TOL
+  want = tm.cnn1.weight.grad[:, :, 0, 0].T
+  assert rel_err(gp["cnn1"]["kernel"][0, 0], want) < TOL
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 def make_scorer(model: Any, variables: Any) -> Callable[[np.ndarray], np.ndarray]:
   """A jitted function: normalised NHWC float32 batch -> scores (B,), in inference mode."""
 
-  @jax.jit
-  def score(images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False)
-
-  return lambda images: np.asarray(score(jnp.asarray(images)))
+  # Variables are an argument, not closed over: closed-over arrays become constants baked
+  # into the compiled program (hundreds of MB for the head).
+  score = jax.jit(lambda v, images: model.apply(v, images, train=False))
+  variables = jax.device_put(variables)
+  return lambda images: np.asarray(score(variables, jnp.asarray(images)))
 
 
 @dataclasses.dataclass

@@ -114,7 +114,10 @@ def parse_image_size(text: str | Iterable[int] | None) -> tuple[int, int] | None
   """'1231,1907' (height,width) -> (1231, 1907); None stays None."""
   if text is None or text == "":
     return None
-  parts = [int(p) for p in (text.split(",") if isinstance(text, str) else text)]
+  try:
+    parts = [int(p) for p in (text.split(",") if isinstance(text, str) else text)]
+  except ValueError:
+    parts = []
   if len(parts) != 2 or min(parts) < 32:
     raise ValueError(f"--image_size must be HEIGHT,WIDTH with both >= 32, got {text!r}.")
   return parts[0], parts[1]

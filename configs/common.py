@@ -99,16 +99,26 @@ def model_section(variant: str) -> ml_collections.ConfigDict:
 
 
 def demo_overrides(c: ml_collections.ConfigDict) -> None:
-  """Small model and resolution for the built-in demo data: minutes on 2 CPU cores."""
+  """Small model and resolution for the built-in demo data: minutes on 2 CPU cores.
+
+  The demo images are 64 x 64 native-resolution patches (`data/demo.py`), so the input
+  size is theirs and the pipeline never resizes them. The demo trains from scratch, so
+  instead of the reference's fine-tuning recipe (lr 1e-5, cosine per epoch over T_max 50,
+  which assumes an ImageNet-initialised backbone) it takes Adam at lr 1e-3 with the
+  per-epoch cosine spanning the run (T_max = num_epochs: 2 epochs run at lr and lr / 2).
+  Two epochs of the 9,300 training patches are ~6 minutes on 2 cores (teacher). Measured
+  (one run each, load ~2): teacher held-out SROCC 0.48 (best epoch), student 0.38; the
+  issue's 0.75 is not reached yet (the model learns the four training photos' content).
+  """
+  from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
+
   c.data.name = "demo"
-  c.data.image_size = (64, 64)
+  c.data.image_size = (demo.PATCH, demo.PATCH)
   c.data.eval_split = "test"
-  c.data.eval_batch_size = 32
+  c.data.eval_batch_size = 64
   c.batch_size = 16
-  c.num_epochs = 8
-  c.log_every_steps = 10
-  c.checkpoint.every_steps = 100
-  # The demo trains from scratch in minutes: a larger constant-ish LR than the reference's
-  # fine-tuning recipe (which assumes an ImageNet-initialised backbone).
+  c.num_epochs = 2
+  c.log_every_steps = 20
+  c.checkpoint.every_steps = 500
   c.optimizer.lr = 1e-3
-  c.optimizer.t_max_epochs = 16
+  c.optimizer.t_max_epochs = c.num_epochs

@@ -1,6 +1,6 @@
 """Tests for the built-in demo data set (mobileiqa_jax.data.demo).
 
-Fast tests use one source photo (124 images, a few seconds); the whole set and
+Fast tests use one source photo (775 images, a few seconds); the whole set and
 the tfds build are marked slow.
 """
 
@@ -14,7 +14,8 @@ from PIL import Image
 from mobileiqa_jax.data import demo
 
 _PHOTO = 'chelsea'
-_PER_PHOTO = len(demo.CROPS) * (len(demo.DISTORTIONS) * 5 + 1)
+_PER_PHOTO = demo.TEST_PATCHES_PER_PHOTO * (len(demo.DISTORTIONS) * demo.LEVELS + 1)
+_PER_TRAIN_PHOTO = demo.PATCHES_PER_PHOTO * (len(demo.DISTORTIONS) * demo.LEVELS + 1)
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +26,10 @@ def photo_examples():
 def test_split_is_by_photo_and_covers_all():
   assert set(demo.TRAIN_PHOTOS).isdisjoint(demo.TEST_PHOTOS)
   assert set(demo.TRAIN_PHOTOS) | set(demo.TEST_PHOTOS) == set(demo.PHOTOS)
-  assert _PER_PHOTO == 124
+  assert _PER_PHOTO == 25 * 31 == 775
+  assert _PER_TRAIN_PHOTO == 75 * 31
+  assert demo.split_size('train') == 4 * _PER_TRAIN_PHOTO
+  assert demo.split_size('test') == 2 * _PER_PHOTO
   with pytest.raises(ValueError, match="'train' or 'test'"):
     demo.examples('validation')
   with pytest.raises(ValueError, match='unknown demo photo'):
@@ -37,6 +41,21 @@ def test_photos_load_offline_as_rgb():
     image = demo.load_photo(name)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert min(image.shape[:2]) >= 300
+  assert demo.load_photo('grace_hopper').shape == (600, 512, 3)  # from matplotlib
+
+
+def test_patches_are_native_resolution_crops():
+  photo = demo.load_photo('coffee')
+  patches = demo.reference_patches(photo)
+  assert len(patches) == demo.PATCHES_PER_PHOTO == 75
+  held_out = demo.reference_patches(photo, demo.TEST_PATCH_GRID)  # the first two scales
+  assert len(held_out) == demo.TEST_PATCHES_PER_PHOTO == 25
+  assert all(np.array_equal(a, b) for a, b in zip(held_out, patches))
+  assert all(p.shape == (demo.PATCH, demo.PATCH, 3) and p.dtype == np.uint8 for p in patches)
+  # The first patch is the top-left corner of the photo downscaled to 128 px high.
+  small = np.asarray(Image.fromarray(photo).resize((192, 128), Image.LANCZOS))
+  np.testing.assert_array_equal(patches[0], small[:demo.PATCH, :demo.PATCH])
+  assert len({p.tobytes() for p in patches}) == len(patches)
 
 
 def test_records(photo_examples):
@@ -54,7 +73,7 @@ def test_records(photo_examples):
     assert (e['mos'] == 1.0) == (e['level'] == 0)
   img = Image.open(io.BytesIO(exs[0]['image']))
   assert img.mode == 'RGB' and img.size == (exs[0]['width'], exs[0]['height'])
-  assert max(img.size) == demo.LONG_SIDE
+  assert img.size == (demo.PATCH, demo.PATCH)
 
 
 def test_labels_fall_with_severity(photo_examples):
@@ -62,11 +81,18 @@ def test_labels_fall_with_severity(photo_examples):
   for e in photo_examples:
     by_level[(e['distortion'], int(e['level']))].append(float(e['mos']))
   for distortion in demo.DISTORTIONS:
-    means = [np.mean(by_level[(distortion, lv)]) for lv in range(1, 6)]
+    means = [np.mean(by_level[(distortion, lv)]) for lv in range(1, demo.LEVELS + 1)]
     assert np.all(np.diff(means) < 0), (distortion, means)
   # Graded: the set spans a useful range, not a cluster near 1.
   labels = [float(e['mos']) for e in photo_examples]
   assert min(labels) < 0.6 and np.std(labels) > 0.1
+
+
+def test_label_is_ms_ssim_of_the_stored_image(photo_examples):
+  e = next(e for e in photo_examples if e['image_name'] == f'{_PHOTO}_p7_blur_3.png')
+  ref = demo.reference_patches(demo.load_photo(_PHOTO), demo.TEST_PATCH_GRID)[7]
+  img = np.asarray(Image.open(io.BytesIO(e['image'])))
+  assert float(e['mos']) == pytest.approx(demo.quality_label(ref, img), abs=1e-6)
 
 
 def test_deterministic(photo_examples):
@@ -80,7 +106,7 @@ def test_deterministic(photo_examples):
 
 def test_ssim_matches_skimage():
   from skimage.metrics import structural_similarity
-  ref = demo.reference_crops(demo.load_photo('coffee'))[1]
+  ref = demo.reference_patches(demo.load_photo('coffee'))[1]
   img, _, _ = demo.distort(ref, 'noise', 3, seed=0)
   want = structural_similarity(
       ref.astype(float), img.astype(float), channel_axis=2, gaussian_weights=True,
@@ -90,7 +116,7 @@ def test_ssim_matches_skimage():
 
 
 def test_jpeg_label_is_of_the_stored_bytes():
-  ref = demo.reference_crops(demo.load_photo('rocket'))[0]
+  ref = demo.reference_patches(demo.load_photo('rocket'))[0]
   decoded, data, ext = demo.distort(ref, 'jpeg', 5)
   assert ext == 'jpg'
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), decoded)
@@ -101,11 +127,11 @@ def test_jpeg_label_is_of_the_stored_bytes():
 @pytest.mark.slow
 def test_full_set_and_memory_source():
   train, test = demo.examples('train'), demo.examples('test')
-  assert len(train) == len(demo.TRAIN_PHOTOS) * _PER_PHOTO == 372
-  assert len(test) == len(demo.TEST_PHOTOS) * _PER_PHOTO == 248
+  assert len(train) == len(demo.TRAIN_PHOTOS) * _PER_TRAIN_PHOTO == demo.split_size('train') == 9300
+  assert len(test) == len(demo.TEST_PHOTOS) * _PER_PHOTO == demo.split_size('test') == 1550
   assert {e['group'] for e in train}.isdisjoint({e['group'] for e in test})
   source = demo.memory_source('test')
-  assert len(source) == 248
+  assert len(source) == 1550
   r = source[5]
   assert r['image'] == test[5]['image'] and r['mos'] == pytest.approx(test[5]['mos'])
   assert source.scale.low == 0.0 and source.scale.high == 1.0

@@ -95,6 +95,9 @@ def model_section(variant: str) -> ml_collections.ConfigDict:
   """
   d = mobileiqa.model_config(variant).to_dict()
   d.pop("dtype")
+  # A string, so the command line can override it ('conv' | 'shift'); '' = the backend's
+  # default (shift-add on CPU, XLA's grouped convolution elsewhere).
+  d["depthwise_impl"] = d["depthwise_impl"] or ""
   return ml_collections.ConfigDict(d)
 
 

@@ -262,6 +262,7 @@ def _model_config(config: ml_collections.ConfigDict) -> mobileiqa.MobileIQAConfi
   """config.model + compute dtype + remat -> the serialisable model config."""
   d = config.model.to_dict()
   d["dtype"] = config.compute_dtype
+  d["depthwise_impl"] = d.get("depthwise_impl") or None  # '' in configs: the backend's default
   kwargs = dict(d.get("backbone_kwargs") or {})
   if config.remat:
     if not d["backbone"].startswith("mobilevitv2"):

@@ -34,6 +34,22 @@ from mobileiqa_jax.data import layout
 _SPLIT_ORDER = ("train", "validation", "test")
 
 
+def iqa_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+  """The record features every IQA data set of this package shares, plus `extra` ones."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_,
+                                    doc="Encoded image file, bytes as released."),
+      "image_name": tfds.features.Text(),
+      "mos": tfds.features.Scalar(np.float32, doc="MOS as released (float32: tf.Example floats)."),
+      "mos_std": tfds.features.Scalar(np.float32, doc="Std of ratings; NaN if not released."),
+      "mos_norm": tfds.features.Scalar(np.float32, doc="MOS mapped to [0, 1]."),
+      "width": tfds.features.Scalar(np.int32),
+      "height": tfds.features.Scalar(np.int32),
+      "group": tfds.features.Text(doc="Content group; splits keep a group together."),
+      **extra,
+  })
+
+
 class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the IQA builders (manual download; never registered itself)."""
 
@@ -57,17 +73,7 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_,
-                                          doc="Encoded image file, bytes as released."),
-            "image_name": tfds.features.Text(),
-            "mos": tfds.features.Scalar(np.float32, doc="MOS as released (float32: tf.Example floats)."),
-            "mos_std": tfds.features.Scalar(np.float32, doc="Std of ratings; NaN if not released."),
-            "mos_norm": tfds.features.Scalar(np.float32, doc="MOS mapped to [0, 1]."),
-            "width": tfds.features.Scalar(np.int32),
-            "height": tfds.features.Scalar(np.int32),
-            "group": tfds.features.Text(),
-        }),
+        features=iqa_features(),
         homepage=self.HOMEPAGE,
         citation=self.CITATION,
         metadata=tfds.core.MetadataDict(),

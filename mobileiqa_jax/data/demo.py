@@ -359,6 +359,7 @@ def memory_source(split: str):
 def _tfds_builder_class():
   """Defines (once) the tfds builder; tfds is imported only when it is asked for."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import base  # pylint: disable=g-import-not-at-top
 
   class IqaDemo(tfds.core.GeneratorBasedBuilder):
     """The built-in demo IQA data set (see `mobileiqa_jax.data.demo`); downloads nothing."""
@@ -372,20 +373,11 @@ def _tfds_builder_class():
     def _info(self) -> tfds.core.DatasetInfo:
       return self.dataset_info_from_configs(
           description=__doc__,
-          features=tfds.features.FeaturesDict({
-              # The same features as the IQA builders (`data.base`), plus two.
-              'image': tfds.features.Tensor(shape=(), dtype=np.object_,
-                                            doc='Encoded image file (PNG, or JPEG for jpeg).'),
-              'image_name': tfds.features.Text(),
-              'mos': tfds.features.Scalar(np.float32, doc='Label: multi-scale SSIM, [0, 1].'),
-              'mos_std': tfds.features.Scalar(np.float32, doc='NaN: no raters.'),
-              'mos_norm': tfds.features.Scalar(np.float32, doc='= mos (scale [0, 1]).'),
-              'width': tfds.features.Scalar(np.int32),
-              'height': tfds.features.Scalar(np.int32),
-              'group': tfds.features.Text(doc='Source photo; splits keep it together.'),
-              'distortion': tfds.features.Text(),
-              'level': tfds.features.Scalar(np.int32, doc='0 pristine, 1-5 graded.'),
-          }),
+          # The IQA builders' features (mos = the SSIM label, mos_std NaN, group = source
+          # photo), plus the distortion and its level.
+          features=base.iqa_features(
+              distortion=tfds.features.Text(),
+              level=tfds.features.Scalar(np.int32, doc='0 pristine, 1-5 graded.')),
           homepage='https://scikit-image.org/docs/stable/api/skimage.data.html',
           metadata=tfds.core.MetadataDict(),
           # Stored order = generation order: the metadata's per-record groups rely on it.

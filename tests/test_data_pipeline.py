@@ -99,6 +99,32 @@ def test_labels_follow_the_images(source):
       np.testing.assert_array_equal(b["image"][row], want)
 
 
+def test_train_crops_are_windows_of_the_resized_image(source):
+  crop = (5, 7)
+  loader = pipeline.Loader(source, 6, SIZE, train=True, seed=2, num_workers=2, flips=False,
+                           crop_size=crop)
+  offsets = set()
+  for b in loader.iter_epoch(0):
+    assert b["image"].shape == (6, *crop, 3)
+    for row, i in enumerate(b["index"]):
+      whole = preprocess.resize_normalize(preprocess.decode_rgb(source[i]["image"], ""), SIZE)
+      # Exactly one window position of the whole image holds this crop.
+      hits = [(t, l) for t in range(SIZE[0] - crop[0] + 1) for l in range(SIZE[1] - crop[1] + 1)
+              if np.array_equal(whole[t:t + crop[0], l:l + crop[1]], b["image"][row])]
+      assert hits, i
+      offsets.add(hits[0])
+  assert len(offsets) > 3  # the windows move
+  again = pipeline.Loader(source, 6, SIZE, train=True, seed=2, num_workers=1, flips=False,
+                          crop_size=crop)
+  for x, y in zip(loader.iter_epoch(1), again.iter_epoch(1)):
+    np.testing.assert_array_equal(x["image"], y["image"])  # seeded, whatever the workers
+  # Evaluation always sees the whole image.
+  ev = pipeline.Loader(source, 6, SIZE, train=False, crop_size=crop)
+  assert next(iter(ev))["image"].shape == (6, *SIZE, 3)
+  with pytest.raises(ValueError, match="crop_size"):
+    pipeline.Loader(source, 6, SIZE, train=True, crop_size=(SIZE[0] + 1, 4))
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_two_processes_see_every_example_once(source, train):
   loaders = [pipeline.Loader(source, 3, SIZE, train=train, seed=2, process_index=p,

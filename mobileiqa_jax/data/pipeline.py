@@ -260,14 +260,15 @@ def tfds_source(
 # Loader.
 
 
-def _load_example(record: Record, size_hw, hflip, vflip, out=None) -> np.ndarray:
+def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None) -> np.ndarray:
   img = preprocess.decode_rgb(record["image"], record["name"])
-  return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out)
+  return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out,
+                                     crop=crop)
 
 
-def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip) -> np.ndarray:
+def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip, crop=None) -> np.ndarray:
   # Process workers get only bytes: sources (open files, tfds readers) stay in the parent.
-  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip)
+  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip, crop=crop)
 
 
 @dataclasses.dataclass
@@ -298,6 +299,9 @@ class Loader:
     drop_remainder: Override of the last-batch rule (default: `train`).
     prefetch: Batches decoded ahead of the consumer.
     flips: Random flips in training (False for exact reproducibility tests).
+    crop_size: (height, width) of a random window cut from each resized training image
+      (after the resize, before the flips); None: the whole image. Evaluation always
+      sees the whole `image_size` (the models are fully convolutional).
   """
 
   def __init__(
@@ -315,6 +319,7 @@ class Loader:
       drop_remainder: bool | None = None,
       prefetch: int = 2,
       flips: bool = True,
+      crop_size: tuple[int, int] | None = None,
   ):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -334,6 +339,12 @@ class Loader:
     self.drop_remainder = train if drop_remainder is None else drop_remainder
     self.prefetch = max(1, prefetch)
     self.flips = flips and train
+    self.crop_size = tuple(int(x) for x in crop_size) if crop_size and train else None
+    if self.crop_size is not None and not (
+        0 < self.crop_size[0] <= self.image_size[0]
+        and 0 < self.crop_size[1] <= self.image_size[1]):
+      raise ValueError(f"crop_size {self.crop_size} must be positive and fit in image_size "
+                       f"{self.image_size}.")
     self.global_batch = batch_size * process_count
     n = len(source)
     self.steps_per_epoch = (n // self.global_batch if self.drop_remainder
@@ -374,6 +385,15 @@ class Loader:
       return np.zeros((n, 2), bool)
     return np.random.default_rng([self.seed, epoch, 1]).random((n, 2)) < 0.5
 
+  def _epoch_crops(self, epoch: int) -> np.ndarray | None:
+    """(top, left) of each position's crop window in `epoch`, or None without crops."""
+    if self.crop_size is None:
+      return None
+    n = len(self.source)
+    rng = np.random.default_rng([self.seed, epoch, 2])
+    room = [s - c + 1 for s, c in zip(self.image_size, self.crop_size)]
+    return np.stack([rng.integers(0, room[0], n), rng.integers(0, room[1], n)], axis=1)
+
   def batch_indices(self, epoch: int, step: int) -> np.ndarray:
     """This process's source indices for batch `step` of `epoch`; -1 marks padding."""
     order = self.epoch_order(epoch)
@@ -403,6 +423,7 @@ class Loader:
     """
     order = self.epoch_order(epoch)
     flips = self._epoch_flips(epoch)
+    crops = self._epoch_crops(epoch)
     pool = self._get_pool()
     pending: collections.deque = collections.deque()
     step = start_step
@@ -410,7 +431,7 @@ class Loader:
     try:
       while step < self.steps_per_epoch:
         while submitted < self.steps_per_epoch and len(pending) < self.prefetch:
-          pending.append(self._submit(pool, order, flips, submitted))
+          pending.append(self._submit(pool, order, flips, crops, submitted))
           submitted += 1
         batch = self._collect(pending.popleft())
         step += 1
@@ -424,8 +445,8 @@ class Loader:
         for f in b[1]:
           f.cancel()
 
-  def _submit(self, pool, order, flips, step):
-    h, w = self.image_size
+  def _submit(self, pool, order, flips, crops, step):
+    h, w = self.crop_size or self.image_size
     n = len(order)
     start = step * self.global_batch + self.process_index * self.batch_size
     pos = np.arange(start, start + self.batch_size)
@@ -437,20 +458,23 @@ class Loader:
     for j in np.flatnonzero(valid):
       p = int(pos[j])
       hf, vf = bool(flips[p, 0]), bool(flips[p, 1])
+      crop = None if crops is None else (int(crops[p, 0]), int(crops[p, 1]), h, w)
       if self.worker_type == "thread":
-        futures.append(pool.submit(self._thread_task, int(idx[j]), image, mos, j, hf, vf))
+        futures.append(
+            pool.submit(self._thread_task, int(idx[j]), image, mos, j, hf, vf, crop))
       else:
         rec = self.source[int(idx[j])]
         mos[j] = rec["mos"]
-        fut = pool.submit(_load_bytes, rec["image"], rec["name"], self.image_size, hf, vf)
+        fut = pool.submit(_load_bytes, rec["image"], rec["name"], self.image_size, hf, vf,
+                          crop)
         fut.row = j
         futures.append(fut)
     return (dict(image=image, mos=mos, mask=valid, index=idx.astype(np.int64)), futures)
 
-  def _thread_task(self, index, image, mos, row, hflip, vflip):
+  def _thread_task(self, index, image, mos, row, hflip, vflip, crop):
     rec = self.source[index]
     mos[row] = rec["mos"]
-    _load_example(rec, self.image_size, hflip, vflip, out=image[row])
+    _load_example(rec, self.image_size, hflip, vflip, out=image[row], crop=crop)
 
   def _collect(self, pending):
     batch, futures = pending

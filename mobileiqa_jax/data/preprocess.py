@@ -90,6 +90,7 @@ def resize_normalize(
     hflip: bool = False,
     vflip: bool = False,
     out: np.ndarray | None = None,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
   """Resizes with PIL's bicubic filter and normalises with ImageNet statistics.
 
@@ -101,9 +102,11 @@ def resize_normalize(
     vflip: Flip upside-down.
     out: Optional float32 (H, W, 3) array to write into (e.g. a row of a batch), which
       saves a copy of the largest array of the pipeline.
+    crop: Optional (top, left, height, width) window cut from the resized image before
+      the flips (training augmentation); the result then has that height and width.
 
   Returns:
-    float32 array of shape (H, W, 3): (pixel / 255 - mean) / std.
+    float32 array of shape (H, W, 3) (or the crop's): (pixel / 255 - mean) / std.
   """
   h, w = size_hw
   if img.mode != "RGB":
@@ -112,6 +115,11 @@ def resize_normalize(
     # Image.resize's default filter for RGB images is BICUBIC (the reference's).
     img = img.resize((w, h), Image.Resampling.BICUBIC)
   a = np.asarray(img)
+  if crop is not None:
+    top, left, ch, cw = crop
+    if not (0 <= top and top + ch <= h and 0 <= left and left + cw <= w):
+      raise ValueError(f"crop {crop} does not fit in the {h}x{w} image.")
+    a = a[top:top + ch, left:left + cw]
   if hflip:
     a = a[:, ::-1]
   if vflip:

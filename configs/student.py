@@ -4,7 +4,8 @@ The frozen teacher (read from its own orbax checkpoint: a training workdir, one 
 or `launch/convert.py` output) runs in inference mode; the student in training mode on the
 same batch. Loss = w_dof MSE(DOF) + w_x MSE(x) + w_score MSE(score, MOS), weights 1.
 
-Demo (after the teacher demo; distils from its best epoch):
+Demo (after the teacher demo; distils from its best epoch; measured on 2 CPU cores: 9 min 36 s,
+held-out SROCC 0.74 from the 0.76 teacher):
 
   python launch/train.py --config=configs/teacher.py:demo --workdir=runs/teacher_demo
   python launch/train.py --config=configs/student.py:demo \
@@ -36,11 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Required: where the teacher checkpoint is (workdir -> its best epoch).
   c.teacher_checkpoint = f"runs/teacher_{variant}"
   if variant == "demo":
-    common.demo_overrides(c)
-    # Same pooled size and width as the teacher demo: the distillation MSEs compare the
+    # The teacher demo's head (pooled size, width): the distillation MSEs compare the
     # student's x and DOF with the teacher's element by element.
+    common.demo_overrides(c)
     c.model.backbone = "mobilenetv3_large_100"
-    c.model.width = 32
-    c.model.pooled_size = 8
-    c.model.dropout_rate = 0.0
   return c

@@ -160,8 +160,10 @@ class PipelineData(Data):
     common = dict(image_size=tuple(config.data.image_size), seed=config.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   num_workers=config.data.num_workers or None)
+    crop = tuple(config.data.train_crop)
     self.train = pipeline.Loader(train_source, sharding.local_batch_size(config.batch_size),
-                                 train=True, flips=config.data.flips, **common)
+                                 train=True, flips=config.data.flips,
+                                 crop_size=crop if all(crop) else None, **common)
     self.eval = pipeline.Loader(eval_source,
                                 sharding.local_batch_size(config.data.eval_batch_size),
                                 train=False, **common)

@@ -71,6 +71,7 @@ def test_records(photo_examples):
     assert e['image'][:2] == b'\xff\xd8' if is_jpeg else e['image'][:8] == b'\x89PNG\r\n\x1a\n'
     assert e['image_name'].endswith('.jpg' if is_jpeg else '.png')
     assert (e['mos'] == 1.0) == (e['level'] == 0)
+    assert 0.0 <= e['ms_ssim'] <= 1.0
   img = Image.open(io.BytesIO(exs[0]['image']))
   assert img.mode == 'RGB' and img.size == (exs[0]['width'], exs[0]['height'])
   assert img.size == (demo.PATCH, demo.PATCH)
@@ -79,20 +80,35 @@ def test_records(photo_examples):
 def test_labels_fall_with_severity(photo_examples):
   by_level = collections.defaultdict(list)
   for e in photo_examples:
-    by_level[(e['distortion'], int(e['level']))].append(float(e['mos']))
+    by_level[(e['distortion'], int(e['level']))].append(float(e['ms_ssim']))
   for distortion in demo.DISTORTIONS:
     means = [np.mean(by_level[(distortion, lv)]) for lv in range(1, demo.LEVELS + 1)]
     assert np.all(np.diff(means) < 0), (distortion, means)
+    graded = [demo.level_quality()[(distortion, lv)] for lv in range(1, demo.LEVELS + 1)]
+    assert np.all(np.diff(graded) < 0) and graded[0] < 1.0, (distortion, graded)
   # Graded: the set spans a useful range, not a cluster near 1.
   labels = [float(e['mos']) for e in photo_examples]
   assert min(labels) < 0.6 and np.std(labels) > 0.1
 
 
-def test_label_is_ms_ssim_of_the_stored_image(photo_examples):
+def test_label_is_the_level_mean_of_training_ms_ssim(photo_examples):
+  # The label of a held-out image is its (distortion, level)'s mean MS-SSIM over the
+  # training references, recomputed here from the stored training images.
+  train = [e for e in demo.examples('train') if e['distortion'] == 'noise' and e['level'] == 4]
+  assert len(train) == demo.PATCHES_PER_PHOTO * len(demo.TRAIN_PHOTOS)
+  want = np.mean([float(e['ms_ssim']) for e in train])
+  held_out = [e for e in photo_examples if e['distortion'] == 'noise' and e['level'] == 4]
+  assert len({float(e['mos']) for e in held_out}) == 1
+  assert float(held_out[0]['mos']) == pytest.approx(want, abs=1e-6)
+  # ... and differs from the held-out images' own MS-SSIM, which is content-dependent.
+  assert np.std([float(e['ms_ssim']) for e in held_out]) > 0.01
+
+
+def test_ms_ssim_is_of_the_stored_image(photo_examples):
   e = next(e for e in photo_examples if e['image_name'] == f'{_PHOTO}_p7_blur_3.png')
   ref = demo.reference_patches(demo.load_photo(_PHOTO), demo.TEST_PATCH_GRID)[7]
   img = np.asarray(Image.open(io.BytesIO(e['image'])))
-  assert float(e['mos']) == pytest.approx(demo.quality_label(ref, img), abs=1e-6)
+  assert float(e['ms_ssim']) == pytest.approx(demo.quality_label(ref, img), abs=1e-6)
 
 
 def test_deterministic(photo_examples):
@@ -101,7 +117,7 @@ def test_deterministic(photo_examples):
   for a, b in zip(again, photo_examples):
     assert a['image_name'] == b['image_name']
     assert a['image'] == b['image']
-    assert a['mos'] == b['mos']
+    assert a['mos'] == b['mos'] and a['ms_ssim'] == b['ms_ssim']
 
 
 def test_ssim_matches_skimage():

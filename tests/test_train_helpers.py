@@ -48,6 +48,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
   c.model.dropout_rate = 0.1
   c.teacher_checkpoint = ""
   c.data.image_size = (32, 32)
+  c.data.train_crop = (0, 0)
   c.batch_size = 8
   c.data.eval_batch_size = 8
   c.num_epochs = 2

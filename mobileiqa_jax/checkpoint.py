@@ -56,14 +56,14 @@ def _is_checkpoint(path: str) -> bool:
       os.path.join(path, "meta"))
 
 
-def _to_plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
   """JSON-safe copy of a config-like mapping (ConfigDict, tuples, numpy scalars)."""
   if hasattr(x, "to_dict"):
     x = x.to_dict()
   if isinstance(x, Mapping):
-    return {str(k): _to_plain(v) for k, v in x.items()}
+    return {str(k): to_plain(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_to_plain(v) for v in x]
+    return [to_plain(v) for v in x]
   if isinstance(x, np.generic):
     return x.item()
   return x
@@ -89,8 +89,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
     The absolute directory written.
   """
   directory = os.path.abspath(directory)
-  meta = {"format": FORMAT, "model_config": _to_plain(model_config),
-          "extra": _to_plain(dict(extra or {}))}
+  meta = {"format": FORMAT, "model_config": to_plain(model_config),
+          "extra": to_plain(dict(extra or {}))}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
@@ -179,7 +179,7 @@ def load_model(directory: str, which: str = "best",
   if train is not None:
     meta["train"] = train
   model = mobileiqa.build_model(meta["model_config"])
-  logging.info("loaded %s from %s", meta["model_config"].get("name", "model"), path)
+  logging.info("loaded a %s model from %s", meta["model_config"].get("backbone"), path)
   return model, variables, meta
 
 
@@ -215,15 +215,15 @@ class TrainCheckpointer:
   def save(self, step: int, variables: Any, opt_state: Any, meta: Mapping[str, Any],
            train: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
     """Starts an (async) save; `train['metrics']` gets `metrics` so `load_model` can pick best."""
-    train = _to_plain(dict(train, metrics=dict(metrics) if metrics else None))
+    train = to_plain(dict(train, metrics=dict(metrics) if metrics else None))
     return self.manager.save(
         step,
         args=ocp.args.Composite(
             variables=ocp.args.PyTreeSave(dict(variables)),
             opt_state=ocp.args.PyTreeSave(opt_state),
-            meta=ocp.args.JsonSave(_to_plain(dict(meta))),
+            meta=ocp.args.JsonSave(to_plain(dict(meta))),
             train=ocp.args.JsonSave(train)),
-        metrics=_to_plain(dict(metrics)) if metrics else None,
+        metrics=to_plain(dict(metrics)) if metrics else None,
         force=True)
 
   def restore(self, step: int, variables_target: Any,

@@ -22,6 +22,17 @@ from mobileiqa_jax.data import preprocess
 # protocol "10 random splits, report the median" uses split seeds 0..9, of which 0 is the
 # stored one: `pipeline.tfds_source(..., split_seed=s)` re-splits at read time.
 DEFAULT_SPLIT_SEED = 0
+
+# How releases and users' CSVs name their subsets -> the tfds split.
+SET_TO_SPLIT = {"train": "train", "training": "train", "val": "validation",
+                "valid": "validation", "validation": "validation", "test": "test",
+                "testing": "test"}
+
+
+def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
+  """`path`, else tfds's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+  return pathlib.Path(
+      path or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 TRAIN_FRACTION = 0.8
 
 
@@ -102,14 +113,6 @@ def split_by_group(
 
 # ------------------------------------------------------------------------------------------
 # Label files.
-
-
-def _require(path: pathlib.Path, dataset: str, fix: str) -> pathlib.Path:
-  if not path.is_file():
-    raise MissingDataError(
-        f"{dataset}: label file {path} is missing. {fix}"
-    )
-  return path
 
 
 def read_csv_rows(path: pathlib.Path, required: Sequence[str]) -> list[dict[str, str]]:
@@ -293,9 +296,6 @@ def train_range_scale(entries: Iterable[Entry]) -> MosScale:
 # ------------------------------------------------------------------------------------------
 # A user's folder: images + CSV (image_name, mos[, mos_std][, set][, group]).
 
-FOLDER_SPLITS = {"train": "train", "training": "train", "val": "validation",
-                 "valid": "validation", "validation": "validation", "test": "test",
-                 "testing": "test"}
 FOLDER_IMAGE_SUBDIRS = ("", "images", "Images")
 
 
@@ -358,11 +358,11 @@ def read_folder_labels(
     splits = []
     for r in rows:
       v = r[set_col].lower()
-      if v not in FOLDER_SPLITS:
+      if v not in SET_TO_SPLIT:
         raise ValueError(
             f"{csv_path}: {r['image_name']}: {set_col} {r[set_col]!r} is not one of "
-            f"{sorted(FOLDER_SPLITS)}.")
-      splits.append(FOLDER_SPLITS[v])
+            f"{sorted(SET_TO_SPLIT)}.")
+      splits.append(SET_TO_SPLIT[v])
   else:
     splits = split_by_group(groups, DEFAULT_SPLIT_SEED)
   return [Entry(name=n, path=p, mos=m, mos_std=s, split=sp, group=g)  # type: ignore[arg-type]

@@ -183,8 +183,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathl
   """The folder of a prepared data set: `name` ('livec', 'iqa_folder/<config>') or a path."""
   if os.path.isfile(os.path.join(name, "dataset_info.json")):
     return pathlib.Path(name)
-  root = pathlib.Path(
-      data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+  root = layout.data_dir(data_dir)
   base_dir = root / name
   versions = sorted(
       (d for d in base_dir.glob("*") if (d / "dataset_info.json").is_file()),
@@ -261,6 +260,9 @@ def tfds_source(
 
 
 def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None) -> np.ndarray:
+  if isinstance(record["image"], np.ndarray):  # already preprocessed (feed.ArraySource)
+    return preprocess.augment_array(record["image"], hflip=hflip, vflip=vflip, out=out,
+                                    crop=crop)
   img = preprocess.decode_rgb(record["image"], record["name"])
   return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out,
                                      crop=crop)
@@ -299,6 +301,7 @@ class Loader:
     drop_remainder: Override of the last-batch rule (default: `train`).
     prefetch: Batches decoded ahead of the consumer.
     flips: Random flips in training (False for exact reproducibility tests).
+    shuffle: Training only: False visits 0..n-1 every epoch (flips stay random per epoch).
     crop_size: (height, width) of a random window cut from each resized training image
       (after the resize, before the flips); None: the whole image. Evaluation always
       sees the whole `image_size` (the models are fully convolutional).
@@ -320,6 +323,7 @@ class Loader:
       prefetch: int = 2,
       flips: bool = True,
       crop_size: tuple[int, int] | None = None,
+      shuffle: bool = True,
   ):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -331,6 +335,7 @@ class Loader:
     self.batch_size = batch_size
     self.image_size = tuple(int(x) for x in image_size)
     self.train = train
+    self.shuffle = bool(shuffle)
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
@@ -375,7 +380,7 @@ class Loader:
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Source indices in the order epoch `epoch` visits them (all processes together)."""
     n = len(self.source)
-    if not self.train:
+    if not (self.train and self.shuffle):
       return np.arange(n)
     return np.random.default_rng([self.seed, epoch]).permutation(n)
 

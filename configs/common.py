@@ -59,6 +59,11 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   # (h, w) random window of each resized training image; (0, 0) = the whole image (the
   # reference). Evaluation always scores the whole image_size.
   c.data.train_crop = (0, 0)
+  # The released code's DataLoader(shuffle=False) and drop_last=False: False / False visit
+  # the training images in the same order every epoch and keep the last partial batch
+  # (padded to the global batch; the loss and BatchNorm count only its real examples).
+  c.data.shuffle = True
+  c.data.drop_remainder = True
   c.data.num_workers = 4  # decode/resize threads per process
   c.data.eval_batch_size = 8  # global; padded batches are masked out of the metrics
 

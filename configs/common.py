@@ -54,6 +54,13 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.image_size = DATASETS.get(variant, {}).get("image_size", (64, 64))
   c.data.train_split = "train"
+  # 'stored': the prepared splits (train_split / eval_split). 'reference': the authors'
+  # released split (layout.reference_split: Python random.shuffle of the label file's rows
+  # with reference_split_seed, first 80% train, eval_split must be 'test'); reference_rows
+  # numbers only that stored split's rows ('train' for UHD-IQA), '' every row.
+  c.data.split = "stored"
+  c.data.reference_rows = ""
+  c.data.reference_split_seed = 3407
   c.data.eval_split = DATASETS.get(variant, {}).get("eval_split", "test")
   c.data.flips = True  # random horizontal and vertical flips (training only)
   # (h, w) random window of each resized training image; (0, 0) = the whole image (the

@@ -203,6 +203,14 @@ def make_sources(config: ml_collections.ConfigDict, split: str | None = None) ->
     from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
     return demo.memory_source("train"), demo.memory_source(eval_split)
   data_dir = config.data.data_dir or None
+  if config.data.split == "reference":  # the released code's random.shuffle split
+    rows_from = config.data.reference_rows or None
+    return tuple(pipeline.reference_split_source(config.data.name, s, data_dir, rows_from,
+                                                 config.data.reference_split_seed)
+                 for s in ("train", eval_split))
+  if config.data.split != "stored":
+    raise ValueError(f"config.data.split must be 'stored' or 'reference', got "
+                     f"{config.data.split!r}.")
   return (pipeline.tfds_source(config.data.name, config.data.train_split, data_dir),
           pipeline.tfds_source(config.data.name, eval_split, data_dir))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from mobileiqa_jax import sharding
 from mobileiqa_jax import train
+from mobileiqa_jax.data import layout
 from mobileiqa_jax.models import layers
 from test_train_helpers import tiny_config, use_compilation_cache
 
@@ -94,3 +97,23 @@ def test_padded_last_batch_step_equals_the_small_batch_step():
   np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
   for g, e in zip(jax.tree.leaves(got[3:]), jax.tree.leaves(want[3:])):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_split_is_the_released_codes():
+  train_idx, test_idx = layout.reference_split(4269)
+  assert (len(train_idx), len(test_idx)) == (3415, 854)
+  # The first ten train indices the released code's training log prints.
+  assert train_idx[:10] == [3361, 3322, 485, 1182, 1743, 136, 3641, 702, 2429, 2448]
+  assert sorted(train_idx + test_idx) == list(range(4269))
+  # An independent computation, as the released train.py does it (global random state).
+  state = random.getstate()
+  try:
+    for n in (4269, 1162, 586):
+      random.seed(3407)
+      order = list(range(n))
+      random.shuffle(order)
+      cut = int(round(0.8 * n))
+      assert layout.reference_split(n) == (order[:cut], order[cut:])
+  finally:
+    random.setstate(state)
+  assert layout.reference_split(10, seed=1) != layout.reference_split(10)

@@ -261,6 +261,48 @@ def tfds_source(
   return TfdsSource(sources, keys, scale, metadata, directory)
 
 
+def reference_split_source(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    rows_from: str | None = None,
+    seed: int = layout.REFERENCE_SPLIT_SEED,
+) -> TfdsSource:
+  """The authors' released-code split of a prepared data set (docs/reproducing.md).
+
+  The released code numbers the rows of the data set's label file in file order, shuffles
+  those numbers with Python's `random` (`layout.reference_split`) and trains on the first
+  80%, testing (and picking its best epoch) on the rest.
+
+  Args:
+    name: As for `tfds_source`.
+    split: 'train' or 'test' of that split.
+    data_dir: As for `tfds_source`.
+    rows_from: Number only the rows of this stored split (UHD-IQA: 'train', the 4,269 rows
+      of `uhd-iqa-training-metadata.csv` that the released code reads); None: every row of
+      the label file (LIVEC, KonIQ-10k, SPAQ, BID).
+    seed: The released code's seed.
+
+  Returns:
+    A source over that side of the split, in the order the released code visits it (the
+    shuffled order; its DataLoader does not reshuffle). `mos` and `scale` are the stored
+    ones, not the released code's per-subset min-max (see docs/reproducing.md).
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"The reference split has 'train' and 'test', not {split!r}.")
+  stored = tfds_source(name, rows_from or "train", data_dir)
+  order = stored.metadata.get("label_file_order")
+  if order is None:
+    raise layout.MissingDataError(
+        f"{stored.directory}/metadata.json has no label_file_order (prepared before it was "
+        "recorded): prepare the data set again with launch/prepare_data.py to use the "
+        "reference split.")
+  rows = [(str(s), int(i)) for s, i in order if rows_from is None or s == rows_from]
+  train, test = layout.reference_split(len(rows), seed)
+  keys = [rows[j] for j in (train if split == "train" else test)]
+  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)  # pylint: disable=protected-access
+
+
 # ------------------------------------------------------------------------------------------
 # Loader.
 

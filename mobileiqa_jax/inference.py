@@ -91,7 +91,8 @@ class UnreadableImageError(ValueError):
   """An image given for scoring that cannot be read or decoded."""
 
 
-def _read_file(path: str) -> Image.Image:
+def read_image(path: str) -> Image.Image:
+  """Reads an image file as RGB the reference's way; `UnreadableImageError` names a bad file."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -107,7 +108,7 @@ def _read_file(path: str) -> Image.Image:
 def _as_pil(item: Any, index: int) -> Image.Image:
   """One input (path, PIL image or (H, W, 3) uint8 array) -> an RGB PIL image."""
   if isinstance(item, (str, os.PathLike)):
-    return _read_file(os.fspath(item))
+    return read_image(os.fspath(item))
   if isinstance(item, Image.Image):
     # The reference converts every decoded image with convert('RGB').
     return item if item.mode == "RGB" else item.convert("RGB")

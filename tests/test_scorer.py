@@ -8,6 +8,7 @@ Photos: LIVE Challenge JPEGs from ../shared/data/livec_jpg (see its README for t
 from __future__ import annotations
 
 import csv
+import json
 import io
 import os
 import re
@@ -184,3 +185,41 @@ def test_predict_cli_gives_load_scores_for_checkpoint_and_pkl(models, tmp_path):
     assert f"{bad} cannot be scored" in proc.stderr and "label file" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr  # no absl INFO lines
+
+
+def test_explain_writes_opinion_maps_and_similarities(models, tmp_path):
+  out = tmp_path / "explain"
+  proc = _launch(["launch/explain.py", f"--checkpoint={models['ckpt']}", f"--output={out}",
+                  *PHOTOS[:2]])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+  assert pngs == ["0000_1000.png", "0001_1001.png", "similarity_mean.png"]
+  for p in pngs:
+    with Image.open(out / p) as im:
+      assert im.format == "PNG" and min(im.size) > 100
+  with open(out / "similarity.json") as f:
+    got = json.load(f)
+
+  # Independently: the opinion features straight from the model, cosine by hand.
+  model, variables = models["scorer"].model, models["variables"]
+  images = np.stack([preprocess.resize_normalize(
+      preprocess.decode_rgb(open(p, "rb").read(), p), SIZE) for p in PHOTOS[:2]])
+  _, dof, score = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(
+      variables, images)
+  dof = np.asarray(dof, np.float64)  # (M, B, S, S, C)
+  sims = []
+  for b in range(2):
+    m = dof.shape[0]
+    sim = np.empty((m, m))
+    for i in range(m):
+      for j in range(m):
+        a, c = dof[i, b].ravel(), dof[j, b].ravel()
+        sim[i, j] = a @ c / np.sqrt((a @ a) * (c @ c))
+    sims.append(sim)
+    mat = np.asarray(got["images"][b]["similarity"])
+    assert mat.shape == (3, 3)
+    np.testing.assert_allclose(mat, mat.T, atol=1e-12)
+    np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mat, sim, atol=1e-5)
+    assert abs(got["images"][b]["score"] - float(score[b])) < 1e-5
+  np.testing.assert_allclose(got["mean_similarity"], np.mean(sims, axis=0), atol=1e-5)

@@ -622,6 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.maybe_initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  ckpt_lib.check_resume_config(workdir, config)  # before anything is written
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

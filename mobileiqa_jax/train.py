@@ -52,6 +52,7 @@ from mobileiqa_jax import optim
 from mobileiqa_jax import preemption
 from mobileiqa_jax import sharding
 from mobileiqa_jax.data import feed
+from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 
 PyTree = Any
@@ -78,6 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.maybe_initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  ckpt_lib.check_resume_config(workdir, config)  # before anything is written
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -342,13 +344,17 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
                     teacher: Any | None = None) -> Callable[..., tuple[TrainState, dict]]:
   """The un-jitted train step `(state, batch, teacher_variables) -> (state, metrics)`."""
   base_key = jax.random.PRNGKey(config.seed)
-  weights = dict(config.distill.weights)
+  term_weights = dict(config.distill.weights)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array],
               teacher_variables: PyTree | None = None) -> tuple[TrainState, dict]:
     # The dropout key is a function of the step: a resumed run draws the same masks.
     rng = jax.random.fold_in(base_key, state.step)
     images, mos = batch["image"], batch["mos"]
+    # A kept last partial batch arrives padded with mask False: the loss is the mean over the
+    # real examples and BatchNorm counts only them, i.e. exactly PyTorch's smaller last batch.
+    mask = batch.get("mask")
+    weights = None if mask is None else mask.astype(jnp.float32)
 
     if teacher is not None:
       # Frozen teacher, inference mode, outside the differentiated function.
@@ -358,17 +364,18 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      out, new_model_state = model.apply(
-          variables, images, train=True, return_features=True, return_fused=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
+      with layers.batch_norm_example_mask(mask):
+        out, new_model_state = model.apply(
+            variables, images, train=True, return_features=True, return_fused=True,
+            rngs={"dropout": rng}, mutable=["batch_stats"])
       x, dof, score, fused = out
       if teacher is None:
-        loss = objectives.regression_loss(score, mos, config.loss)
+        loss = objectives.regression_loss(score, mos, config.loss, weights)
         aux = {}
       else:
         loss, terms = objectives.distillation_loss(
             x.astype(jnp.float32), t_x.astype(jnp.float32), dof.astype(jnp.float32),
-            t_dof.astype(jnp.float32), score, mos, weights)
+            t_dof.astype(jnp.float32), score, mos, term_weights, weights)
         aux = {f"loss_{k}": v for k, v in terms.items()}
         aux["fused"] = fused
       return loss, (new_model_state, score, aux)
@@ -377,13 +384,13 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "score_mse": jnp.mean((score - mos) ** 2),
+    metrics = {"loss": loss, "score_mse": objectives.mse(score, mos, weights),
                "grad_norm": optax.global_norm(grads)}
     if teacher is not None:
       fused = jax.lax.stop_gradient(aux.pop("fused"))
       # Monitoring only: the teacher's regressor on the student's image quality feature.
       t_on_s = teacher.apply(teacher_variables, fused, method="regress")
-      metrics["monitor_teacher_regressor_mse"] = jnp.mean((t_on_s - mos) ** 2)
+      metrics["monitor_teacher_regressor_mse"] = objectives.mse(t_on_s, mos, weights)
       metrics.update(aux)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=new_model_state.get("batch_stats", {}),

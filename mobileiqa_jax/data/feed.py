@@ -29,7 +29,8 @@ class Data:
   """This process's batches of one run (see `pipeline.Loader` for the order).
 
   `train_epoch(epoch, start)` yields global batches `start..` of epoch `epoch` (this
-  process's rows) as dict(image [b, H, W, 3] float32 normalised, mos [b] float32); the order,
+  process's rows) as dict(image [b, H, W, 3] float32 normalised, mos [b] float32, and, where
+  the last partial batch is kept padded, mask [b] bool: False on padding); the order,
   flips and crops are a pure function of (seed, epoch), so the step alone says where a run
   resumes. `eval_batches()` yields dict(image, mos, mask) over the held-out split, the last
   batch padded (mask 0 on padding).
@@ -58,8 +59,12 @@ class LoaderData(Data):
     self.mos_range = [float(scale.low), float(scale.high)] if scale is not None else None
 
   def train_epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    keep_last = not self.train.drop_remainder
     for batch in self.train.iter_epoch(epoch, start):
-      yield {"image": batch["image"], "mos": batch["mos"]}
+      out = {"image": batch["image"], "mos": batch["mos"]}
+      if keep_last:  # a padded last batch: the step weights loss and BatchNorm by the mask
+        out["mask"] = batch["mask"]
+      yield out
 
   def eval_batches(self) -> Iterator[Batch]:
     for batch in self.held_out.iter_epoch(0, 0):
@@ -68,18 +73,21 @@ class LoaderData(Data):
 
 def loaders(train_source: pipeline.Source, eval_source: pipeline.Source,
             config: ml_collections.ConfigDict, *, flips: bool | None = None,
-            shuffle: bool = True) -> LoaderData:
-  """`LoaderData` over two sources with `config`'s batch sizes, image size and augmentation.
-
-  `flips` overrides `config.data.flips`; `shuffle=False` keeps the stored order every epoch.
+            shuffle: bool | None = None) -> LoaderData:
+  """`LoaderData` over two sources with `config`'s batch sizes, image size, order and
+  augmentation; `flips` and `shuffle` override `config.data.flips` / `config.data.shuffle`.
   """
   common = dict(image_size=tuple(config.data.image_size), seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                num_workers=config.data.num_workers or None)
+                num_workers=config.data.num_workers or None,
+                pre_resize_size=tuple(config.data.pre_resize) if all(config.data.pre_resize)
+                else None)
   crop = tuple(config.data.train_crop)
   train = pipeline.Loader(train_source, sharding.local_batch_size(config.batch_size),
-                          train=True, shuffle=shuffle,
+                          train=True,
+                          shuffle=config.data.shuffle if shuffle is None else shuffle,
                           flips=config.data.flips if flips is None else flips,
+                          drop_remainder=config.data.drop_remainder,
                           crop_size=crop if all(crop) else None, **common)
   held_out = pipeline.Loader(eval_source, sharding.local_batch_size(config.data.eval_batch_size),
                              train=False, **common)
@@ -100,6 +108,22 @@ def sources_from_config(config: ml_collections.ConfigDict,
     from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
     return demo.source("train"), demo.source(eval_split)
   data_dir = config.data.data_dir or None
+  if config.data.split == "reference":  # the released code's random.shuffle split
+    rows_from = config.data.reference_rows or None
+    sources = tuple(pipeline.reference_split_source(config.data.name, s, data_dir, rows_from,
+                                                    config.data.reference_split_seed)
+                    for s in ("train", eval_split))
+    rows = sum(len(s) for s in sources)
+    if config.data.reference_count and rows != config.data.reference_count:
+      raise ValueError(
+          f"config.data.reference_count: the released code splits {config.data.reference_count} "
+          f"rows of {config.data.name}'s label file, the prepared data set has {rows}; the "
+          "split would differ. Prepare the complete release, or set "
+          "--config.data.reference_count=0 to split what is there.")
+    return sources
+  if config.data.split != "stored":
+    raise ValueError(f"config.data.split must be 'stored' or 'reference', got "
+                     f"{config.data.split!r}.")
   return (pipeline.tfds_source(config.data.name, config.data.train_split, data_dir),
           pipeline.tfds_source(config.data.name, eval_split, data_dir))
 
@@ -127,7 +151,7 @@ class ArraySource:
 
 def from_arrays(train_images: np.ndarray, train_mos: np.ndarray, eval_images: np.ndarray,
                 eval_mos: np.ndarray, config: ml_collections.ConfigDict, *,
-                flips: bool | None = None, shuffle: bool = True) -> LoaderData:
+                flips: bool | None = None, shuffle: bool | None = None) -> LoaderData:
   """`LoaderData` over arrays, with `config`'s batch sizes, seed and augmentation.
 
   The images must already have `config.data.image_size`; `flips` and `shuffle` as in

@@ -140,60 +140,89 @@ def export_model_for(model_config: Mapping[str, Any]):
 # ----------------------------------------------------------------------------- conversion
 
 
-# LDAs whose hidden activation (H * W * 2C) exceeds this many elements are exported row strip by
-# row strip (see `_lda_in_strips`).
+# LDAs whose hidden activation (H * W * 2C) exceeds this many elements are exported one pooled
+# row band at a time (see `_lda_tf`); smaller ones in one piece.
 LDA_STRIP_ELEMENTS = 4 * 2**20
 
 
-def _lda_in_strips(lda: Any, x: Any) -> Any:
-  """`LDA.__call__` computed one output row of the adaptive pool at a time.
-
-  Same parameters and the same math (conv1x1 -> exact GELU -> PyTorch adaptive average pool ->
-  conv1x1); only the order of the window sums differs. TFLite materialises every elementwise
-  intermediate of XLA's erf/erfc expansion at full size, so at 1231x1907 the first LDA's
-  (616, 954, 512) hidden activation made the interpreter need more than 20 GB; computed per
-  pooled row it needs about 1/S of that.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) averaging matrix of PyTorch's adaptive pooling along one axis."""
   from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
-
-  params = lda.variables["params"]
-  s = lda.pooled_size
-
-  def conv1x1(y, p):
-    y = jax.lax.conv_general_dilated(y, p["kernel"].astype(y.dtype), (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + p["bias"].astype(y.dtype)
-
-  x = x.astype(lda.dtype)
-  h = x.shape[1]
-  rows = []
-  for i in range(s):
-    start, end = (i * h) // s, -((-(i + 1) * h) // s)
-    y = layers.gelu(conv1x1(x[:, start:end], params["cnn1"]))
-    rows.append(jnp.mean(y, axis=1, keepdims=True))
-  y = layers.adaptive_avg_pool2d(jnp.concatenate(rows, axis=1), (s, s))
-  return conv1x1(y, params["cnn2"])
+  idx, weights = layers._adaptive_windows(in_size, out_size)  # pylint: disable=protected-access
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    np.add.at(m[i], idx[i], weights[i])
+  return m
 
 
-def _strip_interceptor(next_fun, args, kwargs, context):
-  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  mod = context.module
-  if isinstance(mod, mobileiqa.LDA) and context.method_name == "__call__" and not kwargs:
-    x = args[0]
-    if x.shape[1] * x.shape[2] * 2 * mod.width > LDA_STRIP_ELEMENTS:
-      return _lda_in_strips(mod, x)
-  return next_fun(*args, **kwargs)
+def _row_windows(in_size: int, out_size: int) -> list[tuple[int, int]]:
+  """[start, end) rows of each of PyTorch's adaptive pooling windows."""
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size))
+          for i in range(out_size)]
+
+
+def _lda_tf(x: Any, params: Mapping[str, Any], pooled_size: int) -> Any:
+  """One LDA in TensorFlow ops: conv1x1 (C_i -> 2C) -> exact GELU -> adaptive pool -> conv1x1.
+
+  Written in TF rather than left to the StableHLO legaliser because `tf.nn.gelu(approximate=
+  False)` converts to TFLite's own GELU op (exact mode), one kernel that XNNPACK and the GPU
+  delegates run in one pass; from StableHLO the exact GELU arrives as XLA's erf polynomial,
+  ~20 elementwise ops each writing a tensor the size of the hidden activation.
+
+  A hidden activation above `LDA_STRIP_ELEMENTS` is never formed whole: each pooled row's
+  window of input rows is projected, passed through GELU and averaged over its rows
+  (AVERAGE_POOL_2D) on its own, so only one window's (K, W, 2C) exists at a time. The width
+  pooling (PyTorch's overlapping windows) is then one matmul with a constant averaging matrix
+  on the (S, W, 2C) row means. Same parameters and math as `mobileiqa.LDA` (float32 rounding).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  k1 = np.asarray(params["cnn1"]["kernel"], np.float32)
+  b1 = np.asarray(params["cnn1"]["bias"], np.float32)
+  k2 = np.asarray(params["cnn2"]["kernel"], np.float32)
+  b2 = np.asarray(params["cnn2"]["bias"], np.float32)
+  s = pooled_size
+  _, h, w, _ = x.shape
+
+  def project(t):
+    y = tf.nn.conv2d(t, k1, strides=1, padding="VALID") + b1
+    return tf.nn.gelu(y, approximate=False)
+
+  pool_w = tf.constant(_pool_matrix(w, s))
+  if h * w * k1.shape[-1] > LDA_STRIP_ELEMENTS:
+    rows = []
+    for start, end in _row_windows(h, s):
+      y = project(x[:, start:end])
+      if end - start > 1:
+        y = tf.nn.avg_pool2d(y, (end - start, 1), (end - start, 1), "VALID")
+      rows.append(y)
+    y = tf.concat(rows, axis=1)  # (1, S, W, 2C)
+  else:
+    y = tf.einsum("sh,bhwc->bswc", tf.constant(_pool_matrix(h, s)), project(x))
+  y = tf.einsum("sw,bhwc->bhsc", pool_w, y)
+  return tf.nn.conv2d(y, k2, strides=1, padding="VALID") + b2
+
+
+def _backbone_features(model: Any, images: Any) -> Any:
+  return getattr(model, model.backbone_name)(images, train=False)
+
+
+def _head_from_views(model: Any, *views: Any) -> Any:
+  """The model after its LDAs: views (B, S, S, C) each -> score (B,)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.stack(views)
+  fused = model.fusion_mal(model.MALs(x, False), False)
+  return model.regress(fused, False)
 
 
 def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: str = "none",
               select_tf_ops: bool = False) -> bytes:
   """Converts `model.apply(variables, x, train=False)` at input (1, H, W, 3) to a TFLite model.
 
+  The graph is three parts in one tf.function: the backbone (jax2tf), the LDAs (TensorFlow ops,
+  `_lda_tf`), the MALs and regressor (jax2tf).
+
   Args:
-    model: a Flax module whose apply takes (images, train=False) and returns scores (B,).
-      Export a MobileIQA with depthwise_impl='conv' (`export_model_for`).
+    model: a `mobileiqa.MobileIQA`. Export one with depthwise_impl='conv' (`export_model_for`).
     variables: its variables ({'params', 'batch_stats'}); embedded as constants.
     image_size: (H, W), validated by `parse_image_size`.
     quantize: 'none', 'float16' or 'dynamic_int8'.
@@ -209,22 +238,42 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
 
   h, w = parse_image_size(image_size, "image_size")
   check_quantize(quantize)
-  # The weights enter the XlaCallModule as tf.Variables (the converter freezes them into
+  variables = {c: dict(v) for c, v in dict(variables).items()}
+  lda_names = [f"{model.lda_prefix}{i + 1}" for i in range(model._num_views())]  # pylint: disable=protected-access
+  bb = model.backbone_name
+
+  def part(keep):
+    return {c: {k: v for k, v in tree.items() if keep(k)} for c, tree in variables.items()}
+
+  # The weights enter each XlaCallModule as tf.Variables (the converter freezes them into
   # constants) rather than as constants inside the serialized StableHLO: embedding 80M
   # parameters there made the module string get copied several times and conversion peak
   # at ~12 GB.
-  leaves, treedef = jax.tree_util.tree_flatten(dict(variables))
-
-  def score(flat, images):
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    with nn.intercept_methods(_strip_interceptor):
-      return model.apply(jax.tree_util.tree_unflatten(treedef, flat), images, train=False)
-
-  fn = jax2tf.convert(score, with_gradient=False)
   module = tf.Module()
-  module.weights = [tf.Variable(np.asarray(a), trainable=False) for a in leaves]
+
+  def as_tf(fn, tree, name):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+    def call(flat, *args):
+      return model.apply(jax.tree_util.tree_unflatten(treedef, flat), *args, method=fn)
+
+    weights = [tf.Variable(np.asarray(a), trainable=False) for a in leaves]
+    setattr(module, name, weights)
+    converted = jax2tf.convert(call, with_gradient=False)
+    return lambda *args: converted(weights, *args)
+
+  backbone = as_tf(_backbone_features, part(lambda k: k == bb), "backbone_weights")
+  head = as_tf(_head_from_views, part(lambda k: k != bb and k not in lda_names),
+               "head_weights")
+  lda_params = [variables["params"][n] for n in lda_names]
+
+  def serve(image):
+    feats = backbone(image)
+    views = [_lda_tf(f, p, model.pooled_size) for f, p in zip(feats, lda_params)]
+    return {OUTPUT_NAME: head(*views)}
+
   module.serve = tf.function(
-      lambda image: {OUTPUT_NAME: fn(module.weights, image)}, autograph=False,
+      serve, autograph=False,
       input_signature=[tf.TensorSpec((1, h, w, 3), tf.float32, name=INPUT_NAME)])
   concrete = module.serve.get_concrete_function()
 

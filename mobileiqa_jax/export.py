@@ -320,8 +320,13 @@ def sidecar_path(tflite_path: str) -> str:
 
 def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str, Any] | None,
             extra: Mapping[str, Any] | None, tflite_file: str,
-            ops: Mapping[str, int] | None = None, source: str | None = None) -> dict[str, Any]:
-  """The JSON an app reads beside the model: everything to turn a photo into a score."""
+            ops: Mapping[str, int] | None = None, source: str | None = None,
+            runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON an app reads beside the model: everything to turn a photo into a score.
+
+  `runtime` is `probe()`'s measurement of the written model (delegate, threads, peak memory,
+  latency on the exporting machine); None leaves it out.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   h, w = image_size
@@ -368,14 +373,33 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
       },
       "mos_mapping": mos,
       "quantization": quantize,
-      "runtime_note": (
-          "LiteRT's default XNNPACK delegate needed > 13 GB at 1231x1907 in ai-edge-litert 2.3;"
-          " above ~1 Mpx create the interpreter without default delegates (builtin kernels)"
-          if h * w > XNNPACK_MAX_PIXELS else None),
+      "runtime": _runtime_entry(runtime),
       "requires_flex": _needs_flex(ops or {}),
       "ops": dict(sorted((ops or {}).items())),
       "source_checkpoint": source,
       "exported_with": {"jax": jax.__version__, "tensorflow": tf.__version__},
+  }
+
+
+def _runtime_entry(runtime: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  if runtime is None:
+    return None
+  import platform  # pylint: disable=g-import-not-at-top
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    litert_version = metadata.version("ai-edge-litert")
+  except Exception:  # pylint: disable=broad-except
+    litert_version = None
+  return {
+      "delegate": runtime["delegate"],
+      "num_threads": runtime["num_threads"],
+      "expected_peak_rss_bytes": int(runtime["peak_rss_bytes"]),
+      "measured_invoke_ms": runtime["invoke_ms"],
+      "measured_on": f"{platform.machine()}, {os.cpu_count()} cores, ai-edge-litert "
+                     f"{litert_version}",
+      "note": ("peak resident memory of a process that loaded the model, allocated it and "
+               "scored one image with this delegate (weights included); latency of that "
+               "invoke on the exporting machine, not a phone's"),
   }
 
 
@@ -385,8 +409,13 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
 def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
            quantize: str = "none", model_config: Mapping[str, Any] | None = None,
            extra: Mapping[str, Any] | None = None, select_tf_ops: bool = False,
-           source: str | None = None) -> dict[str, Any]:
-  """Writes `output` (.tflite) and its sidecar JSON; returns the sidecar dict."""
+           source: str | None = None, measure: bool = True,
+           num_threads: int = 2) -> dict[str, Any]:
+  """Writes `output` (.tflite) and its sidecar JSON; returns the sidecar dict.
+
+  With `measure`, the written model is run once in a fresh LiteRT process (`probe`, XNNPACK,
+  `num_threads`) and the sidecar records its peak memory and latency.
+  """
   size = parse_image_size(image_size, "image_size")
   check_quantize(quantize)
   data = to_tflite(model, variables, size, quantize, select_tf_ops)
@@ -396,9 +425,20 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "wb") as f:
     f.write(data)
-  with open(sidecar_path(output), "w") as f:
-    json.dump(meta, f, indent=2)
-    f.write("\n")
+  del data
+
+  def write_sidecar():
+    with open(sidecar_path(output), "w") as f:
+      json.dump(meta, f, indent=2)
+      f.write("\n")
+
+  write_sidecar()
+  if measure and not meta["requires_flex"]:  # ai_edge_litert has no Flex kernels
+    try:
+      meta["runtime"] = _runtime_entry(probe(output, num_threads))
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ExportError(f"{output} was written, but LiteRT could not run it: {e}") from e
+    write_sidecar()
   return meta
 
 
@@ -444,30 +484,56 @@ def make_interpreter(model_path: str | None = None, model_content: bytes | None 
   return cls(**kwargs)
 
 
-# Measured with ai-edge-litert 2.3 on the full student: at 1231x1907 the XNNPACK delegate (on
-# by default) took the process past 13 GB (and 20 GB before the LDA strips) while the builtin
-# CPU kernels run it in about 1 GB above the model; at 512x512 XNNPACK runs fine.
-XNNPACK_MAX_PIXELS = 1024 * 1024
+def probe(model_path: str, num_threads: int = 2, xnnpack: bool = True,
+          timeout_s: float = 600.0) -> dict[str, Any]:
+  """Runs the model once in a fresh process, as an app would; returns what it cost there.
+
+  The child imports only `ai_edge_litert` and numpy, loads `model_path`, allocates, invokes
+  once on a random input (warm-up) and once timed. Returns {'peak_rss_bytes' (the child's
+  ru_maxrss: the whole process, weights included), 'invoke_ms', 'delegate', 'num_threads'}.
+  Raises RuntimeError with the child's error if it fails.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "-m", "mobileiqa_jax.export", "--probe", model_path,
+         str(int(num_threads)), "xnnpack" if xnnpack else "builtin"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
+                        check=False)
+  if proc.returncode:
+    raise RuntimeError(f"running {model_path} in LiteRT failed: {proc.stderr.strip()[-800:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _input_pixels(model_path: str) -> int:
-  it = make_interpreter(model_path=model_path, delegate=False)
-  shape = it.get_input_details()[0]["shape"]
-  return int(shape[1]) * int(shape[2])
+def _probe_main(model_path: str, num_threads: str, kernels: str) -> None:
+  import resource  # pylint: disable=g-import-not-at-top
+  it = make_interpreter(model_path=model_path, num_threads=int(num_threads),
+                        delegate=kernels == "xnnpack")
+  it.allocate_tensors()
+  inp = it.get_input_details()[0]
+  it.set_tensor(inp["index"],
+                np.random.RandomState(0).standard_normal(inp["shape"]).astype(np.float32))
+  it.invoke()
+  t = time.perf_counter()
+  it.invoke()
+  ms = 1e3 * (time.perf_counter() - t)
+  print(json.dumps({
+      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "invoke_ms": round(ms, 1), "num_threads": int(num_threads),
+      "delegate": "XNNPACK" if kernels == "xnnpack" else "none (builtin kernels)"}))
 
 
 class TFLiteScorer:
   """Scores normalised NHWC float32 images with an exported model, one image per invoke.
 
-  `xnnpack`: use LiteRT's default XNNPACK delegate; None = only for inputs up to
-  XNNPACK_MAX_PIXELS (see there).
+  `xnnpack`: use LiteRT's default XNNPACK delegate (as apps do); False = the builtin
+  reference kernels.
   """
 
-  def __init__(self, model_path: str, num_threads: int | None = None,
-               xnnpack: bool | None = None):
+  def __init__(self, model_path: str, num_threads: int | None = None, xnnpack: bool = True):
     self.model_path = model_path
-    if xnnpack is None:
-      xnnpack = _input_pixels(model_path) <= XNNPACK_MAX_PIXELS
     self.xnnpack = xnnpack
     self.interpreter = make_interpreter(model_path=model_path, num_threads=num_threads,
                                         delegate=xnnpack)
@@ -517,3 +583,12 @@ class TFLiteScorer:
       self.interpreter.invoke()
       times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) == 5 and sys.argv[1] == "--probe":
+    _probe_main(*sys.argv[2:])
+  else:
+    sys.exit("usage: python -m mobileiqa_jax.export --probe MODEL.tflite THREADS xnnpack|builtin"
+             " (the export command is launch/export.py)")

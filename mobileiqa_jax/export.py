@@ -12,42 +12,56 @@ app (they are image-library work, not model work); see `sidecar()`.
 
 ## The path, and why this one (checked with jax 0.10.2, TensorFlow(-cpu) 2.21, ai-edge-litert 2.3)
 
-    model.apply  --jax2tf.convert (native serialization)-->  tf.function holding ONE
-    XlaCallModule op (the StableHLO of the jitted scorer, weights as constants)
-      --tf.lite.TFLiteConverter.from_concrete_functions-->  the converter legalises the
-    StableHLO to TFLite builtin ops  -->  .tflite, run by `ai_edge_litert.interpreter`.
+    one tf.function (input 'image', output 'score'):
+      backbone  --jax2tf.convert-->  XlaCallModule (StableHLO)  -> 5 features
+      5 LDAs    written in TensorFlow ops (`_lda_tf`)           -> 5 views (1, S, S, C)
+      MALs + fusion MAL + regressor  --jax2tf.convert-->  XlaCallModule  -> score
+    --tf.lite.TFLiteConverter.from_concrete_functions-->  the converter legalises the StableHLO
+    and the TF ops to TFLite builtins  -->  .tflite, run by `ai_edge_litert.interpreter` with
+    its default XNNPACK delegate.
 
 - jax2tf's graph (non-native) serialization is gone in jax 0.10: `native_serialization` and
   `enable_xla` are accepted only as deprecated no-ops, and every conversion is an
   `XlaCallModule` wrapping StableHLO. TF 2.21's TFLite converter deserialises that module and
-  legalises StableHLO -> TFLite builtins itself, so no TF-op graph is needed. This is the path
-  the LiteRT documentation gives for JAX ("JAX -> jax2tf -> TF -> TFLite converter"); orbax-export
-  is a wrapper around the same jax2tf call and adds nothing for a single fixed-shape function.
+  legalises StableHLO -> TFLite builtins itself. This is the path the LiteRT documentation
+  gives for JAX ("JAX -> jax2tf -> TF -> TFLite converter"); orbax-export is a wrapper around
+  the same jax2tf call and adds nothing for a fixed-shape function.
 - `tf.lite.TFLiteConverter.experimental_from_jax` is deprecated (it points to this path) and is
   built on the removed HLO-proto export. There is no `ai-edge-jax` on PyPI; `ai-edge-torch` /
   `litert-torch` convert PyTorch, not JAX.
-- The student converts to builtin ops only (`TFLITE_BUILTINS`): convolutions -> CONV_2D /
+- Why the LDAs are TF ops. Legalised from StableHLO, an exact (erf) GELU becomes XLA's erf
+  polynomial: ~60 elementwise builtins (MUL/ADD/DIV/EXP/SELECT/LESS...) each writing a tensor
+  as large as the GELU's input. The first LDA's hidden activation is the model's largest
+  array (616x954x512 float32, 1.2 GB, at 1231x1907), so that graph had 3646 ops whose
+  intermediate tensors summed to 11.8 GiB already at 512x512 (row-strip exported), and under
+  XNNPACK the process went from 0.7 GB after loading to 2.1 GB peak at 512x512, and past
+  8 GB (killed; 13 GB in an earlier run) at 1231x1907. `tf.nn.gelu(approximate=False)`
+  instead converts to TFLite's own GELU op in exact mode, one kernel that XNNPACK (and the GPU
+  delegate) run in one pass. Reaching that op from StableHLO needs a `jax.lax.composite`, which
+  this TF cannot read (version skew: jax 0.10 writes StableHLO 1.15, TF 2.21 reads 1.13;
+  "unregistered operation 'vhlo.composite_v2'"), hence TF ops for the whole LDA.
+- Each LDA whose hidden activation exceeds `LDA_STRIP_ELEMENTS` is computed one pooled row
+  window at a time (conv1x1 -> GELU -> AVERAGE_POOL_2D over the window's rows), so only one
+  window's (K, W, 2C) exists at once (28x954x512 at 1231x1907); the width pooling, PyTorch's
+  overlapping windows, is one matmul with a constant averaging matrix on the (S, W, 2C) row
+  means. Smaller LDAs are computed whole and pooled by two such matmuls. Same parameters and
+  numbers as `mobileiqa.LDA` (`tests/test_export.py` checks both forms against it). The graph
+  at 512x768 has 569 ops, intermediates summing to 1.3 GiB; the full student at 1231x1907
+  peaks at ~1.1 GB RSS under XNNPACK, weights included (`benchmarks/export.py`).
+- The rest converts to builtin ops only (`TFLITE_BUILTINS`): convolutions -> CONV_2D /
   DEPTHWISE_CONV_2D, hard-swish -> HARD_SWISH, the head's matmuls -> FULLY_CONNECTED /
-  BATCH_MATMUL, softmax -> SOFTMAX, sigmoid -> LOGISTIC; the exact (erf) GELU becomes XLA's
-  erf polynomial in elementwise builtins (MUL/ADD/DIV/EXP/SELECT...), so it stays exact to
-  float32 rounding instead of switching to the tanh GELU; PyTorch's overlapping adaptive
-  pooling becomes slices/gathers and sums (whatever `layers.adaptive_avg_pool2d` lowers to). `select_tf_ops=True` (`--select_tf_ops`) lets the converter
-  fall back to TensorFlow (Flex) kernels for anything it cannot legalise; such a model needs an
-  interpreter linked with the Flex delegate (the `tensorflow` package's `tf.lite.Interpreter`,
-  or the Flex AAR on Android) — `ai-edge-litert` alone cannot run it. It is a documented
-  fallback only; the sidecar records `requires_flex`.
+  BATCH_MATMUL, softmax -> SOFTMAX, sigmoid -> LOGISTIC. `select_tf_ops=True`
+  (`--select_tf_ops`) lets the converter fall back to TensorFlow (Flex) kernels for anything it
+  cannot legalise; such a model needs an interpreter linked with the Flex delegate (the
+  `tensorflow` package's `tf.lite.Interpreter`, or the Flex AAR on Android) — `ai-edge-litert`
+  alone cannot run it. It is a documented fallback only; the sidecar records `requires_flex`.
 - Depthwise convolutions are exported with `depthwise_impl='conv'` (one DEPTHWISE_CONV_2D
   that XNNPACK runs well), whatever the checkpoint's config says: the 'shift' form (k*k
   strided slices and multiply-adds, faster under XLA:CPU) reads the same parameters and gives
   the same numbers, but would become k*k STRIDED_SLICE/MUL/ADD ops per layer in TFLite.
-- Version skew: jax 0.10 writes StableHLO 1.15 while TF 2.21 reads 1.13. Plain ops
-  deserialise fine, but newer constructs do not: a `jax.lax.composite` (tried, to map the
-  exact GELU to TFLite's GELU op) fails with "unregistered operation 'vhlo.composite_v2'".
-  If a future model change trips this, the converter error names the vhlo op.
-- Memory at full resolution: TFLite materialises every intermediate of the erf expansion at
-  full size, so the first LDA's (616, 954, 512) hidden activation at 1231x1907 is exported in
-  row strips (`_lda_in_strips`, same math). LiteRT's default XNNPACK delegate still needed
-  > 13 GB there; the builtin CPU kernels do not (`TFLiteScorer(xnnpack=None)` picks).
+- After writing the file, `export` runs it once in a fresh LiteRT process (`probe`: XNNPACK,
+  2 threads) and the sidecar's `runtime` records the delegate, threads, peak resident memory
+  and latency measured there, for the app's budget.
 - Quantisation is the converter's post-training kind, needing no calibration data:
   `float16` stores weights in float16 (about half the file; dequantised at load on CPU),
   `dynamic_int8` stores weights in int8 with dynamic-range int8 kernels for the FULLY_CONNECTED

@@ -7,7 +7,9 @@ get wrong.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,6 +17,35 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+
+#: Initialisations of the head's Conv/Linear layers: 'torch' (PyTorch's defaults, what the
+#: authors' head starts from) or 'flax' (Flax's defaults).
+HEAD_INITS = ("torch", "flax")
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense_initializers(head_init: str, fan_in: int) -> tuple[Callable[..., jax.Array],
+                                                              Callable[..., jax.Array]]:
+  """(kernel_init, bias_init) of a Conv or Linear layer with `fan_in` inputs per output.
+
+  'torch': `nn.Conv2d` / `nn.Linear`'s `reset_parameters`: `kaiming_uniform_(a=sqrt(5))`
+  for the weight, which is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the bias from the same
+  U(+-1/sqrt(fan_in)); fan_in = in_channels / groups * kh * kw (conv) or in_features.
+  'flax': Flax's `lecun_normal` kernel (std 1/sqrt(fan_in), sqrt(3) times the torch one)
+  and zero bias.
+  """
+  if head_init == "torch":
+    bound = 1.0 / float(np.sqrt(fan_in))
+    return _uniform(bound), _uniform(bound)
+  if head_init == "flax":
+    return nn.initializers.lecun_normal(), nn.initializers.zeros
+  raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}.")
 
 
 def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
@@ -238,6 +269,29 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
   return _align_corners_axis(x, 2, size_hw[1])
 
 
+# Examples that training BatchNorm statistics count (None: all). A context variable rather
+# than an argument of every backbone block: only the train step of a padded last batch sets it.
+_EXAMPLE_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "batch_norm_example_mask", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_example_mask(mask: jax.Array | None) -> Iterator[None]:
+  """Within this block, training BatchNorm statistics count only examples where `mask` is set.
+
+  A padded last batch (the released recipe keeps PyTorch's last small batch) then normalises
+  and updates the running statistics exactly as a batch of its real examples alone would:
+  mean, variance and the n / (n - 1) correction all use the real examples' positions.
+  `mask` has shape [batch] (bool or 0/1) and is traced with the model (set it inside the
+  jitted function). None leaves every BatchNorm as it is.
+  """
+  token = _EXAMPLE_MASK.set(mask)
+  try:
+    yield
+  finally:
+    _EXAMPLE_MASK.reset(token)
+
+
 class BatchNorm2d(nn.Module):
   """`torch.nn.BatchNorm2d` exactly, training included (variables named as `nn.BatchNorm`'s).
 
@@ -265,11 +319,21 @@ class BatchNorm2d(nn.Module):
       # Statistics in float32 whatever the compute dtype, two-pass like PyTorch.
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      if not self.is_initializing():
+      example_mask = _EXAMPLE_MASK.get()
+      if example_mask is None:
+        mean = jnp.mean(xf, axes)
+        var = jnp.mean(jnp.square(xf - mean), axes)
         n = x.size // c
-        unbiased = var * (n / max(n - 1, 1))
+      else:
+        if example_mask.shape != x.shape[:1]:
+          raise ValueError(f"batch_norm_example_mask: mask shape {example_mask.shape} does "
+                           f"not match the batch of a BatchNorm input {x.shape}.")
+        w = example_mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.maximum(jnp.sum(w) * (x.size // (c * x.shape[0])), 1.0)
+        mean = jnp.sum(xf * w, axes) / n
+        var = jnp.sum(jnp.square(xf - mean) * w, axes) / n
+      if not self.is_initializing():
+        unbiased = var * (n / (max(n - 1, 1) if isinstance(n, int) else jnp.maximum(n - 1, 1)))
         m = self.momentum
         ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
         ra_var.value = (1.0 - m) * ra_var.value + m * unbiased

@@ -119,7 +119,8 @@ def runs(tmp_path_factory):
 CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_value",
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
-         "explain_refuses_a_full_output", "evaluate_not_a_checkpoint", "evaluate_data_not_prepared", "train_unwritable_workdir",
+         "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
+         "evaluate_data_not_prepared", "train_unwritable_workdir",
          "train_refuses_changed_resume", "convert_teacher_pkl_as_student",
          "predict_teacher_pkl_as_student"]
 

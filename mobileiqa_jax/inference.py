@@ -181,8 +181,8 @@ def parse_image_size(value: str | Sequence[Any] | None,
   """'H,W', 'HxW' or (H, W) -> (H, W) of whole numbers >= MIN_SIDE; None / '' -> None.
 
   The one reader of an image size for every command (predict, convert, export, explain) and
-  for `load`. Raises ValueError naming `setting` for anything else (one number, three numbers, floats,
-  words, zero, negative or too small sides).
+  for `load`. Raises ValueError naming `setting` for anything else (one number, three
+  numbers, floats, words, zero, negative or too small sides).
   """
   if value is None or (isinstance(value, str) and not value.strip()):
     return None

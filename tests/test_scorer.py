@@ -126,7 +126,8 @@ def test_scorer_attributes_and_mos_mapping(models):
   meta = checkpoint.read_json_item(models["ckpt"], "meta")
   assert "dtype" not in meta["model_config"]
   assert "remat" not in meta["model_config"]["backbone_kwargs"]
-  assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True}
+  assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True,
+                                "head_init": "torch"}
   assert scorer.model.dtype == np.float32 and scorer.model_config["dtype"] == "float32"
   assert mobileiqa_jax.load(models["ckpt"], compute_dtype="bfloat16").model.dtype == "bfloat16"
 

@@ -96,6 +96,9 @@ def runs(tmp_path_factory):
                                       "--config=configs/student.py:livec",
                                       f"--config.data.data_dir={tmp / 'empty'}"],
                                      "not prepared"),
+      "train_data_not_prepared": (["launch/train.py", "--config=configs/teacher.py:livec",
+                                   f"--config.data.data_dir={tmp / 'empty'}",
+                                   f"--workdir={tmp / 'livec_run'}"], "not prepared"),
       "train_unwritable_workdir": (["launch/train.py", f"--config={DEMO}",
                                     f"--workdir={tmp / 'a_file' / 'run'}"], "a_file"),
       "train_refuses_changed_resume": (["launch/train.py", f"--config={DEMO}",
@@ -120,7 +123,7 @@ CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_val
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
          "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
-         "evaluate_data_not_prepared", "train_unwritable_workdir",
+         "evaluate_data_not_prepared", "train_data_not_prepared", "train_unwritable_workdir",
          "train_refuses_changed_resume", "convert_teacher_pkl_as_student",
          "predict_teacher_pkl_as_student"]
 

@@ -18,9 +18,9 @@ through an orbax `CheckpointManager` (`TrainCheckpointer`).
     the best selection metric (SROCC+PLCC+KROCC of an epoch-end evaluation) if any step has one,
     otherwise the latest step. `which='latest'` or `step=N` choose explicitly.
 `model_config` is the architecture only (`build_model(model_config)` rebuilds it); how the run
-computed (`compute_dtype`, `remat`) is kept apart in `training`, so a bfloat16-trained model is
-scored in float32 by predict, evaluate and export alike unless a caller asks otherwise
-(`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
+computed and where it started (`compute_dtype`, `remat`, `head_init`) is kept apart in
+`training`, so a bfloat16-trained model is scored in float32 by predict, evaluate and export
+alike unless a caller asks otherwise (`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
 `backbone_kwargs.remat` inside `model_config`; reading moves them to `training`.
 
 `extra` conventionally holds 'image_size' ([H, W]) and 'mos_range' ([lo, hi] that the MOS was
@@ -80,14 +80,17 @@ def to_plain(x: Any) -> Any:
 def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A model config -> (architecture, training settings).
 
-  The training settings are the compute dtype (`dtype` -> `compute_dtype`) and backbone
-  rematerialisation (`backbone_kwargs.remat` -> `remat`): they change how the numbers are
-  computed, not which model it is.
+  The training settings are the compute dtype (`dtype` -> `compute_dtype`), backbone
+  rematerialisation (`backbone_kwargs.remat` -> `remat`) and the head's initialisation
+  (`head_init`): they change how the numbers are computed or where training started, not
+  which model it is.
   """
   arch = to_plain(dict(model_config))
   training = {}
   if "dtype" in arch:
     training["compute_dtype"] = str(arch.pop("dtype"))
+  if "head_init" in arch:
+    training["head_init"] = arch.pop("head_init")
   kwargs = arch.get("backbone_kwargs")
   if isinstance(kwargs, Mapping) and "remat" in kwargs:
     kwargs = dict(kwargs)
@@ -221,7 +224,7 @@ def load_model(directory: str, which: str = "best", step: int | None = None,
   if train is not None:
     meta["train"] = train
   model = mobileiqa.build_model(dict(meta["model_config"], dtype=compute_dtype or "float32"))
-  logging.info("loaded a %s model from %s", meta["model_config"].get("backbone"), path)
+  logging.info("loaded the %s from %s", meta["model_config"].get("variant", "model"), path)
   return model, variables, meta
 
 

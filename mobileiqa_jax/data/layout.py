@@ -116,7 +116,8 @@ def split_by_group(
 REFERENCE_SPLIT_SEED = 3407
 
 
-def reference_split(num_images: int, seed: int = REFERENCE_SPLIT_SEED) -> tuple[list[int], list[int]]:
+def reference_split(num_images: int,
+                    seed: int = REFERENCE_SPLIT_SEED) -> tuple[list[int], list[int]]:
   """The split of the authors' released training code: (train indices, test indices).
 
   Computed as their `train.py` does: Python's `random.seed(seed)` (nothing else draws from

@@ -5,6 +5,8 @@ Sources are random-access sequences of records `{'image': bytes, 'mos': float, '
 
 - `tfds_source(name, split, data_dir)`: a prepared tfds split (array_record via
   `tfds.data_source`; reading needs no TensorFlow), optionally re-split with `split_seed`.
+- `reference_split_source(name, split, data_dir)`: the authors' released-code split of a
+  prepared data set (`layout.reference_split`; docs/reproducing.md).
 - `folder_source(folder, split)`: a folder of images + CSV, without tfds.
 - `memory_source(images, mos, names)`: lists in memory (tests, demos).
 
@@ -299,7 +301,8 @@ def reference_split_source(
   rows = [(str(s), int(i)) for s, i in order if rows_from is None or s == rows_from]
   train, test = layout.reference_split(len(rows), seed)
   keys = [rows[j] for j in (train if split == "train" else test)]
-  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)
 
 
 # ------------------------------------------------------------------------------------------

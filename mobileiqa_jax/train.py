@@ -271,7 +271,7 @@ def _model_config(config: ml_collections.ConfigDict) -> mobileiqa.MobileIQAConfi
       logging.warning("config.remat: only MobileViTv2 backbones rematerialise; ignored for %s",
                       d["backbone"])
     else:
-      kwargs["remat"] = True
+      kwargs["remat"] = config.get("remat_granularity") or True
   d["backbone_kwargs"] = kwargs
   return mobileiqa.MobileIQAConfig.from_dict(d)
 
@@ -502,8 +502,14 @@ class Setup:
                       opt_state=opt_state)
 
 
-def build_setup(config: ml_collections.ConfigDict, mesh: Any, steps_per_epoch: int) -> Setup:
-  """Builds the model (and frozen teacher), its shardings on `mesh`, and the jitted steps."""
+def build_setup(config: ml_collections.ConfigDict, mesh: Any, steps_per_epoch: int,
+                teacher: tuple[Any, PyTree] | None = None) -> Setup:
+  """Builds the model (and frozen teacher), its shardings on `mesh`, and the jitted steps.
+
+  `teacher`: (module, sharded variables) of the frozen teacher instead of reading
+  `config.teacher_checkpoint`; the variables may be abstract (`aot.py` compiles without
+  weights).
+  """
   # ------------------------------------------------------------------ model
   model_cfg = _model_config(config)
   model = mobileiqa.build_model(model_cfg)
@@ -543,8 +549,8 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Any, steps_per_epoch: i
     return variables
 
   # ------------------------------------------------------------------ teacher (distillation)
-  teacher, teacher_vars = None, None
-  if config.teacher_checkpoint:
+  teacher, teacher_vars = teacher if teacher is not None else (None, None)
+  if teacher is None and config.teacher_checkpoint:
     _, t_host, t_meta = ckpt_lib.load_model(config.teacher_checkpoint)
     # The teacher computes in the run's compute dtype too (its weights stay as stored).
     teacher = mobileiqa.build_model(dict(t_meta["model_config"], dtype=config.compute_dtype))

@@ -57,11 +57,23 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.image_size = DATASETS.get(variant, {}).get("image_size", (64, 64))
   c.data.train_split = "train"
+  # 'stored': the prepared splits (train_split / eval_split). 'reference': the authors'
+  # released split (layout.reference_split: Python random.shuffle of the label file's rows
+  # with reference_split_seed, first 80% train, eval_split must be 'test'); reference_rows
+  # numbers only that stored split's rows ('train' for UHD-IQA), '' every row.
+  c.data.split = "stored"
+  c.data.reference_rows = ""
+  c.data.reference_split_seed = 3407
   c.data.eval_split = DATASETS.get(variant, {}).get("eval_split", "test")
   c.data.flips = True  # random horizontal and vertical flips (training only)
   # (h, w) random window of each resized training image; (0, 0) = the whole image (the
   # reference). Evaluation always scores the whole image_size.
   c.data.train_crop = (0, 0)
+  # The released code's DataLoader(shuffle=False) and drop_last=False: False / False visit
+  # the training images in the same order every epoch and keep the last partial batch
+  # (padded to the global batch; the loss and BatchNorm count only its real examples).
+  c.data.shuffle = True
+  c.data.drop_remainder = True
   c.data.num_workers = 4  # decode/resize threads per process
   c.data.eval_batch_size = 8  # global; padded batches are masked out of the metrics
 

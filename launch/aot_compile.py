@@ -23,6 +23,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mobileiqa_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant], e.g. configs/teacher.py.",
     lock_config=True)
@@ -35,19 +37,18 @@ flags.mark_flags_as_required(["config", "topology"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from mobileiqa_jax import aot  # pylint: disable=g-import-not-at-top
   try:
     report = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, with_eval=_EVAL.value,
                                       teacher_backbone=_TEACHER_BACKBONE.value)
   except aot.AotUsageError as e:
-    print(f"aot_compile: {e}", file=sys.stderr)
-    sys.exit(aot.EXIT_USAGE)
+    cli.fail(e, status=aot.EXIT_USAGE)
   lines, json_line, code = aot.main_report(report)
   print("\n".join(lines))
   print(json_line, flush=True)
-  sys.exit(code)
+  return code
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,8 +6,9 @@ r"""Evaluates a checkpoint on a split: metrics JSON, predictions CSV and scatter
       --split=test
 
 --checkpoint: a standalone checkpoint (launch/convert.py output), a training step folder, or a
-training workdir (its best step by SROCC+PLCC+KROCC). --config is needed only for checkpoints
-outside a training workdir; its fields can be overridden as in launch/train.py.
+training workdir (its best step by SROCC+PLCC+KROCC), or a .pkl/.pth state dict (the authors'
+weights). --config is needed only for checkpoints outside a training workdir; its fields can be
+overridden as in launch/train.py. The model computes in float32, as predict and export do.
 """
 
 import os
@@ -19,10 +20,12 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mobileiqa_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
                                           "data set (default: the checkpoint's workdir config).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint, step folder or workdir.",
-                                  required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint, step folder, workdir, or "
+                                  "a .pkl/.pth state dict (with --config).", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.data.eval_split).")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Step of a workdir to load.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Default <checkpoint>/eval_<data>_<split>.")
@@ -31,7 +34,7 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch size overri
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from mobileiqa_jax import evaluate  # pylint: disable=g-import-not-at-top
   result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _SPLIT.value,
                                         _OUTPUT.value, _WHICH.value, _BATCH.value)
@@ -40,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

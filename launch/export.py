@@ -5,22 +5,24 @@ r"""Exports a MobileIQA checkpoint to a LiteRT/TFLite model plus a JSON sidecar 
 
 The model takes one ImageNet-normalised RGB image, NHWC float32 (1, H, W, 3), and returns one
 score (1,). `model.json` beside `model.tflite` holds the input size, layout, normalisation,
-MOS mapping and quantisation. See mobileiqa_jax/export.py for the conversion path.
+MOS mapping and quantisation. See mobileiqa_jax/export.py for the conversion path. --checkpoint
+takes what `mobileiqa_jax.load` takes. The model computes in float32.
 """
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from mobileiqa_jax import cli
 from mobileiqa_jax import export
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint folder (launch/convert.py output, or a "
-                    "training workdir).", required=True)
+flags.DEFINE_string("checkpoint", None, "Checkpoint folder (launch/convert.py output), a "
+                    "training workdir, or a .pkl/.pth state dict (the authors' weights).",
+                    required=True)
 flags.DEFINE_string("output", None, "The .tflite file to write; the sidecar JSON goes beside "
                     "it with the extension .json.", required=True)
 flags.DEFINE_string("image_size", None, "HEIGHT,WIDTH of the exported model's fixed input; "
@@ -36,11 +38,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    meta = export.export_checkpoint(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size,
-                                    FLAGS.quantize, FLAGS.select_tf_ops)
-  except (ValueError, FileNotFoundError, export.ExportError) as e:
-    sys.exit(f"export failed: {e}")
+  meta = export.export_checkpoint(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size,
+                                  FLAGS.quantize, FLAGS.select_tf_ops)
   print(json.dumps({"output": os.path.abspath(FLAGS.output),
                     "sidecar": os.path.abspath(export.sidecar_path(FLAGS.output)),
                     "bytes": meta["file_bytes"], "input_shape": meta["input"]["shape"],
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, user_errors=(export.ExportError,))

@@ -13,9 +13,8 @@ training reads them without it.
 from absl import app
 from absl import flags
 
+from mobileiqa_jax import cli
 from mobileiqa_jax.data import builders
-from mobileiqa_jax.data import layout
-from mobileiqa_jax.data import preprocess
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Data set to prepare.")
 _MANUAL_DIR = flags.DEFINE_string(
@@ -39,16 +38,17 @@ def main(argv):
   if _MOS_RANGE.value:
     if len(_MOS_RANGE.value) != 2:
       raise app.UsageError("--mos_range takes two numbers: low,high.")
-    mos_range = tuple(float(x) for x in _MOS_RANGE.value)
-  try:
-    path = builders.prepare(
-        _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
-        config_name=_CONFIG_NAME.value, labels_csv=_LABELS_CSV.value, mos_range=mos_range)
-  except (layout.MissingDataError, preprocess.ImageDecodeError) as e:
-    # The message says what is wrong and what to do; a traceback would bury it.
-    raise SystemExit(f"error: {e}") from None
+    try:
+      mos_range = tuple(float(x) for x in _MOS_RANGE.value)
+    except ValueError:
+      raise app.UsageError(f"--mos_range takes two numbers: low,high; got "
+                           f"{','.join(_MOS_RANGE.value)}.") from None
+  # A missing download (MissingDataError) or a corrupt image is one line naming what to do.
+  path = builders.prepare(
+      _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
+      config_name=_CONFIG_NAME.value, labels_csv=_LABELS_CSV.value, mos_range=mos_range)
   print(f"Prepared: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, quiet=False)

@@ -6,8 +6,10 @@ r"""Trains the teacher or distils the student: a thin wrapper of `train.train_an
       --config.init.backbone=mobilevitv2_200.cvnets_in22k_ft_in1k --config.compute_dtype=bfloat16
 
 --workdir defaults to runs/<config.name> (e.g. runs/teacher_demo); an existing workdir with
-checkpoints resumes. Any config field can be overridden (--config.optimizer.lr=3e-5); an
-unknown field is an error. Multi-host (TPU pods, clusters): add --distributed (or set
+checkpoints resumes, and refuses (before writing anything) a config that differs from its
+config.json except in the fields of `checkpoint.SAFE_TO_CHANGE_ON_RESUME` (num_epochs,
+max_steps, eval_every_epochs, log_every_steps, progress_bar, checkpoint.*, mesh, ...).
+Any config field can be overridden (--config.optimizer.lr=3e-5); an unknown field is an error. Multi-host (TPU pods, clusters): add --distributed (or set
 MOBILEIQA_DISTRIBUTED=1) and run the same command on every host; see launch/pod_distill.sh.
 """
 
@@ -22,6 +24,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mobileiqa_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant], e.g. configs/teacher.py:demo.",
     lock_config=True)
@@ -33,7 +37,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if _DISTRIBUTED.value:
     with config.unlocked():
@@ -51,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Training keeps its INFO log (the run's record); user errors are still one line.
+  cli.run(main, quiet=False)

@@ -3,7 +3,7 @@
 Layout of ONE checkpoint (an orbax composite directory):
 
     <ckpt>/variables/   PyTree {'params': ..., 'batch_stats': ...}  (what `model.apply` reads)
-    <ckpt>/meta/        JSON {'format', 'model_config', 'extra'}     (`build_model(model_config)`)
+    <ckpt>/meta/        JSON {'format', 'model_config', 'training', 'extra'}
     <ckpt>/opt_state/   PyTree optimizer state                       (training checkpoints only)
     <ckpt>/train/       JSON {'step', 'epoch', 'data_state', 'metrics', 'rng_seed'} (training only)
 
@@ -17,12 +17,19 @@ through an orbax `CheckpointManager` (`TrainCheckpointer`).
   - a training workdir (`runs/teacher_demo`) or its `checkpoints/` folder: it loads the step with
     the best selection metric (SROCC+PLCC+KROCC of an epoch-end evaluation) if any step has one,
     otherwise the latest step. `which='latest'` or `step=N` choose explicitly.
+`model_config` is the architecture only (`build_model(model_config)` rebuilds it); how the run
+computed (`compute_dtype`, `remat`) is kept apart in `training`, so a bfloat16-trained model is
+scored in float32 by predict, evaluate and export alike unless a caller asks otherwise
+(`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
+`backbone_kwargs.remat` inside `model_config`; reading moves them to `training`.
+
 `extra` conventionally holds 'image_size' ([H, W]) and 'mos_range' ([lo, hi] that the MOS was
 min-max normalised from, or None when the model predicts the data set's own scale).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -51,7 +58,8 @@ def _item_tree_metadata(path: str, item: str) -> Any:
   return getattr(md, "tree", md)
 
 
-def _is_checkpoint(path: str) -> bool:
+def is_checkpoint(path: str) -> bool:
+  """Whether `path` is one checkpoint (holds `variables/` and `meta/`)."""
   return os.path.isdir(os.path.join(path, "variables")) and os.path.isdir(
       os.path.join(path, "meta"))
 
@@ -69,6 +77,36 @@ def _to_plain(x: Any) -> Any:
   return x
 
 
+def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A model config -> (architecture, training settings).
+
+  The training settings are the compute dtype (`dtype` -> `compute_dtype`) and backbone
+  rematerialisation (`backbone_kwargs.remat` -> `remat`): they change how the numbers are
+  computed, not which model it is.
+  """
+  arch = _to_plain(dict(model_config))
+  training = {}
+  if "dtype" in arch:
+    training["compute_dtype"] = str(arch.pop("dtype"))
+  kwargs = arch.get("backbone_kwargs")
+  if isinstance(kwargs, Mapping) and "remat" in kwargs:
+    kwargs = dict(kwargs)
+    training["remat"] = bool(kwargs.pop("remat"))
+    arch["backbone_kwargs"] = kwargs
+  return arch, training
+
+
+def _split_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """meta with the training settings moved out of `model_config` into `training`."""
+  meta = dict(meta)
+  if isinstance(meta.get("model_config"), Mapping):
+    arch, training = split_model_config(meta["model_config"])
+    meta["model_config"] = arch
+    if training or "training" in meta:
+      meta["training"] = dict(training, **dict(meta.get("training") or {}))
+  return meta
+
+
 # ----------------------------------------------------------------------------- inference API
 
 
@@ -81,7 +119,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
   Args:
     directory: destination; replaced when `force` and it exists.
     variables: {'params': ..., 'batch_stats': ...}.
-    model_config: the serialisable model config that `build_model` takes.
+    model_config: the serialisable model config that `build_model` takes; its training
+      settings (`dtype`, `backbone_kwargs.remat`) are stored apart, under `training`.
     extra: anything else the consumer needs (e.g. image_size, mos_range).
     force: overwrite an existing checkpoint.
 
@@ -89,8 +128,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
     The absolute directory written.
   """
   directory = os.path.abspath(directory)
-  meta = {"format": FORMAT, "model_config": _to_plain(model_config),
-          "extra": _to_plain(dict(extra or {}))}
+  meta = _split_meta({"format": FORMAT, "model_config": _to_plain(model_config),
+                      "extra": _to_plain(dict(extra or {}))})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
@@ -103,7 +142,7 @@ def list_steps(root: str) -> list[int]:
   if not os.path.isdir(root):
     return []
   return sorted(int(n) for n in os.listdir(root)
-                if _STEP_RE.match(n) and _is_checkpoint(os.path.join(root, n)))
+                if _STEP_RE.match(n) and is_checkpoint(os.path.join(root, n)))
 
 
 def read_json_item(path: str, item: str) -> dict[str, Any] | None:
@@ -118,7 +157,7 @@ def read_json_item(path: str, item: str) -> dict[str, Any] | None:
 def resolve_checkpoint(path: str, which: str = "best", step: int | None = None) -> str:
   """Turns a checkpoint, step directory, checkpoints folder or workdir into one checkpoint path."""
   path = os.path.abspath(path)
-  if _is_checkpoint(path) and step is None:
+  if is_checkpoint(path) and step is None:
     return path
   root = os.path.join(path, "checkpoints") if os.path.isdir(
       os.path.join(path, "checkpoints")) else path
@@ -154,22 +193,25 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
         meta=ocp.args.JsonRestore()))
   variables = dict(out["variables"])
   variables.setdefault("batch_stats", {})
-  return variables, dict(out["meta"])
+  return variables, _split_meta(out["meta"])
 
 
-def load_model(directory: str, which: str = "best",
-               step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def load_model(directory: str, which: str = "best", step: int | None = None,
+               compute_dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
   """Loads (model, variables, meta) from any checkpoint the project writes.
 
   Args:
     directory: standalone checkpoint, training step directory, checkpoints folder or workdir.
     which: for workdirs, 'best' (largest selection metric, else latest) or 'latest'.
     step: for workdirs, an explicit step.
+    compute_dtype: the model's compute dtype; None: float32, whatever the run trained in
+      (its setting is in meta['training']).
 
   Returns:
-    model: the Flax module built from the stored model config.
+    model: the Flax module built from the stored architecture.
     variables: {'params', 'batch_stats'} as host numpy arrays (device_put them as needed).
-    meta: {'format', 'model_config', 'extra', 'path', plus 'train' for training checkpoints}.
+    meta: {'format', 'model_config' (architecture), 'training' (when stored), 'extra',
+      'path', plus 'train' for training checkpoints}.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   path = resolve_checkpoint(directory, which=which, step=step)
@@ -178,7 +220,7 @@ def load_model(directory: str, which: str = "best",
   train = read_json_item(path, "train")
   if train is not None:
     meta["train"] = train
-  model = mobileiqa.build_model(meta["model_config"])
+  model = mobileiqa.build_model(dict(meta["model_config"], dtype=compute_dtype or "float32"))
   logging.info("loaded %s from %s", meta["model_config"].get("name", "model"), path)
   return model, variables, meta
 
@@ -221,7 +263,7 @@ class TrainCheckpointer:
         args=ocp.args.Composite(
             variables=ocp.args.PyTreeSave(dict(variables)),
             opt_state=ocp.args.PyTreeSave(opt_state),
-            meta=ocp.args.JsonSave(_to_plain(dict(meta))),
+            meta=ocp.args.JsonSave(_split_meta(_to_plain(dict(meta)))),
             train=ocp.args.JsonSave(train)),
         metrics=_to_plain(dict(metrics)) if metrics else None,
         force=True)
@@ -245,3 +287,64 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ----------------------------------------------------------------------------- resume check
+
+# Config fields a resumed run may change: they say how long to run, how often to log, evaluate
+# and save, and how the work is spread (mesh, processes, data threads), not what is trained or
+# how the numbers are computed. `remat` recomputes the same values in the backward pass.
+# A field listed here covers everything below it (`checkpoint` covers `checkpoint.keep`).
+SAFE_TO_CHANGE_ON_RESUME = (
+    "num_epochs", "max_steps", "eval_every_epochs", "log_every_steps", "progress_bar",
+    "scatter_plot", "checkpoint", "distributed", "mesh", "fsdp_min_size", "remat", "name",
+    "data.num_workers", "data.eval_batch_size", "data.data_dir",
+)
+
+
+class ResumeConfigError(ValueError):
+  """A workdir's checkpoints were trained with a config the new run contradicts."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
+
+
+def _is_safe(field: str) -> bool:
+  return any(field == s or field.startswith(s + ".") for s in SAFE_TO_CHANGE_ON_RESUME)
+
+
+def check_resume_config(workdir: str, config: Any) -> None:
+  """Refuses to resume a workdir's checkpoints with a config that differs from its config.json.
+
+  Call it before writing anything into the workdir. A workdir without checkpoints (a new run)
+  or without config.json passes. Fields in `SAFE_TO_CHANGE_ON_RESUME` may differ.
+
+  Raises:
+    ResumeConfigError: listing every differing field with its stored and new value.
+  """
+  workdir = os.path.abspath(workdir)
+  if not list_steps(os.path.join(workdir, "checkpoints")):
+    return
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    logging.warning("%s holds checkpoints but no config.json: cannot check that the resumed "
+                    "config matches them", workdir)
+    return
+  with open(path, encoding="utf-8") as f:
+    stored = _flatten(json.load(f))
+  new = _flatten(json.loads(json.dumps(_to_plain(config))))  # tuples -> lists, as stored
+  missing = object()
+  diffs = [f"{k}: {stored.get(k, missing)!r} -> {new.get(k, missing)!r}".replace(
+      repr(missing), "(absent)") for k in sorted(set(stored) | set(new))
+           if stored.get(k, missing) != new.get(k, missing) and not _is_safe(k)]
+  if diffs:
+    raise ResumeConfigError(
+        f"{workdir} holds checkpoints trained with a different config ({path}); refusing to "
+        f"resume with {'; '.join(diffs)}. Use the stored values or a new --workdir (fields "
+        f"safe to change on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)}).")

@@ -230,40 +230,165 @@ def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
                        source=os.fspath(path))
 
 
-def load_mobileiqa(path: str | os.PathLike, model: str,
+# The authors' two models, told apart by the name their backbone has in the state dict.
+_BACKBONE_PREFIXES = {"teacher": "global_vit.", "student": "local_cnn."}
+_MODEL_NAMES = {"teacher": "teacher (MobileViT-IQA, 'global_vit.*' keys)",
+                "student": "student (MobileNet-IQA, 'local_cnn.*' keys)"}
+
+
+def detect_model(state_dict: Mapping[str, Any], source: str = "checkpoint") -> str:
+  """'teacher' or 'student', from the backbone's key prefix (`global_vit.` / `local_cnn.`)."""
+  found = [m for m, p in _BACKBONE_PREFIXES.items() if any(k.startswith(p) for k in state_dict)]
+  if len(found) != 1:
+    raise ConversionError(
+        f"{source} is not a MobileIQA state dict: expected keys under exactly one of "
+        f"'global_vit.' (teacher) or 'local_cnn.' (student), found "
+        f"{'both' if found else 'neither'} (first keys: {', '.join(list(state_dict)[:3])}).")
+  return found[0]
+
+
+def _backbone_candidates(default: str) -> list[str]:
+  """Backbone names of the default's family, the default first (the authors' files use it)."""
+  from mobileiqa_jax.models import mobilenetv3, mobilevitv2  # pylint: disable=g-import-not-at-top
+  module = mobilevitv2 if default.startswith("mobilevitv2") else mobilenetv3
+  table = getattr(module, "MODELS", None) or getattr(module, "VARIANTS", {})
+  return [default] + [n for n in table if n != default]
+
+
+def _shapes(state: Mapping[str, Any], prefix: str) -> dict[str, tuple[int, ...]]:
+  return {k[len(prefix):]: tuple(np.shape(v)) for k, v in state.items()
+          if k.startswith(prefix) and not k.endswith(_BN_COUNTER)}
+
+
+def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
+                                source: str = "checkpoint") -> Any:
+  """The `MobileIQAConfig` a MobileIQA state dict was saved from.
+
+  The model (teacher/student) comes from the keys; the head's width, number of MALs and
+  pooled side from the shapes (LDA output channels; the pixel attention's dimension is
+  views * S * S); the backbone is the preset's when its keys and shapes match, else the first
+  of its family that matches. What the weights cannot tell (the regressor's pool, dropout,
+  sigmoid) is the preset's. The conversion that follows is still strict: every key must match
+  this config exactly.
+
+  Args:
+    state_dict: PyTorch names -> arrays.
+    model: 'teacher' or 'student' if the caller insists on one (a mismatch is an error).
+    source: the file's name for error messages.
+  """
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  found = detect_model(state_dict, source)
+  if model is not None and model != found:
+    if model not in _MODEL_NAMES:
+      raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}.")
+    raise ConversionError(f"{source} holds the {_MODEL_NAMES[found]}, not the {model}: pass "
+                          f"--model={found} (or leave --model out: it is read from the keys).")
+  preset = mobileiqa.model_config(found)
+  lda = preset.lda_prefix
+  views = len({m.group(1) for k in state_dict if (m := re.match(rf"{lda}(\d+)\.", k))})
+  mals = len({m.group(1) for k in state_dict if (m := re.match(r"MALs\.(\d+)\.", k))})
+  try:
+    width = int(np.shape(state_dict[f"{lda}1.cnn2.weight"])[0])
+    pixel_dim = int(np.shape(state_dict["MALs.0.feature_attention.c_q.weight"])[0])
+  except KeyError as e:
+    raise ConversionError(f"{source} lacks the MobileIQA head key {e.args[0]!r}: it is not a "
+                          "whole MobileIQA state dict (a bare backbone goes to "
+                          "config.init.backbone instead).") from None
+  side = int(round(np.sqrt(pixel_dim / max(views, 1))))
+  if views == 0 or mals == 0 or views * side * side != pixel_dim:
+    raise ConversionError(f"{source}: cannot read the head's size from its keys ({views} "
+                          f"{lda}* layers, {mals} MALs, pixel attention of {pixel_dim}).")
+  prefix = _BACKBONE_PREFIXES[found]
+  have = _shapes(state_dict, prefix)
+  backbone = preset.backbone
+  for name in _backbone_candidates(preset.backbone):
+    template = variables_template(mobileiqa.build_backbone(name))
+    want = {}
+    for path, leaf in _flat(template).items():
+      key, flax_leaf = _torch_key(path)
+      want[key] = tuple(_to_torch(np.empty(leaf.shape, np.float32), flax_leaf).shape)
+    if {k: v for k, v in have.items() if k in want} == want and len(want) == len(have):
+      backbone = name
+      break
+  return mobileiqa.model_config(found, backbone=backbone, width=width, num_mals=mals,
+                                pooled_size=side)
+
+
+def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
+                              source: str = "checkpoint",
+                              **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
+  """A MobileIQA state dict -> (module, variables, model config dict), strictly, in memory.
+
+  `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`).
+  """
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  config = model_config_for_state_dict(state_dict, model, source)
+  if overrides:
+    config = mobileiqa.MobileIQAConfig.from_dict(dict(config.to_dict(), **overrides))
+  module = mobileiqa.build_model(config)
+  variables = torch_to_flax(state_dict, variables_template(module), source=source)
+  return module, variables, config.to_dict()
+
+
+def load_mobileiqa(path: str | os.PathLike, model: str | None = None,
                    **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """The authors' whole-model checkpoint (`.pkl` state dict) -> (module, variables, config).
 
   Args:
     path: the checkpoint.
-    model: 'teacher' (MobileViT-IQA) or 'student' (MobileNet-IQA).
-    **overrides: model config overrides (e.g. dtype) passed to the preset.
+    model: 'teacher' (MobileViT-IQA) or 'student' (MobileNet-IQA); None: read from the keys.
+    **overrides: model config fields to set instead of those read from the keys.
   """
-  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  if model not in ("teacher", "student"):
-    raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}.")
-  config = mobileiqa.model_config(model, **overrides)
-  module = mobileiqa.build_model(config)
-  template = variables_template(module)
-  variables = torch_to_flax(load_state_dict(path), template, source=os.fspath(path))
-  return module, variables, config.to_dict()
+  return mobileiqa_from_state_dict(load_state_dict(path), model, source=os.fspath(path),
+                                   **overrides)
 
 
-def torch_file_to_checkpoint(path: str, model: str, output: str,
-                             image_size: str = "1231,1907") -> None:
-  """`launch/convert.py` PyTorch -> JAX: writes an orbax checkpoint with the model config."""
+def _refuse_overwrite(output: str, overwrite: bool) -> None:
+  """Nothing already written is lost: an existing output is replaced only when asked."""
+  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if not os.path.lexists(output):
+    return
+  if os.path.isdir(output) and not os.listdir(output):
+    return
+  if os.path.isdir(output) and not checkpoint.is_checkpoint(output):
+    raise FileExistsError(f"--output={output} is a folder that holds files but no checkpoint; "
+                          "convert refuses to replace it: choose another --output.")
+  if not overwrite:
+    what = "a checkpoint" if os.path.isdir(output) else "a file"
+    raise FileExistsError(f"--output={output} already holds {what}; pass --overwrite to "
+                          "replace it, or choose another --output.")
+
+
+def torch_file_to_checkpoint(path: str, model: str | None, output: str,
+                             image_size: str = "1231,1907", overwrite: bool = False) -> str:
+  """`launch/convert.py` PyTorch -> JAX: writes an orbax checkpoint with the model config.
+
+  Args:
+    path: the authors' `.pkl` (or any MobileIQA state dict).
+    model: 'teacher' or 'student' to insist on one; None: read from the keys.
+    output: the checkpoint folder to write.
+    image_size: 'HEIGHT,WIDTH' stored as the default input size.
+    overwrite: replace an existing checkpoint at `output` (otherwise an error).
+
+  Returns:
+    'teacher' or 'student': what was converted.
+  """
   from mobileiqa_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
-  size_hw = inference.parse_image_size(image_size)
+  size_hw = inference.parse_image_size(image_size, "--image_size")
+  _refuse_overwrite(output, overwrite)
   _, variables, config = load_mobileiqa(path, model)
   checkpoint.save_model(output, variables, config,
-                        extra={"image_size": list(size_hw), "source": os.fspath(path)})
-  logging.info("Wrote %s (%s, default input %dx%d).", output, model, *size_hw)
+                        extra={"image_size": list(size_hw), "source": os.fspath(path)},
+                        force=overwrite)
+  logging.info("Wrote %s (%s, default input %dx%d).", output, config["variant"], *size_hw)
+  return config["variant"]
 
 
-def checkpoint_to_torch_file(directory: str, output: str) -> None:
+def checkpoint_to_torch_file(directory: str, output: str, overwrite: bool = False) -> None:
   """`launch/convert.py` JAX -> PyTorch: a state dict the authors' model loads strictly."""
   import torch  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _refuse_overwrite(output, overwrite)
   _, variables, _ = checkpoint.load_model(directory)
   state = {k: torch.from_numpy(np.ascontiguousarray(v))
            for k, v in flax_to_torch(variables).items()}

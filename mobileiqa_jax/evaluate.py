@@ -1,7 +1,8 @@
 """Evaluates any checkpoint on any split: SROCC, PLCC, KROCC, RMSE, MAE + scatter plot.
 
 `evaluate_checkpoint(checkpoint_dir, config, split)` loads a checkpoint with
-`checkpoint.load_model` (standalone, a training step, or a workdir -> its best step), reads the
+`checkpoint.load_model` (standalone, a training step, or a workdir -> its best step; or a
+PyTorch state dict such as the authors' .pkl, with `config`), in float32, reads the
 held-out split of `config.data` with the training pipeline (sharded over every device of
 every process), and writes to `output_dir` (default `<checkpoint>/eval_<data>_<split>`):
 
@@ -25,6 +26,8 @@ import ml_collections
 import numpy as np
 
 from mobileiqa_jax import checkpoint as ckpt_lib
+from mobileiqa_jax import convert
+from mobileiqa_jax import inference
 from mobileiqa_jax import metrics as metrics_lib
 from mobileiqa_jax import sharding
 from mobileiqa_jax import train
@@ -47,8 +50,13 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
                         which: str = "best", batch_size: int | None = None) -> dict[str, Any]:
   """Scores a split with a checkpoint; returns the metrics (also written to output_dir)."""
   sharding.maybe_initialize_distributed(bool(config and config.get("distributed")))
-  path = ckpt_lib.resolve_checkpoint(checkpoint_dir, which=which)
-  model, host_vars, meta = ckpt_lib.load_model(path)
+  if inference.is_state_dict_file(checkpoint_dir):  # the authors' .pkl: needs --config
+    path = os.path.abspath(checkpoint_dir)
+    model, host_vars, model_config = convert.load_mobileiqa(path)
+    meta = {"model_config": model_config, "extra": {}}
+  else:
+    path = ckpt_lib.resolve_checkpoint(checkpoint_dir, which=which)
+    model, host_vars, meta = ckpt_lib.load_model(path)  # float32, as predict and export
   config = config or _workdir_config(path)
   if config is None:
     raise ValueError(f"{path} is not inside a training workdir: pass --config to say which "
@@ -78,7 +86,8 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
     logging.warning("logistic PLCC fit failed: %s", e)
   result = {k: float(v) for k, v in result.items()}
 
-  output_dir = output_dir or os.path.join(path, f"eval_{config.data.name}_{split}")
+  output_dir = output_dir or (os.path.splitext(path)[0] + "_" if os.path.isfile(path)
+                              else path + os.sep) + f"eval_{config.data.name}_{split}"
   if jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:

@@ -59,19 +59,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from mobileiqa_jax.data import preprocess
+# One reader of --image_size for every command (and its MIN_SIDE), shared with predict.
+from mobileiqa_jax.inference import MIN_SIDE, parse_image_size  # noqa: F401
 
 SIDECAR_FORMAT = "mobileiqa_jax.tflite/1"
 QUANTIZATIONS = ("none", "float16", "dynamic_int8")
-# The backbone's deepest feature has stride 32: below 32 px a side the network sees less than
-# one cell of it and the model is meaningless (and some paths would produce empty windows).
-MIN_SIDE = 32
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
 
@@ -81,45 +79,6 @@ class ExportError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-def parse_image_size(value: str | Sequence[Any] | None,
-                     setting: str = "--image_size") -> tuple[int, int] | None:
-  """'H,W' or (H, W) -> (H, W) of positive integers >= MIN_SIDE; None / '' -> None.
-
-  Raises ValueError naming `setting` for anything else (one number, three numbers, floats,
-  words, zero, negative or too small sides).
-  """
-  if value is None or (isinstance(value, str) and not value.strip()):
-    return None
-  hint = (f"{setting} must be HEIGHT,WIDTH: two whole numbers of pixels, each >= {MIN_SIDE} "
-          f"(the backbone's deepest stride), e.g. 512,512 or 1231,1907")
-  if isinstance(value, str):
-    parts = [p.strip() for p in re.split(r"[,x]", value.strip())]
-  else:
-    try:
-      parts = list(value)
-    except TypeError:
-      raise ValueError(f"{hint}; got {value!r}.") from None
-  if len(parts) != 2:
-    raise ValueError(f"{hint}; got {value!r} ({len(parts)} value(s)).")
-  out = []
-  for p in parts:
-    if isinstance(p, (bool, np.bool_)):
-      raise ValueError(f"{hint}; got {value!r}.")
-    if isinstance(p, (int, np.integer)):
-      v = int(p)
-    elif isinstance(p, (float, np.floating)) and float(p).is_integer():
-      v = int(p)
-    elif isinstance(p, str) and re.fullmatch(r"[+-]?\d+", p):
-      v = int(p)
-    else:
-      raise ValueError(f"{hint}; got {value!r} ({p!r} is not a whole number).")
-    if v < MIN_SIDE:
-      what = "not positive" if v <= 0 else f"smaller than {MIN_SIDE}"
-      raise ValueError(f"{hint}; got {value!r} ({v} is {what}).")
-    out.append(v)
-  return out[0], out[1]
 
 
 def check_quantize(quantize: str) -> str:
@@ -355,22 +314,21 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
 
 def export_checkpoint(checkpoint: str, output: str, image_size: Any = None,
                       quantize: str = "none", select_tf_ops: bool = False) -> dict[str, Any]:
-  """The export command: checkpoint -> `output` + sidecar. Settings are validated first."""
-  from mobileiqa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  """The export command: checkpoint -> `output` + sidecar. Settings are validated first.
+
+  `checkpoint` is anything `mobileiqa_jax.load` takes (a checkpoint folder, a workdir, a
+  state dict); the default input size is the checkpoint's.
+  """
+  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
   check_quantize(quantize)
-  size = parse_image_size(image_size, "--image_size")
+  parse_image_size(image_size, "--image_size")
   if not output.endswith(".tflite"):
     raise ValueError(f"--output must name a .tflite file, got {output!r}.")
-  _, variables, meta = ckpt.load_model(checkpoint)
-  extra = dict(meta.get("extra") or {})
-  if size is None:
-    stored = extra.get("image_size")
-    if not stored:
-      raise ValueError(f"{checkpoint} stores no input size: pass --image_size=HEIGHT,WIDTH.")
-    size = parse_image_size(stored, f"the checkpoint's image_size ({meta.get('path')})")
-  model = export_model_for(meta["model_config"])
-  return export(model, variables, output, size, quantize, meta["model_config"], extra,
-                select_tf_ops, source=meta.get("path"))
+  # What `load` accepts (checkpoint, workdir, the authors' .pkl), in float32 as predict scores.
+  scorer = inference.load(checkpoint, image_size)
+  model = export_model_for(scorer.model_config)
+  return export(model, scorer.variables, output, scorer.image_size, quantize,
+                scorer.model_config, scorer.extra, select_tf_ops, source=scorer.source)
 
 
 # ----------------------------------------------------------------------------- running it

@@ -1,8 +1,17 @@
-"""Scoring photos with a MobileIQA checkpoint: the reference preprocessing and a jitted scorer.
+"""Scoring photos with MobileIQA: `load(path)` -> a `Scorer`, the reference preprocessing.
+
+    import mobileiqa_jax
+    scorer = mobileiqa_jax.load("ckpt/student")        # or a workdir, or the authors' .pkl
+    scores = scorer.score(["a.jpg", "b.png"])           # float32 (2,), higher = better
+    mos = scorer.to_mos(scores)                         # the training data's scale, if stored
 
 Images are decoded and resized on CPU threads (PIL releases the GIL), batched to a fixed shape
-so the scorer compiles once, and scored in input order. A file that cannot be read is reported
-and skipped; the rest are still scored.
+so the model compiles once per shape, and scored in input order. The command line
+(`launch/predict.py`, `predict_csv`) goes through the same `Scorer`; there a file that cannot
+be read is reported and skipped and the rest are still scored.
+
+Nothing here imports jax at module level: `import mobileiqa_jax` and the launchers' flag
+parsing stay fast.
 """
 
 from __future__ import annotations
@@ -11,15 +20,24 @@ import concurrent.futures
 import csv
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# PyTorch/timm state-dict files (the authors' release is a .pkl); anything else is read as an
+# orbax checkpoint folder or a training workdir.
+STATE_DICT_EXTENSIONS = (".pkl", ".pth", ".pt", ".bin", ".safetensors")
+# The size the authors' models were trained at (UHD-IQA, H x W): the default for a state dict,
+# which stores no input size.
+REFERENCE_IMAGE_SIZE = (1231, 1907)
+# The backbone's deepest feature has stride 32: below 32 px a side the network sees less than
+# one cell of it and the model is meaningless (and some paths would produce empty windows).
+MIN_SIDE = 32
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -27,7 +45,8 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
   Inside a folder only files with an image extension (case-insensitive: IMAGE_EXTENSIONS) are
   taken, so label files and READMEs beside the photos are not reported as bad images. A file
-  named explicitly is always taken. A path that does not exist raises.
+  named explicitly is always taken. A path that does not exist, or a folder without image
+  files, raises FileNotFoundError naming it.
   """
   out = []
   for path in paths:
@@ -36,6 +55,9 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
       for root, _, files in os.walk(path):
         found += [os.path.join(root, f) for f in files
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
+      if not found:
+        raise FileNotFoundError(f"{path} holds no image files (looked for "
+                                f"{', '.join(IMAGE_EXTENSIONS)}, in subfolders too).")
       out += sorted(found)
     elif os.path.exists(path):
       out.append(path)
@@ -46,6 +68,8 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 def make_scorer(model: Any, variables: Any) -> Callable[[np.ndarray], np.ndarray]:
   """A jitted function: normalised NHWC float32 batch -> scores (B,), in inference mode."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   # Variables are an argument, not closed over: closed-over arrays become constants baked
   # into the compiled program (hundreds of MB for the head).
@@ -63,10 +87,75 @@ class Result:
   error: str | None = None
 
 
-def _load(path: str, size_hw: tuple[int, int]) -> np.ndarray:
-  with open(path, "rb") as f:
-    data = f.read()
-  return preprocess.resize_normalize(preprocess.decode_rgb(data, path), size_hw)
+class UnreadableImageError(ValueError):
+  """An image given for scoring that cannot be read or decoded."""
+
+
+def read_image(path: str) -> Image.Image:
+  """Reads an image file as RGB the reference's way; `UnreadableImageError` names a bad file."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    return preprocess.decode_rgb(data, path)
+  except preprocess.ImageDecodeError as e:
+    # The decoder's own advice is about data-set records; here the user scores a file.
+    raise UnreadableImageError(f"{path} cannot be scored: it is not a readable image "
+                               f"({e.reason}).") from None
+  except OSError as e:
+    raise UnreadableImageError(f"{path} cannot be scored: {e.strerror or e}.") from None
+
+
+def _as_pil(item: Any, index: int) -> Image.Image:
+  """One input (path, PIL image or (H, W, 3) uint8 array) -> an RGB PIL image."""
+  if isinstance(item, (str, os.PathLike)):
+    return read_image(os.fspath(item))
+  if isinstance(item, Image.Image):
+    # The reference converts every decoded image with convert('RGB').
+    return item if item.mode == "RGB" else item.convert("RGB")
+  if isinstance(item, np.ndarray):
+    if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
+      raise ValueError(f"image {index}: an array must be (H, W, 3) uint8 RGB, got "
+                       f"{item.dtype} {item.shape}.")
+    return Image.fromarray(item, "RGB")
+  raise TypeError(f"image {index}: expected a path, a PIL image or a uint8 array, got "
+                  f"{type(item).__name__}.")
+
+
+def _preprocess(item: Any, index: int, size_hw: tuple[int, int]) -> np.ndarray:
+  return preprocess.resize_normalize(_as_pil(item, index), size_hw)
+
+
+def _scored(items: Sequence[Any], scorer: Callable[[np.ndarray], np.ndarray],
+            size_hw: tuple[int, int], batch_size: int, num_workers: int | None,
+            progress: Callable[[int], None] | None,
+            names: Sequence[str]) -> Iterator[Result]:
+  """Scores `items` in order, `batch_size` at a time (the last batch padded: one shape)."""
+  num_workers = num_workers or min(8, os.cpu_count() or 1)
+  chunks = [range(i, min(i + batch_size, len(items))) for i in range(0, len(items), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    submit = lambda chunk: [pool.submit(_preprocess, items[i], i, size_hw) for i in chunk]
+    pending = submit(chunks[0]) if chunks else []
+    for c, chunk in enumerate(chunks):
+      futures = pending
+      # Decode the next batch while this one is scored.
+      pending = submit(chunks[c + 1]) if c + 1 < len(chunks) else []
+      results, images = [], []
+      for i, fut in zip(chunk, futures):
+        try:
+          images.append(fut.result())
+          results.append(Result(names[i]))
+        except UnreadableImageError as e:
+          results.append(Result(names[i], error=str(e)))
+      if images:
+        batch = np.zeros((batch_size, *size_hw, 3), np.float32)
+        batch[: len(images)] = np.stack(images)
+        scores = iter(scorer(batch)[: len(images)].tolist())
+        for r in results:
+          if r.error is None:
+            r.score = next(scores)
+      if progress:
+        progress(len(chunk))
+      yield from results
 
 
 def score_files(
@@ -80,47 +169,235 @@ def score_files(
   """Scores `paths` in order, `batch_size` at a time (the last batch padded, so one shape).
 
   Decoding runs `num_workers` threads ahead of the scorer, holding at most a few batches of
-  decoded images in memory whatever the number of files.
+  decoded images in memory whatever the number of files. A file that cannot be read gives a
+  `Result` with `error` set; the others are still scored.
   """
-  num_workers = num_workers or min(8, os.cpu_count() or 1)
-  chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-    submit = lambda chunk: [pool.submit(_load, p, size_hw) for p in chunk]
-    pending = submit(chunks[0]) if chunks else []
-    for i, chunk in enumerate(chunks):
-      futures = pending
-      # Decode the next batch while this one is scored.
-      pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
-      results, images = [], []
-      for path, fut in zip(chunk, futures):
-        try:
-          images.append(fut.result())
-          results.append(Result(path))
-        except (OSError, ValueError) as e:
-          results.append(Result(path, error=str(e)))
-      if images:
-        batch = np.zeros((batch_size, *size_hw, 3), np.float32)
-        batch[: len(images)] = np.stack(images)
-        scores = iter(scorer(batch)[: len(images)].tolist())
-        for r in results:
-          if r.error is None:
-            r.score = next(scores)
-      if progress:
-        progress(len(chunk))
-      yield from results
+  return _scored(list(paths), scorer, size_hw, batch_size, num_workers, progress,
+                 [os.fspath(p) for p in paths])
 
 
-def parse_image_size(text: str | Iterable[int] | None) -> tuple[int, int] | None:
-  """'1231,1907' (height,width) -> (1231, 1907); None stays None."""
-  if text is None or text == "":
+def parse_image_size(value: str | Sequence[Any] | None,
+                     setting: str = "--image_size") -> tuple[int, int] | None:
+  """'H,W', 'HxW' or (H, W) -> (H, W) of whole numbers >= MIN_SIDE; None / '' -> None.
+
+  The one reader of an image size for every command (predict, convert, export, explain) and
+  for `load`. Raises ValueError naming `setting` for anything else (one number, three numbers, floats,
+  words, zero, negative or too small sides).
+  """
+  if value is None or (isinstance(value, str) and not value.strip()):
     return None
-  try:
-    parts = [int(p) for p in (text.split(",") if isinstance(text, str) else text)]
-  except ValueError:
-    parts = []
-  if len(parts) != 2 or min(parts) < 32:
-    raise ValueError(f"--image_size must be HEIGHT,WIDTH with both >= 32, got {text!r}.")
-  return parts[0], parts[1]
+  hint = (f"{setting} must be HEIGHT,WIDTH: two whole numbers of pixels, each >= {MIN_SIDE} "
+          f"(the backbone's deepest stride), e.g. 512,512 or 1231,1907")
+  if isinstance(value, str):
+    parts = [p.strip() for p in re.split(r"[,x]", value.strip())]
+  else:
+    try:
+      parts = list(value)
+    except TypeError:
+      raise ValueError(f"{hint}; got {value!r}.") from None
+  if len(parts) != 2:
+    raise ValueError(f"{hint}; got {value!r} ({len(parts)} value(s)).")
+  out = []
+  for p in parts:
+    if isinstance(p, (bool, np.bool_)):
+      raise ValueError(f"{hint}; got {value!r}.")
+    if isinstance(p, (int, np.integer)):
+      v = int(p)
+    elif isinstance(p, (float, np.floating)) and float(p).is_integer():
+      v = int(p)
+    elif isinstance(p, str) and re.fullmatch(r"[+-]?\d+", p):
+      v = int(p)
+    else:
+      raise ValueError(f"{hint}; got {value!r} ({p!r} is not a whole number).")
+    if v < MIN_SIDE:
+      what = "not positive" if v <= 0 else f"smaller than {MIN_SIDE}"
+      raise ValueError(f"{hint}; got {value!r} ({v} is {what}).")
+    out.append(v)
+  return out[0], out[1]
+
+
+class Scorer:
+  """A MobileIQA model ready to score photos (what `load` returns).
+
+  Example (a checkpoint written by `launch/convert.py` or a training workdir):
+
+      >>> import mobileiqa_jax
+      >>> scorer = mobileiqa_jax.load("runs/student_demo", image_size=(64, 64))
+      >>> scores = scorer.score(["photo1.jpg", "photo2.png"])   # np.float32, shape (2,)
+      >>> scorer.score_min, scorer.score_max                    # (0.0, 1.0) for the student
+      >>> scorer.to_mos(scores)                                 # on the training data's scale
+
+  Attributes:
+    image_size: (height, width) every image is resized to (PIL bicubic, as the reference).
+    model_config: the architecture (`MobileIQAConfig.to_dict()`), plus its compute dtype.
+    score_min, score_max: the range scores are on: (0, 1) for a model with a final sigmoid
+      (the student) and for one trained on MOS normalised to [0, 1] (the teacher, then
+      nominal: without a sigmoid it can step slightly outside); None where unknown (the
+      authors' teacher). Higher is better.
+    higher_is_better: always True.
+    mos_range: (lo, hi) of the MOS the model was trained on (`to_mos`), or None.
+    source: the checkpoint that was loaded.
+    batch_size: images per forward pass.
+  """
+
+  higher_is_better = True
+
+  def __init__(self, model: Any, variables: Any, image_size: Sequence[int],
+               model_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+               source: str | None = None, batch_size: int = 8,
+               num_workers: int | None = None):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    self.model = model
+    self.variables = variables
+    self.image_size = parse_image_size(image_size, "image_size")
+    self.model_config = dict(model_config)
+    self.extra = dict(extra or {})
+    self.source = source
+    self.batch_size = int(batch_size)
+    self.num_workers = num_workers
+    mos_range = self.extra.get("mos_range")
+    self.mos_range = tuple(float(v) for v in mos_range) if mos_range else None
+    if self.model_config.get("sigmoid") or self.mos_range is not None:
+      self.score_min, self.score_max = 0.0, 1.0
+    else:
+      self.score_min = self.score_max = None
+    self._apply = None
+
+  def __repr__(self) -> str:
+    return (f"Scorer({self.model_config.get('variant')} {self.model_config.get('backbone')}, "
+            f"image_size={self.image_size}, source={self.source!r})")
+
+  @property
+  def apply(self) -> Callable[[np.ndarray], np.ndarray]:
+    """normalised (B, H, W, 3) float32 -> scores (B,): jitted, compiled once per shape."""
+    if self._apply is None:
+      self._apply = make_scorer(self.model, self.variables)
+    return self._apply
+
+  def score(self, images: Any, batch_size: int | None = None) -> np.ndarray:
+    """Scores images; returns float32 (N,), one score per image in input order.
+
+    Args:
+      images: a list of paths, PIL images or (H, W, 3) uint8 arrays (mixed is fine), one
+        path or PIL image, or an (N, H, W, 3) uint8 array. Each is converted to RGB and
+        resized to `image_size` the reference's way.
+      batch_size: images per forward pass (default `self.batch_size`); fewer images than
+        that make one batch of their number.
+
+    Raises:
+      UnreadableImageError: a file that cannot be read as an image (named).
+      ValueError, TypeError: an input of the wrong kind or shape.
+    """
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+      images = [images]
+    elif isinstance(images, np.ndarray):
+      if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"an image array must be (N, H, W, 3) uint8 RGB, got {images.dtype} "
+                         f"{images.shape}.")
+    items = list(images)
+    if not items:
+      return np.zeros((0,), np.float32)
+    batch = min(batch_size or self.batch_size, len(items))
+    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
+             for i, x in enumerate(items)]
+    out = np.empty(len(items), np.float32)
+    for i, r in enumerate(_scored(items, self.apply, self.image_size, batch, self.num_workers,
+                                  None, names)):
+      if r.error is not None:
+        raise UnreadableImageError(r.error)
+      out[i] = r.score
+    return out
+
+  __call__ = score
+
+  def score_files(self, paths: Sequence[str],
+                  progress: Callable[[int], None] | None = None) -> Iterator[Result]:
+    """Scores files in order, `batch_size` at a time; unreadable ones give a `Result.error`."""
+    return score_files(paths, self.apply, self.image_size, self.batch_size, self.num_workers,
+                       progress)
+
+  def to_mos(self, scores: Any) -> np.ndarray:
+    """Scores -> the training data's MOS scale: lo + score * (hi - lo).
+
+    A model trained on the data set's own scale (stored `mos_range` None) is already on it.
+
+    Raises:
+      ValueError: the checkpoint stores no MOS scale (e.g. the authors' .pkl).
+    """
+    scores = np.asarray(scores, np.float32)
+    if "mos_range" not in self.extra:
+      raise ValueError(f"{self.source} stores no MOS scale: its scores stay on the model's "
+                       "own scale (score_min..score_max).")
+    if self.mos_range is None:
+      return scores
+    lo, hi = self.mos_range
+    return (lo + scores * (hi - lo)).astype(np.float32)
+
+
+def is_state_dict_file(path: str) -> bool:
+  """Whether `path` names a PyTorch/timm state-dict file rather than an orbax checkpoint."""
+  return os.path.isfile(path) and path.lower().endswith(STATE_DICT_EXTENSIONS)
+
+
+def load(path: str, image_size: Any = None, *, model: str | None = None,
+         compute_dtype: str | None = None, batch_size: int = 8,
+         num_workers: int | None = None, which: str = "best") -> Scorer:
+  """Loads a MobileIQA model for scoring.
+
+  Args:
+    path: an orbax checkpoint folder (`launch/convert.py` output, a training step), a training
+      workdir (its best checkpoint by SROCC+PLCC+KROCC), or a state dict file: the authors'
+      `.pkl`, a `.pth`/`.pt`/`.bin`/`.safetensors`. For a state dict the model (teacher:
+      `global_vit.*` keys, student: `local_cnn.*`) and the head's size are read from the keys
+      and shapes, and it is converted in memory, strictly (`convert.mobileiqa_from_state_dict`).
+    image_size: (height, width) or 'H,W' the photos are resized to; default the checkpoint's,
+      or 1231x1907 (the authors' UHD-IQA size) for a state dict.
+    model: 'teacher' or 'student' to insist on one for a state dict (a mismatch is an error).
+    compute_dtype: None or 'float32' (default, whatever the run trained in) or 'bfloat16'.
+    batch_size: images per forward pass.
+    num_workers: decoding threads (default min(8, cores)).
+    which: for a workdir: 'best' or 'latest'.
+
+  Returns:
+    A `Scorer`.
+
+  Example:
+
+      >>> import mobileiqa_jax
+      >>> scorer = mobileiqa_jax.load("MobileNet_IQA.pkl")      # the authors' student
+      >>> scorer.score(["a.jpg", "b.jpg"])
+      array([0.62, 0.41], dtype=float32)
+  """
+  size = parse_image_size(image_size, "image_size")
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
+                            "workdir or a .pkl/.pth state dict).")
+  if is_state_dict_file(path):
+    from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+    overrides = {"dtype": compute_dtype} if compute_dtype else {}
+    module, variables, config = convert.mobileiqa_from_state_dict(
+        convert.load_state_dict(path), model, source=path, **overrides)
+    extra = {"image_size": list(REFERENCE_IMAGE_SIZE), "source": path}
+    source = os.path.abspath(path)
+  else:
+    if os.path.isfile(path):
+      raise ValueError(f"{path} is a file but not a state dict ({', '.join(STATE_DICT_EXTENSIONS)})"
+                       ": pass a checkpoint folder, a training workdir or a state dict.")
+    from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    module, variables, meta = checkpoint.load_model(path, which=which,
+                                                    compute_dtype=compute_dtype)
+    config = dict(meta["model_config"], dtype=compute_dtype or "float32")
+    if model is not None and config.get("variant") != model:
+      raise ValueError(f"{path} holds a {config.get('variant')} model, not a {model}.")
+    extra, source = dict(meta.get("extra") or {}), meta["path"]
+  if size is None:
+    stored = extra.get("image_size")
+    if not stored:
+      raise ValueError(f"{path} stores no input size: pass image_size=(HEIGHT, WIDTH).")
+    size = parse_image_size(stored, f"the checkpoint's image_size ({source})")
+  return Scorer(module, variables, size, config, extra, source, batch_size, num_workers)
 
 
 def predict_csv(
@@ -132,26 +409,25 @@ def predict_csv(
     batch_size: int = 4,
     workers: int | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> int:
   """The scoring command: CSV `path,score` to `out`, one row per readable image in input order.
 
-  Returns the exit status: 0, or 1 when any file could not be scored (each named on `err`).
+  Settings and paths are checked before the model is loaded. Returns the exit status: 0, or 1
+  when any file could not be scored (each named on `err`).
+
+  Raises:
+    ValueError, FileNotFoundError: a bad setting, a missing path, a folder without images, or
+      a checkpoint that cannot be loaded (the command line prints the message).
   """
-  from mobileiqa_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   if not paths:
-    err.write("No PATH given: name image files or folders to score.\n")
-    return 2
+    raise ValueError("no PATH given: name image files or folders to score.")
   if batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+  parse_image_size(image_size)
   files = expand_paths(paths)
-  model, variables, meta = ckpt.load_model(checkpoint)
-  size_hw = parse_image_size(image_size)
-  if size_hw is None:
-    stored = (meta.get("extra") or {}).get("image_size")
-    if not stored:
-      raise ValueError(f"{checkpoint} stores no input size: pass --image_size=HEIGHT,WIDTH.")
-    size_hw = tuple(stored)
-  scorer = make_scorer(model, variables)
+  scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
+                num_workers=workers)
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -159,13 +435,12 @@ def predict_csv(
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(["path", "score"])
   failed = 0
-  for result in score_files(files, scorer, size_hw, batch_size, workers,
-                            bar.update if bar else None):
+  for result in scorer.score_files(files, bar.update if bar else None):
     if result.error is None:
       writer.writerow([result.path, f"{result.score:.6f}"])
     else:
       failed += 1
-      err.write(f"{result.path}: cannot be scored: {result.error}\n")
+      err.write(result.error + "\n")
   if bar:
     bar.close()
   if failed:

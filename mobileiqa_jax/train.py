@@ -56,6 +56,7 @@ from mobileiqa_jax import metrics as metrics_lib
 from mobileiqa_jax import objectives
 from mobileiqa_jax import optim
 from mobileiqa_jax import sharding
+from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 
 PyTree = Any
@@ -83,7 +84,8 @@ class Data:
   """What the loop needs from the input pipeline (process-local numpy batches).
 
   `train_epoch(epoch, start)` yields this process's slice of global batches `start..` of
-  epoch `epoch` as dict(image [b, H, W, 3] float32 normalised, mos [b] float32), the order
+  epoch `epoch` as dict(image [b, H, W, 3] float32 normalised, mos [b] float32, and, where
+  the last partial batch is kept padded, mask [b] bool: False on padding), the order
   and flips a pure function of (seed, epoch), so (epoch, step_in_epoch) is the whole resume
   position. `eval_batches()` yields dict(image, mos, mask) with padded final batches
   (mask 0 on padding).
@@ -163,7 +165,9 @@ class PipelineData(Data):
     crop = tuple(config.data.train_crop)
     self.train = pipeline.Loader(train_source, sharding.local_batch_size(config.batch_size),
                                  train=True, flips=config.data.flips,
-                                 crop_size=crop if all(crop) else None, **common)
+                                 crop_size=crop if all(crop) else None,
+                                 shuffle=config.data.shuffle,
+                                 drop_remainder=config.data.drop_remainder, **common)
     self.eval = pipeline.Loader(eval_source,
                                 sharding.local_batch_size(config.data.eval_batch_size),
                                 train=False, **common)
@@ -173,8 +177,12 @@ class PipelineData(Data):
     self.mos_range = [float(scale.low), float(scale.high)] if scale is not None else None
 
   def train_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    keep_last = not self.train.drop_remainder
     for batch in self.train.iter_epoch(epoch, start):
-      yield {"image": batch["image"], "mos": batch["mos"]}
+      out = {"image": batch["image"], "mos": batch["mos"]}
+      if keep_last:  # a padded last batch: the step weights loss and BatchNorm by the mask
+        out["mask"] = batch["mask"]
+      yield out
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     for batch in self.eval.iter_epoch(0, 0):
@@ -195,6 +203,14 @@ def make_sources(config: ml_collections.ConfigDict, split: str | None = None) ->
     from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
     return demo.memory_source("train"), demo.memory_source(eval_split)
   data_dir = config.data.data_dir or None
+  if config.data.split == "reference":  # the released code's random.shuffle split
+    rows_from = config.data.reference_rows or None
+    return tuple(pipeline.reference_split_source(config.data.name, s, data_dir, rows_from,
+                                                 config.data.reference_split_seed)
+                 for s in ("train", eval_split))
+  if config.data.split != "stored":
+    raise ValueError(f"config.data.split must be 'stored' or 'reference', got "
+                     f"{config.data.split!r}.")
   return (pipeline.tfds_source(config.data.name, config.data.train_split, data_dir),
           pipeline.tfds_source(config.data.name, eval_split, data_dir))
 
@@ -356,13 +372,17 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
                     teacher: Any | None = None) -> Callable[..., tuple[TrainState, dict]]:
   """The un-jitted train step `(state, batch, teacher_variables) -> (state, metrics)`."""
   base_key = jax.random.PRNGKey(config.seed)
-  weights = dict(config.distill.weights)
+  term_weights = dict(config.distill.weights)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array],
               teacher_variables: PyTree | None = None) -> tuple[TrainState, dict]:
     # The dropout key is a function of the step: a resumed run draws the same masks.
     rng = jax.random.fold_in(base_key, state.step)
     images, mos = batch["image"], batch["mos"]
+    # A kept last partial batch arrives padded with mask False: the loss is the mean over the
+    # real examples and BatchNorm counts only them, i.e. exactly PyTorch's smaller last batch.
+    mask = batch.get("mask")
+    weights = None if mask is None else mask.astype(jnp.float32)
 
     if teacher is not None:
       # Frozen teacher, inference mode, outside the differentiated function.
@@ -372,17 +392,18 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      out, new_model_state = model.apply(
-          variables, images, train=True, return_features=True, return_fused=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
+      with layers.batch_norm_example_mask(mask):
+        out, new_model_state = model.apply(
+            variables, images, train=True, return_features=True, return_fused=True,
+            rngs={"dropout": rng}, mutable=["batch_stats"])
       x, dof, score, fused = out
       if teacher is None:
-        loss = objectives.regression_loss(score, mos, config.loss)
+        loss = objectives.regression_loss(score, mos, config.loss, weights)
         aux = {}
       else:
         loss, terms = objectives.distillation_loss(
             x.astype(jnp.float32), t_x.astype(jnp.float32), dof.astype(jnp.float32),
-            t_dof.astype(jnp.float32), score, mos, weights)
+            t_dof.astype(jnp.float32), score, mos, term_weights, weights)
         aux = {f"loss_{k}": v for k, v in terms.items()}
         aux["fused"] = fused
       return loss, (new_model_state, score, aux)
@@ -391,13 +412,13 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "score_mse": jnp.mean((score - mos) ** 2),
+    metrics = {"loss": loss, "score_mse": objectives.mse(score, mos, weights),
                "grad_norm": optax.global_norm(grads)}
     if teacher is not None:
       fused = jax.lax.stop_gradient(aux.pop("fused"))
       # Monitoring only: the teacher's regressor on the student's image quality feature.
       t_on_s = teacher.apply(teacher_variables, fused, method="regress")
-      metrics["monitor_teacher_regressor_mse"] = jnp.mean((t_on_s - mos) ** 2)
+      metrics["monitor_teacher_regressor_mse"] = objectives.mse(t_on_s, mos, weights)
       metrics.update(aux)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=new_model_state.get("batch_stats", {}),
@@ -597,6 +618,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.maybe_initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  ckpt_lib.check_resume_config(workdir, config)  # before anything is written
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

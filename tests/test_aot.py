@@ -55,7 +55,7 @@ def test_chip_table_and_target_platform_choice():
 def test_unknown_topology_is_one_line_error():
   proc = _cli("--config=configs/teacher.py:demo", "--topology=v9x:2x2", timeout=120)
   assert proc.returncode == aot.EXIT_USAGE, proc.stderr[-2000:]
-  line = [l for l in proc.stderr.splitlines() if l.startswith("aot_compile:")]
+  line = [l for l in proc.stderr.splitlines() if l.startswith("aot_compile.py: error:")]
   assert len(line) == 1 and "unknown topology 'v9x:2x2'" in line[0], proc.stderr[-2000:]
   assert "v5e:2x2" in line[0] and "Traceback" not in proc.stderr
   with pytest.raises(aot.AotUsageError, match="unknown topology"):

@@ -63,3 +63,62 @@ def test_train_checkpointer_keeps_last_and_best(tmp_path):
 def test_missing_checkpoint_message(tmp_path):
   with pytest.raises(FileNotFoundError, match="variables/ and meta/"):
     checkpoint.resolve_checkpoint(str(tmp_path))
+
+
+def _old_format_checkpoint(path, model_config):
+  """A checkpoint as written before training settings were stored apart from the model."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  meta = {"format": checkpoint.FORMAT, "model_config": model_config,
+          "extra": {"image_size": [64, 64]}}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(path, ocp.args.Composite(variables=ocp.args.PyTreeSave(_variables()),
+                                        meta=ocp.args.JsonSave(meta)))
+  return path
+
+
+def test_model_config_stores_the_architecture_and_old_checkpoints_still_load(tmp_path):
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  arch = mobileiqa.model_config("teacher", backbone="mobilevitv2_050", width=16,
+                                pooled_size=6).to_dict()
+  trained = dict(arch, dtype="bfloat16", backbone_kwargs={"remat": True})
+  new = checkpoint.save_model(str(tmp_path / "new"), _variables(), trained)
+  stored = checkpoint.read_json_item(new, "meta")
+  assert "dtype" not in stored["model_config"] and stored["model_config"]["backbone_kwargs"] == {}
+  assert stored["training"] == {"compute_dtype": "bfloat16", "remat": True}
+  old = _old_format_checkpoint(str(tmp_path / "old"), trained)
+  assert checkpoint.read_json_item(old, "meta")["model_config"]["dtype"] == "bfloat16"
+  for path in (new, old):
+    model, _, meta = checkpoint.load_model(path)
+    assert model.dtype == jnp.float32 and model.backbone.dtype == jnp.float32
+    assert not getattr(model.backbone, "remat", False)
+    assert meta["model_config"] == {k: v for k, v in arch.items() if k != "dtype"}
+    assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True}
+    model, _, _ = checkpoint.load_model(path, compute_dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16
+
+
+def _write_workdir(path, config):
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(path, "checkpoints", "7", "variables"))
+  os.makedirs(os.path.join(path, "checkpoints", "7", "meta"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+
+
+def test_resume_check_allows_safe_fields_and_lists_the_others(tmp_path):
+  stored = {"num_epochs": 10, "max_steps": -1, "mesh": [["data", -1]],
+            "checkpoint": {"keep": 2}, "model": {"width": 32, "pooled_size": 6},
+            "data": {"image_size": [32, 32], "num_workers": 4}, "optimizer": {"lr": 1e-3}}
+  _write_workdir(str(tmp_path / "run"), stored)
+  safe = {**stored, "num_epochs": 20, "max_steps": 5, "mesh": [["data", 1], ["fsdp", -1]],
+          "checkpoint": {"keep": 5}, "data": {"image_size": (32, 32), "num_workers": 1}}
+  checkpoint.check_resume_config(str(tmp_path / "run"), safe)  # no error
+  bad = {**safe, "model": {"width": 64, "pooled_size": 6}, "optimizer": {"lr": 1e-3, "wd": 1}}
+  with pytest.raises(checkpoint.ResumeConfigError) as err:
+    checkpoint.check_resume_config(str(tmp_path / "run"), bad)
+  msg = str(err.value)
+  assert "model.width: 32 -> 64" in msg and "optimizer.wd: (absent) -> 1" in msg
+  assert "num_epochs" not in msg.split("refusing to resume with")[1].split(". Use")[0]
+  # No checkpoints yet: a new run, anything goes.
+  os.makedirs(tmp_path / "fresh")
+  checkpoint.check_resume_config(str(tmp_path / "fresh"), bad)

@@ -90,6 +90,9 @@ def test_builder_on_replica(name, tmp_path):
     # Metadata groups line up with the records (the re-split relies on it).
     assert meta["groups"][split] == [r["group"].decode() for r in recs]
 
+  # The label file's row order survives the split (the reference split numbers those rows).
+  assert [records[s][i]["image_name"].decode() for s, i in meta["label_file_order"]] == list(expected)
+
   if name == "kadid10k":  # no reference image on both sides
     tr = {r["group"] for r in records["train"]}
     te = {r["group"] for r in records["test"]}
@@ -263,3 +266,23 @@ def test_resplit_at_read_time(tmp_path):
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
   with pytest.raises(layout.MissingDataError, match="prepare_data.py --dataset=spaq"):
     pipeline.tfds_source("spaq", "train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name,rows_from", [("livec", None), ("uhd_iqa", "train")])
+def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_path):
+  import random  # pylint: disable=g-import-not-at-top
+  _, expected, _ = _prepare(name, tmp_path)
+  rows = [n for n, (*_, split, _) in expected.items() if rows_from is None or split == rows_from]
+  # The released train.py, computed independently: random.seed, shuffle, first round(0.8 N).
+  random.seed(3407)
+  order = list(range(len(rows)))
+  random.shuffle(order)
+  cut = int(round(0.8 * len(rows)))
+  for split, part in (("train", order[:cut]), ("test", order[cut:])):
+    src = pipeline.reference_split_source(name, split, data_dir=tmp_path / "tfds",
+                                          rows_from=rows_from)
+    assert [src[i]["name"] for i in range(len(src))] == [rows[j] for j in part]
+    assert [src[i]["mos"] for i in range(len(src))] == pytest.approx(
+        [float(src.scale.to_unit(expected[rows[j]][0])) for j in part], rel=1e-5)
+  with pytest.raises(ValueError, match="'train' and 'test'"):
+    pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")

@@ -155,6 +155,26 @@ def test_eval_pads_and_masks_the_last_batch(source):
   assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in batches]
 
 
+def test_release_order_is_fixed_and_keeps_the_last_partial_batch(source):
+  # The released recipe: DataLoader(shuffle=False, drop_last=False) in training.
+  loader = pipeline.Loader(source, 5, SIZE, train=True, seed=4, shuffle=False,
+                           drop_remainder=False, num_workers=2)
+  assert loader.steps_per_epoch == 5  # ceil(23 / 5), not 23 // 5
+  epochs = [list(loader.iter_epoch(e)) for e in (0, 1)]
+  for batches in epochs:
+    assert [int(b["mask"].sum()) for b in batches] == [5, 5, 5, 5, 3]
+    assert [i for b in batches for i in b["index"][b["mask"]]] == list(range(23))
+    last = batches[-1]
+    assert last["image"].shape == (5, *SIZE, 3)  # padded to the fixed batch shape
+    assert not last["image"][~last["mask"]].any() and (last["index"][~last["mask"]] == -1).all()
+  # Flips stay random per epoch (the released transforms flip), the order does not move.
+  flips = [np.stack([b["image"] for b in batches]) for batches in epochs]
+  assert not np.array_equal(flips[0], flips[1])
+  # The default still shuffles per epoch.
+  shuffled = pipeline.Loader(source, 5, SIZE, train=True, seed=4, num_workers=2)
+  assert _indices(shuffled, 0) != _indices(shuffled, 1)
+
+
 def test_resume_mid_epoch_continues_at_the_same_example(source):
   full = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=2)
   it = iter(full)

@@ -18,6 +18,8 @@ Metadata (`builder.info.metadata`, `metadata.json` next to the records):
   split_kind:  'official' or 'seeded' (80/20 by group, seed `split_seed`)
   split_seed, train_fraction, groups: {split: [group per record index]} — lets the
                pipeline re-split with another seed without reading any image.
+  label_file_order: [[split, record index] per label-file row, in file order] — the row
+               numbering of the authors' released split (`layout.reference_split`).
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "split_seed": layout.DEFAULT_SPLIT_SEED,
         "train_fraction": layout.TRAIN_FRACTION,
         "groups": {s: [e.group for e in by_split[s]] for s in splits},
+        # (split, record index) of each label-file row in file order: the row numbering
+        # the authors' released code splits (`pipeline.reference_split_source`).
+        "label_file_order": _label_file_order(entries, by_split),
         "manual_dir": str(root),
     })
     return {s: self._generate_examples(by_split[s], scale) for s in splits}
@@ -181,6 +186,12 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "height": h,
           "group": e.group,
       }
+
+
+def _label_file_order(entries: Sequence[layout.Entry],
+                      by_split: dict[str, list[layout.Entry]]) -> list[list]:
+  position = {id(e): [s, i] for s, es in by_split.items() for i, e in enumerate(es)}
+  return [position[id(e)] for e in entries]
 
 
 def seeded_entries(

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import random
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -98,6 +99,35 @@ def split_by_group(
   n_train = int(round(train_fraction * len(unique)))
   train = {unique[i] for i in order[:n_train]}
   return ["train" if g in train else "test" for g in groups]
+
+
+# The released code's split seed (its train.sh and logs: --seed 3407).
+REFERENCE_SPLIT_SEED = 3407
+
+
+def reference_split(num_images: int, seed: int = REFERENCE_SPLIT_SEED) -> tuple[list[int], list[int]]:
+  """The split of the authors' released training code: (train indices, test indices).
+
+  Computed as their `train.py` does: Python's `random.seed(seed)` (nothing else draws from
+  `random` before it), `random.shuffle(list(range(num_images)))`, then the first
+  `int(round(0.8 * num_images))` shuffled indices train and the rest test. Indices count the
+  rows of the data set's label file in file order (UHD-IQA: the 4,269 rows of
+  `uhd-iqa-training-metadata.csv`, giving 3,415 / 854). A private `random.Random` is used, so
+  the global `random` state is left alone.
+
+  Args:
+    num_images: Rows of the label file the released code reads (`dataset_info.json`).
+    seed: The released code's seed.
+
+  Returns:
+    (train, test): lists of row indices, each in the shuffled order the released code visits.
+  """
+  if num_images < 1:
+    raise ValueError(f"reference_split: num_images must be >= 1, got {num_images}.")
+  order = list(range(num_images))
+  random.Random(seed).shuffle(order)
+  n_train = int(round(0.8 * num_images))
+  return order[:n_train], order[n_train:]
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,12 +19,17 @@ Sources are random-access sequences of records `{'image': bytes, 'mos': float, '
       save(..., data_state=loader.state)        #        mask [b] bool, index [b] i64
 
 Order: epoch e visits `permutation(n)` from `np.random.default_rng([seed, e])` (training)
-or 0..n-1 (evaluation). Global batch s is positions [s*G, (s+1)*G) of that order with
+or 0..n-1 (evaluation, or training with `shuffle=False`: the released code's
+`DataLoader(shuffle=False)`, the same order every epoch). Global batch s is positions [s*G, (s+1)*G) of that order with
 G = batch_size * process_count, and process p takes its p-th slice of b = batch_size: so
 the global batch, and hence training, does not depend on how many processes share it,
 `jax.make_array_from_process_local_data` puts each slice where it belongs, and
 together the processes see every example exactly once per epoch. Training drops the last
-partial global batch (drop_remainder); evaluation pads it with zero images and mask=False.
+partial global batch (drop_remainder); evaluation, and training with
+`drop_remainder=False` (PyTorch's default `drop_last=False`, the released recipe), pad it to
+the full global batch with zero images and mask=False, so every step has the same shape on
+every device; the train step then weights the loss and the BatchNorm statistics by the mask,
+which makes that step exactly PyTorch's smaller last batch.
 Flips are drawn per epoch from `default_rng([seed, e, 1])` per position, so they do not
 depend on worker timing either. `loader.state` is the position of the *next* batch; a run
 restored with it continues at the same example.
@@ -256,6 +261,48 @@ def tfds_source(
   return TfdsSource(sources, keys, scale, metadata, directory)
 
 
+def reference_split_source(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    rows_from: str | None = None,
+    seed: int = layout.REFERENCE_SPLIT_SEED,
+) -> TfdsSource:
+  """The authors' released-code split of a prepared data set (docs/reproducing.md).
+
+  The released code numbers the rows of the data set's label file in file order, shuffles
+  those numbers with Python's `random` (`layout.reference_split`) and trains on the first
+  80%, testing (and picking its best epoch) on the rest.
+
+  Args:
+    name: As for `tfds_source`.
+    split: 'train' or 'test' of that split.
+    data_dir: As for `tfds_source`.
+    rows_from: Number only the rows of this stored split (UHD-IQA: 'train', the 4,269 rows
+      of `uhd-iqa-training-metadata.csv` that the released code reads); None: every row of
+      the label file (LIVEC, KonIQ-10k, SPAQ, BID).
+    seed: The released code's seed.
+
+  Returns:
+    A source over that side of the split, in the order the released code visits it (the
+    shuffled order; its DataLoader does not reshuffle). `mos` and `scale` are the stored
+    ones, not the released code's per-subset min-max (see docs/reproducing.md).
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"The reference split has 'train' and 'test', not {split!r}.")
+  stored = tfds_source(name, rows_from or "train", data_dir)
+  order = stored.metadata.get("label_file_order")
+  if order is None:
+    raise layout.MissingDataError(
+        f"{stored.directory}/metadata.json has no label_file_order (prepared before it was "
+        "recorded): prepare the data set again with launch/prepare_data.py to use the "
+        "reference split.")
+  rows = [(str(s), int(i)) for s, i in order if rows_from is None or s == rows_from]
+  train, test = layout.reference_split(len(rows), seed)
+  keys = [rows[j] for j in (train if split == "train" else test)]
+  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)  # pylint: disable=protected-access
+
+
 # ------------------------------------------------------------------------------------------
 # Loader.
 
@@ -291,12 +338,14 @@ class Loader:
     image_size: (height, width) after resizing, e.g. (1231, 1907).
     train: Shuffle per epoch, random horizontal and vertical flips, drop the last partial
       global batch; else the stored order, no flips, pad-and-mask the last batch.
+    shuffle: Training only: False visits 0..n-1 every epoch (flips stay random per epoch).
     seed: Seed of the order and flips.
     process_index: This process (`jax.process_index()`).
     process_count: Processes sharing the global batch (`jax.process_count()`).
     num_workers: Parallel decoders; default: the CPUs this process may use.
     worker_type: 'thread' (default; fastest measured) or 'process'.
-    drop_remainder: Override of the last-batch rule (default: `train`).
+    drop_remainder: Override of the last-batch rule (default: `train`). False in training
+      keeps the last partial global batch, padded to full size with mask=False.
     prefetch: Batches decoded ahead of the consumer.
     flips: Random flips in training (False for exact reproducibility tests).
     crop_size: (height, width) of a random window cut from each resized training image
@@ -320,6 +369,7 @@ class Loader:
       prefetch: int = 2,
       flips: bool = True,
       crop_size: tuple[int, int] | None = None,
+      shuffle: bool = True,
   ):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -331,6 +381,7 @@ class Loader:
     self.batch_size = batch_size
     self.image_size = tuple(int(x) for x in image_size)
     self.train = train
+    self.shuffle = bool(shuffle)
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
@@ -375,7 +426,7 @@ class Loader:
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Source indices in the order epoch `epoch` visits them (all processes together)."""
     n = len(self.source)
-    if not self.train:
+    if not (self.train and self.shuffle):
       return np.arange(n)
     return np.random.default_rng([self.seed, epoch]).permutation(n)
 

@@ -7,7 +7,9 @@ get wrong.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -244,6 +246,29 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
   return _align_corners_axis(x, 2, size_hw[1])
 
 
+# Examples that training BatchNorm statistics count (None: all). A context variable rather
+# than an argument of every backbone block: only the train step of a padded last batch sets it.
+_EXAMPLE_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "batch_norm_example_mask", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_example_mask(mask: jax.Array | None) -> Iterator[None]:
+  """Within this block, training BatchNorm statistics count only examples where `mask` is set.
+
+  A padded last batch (the released recipe keeps PyTorch's last small batch) then normalises
+  and updates the running statistics exactly as a batch of its real examples alone would:
+  mean, variance and the n / (n - 1) correction all use the real examples' positions.
+  `mask` has shape [batch] (bool or 0/1) and is traced with the model (set it inside the
+  jitted function). None leaves every BatchNorm as it is.
+  """
+  token = _EXAMPLE_MASK.set(mask)
+  try:
+    yield
+  finally:
+    _EXAMPLE_MASK.reset(token)
+
+
 class BatchNorm2d(nn.Module):
   """`torch.nn.BatchNorm2d` exactly, training included (variables named as `nn.BatchNorm`'s).
 
@@ -274,14 +299,28 @@ class BatchNorm2d(nn.Module):
       # cancellation error is far below the rounding of the bfloat16 activations themselves.
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      if jnp.dtype(x.dtype) == jnp.float32:
-        var = jnp.mean(jnp.square(xf - mean), axes)
-      else:
-        var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
-      if not self.is_initializing():
+      example_mask = _EXAMPLE_MASK.get()
+      one_pass = jnp.dtype(x.dtype) != jnp.float32
+      if example_mask is None:
+        mean = jnp.mean(xf, axes)
+        if one_pass:
+          var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+        else:
+          var = jnp.mean(jnp.square(xf - mean), axes)
         n = x.size // c
-        unbiased = var * (n / max(n - 1, 1))
+      else:
+        if example_mask.shape != x.shape[:1]:
+          raise ValueError(f"batch_norm_example_mask: mask shape {example_mask.shape} does "
+                           f"not match the batch of a BatchNorm input {x.shape}.")
+        w = example_mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.maximum(jnp.sum(w) * (x.size // (c * x.shape[0])), 1.0)
+        mean = jnp.sum(xf * w, axes) / n
+        if one_pass:
+          var = jnp.maximum(jnp.sum(jnp.square(xf) * w, axes) / n - jnp.square(mean), 0.0)
+        else:
+          var = jnp.sum(jnp.square(xf - mean) * w, axes) / n
+      if not self.is_initializing():
+        unbiased = var * (n / (max(n - 1, 1) if isinstance(n, int) else jnp.maximum(n - 1, 1)))
         m = self.momentum
         ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
         ra_var.value = (1.0 - m) * ra_var.value + m * unbiased

@@ -1,0 +1,109 @@
+"""What every command in launch/ shares: readable errors and quiet library logs.
+
+`cli.run(main)` replaces `absl.app.run(main)`:
+
+- a user's mistake (a bad flag value, a missing path, a folder that is not a checkpoint, a
+  state dict of the other model, a workdir that cannot be written, a data set that is not
+  prepared) prints ONE line, `<command>: error: <message>`, on stderr and exits non-zero
+  (2 for flags and usage, 1 otherwise), without a traceback. Such mistakes reach here as
+  `ValueError` (bad values, `ConversionError`, a refused resume), `OSError` (missing,
+  unwritable or existing paths, `MissingDataError`), `ImportError` (an optional dependency
+  the input needs), absl flag errors and `app.UsageError`;
+- anything else is a bug and keeps its traceback;
+- with `quiet=True` (predict, convert, export, evaluate, explain) absl/orbax INFO lines and
+  Python warnings are hidden, so stderr holds the progress bar and the errors;
+- `--verbose`, or an explicit absl `--verbosity`, shows the library logs and the traceback.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+import warnings
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "Show library logs (absl/orbax INFO lines) and the traceback of an error.")
+
+# What a user's mistake raises (see the module docstring); KeyError is left out because its
+# message is only the key's repr.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+
+
+def _prog() -> str:
+  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mobileiqa_jax"
+
+
+def one_line(message: Any) -> str:
+  """A message on one line (multi-line errors, such as the converter's key lists, joined)."""
+  return " ".join(str(message).split())
+
+
+def _message(error: Any) -> str:
+  if isinstance(error, OSError) and error.filename and error.strerror:
+    # "[Errno 20] Not a directory: 'x'" -> "x: not a directory", with the path first.
+    return f"{error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+  return str(error)
+
+
+def fail(message: Any, status: int = 1) -> None:
+  """Prints `<command>: error: <message>` on one stderr line and exits with `status`."""
+  message = _message(message)
+  sys.stderr.write(f"{_prog()}: error: {one_line(message)}\n")
+  sys.stderr.flush()
+  # os._exit would skip flushing; SystemExit with a non-string code prints nothing more.
+  raise SystemExit(status)
+
+
+def verbose() -> bool:
+  """--verbose, or absl's --verbosity given on the command line."""
+  return bool(_VERBOSE.value) or flags.FLAGS["verbosity"].present > 0
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    if "--verbose" in argv:
+      raise
+    fail(f"{e} (run with --helpshort for the flags)", status=2)
+  return []  # unreachable
+
+
+def quiet_logs() -> None:
+  """Hides INFO logs (absl, orbax, the package) and Python warnings for this process."""
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger().setLevel(std_logging.WARNING)
+  warnings.simplefilter("ignore")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run(main: Callable[[list[str]], Any], *, quiet: bool = True,
+        user_errors: tuple[type[BaseException], ...] = ()) -> None:
+  """`absl.app.run(main)` with one-line user errors and (when `quiet`) no INFO logs.
+
+  Args:
+    main: the command; gets the positional arguments (argv[0] first) and returns an exit
+      status (None is 0).
+    quiet: hide absl/orbax INFO lines and warnings unless --verbose.
+    user_errors: more exception types that mean a user's mistake for this command.
+  """
+  caught = (app.UsageError, *USER_ERRORS, *user_errors)
+
+  def wrapped(argv: list[str]) -> Any:
+    if quiet and not verbose():
+      quiet_logs()
+    try:
+      return main(argv)
+    except caught as e:  # pylint: disable=catching-non-exception
+      if verbose():
+        raise
+      fail(e, status=2 if isinstance(e, app.UsageError) else 1)
+    return None  # unreachable
+
+  app.run(wrapped, flags_parser=_parse_flags)

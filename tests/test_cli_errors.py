@@ -1,0 +1,156 @@
+"""Every command in launch/: a user's mistake is one line on stderr, a non-zero exit, no traceback.
+
+Also what must not be lost: convert refuses an existing checkpoint without --overwrite, and
+train refuses to resume a workdir's checkpoints with a different config, before writing.
+
+The commands run as subprocesses, two at a time, all started by one module fixture.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mobileiqa_jax import checkpoint
+from mobileiqa_jax.models import mobileiqa
+from test_train_helpers import CACHE_ENV, REPO
+
+LIVEC = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images")
+PHOTO = os.path.join(LIVEC, "1000.JPG")
+DEMO = "configs/teacher.py:demo"
+
+
+def _launch(args, timeout=600):
+  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _fake_train_workdir(path, width):
+  """A workdir as a run leaves it: config.json and a (content-free) finished checkpoint."""
+  sys.path.insert(0, REPO)
+  from configs import teacher  # pylint: disable=g-import-not-at-top
+  c = teacher.get_config("demo")
+  c.model.width = width
+  os.makedirs(os.path.join(path, "checkpoints", "120", "variables"))
+  os.makedirs(os.path.join(path, "checkpoints", "120", "meta"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(c.to_dict(), f, indent=2, sort_keys=True)
+  return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("cli")
+  (tmp / "empty").mkdir()
+  (tmp / "no_images").mkdir()
+  (tmp / "no_images" / "labels.csv").write_text("image_name,mos\n")
+  (tmp / "a_file").write_text("not a folder")
+  # A checkpoint whose model config builds (its weights are never used by these commands).
+  config = mobileiqa.model_config("student", pooled_size=8, width=32).to_dict()
+  ckpt = checkpoint.save_model(str(tmp / "ckpt"), {"params": {"x": np.ones(3, np.float32)}},
+                               config, extra={"image_size": [64, 64]})
+  resume = _fake_train_workdir(str(tmp / "resume"), width=32)
+  with open(os.path.join(resume, "config.json"), "rb") as f:
+    resume_config = f.read()
+  teacher_pkl = None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    teacher_pkl = str(tmp / "MobileViT_IQA.pkl")
+    torch.save({"global_vit.stem.conv.weight": torch.zeros(3), "LGF1.cnn1.weight":
+                torch.zeros(3)}, teacher_pkl)
+  except ImportError:
+    pass
+
+  cases = {
+      "predict_missing_path": (["launch/predict.py", f"--checkpoint={ckpt}",
+                                str(tmp / "nope.jpg")], "nope.jpg"),
+      "predict_bad_image_size": (["launch/predict.py", f"--checkpoint={ckpt}",
+                                  "--image_size=abc", PHOTO], "--image_size"),
+      "predict_bad_flag_value": (["launch/predict.py", f"--checkpoint={ckpt}",
+                                  "--batch_size=many", PHOTO], "--batch_size"),
+      "predict_not_a_checkpoint": (["launch/predict.py", f"--checkpoint={tmp / 'empty'}",
+                                    PHOTO], "no checkpoint at"),
+      "predict_folder_without_images": (["launch/predict.py", f"--checkpoint={ckpt}",
+                                         str(tmp / "no_images")], "holds no image files"),
+      "convert_missing_file": (["launch/convert.py", f"--torch_checkpoint={tmp / 'x.pkl'}",
+                                f"--output={tmp / 'out'}"], "x.pkl"),
+      "convert_refuses_to_overwrite": (["launch/convert.py", f"--torch_checkpoint={tmp / 'x.pkl'}",
+                                        f"--output={ckpt}"], "--overwrite"),
+      "export_bad_quantize": (["launch/export.py", f"--checkpoint={ckpt}",
+                               f"--output={tmp / 'm.tflite'}", "--quantize=int3"], "--quantize"),
+      "export_missing_checkpoint": (["launch/export.py", f"--checkpoint={tmp / 'nope'}",
+                                     f"--output={tmp / 'm.tflite'}"], "nope"),
+      "evaluate_not_a_checkpoint": (["launch/evaluate.py", f"--checkpoint={tmp / 'empty'}",
+                                     f"--config={DEMO}"], "no checkpoint at"),
+      "evaluate_data_not_prepared": (["launch/evaluate.py", f"--checkpoint={ckpt}",
+                                      "--config=configs/student.py:livec",
+                                      f"--config.data.data_dir={tmp / 'empty'}"],
+                                     "not prepared"),
+      "train_unwritable_workdir": (["launch/train.py", f"--config={DEMO}",
+                                    f"--workdir={tmp / 'a_file' / 'run'}"], "a_file"),
+      "train_refuses_changed_resume": (["launch/train.py", f"--config={DEMO}",
+                                        f"--workdir={resume}", "--config.model.width=64",
+                                        "--config.num_epochs=20"], "model.width: 32 -> 64"),
+  }
+  if teacher_pkl:
+    cases["convert_teacher_pkl_as_student"] = (
+        ["launch/convert.py", f"--torch_checkpoint={teacher_pkl}", "--model=student",
+         f"--output={tmp / 'student'}"], "--model=teacher")
+    cases["predict_teacher_pkl_as_student"] = (
+        ["launch/predict.py", f"--checkpoint={teacher_pkl}", "--model=student", PHOTO],
+        "holds the teacher")
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    procs = {name: pool.submit(_launch, args) for name, (args, _) in cases.items()}
+    procs = {name: p.result() for name, p in procs.items()}
+  return dict(cases=cases, procs=procs, tmp=tmp, ckpt=ckpt, resume=resume,
+              resume_config=resume_config)
+
+
+CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_value",
+         "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
+         "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
+         "evaluate_not_a_checkpoint", "evaluate_data_not_prepared", "train_unwritable_workdir",
+         "train_refuses_changed_resume", "convert_teacher_pkl_as_student",
+         "predict_teacher_pkl_as_student"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_user_error_is_one_line_without_traceback(runs, name):
+  if name not in runs["procs"]:
+    pytest.skip("needs torch to write the .pkl")
+  proc, expected = runs["procs"][name], runs["cases"][name][1]
+  assert proc.returncode not in (0, None), proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+  assert len(errors) == 1, proc.stderr
+  assert expected in errors[0], errors[0]
+  if not name.startswith("train"):  # train keeps its INFO log; the others print only this
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == errors, proc.stderr
+
+
+def test_convert_left_the_existing_checkpoint_alone(runs):
+  meta = checkpoint.read_json_item(runs["ckpt"], "meta")
+  assert meta["model_config"]["variant"] == "student"
+  variables, _ = checkpoint.load_variables(runs["ckpt"])
+  np.testing.assert_array_equal(variables["params"]["x"], np.ones(3, np.float32))
+
+
+def test_refused_resume_wrote_nothing(runs):
+  with open(os.path.join(runs["resume"], "config.json"), "rb") as f:
+    assert f.read() == runs["resume_config"]
+  assert sorted(os.listdir(runs["resume"])) == ["checkpoints", "config.json"]
+  err = runs["procs"]["train_refuses_changed_resume"].stderr
+  assert "num_epochs" not in err.split("refusing to resume with")[1].split(". Use")[0]
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  proc = _launch(["launch/predict.py", f"--checkpoint={tmp_path}", "--verbose", PHOTO])
+  assert proc.returncode != 0 and "Traceback" in proc.stderr and "no checkpoint" in proc.stderr

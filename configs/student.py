@@ -17,7 +17,14 @@ UHD-IQA (default variant):
       --config.teacher_checkpoint=runs/teacher_uhd_iqa \
       --config.init.backbone=mobilenetv3_large_100.ra_in1k
 
-Other data sets: configs/student.py:koniq10k | livec | spaq | bid | kadid10k.
+The released code's data protocol (docs/reproducing.md), after the matching teacher run:
+
+  python launch/train.py --config=configs/student.py:uhd_iqa_release \
+      --config.teacher_checkpoint=runs/teacher_uhd_iqa_release
+
+Other data sets: configs/student.py:koniq10k | livec | spaq | bid | kadid10k, and
+koniq10k_release | livec_release | spaq_release | bid_release. The released distillation
+path does not run and names no optimizer for the student: the teacher's recipe is used.
 On a TPU pod every worker runs the same command: see launch/pod_distill.sh.
 """
 

@@ -161,7 +161,9 @@ class PipelineData(Data):
     from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     common = dict(image_size=tuple(config.data.image_size), seed=config.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
-                  num_workers=config.data.num_workers or None)
+                  num_workers=config.data.num_workers or None,
+                  pre_resize_size=tuple(config.data.pre_resize) if all(config.data.pre_resize)
+                  else None)
     crop = tuple(config.data.train_crop)
     self.train = pipeline.Loader(train_source, sharding.local_batch_size(config.batch_size),
                                  train=True, flips=config.data.flips,
@@ -205,9 +207,17 @@ def make_sources(config: ml_collections.ConfigDict, split: str | None = None) ->
   data_dir = config.data.data_dir or None
   if config.data.split == "reference":  # the released code's random.shuffle split
     rows_from = config.data.reference_rows or None
-    return tuple(pipeline.reference_split_source(config.data.name, s, data_dir, rows_from,
-                                                 config.data.reference_split_seed)
-                 for s in ("train", eval_split))
+    sources = tuple(pipeline.reference_split_source(config.data.name, s, data_dir, rows_from,
+                                                    config.data.reference_split_seed)
+                    for s in ("train", eval_split))
+    rows = sum(len(s) for s in sources)
+    if config.data.reference_count and rows != config.data.reference_count:
+      raise ValueError(
+          f"config.data.reference_count: the released code splits {config.data.reference_count} "
+          f"rows of {config.data.name}'s label file, the prepared data set has {rows}; the "
+          "split would differ. Prepare the complete release, or set "
+          "--config.data.reference_count=0 to split what is there.")
+    return sources
   if config.data.split != "stored":
     raise ValueError(f"config.data.split must be 'stored' or 'reference', got "
                      f"{config.data.split!r}.")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pathlib
 import random
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from mobileiqa_jax import sharding
 from mobileiqa_jax import train
 from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
 from test_train_helpers import tiny_config, use_compilation_cache
 
@@ -117,3 +120,163 @@ def test_reference_split_is_the_released_codes():
   finally:
     random.setstate(state)
   assert layout.reference_split(10, seed=1) != layout.reference_split(10)
+
+
+def _head_leaves(head_init, with_mal=True):
+  """{(name, kernel shape): values} of the head's Conv/Linear variables at the paper's sizes.
+
+  Values of layers of the same shape are pooled (e.g. the five views' qConv biases).
+  """
+  from mobileiqa_jax.models.mal import MAL  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models.mobileiqa import LDA, Regressor  # pylint: disable=g-import-not-at-top
+  modules = [
+      (LDA(256, 22, head_init=head_init), np.zeros((1, 23, 23, 1024), np.float32)),
+      (LDA(256, 22, head_init=head_init), np.zeros((1, 23, 23, 16), np.float32)),
+      (Regressor(4, 256, head_init=head_init), np.zeros((1, 22, 22, 256), np.float32)),
+  ] + ([(MAL(5, head_init=head_init), np.zeros((5, 1, 22, 22, 256), np.float32))]
+       if with_mal else [])
+  pooled = {}
+  for seed, (module, x) in enumerate(modules):
+    # lazy_init: the variables without running the forward pass.
+    params = module.lazy_init(jax.random.PRNGKey(seed),
+                              jax.ShapeDtypeStruct(x.shape, x.dtype))["params"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      name = path[-1].key
+      if name in ("kernel", "bias"):
+        # The bias is keyed by its layer's kernel shape (fan_in lives there).
+        kernel_shape = _sibling_kernel_shape(params, path)
+        pooled.setdefault((name, kernel_shape), []).append(np.asarray(leaf).ravel())
+  return {k: np.concatenate(v) for k, v in pooled.items()}
+
+
+def _sibling_kernel_shape(params, path):
+  node = params
+  for p in path[:-1]:
+    node = node[p.key]
+  return tuple(node["kernel"].shape)
+
+
+def _torch_samples(torch, name, kernel_shape, count):
+  """`count` values of a fresh torch layer's weight or bias for that (Flax) kernel shape."""
+  values = []
+  while sum(v.size for v in values) < count:
+    if len(kernel_shape) == 4:  # HWIO
+      kh, _, cin, cout = kernel_shape
+      layer = torch.nn.Conv2d(cin, cout, kh)
+    else:
+      layer = torch.nn.Linear(*kernel_shape)
+    values.append((layer.weight if name == "kernel" else layer.bias).detach().numpy().ravel())
+  return np.concatenate(values)[:count]
+
+
+@pytest.mark.torch
+def test_head_init_matches_pytorch_defaults_per_layer():
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  ours = _head_leaves("torch")
+  assert len(ours) == 22  # (kernel, bias) of every distinct Conv/Linear shape of the head
+  for (name, shape), values in sorted(ours.items()):
+    ref = _torch_samples(torch, name, shape, max(values.size, 4000))
+    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))  # fan_in = kh * kw * in (HWIO) or in
+    # Same support as PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weights and biases.
+    assert np.abs(values).max() <= bound * (1 + 1e-6), (name, shape)
+    assert np.abs(ref).max() <= bound * (1 + 1e-6), (name, shape)
+    if values.size >= 500:  # enough values for a sample std within a few percent
+      ratio = values.std() / ref.std()
+      assert abs(ratio - 1) < 0.1, (name, shape, ratio)
+    elif values.size >= 8:  # a few dozen values: spread over the interval, not zero
+      assert values.std() > 0.3 * bound, (name, shape)
+    else:  # the score layer's single bias
+      assert values.all(), (name, shape)
+  # Flax's default is the switch's other side: lecun_normal kernels (sqrt(3) x the std),
+  # zero biases.
+  for (name, shape), values in _head_leaves("flax", with_mal=False).items():
+    if name == "bias":
+      assert not values.any()
+    elif values.size >= 500:
+      ratio = values.std() / ours[(name, shape)].std()
+      assert abs(ratio - np.sqrt(3)) < 0.2, (name, shape, ratio)
+
+
+LIVEC_JPG = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "livec_jpg"
+
+
+@pytest.mark.torch
+def test_release_preprocessing_equals_pil_bicubic_then_torchvision_resize():
+  """The released code's path on real photos: PIL bicubic to 1907x1231, Resize((512, 512))."""
+  pytest.importorskip("torch")
+  transforms = pytest.importorskip("torchvision.transforms")
+  photos = sorted((LIVEC_JPG / "Images").glob("*"))[:3]
+  if not photos:
+    pytest.skip(f"no photos under {LIVEC_JPG}/Images")
+  reference = transforms.Compose([
+      transforms.Resize((512, 512)), transforms.ToTensor(),
+      transforms.Normalize(mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD)])
+  for path in photos:
+    img = Image.open(path).convert("RGB")
+    want = reference(img.resize([1907, 1231])).numpy().transpose(1, 2, 0)
+    got = preprocess.resize_normalize(preprocess.decode_rgb(path.read_bytes(), str(path)),
+                                      (512, 512), pre_resize_hw=(1231, 1907))
+    # Within uint8 rounding (one grey level is 1/255/std ~ 0.017); measured bit-identical.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # The paper's single bicubic resize to 512x512 gives other pixels.
+    direct = preprocess.resize_normalize(preprocess.decode_rgb(path.read_bytes(), str(path)),
+                                         (512, 512))
+    assert np.abs(direct - want).max() > 0.05
+
+
+def test_release_configs_select_the_released_protocol():
+  from configs import student as student_config  # pylint: disable=g-import-not-at-top
+  from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  for get in (teacher_config.get_config, student_config.get_config):
+    paper, release = get("uhd_iqa"), get("uhd_iqa_release")
+    # The default stays the paper's setting: official splits, 1231x1907, shuffled.
+    assert paper.data.split == "stored" and tuple(paper.data.image_size) == (1231, 1907)
+    assert paper.data.eval_split == "validation" and paper.data.shuffle
+    assert paper.data.drop_remainder and not any(paper.data.pre_resize)
+    assert release.data.name == "uhd_iqa" and release.data.split == "reference"
+    assert release.data.reference_rows == "train" and release.data.reference_count == 4269
+    assert tuple(release.data.image_size) == (512, 512)
+    assert tuple(release.data.pre_resize) == (1231, 1907)
+    assert release.data.eval_split == "test"  # the best epoch is picked on the test split
+    assert not release.data.shuffle and not release.data.drop_remainder
+    assert paper.model.head_init == release.model.head_init == "torch"
+    assert release.init.backbone == paper.init.backbone
+    for name, rows in (("livec", 1162), ("koniq10k", 10073), ("spaq", 11125), ("bid", 586)):
+      r = get(f"{name}_release")
+      assert (r.data.name, r.data.reference_count, r.data.reference_rows) == (name, rows, "")
+      assert tuple(r.data.image_size) == (512, 512) and not any(r.data.pre_resize)
+  assert teacher_config.get_config().init.backbone == "mobilevitv2_200.cvnets_in1k"
+  assert student_config.get_config().init.backbone == "mobilenetv3_large_100.ra_in1k"
+  assert student_config.get_config("uhd_iqa_release").teacher_checkpoint == (
+      "runs/teacher_uhd_iqa_release")
+  # The demo keeps the init its measured figures were reached with.
+  assert teacher_config.get_config("demo").model.head_init == "flax"
+
+
+def test_release_variant_loader_fixed_order_and_last_partial_batch():
+  import data_fixtures  # pylint: disable=g-import-not-at-top
+  from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = teacher_config.get_config("uhd_iqa_release")
+  c.data.image_size, c.data.pre_resize = (12, 16), (24, 32)  # small; the logic is the same
+  c.data.num_workers = 1
+  n = 21  # 2 full batches of 8 and a last one of 5
+  images = [data_fixtures.image_bytes(i, (40, 30)) for i in range(n)]
+  src = pipeline.memory_source(images, [i / n for i in range(n)])
+  data = train.PipelineData(src, src, c)
+  assert data.steps_per_epoch == 3
+  epochs = [list(data.train_epoch(e)) for e in (0, 1)]
+  for batches in epochs:
+    assert [b["image"].shape[0] for b in batches] == [8, 8, 8]  # one compiled shape
+    assert [int(b["mask"].sum()) for b in batches] == [8, 8, 5]
+  # The same order both epochs: each position's image only differs by the random flips.
+  order = [data.train.batch_indices(e, s).tolist() for e in (0, 1) for s in range(3)]
+  assert order[:3] == order[3:] and sum(order[:3], [])[:n] == list(range(n))
+  # The two-step resize reaches the training images.
+  record = src[0]
+  img = preprocess.decode_rgb(record["image"], record["name"])
+  want = preprocess.resize_normalize(img, (12, 16), pre_resize_hw=(24, 32))
+  first = epochs[0][0]["image"][0]
+  assert any(np.array_equal(first, f) for f in (want, want[:, ::-1], want[::-1],
+                                                 want[::-1, ::-1]))

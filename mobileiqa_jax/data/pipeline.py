@@ -307,15 +307,18 @@ def reference_split_source(
 # Loader.
 
 
-def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None) -> np.ndarray:
+def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None,
+                  pre_resize=None) -> np.ndarray:
   img = preprocess.decode_rgb(record["image"], record["name"])
   return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out,
-                                     crop=crop)
+                                     crop=crop, pre_resize_hw=pre_resize)
 
 
-def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip, crop=None) -> np.ndarray:
+def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip, crop=None,
+                pre_resize=None) -> np.ndarray:
   # Process workers get only bytes: sources (open files, tfds readers) stay in the parent.
-  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip, crop=crop)
+  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip, crop=crop,
+                       pre_resize=pre_resize)
 
 
 @dataclasses.dataclass
@@ -339,6 +342,9 @@ class Loader:
     train: Shuffle per epoch, random horizontal and vertical flips, drop the last partial
       global batch; else the stored order, no flips, pad-and-mask the last batch.
     shuffle: Training only: False visits 0..n-1 every epoch (flips stay random per epoch).
+    pre_resize_size: (height, width) of a bicubic resize before a bilinear one to
+      `image_size` (the released code's UHD-IQA path, `preprocess.resize_normalize`'s
+      `pre_resize_hw`); None: one bicubic resize to `image_size`. Training and evaluation.
     seed: Seed of the order and flips.
     process_index: This process (`jax.process_index()`).
     process_count: Processes sharing the global batch (`jax.process_count()`).
@@ -370,6 +376,7 @@ class Loader:
       flips: bool = True,
       crop_size: tuple[int, int] | None = None,
       shuffle: bool = True,
+      pre_resize_size: tuple[int, int] | None = None,
   ):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -382,6 +389,8 @@ class Loader:
     self.image_size = tuple(int(x) for x in image_size)
     self.train = train
     self.shuffle = bool(shuffle)
+    self.pre_resize_size = (tuple(int(x) for x in pre_resize_size)
+                            if pre_resize_size else None)
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
@@ -517,7 +526,7 @@ class Loader:
         rec = self.source[int(idx[j])]
         mos[j] = rec["mos"]
         fut = pool.submit(_load_bytes, rec["image"], rec["name"], self.image_size, hf, vf,
-                          crop)
+                          crop, self.pre_resize_size)
         fut.row = j
         futures.append(fut)
     return (dict(image=image, mos=mos, mask=valid, index=idx.astype(np.int64)), futures)
@@ -525,7 +534,8 @@ class Loader:
   def _thread_task(self, index, image, mos, row, hflip, vflip, crop):
     rec = self.source[index]
     mos[row] = rec["mos"]
-    _load_example(rec, self.image_size, hflip, vflip, out=image[row], crop=crop)
+    _load_example(rec, self.image_size, hflip, vflip, out=image[row], crop=crop,
+                  pre_resize=self.pre_resize_size)
 
   def _collect(self, pending):
     batch, futures = pending

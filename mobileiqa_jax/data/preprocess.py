@@ -3,7 +3,7 @@
 The reference (PyTorch MobileIQA) does, per image::
 
     img = PIL.Image.open(path).convert('RGB')
-    img = transforms.Resize((H, W))(img)          # PIL bicubic, Image.resize's default
+    img = img.resize((W, H))                      # PIL bicubic, Image.resize's default
     [RandomHorizontalFlip, RandomVerticalFlip]    # training only
     x = transforms.ToTensor()(img)                # uint8 -> float32 / 255
     x = transforms.Normalize(MEAN, STD)(x)        # (x - mean) / std
@@ -11,6 +11,14 @@ The reference (PyTorch MobileIQA) does, per image::
 This module does exactly that, in float32 and in the same order of operations, so the
 values it produces are bit-identical to the reference's for the same decoded pixels. The
 training pipeline, evaluation and the scoring command (files on disk) all use it.
+
+The authors' released training code puts a second resize after the first:
+`transforms.Resize((512, 512))`, whose default interpolation is bilinear. On a PIL image
+torchvision 0.29 calls `img.resize((512, 512), Image.BILINEAR)` (PIL always antialiases;
+torchvision's `antialias` argument only matters for tensors), and does nothing when the
+image already has that size. `resize_normalize(..., pre_resize_hw=(1231, 1907))` with
+`size_hw=(512, 512)` reproduces that path (UHD-IQA: bicubic to 1907x1231, then bilinear to
+512x512) with the same PIL calls, so bit-identically; see docs/reproducing.md.
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ def resize_normalize(
     vflip: bool = False,
     out: np.ndarray | None = None,
     crop: tuple[int, int, int, int] | None = None,
+    pre_resize_hw: tuple[int, int] | None = None,
 ) -> np.ndarray:
   """Resizes with PIL's bicubic filter and normalises with ImageNet statistics.
 
@@ -104,6 +113,9 @@ def resize_normalize(
       saves a copy of the largest array of the pipeline.
     crop: Optional (top, left, height, width) window cut from the resized image before
       the flips (training augmentation); the result then has that height and width.
+    pre_resize_hw: The released training code's two-step resize: bicubic to this
+      (height, width) first, then bilinear to `size_hw` (torchvision `Resize` on a PIL
+      image). None: one bicubic resize to `size_hw` (the paper's preprocessing).
 
   Returns:
     float32 array of shape (H, W, 3) (or the crop's): (pixel / 255 - mean) / std.
@@ -111,7 +123,13 @@ def resize_normalize(
   h, w = size_hw
   if img.mode != "RGB":
     raise ValueError(f"resize_normalize expects an RGB image, got mode {img.mode!r}.")
-  if img.size != (w, h):
+  if pre_resize_hw is not None:
+    ph, pw = (int(v) for v in pre_resize_hw)
+    if img.size != (pw, ph):
+      img = img.resize((pw, ph), Image.Resampling.BICUBIC)
+    if img.size != (w, h):  # torchvision Resize on PIL: a no-op at the same size
+      img = img.resize((w, h), Image.Resampling.BILINEAR)
+  elif img.size != (w, h):
     # Image.resize's default filter for RGB images is BICUBIC (the reference's).
     img = img.resize((w, h), Image.Resampling.BICUBIC)
   a = np.asarray(img)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,35 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+
+#: Initialisations of the head's Conv/Linear layers: 'torch' (PyTorch's defaults, what the
+#: authors' head starts from) or 'flax' (Flax's defaults).
+HEAD_INITS = ("torch", "flax")
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense_initializers(head_init: str, fan_in: int) -> tuple[Callable[..., jax.Array],
+                                                              Callable[..., jax.Array]]:
+  """(kernel_init, bias_init) of a Conv or Linear layer with `fan_in` inputs per output.
+
+  'torch': `nn.Conv2d` / `nn.Linear`'s `reset_parameters`: `kaiming_uniform_(a=sqrt(5))`
+  for the weight, which is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the bias from the same
+  U(+-1/sqrt(fan_in)); fan_in = in_channels / groups * kh * kw (conv) or in_features.
+  'flax': Flax's `lecun_normal` kernel (std 1/sqrt(fan_in), sqrt(3) times the torch one)
+  and zero bias.
+  """
+  if head_init == "torch":
+    bound = 1.0 / float(np.sqrt(fan_in))
+    return _uniform(bound), _uniform(bound)
+  if head_init == "flax":
+    return nn.initializers.lecun_normal(), nn.initializers.zeros
+  raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}.")
 
 
 def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:

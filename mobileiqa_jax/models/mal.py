@@ -25,11 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mobileiqa_jax.models import layers
+
 Dtype = Any
-
-
-def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
-  return nn.Conv(features, (1, 1), padding="VALID", use_bias=True, dtype=dtype, name=name)
 
 
 def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
@@ -37,26 +35,29 @@ def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
 
 
 class _Conv1x1Params(nn.Module):
-  """The variables of a 1x1 `nn.Conv` (kernel (1, 1, in, out) HWIO, bias), same init."""
+  """The variables of a 1x1 conv (kernel (1, 1, in, out) HWIO, bias); init per `head_init`."""
 
   features: int
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (1, 1, in_features, self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel_init, bias_init = layers.dense_initializers(self.head_init, in_features)
+    kernel = self.param("kernel", kernel_init, (1, 1, in_features, self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     return kernel[0, 0], bias
 
 
 class _SelfAttentionParams(nn.Module):
   """One view's self-attention variables: `qConv`, `kConv`, `vConv` (1x1 convs) and `gamma`."""
 
+  head_init: str = "torch"
+
   @nn.compact
   def __call__(self, c: int) -> tuple[jax.Array, ...]:
-    wq, bq = _Conv1x1Params(c // 8, name="qConv")(c)
-    wk, bk = _Conv1x1Params(c // 8, name="kConv")(c)
-    wv, bv = _Conv1x1Params(c, name="vConv")(c)
+    wq, bq = _Conv1x1Params(c // 8, self.head_init, name="qConv")(c)
+    wk, bk = _Conv1x1Params(c // 8, self.head_init, name="kConv")(c)
+    wv, bv = _Conv1x1Params(c, self.head_init, name="vConv")(c)
     gamma = self.param("gamma", nn.initializers.zeros, (1,), jnp.float32)
     return wq, bq, wk, bk, wv, bv, gamma
 
@@ -87,9 +88,10 @@ class SelfAttention(nn.Module):
   """
 
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"  # layers.HEAD_INITS
 
   def setup(self):
-    self._params = _SelfAttentionParams()
+    self._params = _SelfAttentionParams(self.head_init)
     nn.share_scope(self, self._params)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,14 +109,18 @@ class AttentionBlock(nn.Module):
 
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"  # layers.HEAD_INITS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     b, r, dim = x.shape
     x = x.astype(self.dtype)
-    q = nn.Dense(dim, dtype=self.dtype, name="c_q")(x)
-    k = nn.Dense(dim, dtype=self.dtype, name="c_k")(x)
-    v = nn.Dense(dim, dtype=self.dtype, name="c_v")(x)
+    kernel_init, bias_init = layers.dense_initializers(self.head_init, dim)
+    dense = lambda name: nn.Dense(dim, dtype=self.dtype, kernel_init=kernel_init,  # noqa: E731
+                                  bias_init=bias_init, name=name)
+    q = dense("c_q")(x)
+    k = dense("c_k")(x)
+    v = dense("c_v")(x)
     # Reference order: (q @ k^T) * norm_fact, then softmax over the last axis.
     logits = jnp.einsum("brd,bsd->brs", q, k) * jnp.asarray(dim ** -0.5, self.dtype)
     attn = _softmax_f32(logits, self.dtype)
@@ -134,6 +140,7 @@ class _SelfAttentionList(nn.Module):
 
   num_views: int
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, views: jax.Array) -> jax.Array:
@@ -141,7 +148,8 @@ class _SelfAttentionList(nn.Module):
     if views.shape[0] != self.num_views:
       raise ValueError(f"expected {self.num_views} views, got {views.shape[0]}")
     c = views.shape[-1]
-    per_view = [_SelfAttentionParams(name=str(i))(c) for i in range(self.num_views)]
+    per_view = [_SelfAttentionParams(self.head_init, name=str(i))(c)
+                for i in range(self.num_views)]
     stacked = [jnp.stack(p) for p in zip(*per_view)]
     return _self_attention(views, stacked, self.dtype)
 
@@ -167,25 +175,27 @@ class MAL(nn.Module):
   num_views: int
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"  # layers.HEAD_INITS: Conv/Linear init (gamma starts at 0 in both)
 
   @nn.compact
   def __call__(self, views: jax.Array | Sequence[jax.Array], train: bool = False) -> jax.Array:
     n = self.num_views
     if not isinstance(views, jax.Array):
       views = jnp.stack(list(views))
-    views = _SelfAttentionList(n, dtype=self.dtype, name="attention_module")(views)
+    views = _SelfAttentionList(n, dtype=self.dtype, head_init=self.head_init,
+                               name="attention_module")(views)
     _, b, h, w, c = views.shape
     npix = h * w
     # Q = T^T: (n, B, N, C) -> (B, N, n, C) -> (B, N, n*C), channel index view*C + c.
     q_in = jnp.transpose(views.reshape(n, b, npix, c), (1, 2, 0, 3)).reshape(b, npix, n * c)
     # Pixel branch: T (B, n*C, N) -> reinterpret as (B, C, n*N).
     p_in = jnp.swapaxes(q_in, 1, 2).reshape(b, c, n * npix)
-    p_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, name="feature_attention")(
-        p_in, train)
+    p_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, head_init=self.head_init,
+                           name="feature_attention")(p_in, train)
     # Inverse reinterpretation (B, C, n*N) -> (B, n*C, N), then to (B, N, n*C).
     p_back = jnp.swapaxes(p_out.reshape(b, n * c, npix), 1, 2)
-    q_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, name="channel_attention")(
-        q_in, train)
+    q_out = AttentionBlock(self.dropout_rate, dtype=self.dtype, head_init=self.head_init,
+                           name="channel_attention")(q_in, train)
     res = (p_back + q_out) / 2
     # View as (B, n, C, N) and average the views: here (B, N, n, C) mean over n.
     res = jnp.mean(res.reshape(b, npix, n, c), axis=2)

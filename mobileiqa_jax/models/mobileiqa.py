@@ -132,12 +132,13 @@ class _PointwiseGeluPool(nn.Module):
   features: int
   pooled_size: int
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel_init, bias_init = layers.dense_initializers(self.head_init, x.shape[-1])
+    kernel = self.param("kernel", kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     w, b = kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
     s, h = self.pooled_size, x.shape[1]
     if h <= 2 * s:  # Small features: the plain form is as cheap.
@@ -158,12 +159,16 @@ class LDA(nn.Module):
   width: int = 256
   pooled_size: int = 22
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"  # layers.HEAD_INITS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    x = _PointwiseGeluPool(2 * self.width, self.pooled_size, self.dtype, name="cnn1")(x)
-    return nn.Conv(self.width, (1, 1), padding="VALID", dtype=self.dtype, name="cnn2")(x)
+    x = _PointwiseGeluPool(2 * self.width, self.pooled_size, self.dtype, self.head_init,
+                           name="cnn1")(x)
+    kernel_init, bias_init = layers.dense_initializers(self.head_init, 2 * self.width)
+    return nn.Conv(self.width, (1, 1), padding="VALID", dtype=self.dtype,
+                   kernel_init=kernel_init, bias_init=bias_init, name="cnn2")(x)
 
 
 class _RegressorConv(nn.Module):
@@ -173,13 +178,18 @@ class _RegressorConv(nn.Module):
   pool: int
   width: int
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.width // 2
-    x = nn.relu(nn.Conv(h, (1, 1), padding="VALID", dtype=self.dtype, name="0")(x))
+    k0, b0 = layers.dense_initializers(self.head_init, self.width)
+    k3, b3 = layers.dense_initializers(self.head_init, 9 * h)
+    x = nn.relu(nn.Conv(h, (1, 1), padding="VALID", dtype=self.dtype, kernel_init=k0,
+                        bias_init=b0, name="0")(x))
     x = layers.avg_pool2d(x, self.pool)
-    x = nn.relu(nn.Conv(h, (3, 3), padding="VALID", dtype=self.dtype, name="3")(x))
+    x = nn.relu(nn.Conv(h, (3, 3), padding="VALID", dtype=self.dtype, kernel_init=k3,
+                        bias_init=b3, name="3")(x))
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -190,12 +200,16 @@ class _RegressorFC(nn.Module):
   width: int
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.relu(nn.Dense(self.width // 4, dtype=self.dtype, name="0")(x))
+    k0, b0 = layers.dense_initializers(self.head_init, self.width // 2)
+    k3, b3 = layers.dense_initializers(self.head_init, self.width // 4)
+    x = nn.relu(nn.Dense(self.width // 4, dtype=self.dtype, kernel_init=k0, bias_init=b0,
+                         name="0")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(1, dtype=self.dtype, name="3")(x)
+    return nn.Dense(1, dtype=self.dtype, kernel_init=k3, bias_init=b3, name="3")(x)
 
 
 class Regressor(nn.Module):
@@ -213,10 +227,11 @@ class Regressor(nn.Module):
   sigmoid: bool = False
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"  # layers.HEAD_INITS
 
   def setup(self):
-    self.cnn = _RegressorConv(self.pool, self.width, self.dtype)
-    self.fc_score = _RegressorFC(self.width, self.dropout_rate, self.dtype)
+    self.cnn = _RegressorConv(self.pool, self.width, self.dtype, self.head_init)
+    self.fc_score = _RegressorFC(self.width, self.dropout_rate, self.dtype, self.head_init)
 
   def __call__(self, fused: jax.Array, train: bool = False) -> jax.Array:
     s = fused.shape[1]
@@ -238,11 +253,13 @@ class _MALList(nn.Module):
   num_views: int
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return jnp.stack([
-        MAL(self.num_views, self.dropout_rate, dtype=self.dtype, name=str(j))(x, train)
+        MAL(self.num_views, self.dropout_rate, dtype=self.dtype, head_init=self.head_init,
+            name=str(j))(x, train)
         for j in range(self.num_mals)
     ])
 
@@ -264,6 +281,10 @@ class MobileIQA(nn.Module):
     dropout_rate: dropout of the attention blocks and the regressor; active only when
       `train=True` (then pass `rngs={'dropout': key}`).
     dtype: compute dtype (parameters stay float32; the score is returned float32).
+    head_init: initialisation of every Conv/Linear of the head and LDAs: 'torch' (PyTorch's
+      defaults, weights and biases U(+-1/sqrt(fan_in)), as the authors' head starts) or
+      'flax' (lecun_normal kernels, zero biases). The self-attention gammas start at 0 in
+      both; the backbone keeps its own init (normally replaced by timm weights).
 
   Methods (all usable through `model.apply(variables, ..., method=...)`):
     __call__(images, train=False, return_features=False, return_fused=False)
@@ -282,6 +303,7 @@ class MobileIQA(nn.Module):
   sigmoid: bool = False
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  head_init: str = "torch"
 
   def setup(self):
     # The backbone field is re-registered under the reference's name ('global_vit' or
@@ -289,11 +311,14 @@ class MobileIQA(nn.Module):
     setattr(self, self.backbone_name, self.backbone.clone(name=None, parent=None))
     self._lda_names = tuple(f"{self.lda_prefix}{i + 1}" for i in range(self._num_views()))
     for name in self._lda_names:
-      setattr(self, name, LDA(self.width, self.pooled_size, self.dtype))
-    self.MALs = _MALList(self.num_mals, self._num_views(), self.dropout_rate, self.dtype)
-    self.fusion_mal = MAL(self.num_mals, self.dropout_rate, dtype=self.dtype)
+      setattr(self, name, LDA(self.width, self.pooled_size, self.dtype, self.head_init))
+    self.MALs = _MALList(self.num_mals, self._num_views(), self.dropout_rate, self.dtype,
+                         self.head_init)
+    self.fusion_mal = MAL(self.num_mals, self.dropout_rate, dtype=self.dtype,
+                          head_init=self.head_init)
     self.regressor = Regressor(
-        self.regressor_pool, self.width, self.sigmoid, self.dropout_rate, self.dtype)
+        self.regressor_pool, self.width, self.sigmoid, self.dropout_rate, self.dtype,
+        self.head_init)
     # `cnn` and `fc_score` are top-level in the reference: no `regressor` scope of its own.
     nn.share_scope(self, self.regressor)
 
@@ -373,6 +398,7 @@ class MobileIQAConfig:
   sigmoid: bool = False
   dropout_rate: float = 0.1
   dtype: str = "float32"
+  head_init: str = "torch"
   depthwise_impl: str | None = None
   backbone_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -452,6 +478,7 @@ def build_model(config: MobileIQAConfig | Mapping[str, Any]) -> MobileIQA:
       sigmoid=config.sigmoid,
       dropout_rate=config.dropout_rate,
       dtype=dtype,
+      head_init=config.head_init,
   )
 
 

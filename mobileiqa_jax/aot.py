@@ -220,6 +220,7 @@ class AotReport:
         "compute_dtype": self.compute_dtype, "remat": self.remat,
         "global_batch": t.global_batch, "per_chip_batch": t.per_chip_batch,
         "per_chip_bytes": _num(t.per_chip_bytes), "hbm_bytes": self.hbm_per_device,
+        "hbm_available_bytes": _num(self.hbm_available_bytes),
         "argument_bytes": _num(t.argument_bytes), "output_bytes": _num(t.output_bytes),
         "alias_bytes": _num(t.alias_bytes), "temp_bytes": _num(t.temp_bytes),
         "flops_per_step": _num(t.flops_per_step),
@@ -356,6 +357,8 @@ def _compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int
       report.error = _first_line(e)
       return report, float("nan")
     report.temp_bytes, available = _parse_oom(str(e))
+    # What it would need: arguments plus XLA's temporaries (outputs are donated in place).
+    report.per_chip_bytes = report.argument_bytes + report.temp_bytes
     report.error = "out of memory: " + _oom_summary(str(e))
     return report, available
   m = compiled.memory_analysis()

@@ -1,65 +1,43 @@
-r"""TFLite export figures: file size and LiteRT interpreter latency per quantisation vs JAX.
+r"""TFLite export figures: file size, interpreter latency and peak memory per configuration.
 
   python benchmarks/export.py [--sizes=512x512,1231x1907] [--quantize=none,float16,dynamic_int8]
-      [--repeats=3] [--threads=0] [--pooled_size=22 --width=256]
+      [--kernels=xnnpack,builtin] [--repeats=3] [--threads=2] [--max_rss_gb=8]
+      [--pooled_size=22 --width=256] [--keep=DIR]
 
 The full-size student (MobileNet-IQA: mobilenetv3_large_100 + the paper's head, S=22, C=256)
-with random weights (drawn, not initialised, so nothing compiles before the timed parts). Per
-input size: JAX's latency (jit, batch 1, after a warm-up call; the project's default depthwise
-implementation for this backend), then per quantisation: conversion time, .tflite size, the
-interpreter's latency (batch 1, after a warm-up invoke; XNNPACK, `--threads`, 0 = all cores)
-and |TFLite - JAX| on the same random input. Prints a markdown table.
+with random weights (drawn, not initialised, so nothing compiles before the timed parts).
+Every step runs in its own subprocess, so each peak RSS (the child's ru_maxrss: the whole
+process, weights included) belongs to that step alone:
 
-Latencies are medians of `--repeats` calls; on a shared machine they carry its load (the
-script prints the load average).
+- JAX: the jitted scorer, batch 1, the project's default depthwise implementation for this
+  backend; latency after a warm-up call (which includes compilation).
+- export: `mobileiqa_jax.export.export` per quantisation (conversion time and file size).
+- interpreter: `ai_edge_litert` alone (no TensorFlow, no JAX imported, as in an app) loads the
+  file, allocates, invokes once to warm up, then `--repeats` timed invokes; `xnnpack` is
+  LiteRT's default XNNPACK delegate, `builtin` its reference CPU kernels.
 
-Measured on a shared 2-core x86 box (load average 4-6 from other jobs), full student, 81.5M
-parameters, jax 0.10.2, TF-cpu 2.21, ai-edge-litert 2.3, 2 interpreter threads:
-
-| input HxW | quantisation (kernels) | .tflite MiB | LiteRT ms | JAX jit ms | max abs diff vs JAX |
-|---|---|---|---|---|---|
-| 512x512 | none (XNNPACK) | 311.5 | 1292 | 1230 | 0 |
-| 512x512 | float16 (XNNPACK) | 156.2 | 1275 | 1230 | 8.3e-07 |
-| 512x512 | dynamic_int8 (XNNPACK) | 79.4 | 919 | 1230 | 1.9e-04 |
-| 512x512 | none (builtin) | 311.5 | 6412 | | |
-| 512x512 | dynamic_int8 (builtin) | 79.4 | 5849 | | |
-| 1231x1907 | none (builtin) | 312.1 | 24494 | 8187 | 6.0e-08 |
-| 1231x1907 | float16 (builtin) | 156.7 | 23553 | 8187 | 7.2e-07 |
-| 1231x1907 | dynamic_int8 (builtin) | 79.9 | 15630 | 8187 | 1.3e-04 |
-
-At 1231x1907 the XNNPACK delegate took the process past 13 GB (killed), hence builtin kernels.
+A watchdog polls each child's resident memory and kills it above `--max_rss_gb` (the row then
+says so: that is a figure too); on a shared machine nothing else is protected. Latencies are
+medians and carry the machine's load (printed). |diff| is the interpreter's score against
+JAX's on the same random input.
 """
 
+import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from mobileiqa_jax import export
-from mobileiqa_jax.models import mobileiqa
-
-flags.DEFINE_list("sizes", ["512x512", "1231x1907"], "HEIGHTxWIDTH input sizes.")
-flags.DEFINE_list("quantize", list(export.QUANTIZATIONS), "Quantisations to export.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
-flags.DEFINE_integer("threads", 0, "Interpreter threads; 0 = os.cpu_count().")
-flags.DEFINE_integer("pooled_size", 22, "Head's pooled side S (22 in the paper).")
-flags.DEFINE_integer("width", 256, "Head's width C (256 in the paper).")
-flags.DEFINE_boolean("jax", True, "Also time JAX.")
-flags.DEFINE_list("xnnpack", ["auto"], "Interpreter runs per export: on, off (builtin kernels) "
-                  "or auto (on up to export.XNNPACK_MAX_PIXELS).")
-FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def random_variables(model, size_hw, seed=0):
+def _random_variables(model, size_hw, seed=0):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *size_hw, 3), jnp.float32)))
   rng = np.random.default_rng(seed)
@@ -78,67 +56,194 @@ def random_variables(model, size_hw, seed=0):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def median_time(fn, repeats):
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _median_time(fn, repeats):
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  times.sort()
+  return times[len(times) // 2]
 
 
-def main(argv):
-  del argv
-  threads = FLAGS.threads or os.cpu_count()
-  print(f"# jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()}", flush=True)
+def _worker_jax(args) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  h, w = (int(v) for v in args.size.split("x"))
+  small = dict(pooled_size=args.pooled_size, width=args.width)
+  # Weights drawn for the export model (same shapes; depthwise_impl does not change them).
+  variables = _random_variables(mobileiqa.mobileiqa_student(depthwise_impl="conv", **small),
+                                (h, w))
+  model = mobileiqa.mobileiqa_student(**small)  # the backend's default depthwise impl
+  fwd = jax.jit(lambda v, im: model.apply(v, im, train=False))
+  dv = jax.device_put(variables)
+  x = np.load(args.input)
+  t = time.perf_counter()
+  score = float(np.asarray(fwd(dv, x))[0])
+  first = time.perf_counter() - t
+  ms = 1e3 * _median_time(lambda: fwd(dv, x).block_until_ready(), args.repeats)
+  return {"ms": ms, "first_s": first, "score": score, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _worker_export(args) -> dict:
+  from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  h, w = (int(v) for v in args.size.split("x"))
+  small = dict(pooled_size=args.pooled_size, width=args.width)
+  model = mobileiqa.mobileiqa_student(depthwise_impl="conv", **small)
+  variables = _random_variables(model, (h, w))
+  t = time.perf_counter()
+  meta = export.export(model, variables, args.model_file, (h, w), args.quantize,
+                       mobileiqa.model_config("student", **small).to_dict())
+  return {"convert_s": time.perf_counter() - t, "mib": meta["file_bytes"] / 2**20,
+          "requires_flex": meta["requires_flex"], "peak_rss_gb": _peak_rss_gb()}
+
+
+def _worker_interpreter(args) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if args.kernels == "builtin":
+    kwargs["experimental_op_resolver_type"] = (
+        litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+  t = time.perf_counter()
+  it = litert.Interpreter(model_path=args.model_file, num_threads=args.threads, **kwargs)
+  it.allocate_tensors()
+  load_s = time.perf_counter() - t
+  rss_loaded = _peak_rss_gb()
+  x = np.load(args.input)
+  inp, out = it.get_input_details()[0], it.get_output_details()[0]
+  it.set_tensor(inp["index"], x)
+  t = time.perf_counter()
+  it.invoke()
+  first = time.perf_counter() - t
+  score = float(np.asarray(it.get_tensor(out["index"])).reshape(-1)[0])
+  ms = 1e3 * _median_time(it.invoke, args.repeats)
+  return {"ms": ms, "first_s": first, "load_s": load_s, "score": score,
+          "peak_rss_loaded_gb": rss_loaded, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _vm_rss_kb(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _run_child(argv: list[str], max_rss_gb: float, timeout_s: float) -> dict:
+  """Runs one worker; kills it above `max_rss_gb` resident or after `timeout_s`."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             TF_CPP_MIN_LOG_LEVEL="2")
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=out,
+                            stderr=err, env=env, text=True)
+    peak, t0, why = 0, time.time(), None
+    while proc.poll() is None:
+      rss = _vm_rss_kb(proc.pid)
+      peak = max(peak, rss)
+      if rss > max_rss_gb * 2**20:
+        why = f"killed above {max_rss_gb:g} GB RSS"
+      elif time.time() - t0 > timeout_s:
+        why = f"killed after {timeout_s:.0f} s"
+      if why:
+        proc.kill()
+        proc.wait()
+        break
+      time.sleep(0.05)
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+  if why:
+    return {"error": why, "peak_rss_gb": peak / 2**20}
+  if proc.returncode:
+    return {"error": f"exit {proc.returncode}: {stderr.strip()[-400:]}",
+            "peak_rss_gb": peak / 2**20}
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("--sizes", default="512x512,1231x1907", help="HxW,HxW,...")
+  parser.add_argument("--quantize", default="none,float16,dynamic_int8")
+  parser.add_argument("--kernels", default="xnnpack,builtin", help="xnnpack and/or builtin")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=2, help="interpreter threads")
+  parser.add_argument("--max_rss_gb", type=float, default=8.0, help="watchdog limit per child")
+  parser.add_argument("--timeout_s", type=float, default=900.0, help="watchdog time per child")
+  parser.add_argument("--pooled_size", type=int, default=22, help="head's pooled side S")
+  parser.add_argument("--width", type=int, default=256, help="head's width C")
+  parser.add_argument("--no_jax", action="store_true", help="skip the JAX reference")
+  parser.add_argument("--keep", default=None, help="folder to keep the .tflite files in")
+  parser.add_argument("--worker", choices=["jax", "export", "interpreter"],
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--size", help=argparse.SUPPRESS)
+  parser.add_argument("--input", help=argparse.SUPPRESS)
+  parser.add_argument("--model_file", help=argparse.SUPPRESS)
+  parser.add_argument("--quantize_one", dest="quantize_one", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    if args.worker == "export":
+      args.quantize = args.quantize_one
+    print(json.dumps({"jax": _worker_jax, "export": _worker_export,
+                      "interpreter": _worker_interpreter}[args.worker](args)))
+    return
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  print(f"# {os.cpu_count()} cores, load average {os.getloadavg()}, interpreter threads "
+        f"{args.threads}, watchdog {args.max_rss_gb:g} GB", flush=True)
+  common = [f"--repeats={args.repeats}", f"--threads={args.threads}",
+            f"--pooled_size={args.pooled_size}", f"--width={args.width}"]
   rows = []
-  small = dict(pooled_size=FLAGS.pooled_size, width=FLAGS.width)
-  for size in FLAGS.sizes:
-    h, w = export.parse_image_size(size, "--sizes")
-    exp_model = mobileiqa.mobileiqa_student(depthwise_impl="conv", **small)
-    variables = random_variables(exp_model, (h, w))
-    n_params = mobileiqa.count_params(variables)
-    x = np.random.RandomState(1).standard_normal((1, h, w, 3)).astype(np.float32)
-    jax_ms, jax_score = float("nan"), None
-    if FLAGS.jax:
-      jax_model = mobileiqa.mobileiqa_student(**small)  # backend's default depthwise impl
-      f = jax.jit(lambda v, im: jax_model.apply(v, im, train=False))
-      dv = jax.device_put(variables)
-      t = time.perf_counter()
-      jax_score = np.asarray(f(dv, x))
-      compile_s = time.perf_counter() - t
-      jax_ms = 1e3 * median_time(lambda: f(dv, x).block_until_ready(), FLAGS.repeats)
-      print(f"{h}x{w}: {n_params / 1e6:.1f}M params; JAX first call {compile_s:.1f} s, "
-            f"then {jax_ms:.0f} ms", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-      for q in FLAGS.quantize:
-        path = os.path.join(tmp, f"student_{q}.tflite")
-        t = time.perf_counter()
-        meta = export.export(exp_model, variables, path, (h, w), q,
-                             mobileiqa.model_config("student", **small).to_dict())
-        convert_s = time.perf_counter() - t
-        for mode in FLAGS.xnnpack:
-          xnn = {"on": True, "off": False, "auto": None}[mode]
-          scorer = export.TFLiteScorer(path, num_threads=threads, xnnpack=xnn)
-          score = scorer(x)
-          tfl_ms = 1e3 * scorer.time_invoke(repeats=FLAGS.repeats, warmup=1)
-          diff = (float(np.abs(score - jax_score).max()) if jax_score is not None
-                  else float("nan"))
-          label = f"{q} ({'XNNPACK' if scorer.xnnpack else 'builtin'})"
-          rows.append((f"{h}x{w}", label, meta["file_bytes"] / 2**20, tfl_ms, jax_ms, diff,
-                       convert_s, meta["requires_flex"]))
-          print(f"  {label}: {meta['file_bytes'] / 2**20:.1f} MiB, convert {convert_s:.0f} s, "
-                f"interpreter {tfl_ms:.0f} ms, |tflite - jax| {diff:.2g}", flush=True)
-          del scorer
-  print(f"\n| input HxW | quantisation (kernels) | .tflite MiB | LiteRT ms ({threads} threads) | "
-        "JAX jit ms | max abs diff vs JAX | convert s | needs Flex |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.1e} | {r[6]:.0f} | "
-          f"{'yes' if r[7] else 'no'} |")
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = args.keep or tmp
+    os.makedirs(folder, exist_ok=True)
+    for size in args.sizes.split(","):
+      h, w = (int(v) for v in size.split("x"))
+      inp = os.path.join(tmp, f"input_{size}.npy")
+      np.save(inp, np.random.RandomState(1).standard_normal((1, h, w, 3)).astype(np.float32))
+      jax_r = {"error": "skipped"}
+      if not args.no_jax:
+        jax_r = _run_child(["--worker=jax", f"--size={size}", f"--input={inp}", *common],
+                           args.max_rss_gb, args.timeout_s)
+        print(f"{size} JAX: {json.dumps(jax_r)}", flush=True)
+      for q in args.quantize.split(","):
+        path = os.path.join(folder, f"student_{size}_{q}.tflite")
+        exp = _run_child(["--worker=export", f"--size={size}", f"--quantize_one={q}",
+                          f"--model_file={path}", *common], args.max_rss_gb, args.timeout_s)
+        print(f"{size} {q} export: {json.dumps(exp)}", flush=True)
+        for kernels in args.kernels.split(","):
+          r = ({"error": "export failed"} if "error" in exp else _run_child(
+              ["--worker=interpreter", f"--kernels={kernels}", f"--model_file={path}",
+               f"--input={inp}", *common], args.max_rss_gb, args.timeout_s))
+          print(f"{size} {q} {kernels}: {json.dumps(r)}", flush=True)
+          rows.append((size, q, kernels, exp, r, jax_r))
+  print(f"\n| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms ({args.threads} "
+        "threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | |diff| vs JAX | convert s |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for size, q, kernels, exp, r, jax_r in rows:
+    mib = "" if "error" in exp else f"{exp['mib']:.1f}"
+    conv = exp.get("error") or f"{exp['convert_s']:.0f}"
+    if "error" in r:
+      lat, rss = r["error"], f"> {r['peak_rss_gb']:.1f}" if "killed above" in r["error"] else ""
+    else:
+      lat, rss = f"{r['ms']:.0f}", f"{r['peak_rss_gb']:.2f}"
+    jms = "" if "error" in jax_r else f"{jax_r['ms']:.0f}"
+    jrss = "" if "error" in jax_r else f"{jax_r['peak_rss_gb']:.2f}"
+    diff = ("" if "error" in r or "error" in jax_r
+            else f"{abs(r['score'] - jax_r['score']):.1e}")
+    print(f"| {size} | {q} | {kernels} | {mib} | {lat} | {rss} | {jms} | {jrss} | {diff} | "
+          f"{conv} |")
   print(f"\nload average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -4,7 +4,8 @@ PyTorch -> JAX (an orbax checkpoint folder that predict/evaluate/export/train re
 student is read from the keys, --model only insists on one):
 
   python launch/convert.py --torch_checkpoint=MobileViT_IQA.pkl --output=ckpt/teacher
-  python launch/convert.py --torch_checkpoint=MobileNet_IQA.pkl --model=student --output=ckpt/student
+  python launch/convert.py --torch_checkpoint=MobileNet_IQA.pkl --model=student \
+      --output=ckpt/student
 
 JAX -> PyTorch (a state dict the authors' model classes load with load_state_dict, strict):
 

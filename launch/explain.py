@@ -10,14 +10,11 @@ mean over the photos) and `similarity.json` (all numbers). mobileiqa_jax/explain
 the drawn quantities. An existing non-empty DIR needs --overwrite.
 """
 
-import os
 import sys
 
-from absl import app
 from absl import flags
 
 from mobileiqa_jax import cli
-from mobileiqa_jax import inference
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict.", required=True)
@@ -30,29 +27,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) < 2:
-    raise app.UsageError("no PATH given: name image files or folders to explain.")
-  inference.parse_image_size(FLAGS.image_size)
-  files = inference.expand_paths(argv[1:])
-  if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output) and not FLAGS.overwrite:
-    raise FileExistsError(f"--output={FLAGS.output} is not empty: pass --overwrite to write "
-                          "into it, or choose another folder.")
-  if os.path.exists(FLAGS.output) and not os.path.isdir(FLAGS.output):
-    raise NotADirectoryError(f"--output={FLAGS.output} is a file, not a folder.")
   from mobileiqa_jax import explain  # pylint: disable=g-import-not-at-top
-  scorer = inference.load(FLAGS.checkpoint, FLAGS.image_size, batch_size=1)
-  bar = None
-  if FLAGS.progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True)
-  failed = []
-  errors = lambda msg: (failed.append(msg), sys.stderr.write(msg + "\n"))  # noqa: E731
-  result = explain.explain_files(scorer, files, FLAGS.output, bar.update if bar else None,
-                                 on_error=errors)
-  if bar:
-    bar.close()
-  print(f"wrote {len(result['files'])} files to {FLAGS.output}")
-  return 1 if failed else 0
+  return explain.explain_command(FLAGS.checkpoint, argv[1:], FLAGS.output, sys.stderr,
+                                 FLAGS.image_size, FLAGS.overwrite, FLAGS.progress)
 
 
 if __name__ == "__main__":

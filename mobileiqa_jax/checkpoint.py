@@ -18,9 +18,9 @@ through an orbax `CheckpointManager` (`TrainCheckpointer`).
     the best selection metric (SROCC+PLCC+KROCC of an epoch-end evaluation) if any step has one,
     otherwise the latest step. `which='latest'` or `step=N` choose explicitly.
 `model_config` is the architecture only (`build_model(model_config)` rebuilds it); how the run
-computed (`compute_dtype`, `remat`) is kept apart in `training`, so a bfloat16-trained model is
-scored in float32 by predict, evaluate and export alike unless a caller asks otherwise
-(`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
+computed and where it started (`compute_dtype`, `remat`, `head_init`) is kept apart in
+`training`, so a bfloat16-trained model is scored in float32 by predict, evaluate and export
+alike unless a caller asks otherwise (`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
 `backbone_kwargs.remat` inside `model_config`; reading moves them to `training`.
 
 `extra` conventionally holds 'image_size' ([H, W]) and 'mos_range' ([lo, hi] that the MOS was
@@ -64,30 +64,36 @@ def is_checkpoint(path: str) -> bool:
       os.path.join(path, "meta"))
 
 
-def _to_plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
   """JSON-safe copy of a config-like mapping (ConfigDict, tuples, numpy scalars)."""
   if hasattr(x, "to_dict"):
     x = x.to_dict()
   if isinstance(x, Mapping):
-    return {str(k): _to_plain(v) for k, v in x.items()}
+    return {str(k): to_plain(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_to_plain(v) for v in x]
+    return [to_plain(v) for v in x]
   if isinstance(x, np.generic):
     return x.item()
   return x
 
 
+_to_plain = to_plain  # the old private name, until train.py uses `to_plain`
+
+
 def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A model config -> (architecture, training settings).
 
-  The training settings are the compute dtype (`dtype` -> `compute_dtype`) and backbone
-  rematerialisation (`backbone_kwargs.remat` -> `remat`): they change how the numbers are
-  computed, not which model it is.
+  The training settings are the compute dtype (`dtype` -> `compute_dtype`), backbone
+  rematerialisation (`backbone_kwargs.remat` -> `remat`) and the head's initialisation
+  (`head_init`): they change how the numbers are computed or where training started, not
+  which model it is.
   """
-  arch = _to_plain(dict(model_config))
+  arch = to_plain(dict(model_config))
   training = {}
   if "dtype" in arch:
     training["compute_dtype"] = str(arch.pop("dtype"))
+  if "head_init" in arch:
+    training["head_init"] = arch.pop("head_init")
   kwargs = arch.get("backbone_kwargs")
   if isinstance(kwargs, Mapping) and "remat" in kwargs:
     kwargs = dict(kwargs)
@@ -128,8 +134,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
     The absolute directory written.
   """
   directory = os.path.abspath(directory)
-  meta = _split_meta({"format": FORMAT, "model_config": _to_plain(model_config),
-                      "extra": _to_plain(dict(extra or {}))})
+  meta = _split_meta({"format": FORMAT, "model_config": to_plain(model_config),
+                      "extra": to_plain(dict(extra or {}))})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
@@ -221,7 +227,7 @@ def load_model(directory: str, which: str = "best", step: int | None = None,
   if train is not None:
     meta["train"] = train
   model = mobileiqa.build_model(dict(meta["model_config"], dtype=compute_dtype or "float32"))
-  logging.info("loaded %s from %s", meta["model_config"].get("name", "model"), path)
+  logging.info("loaded the %s from %s", meta["model_config"].get("variant", "model"), path)
   return model, variables, meta
 
 
@@ -257,15 +263,15 @@ class TrainCheckpointer:
   def save(self, step: int, variables: Any, opt_state: Any, meta: Mapping[str, Any],
            train: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
     """Starts an (async) save; `train['metrics']` gets `metrics` so `load_model` can pick best."""
-    train = _to_plain(dict(train, metrics=dict(metrics) if metrics else None))
+    train = to_plain(dict(train, metrics=dict(metrics) if metrics else None))
     return self.manager.save(
         step,
         args=ocp.args.Composite(
             variables=ocp.args.PyTreeSave(dict(variables)),
             opt_state=ocp.args.PyTreeSave(opt_state),
-            meta=ocp.args.JsonSave(_split_meta(_to_plain(dict(meta)))),
+            meta=ocp.args.JsonSave(_split_meta(to_plain(dict(meta)))),
             train=ocp.args.JsonSave(train)),
-        metrics=_to_plain(dict(metrics)) if metrics else None,
+        metrics=to_plain(dict(metrics)) if metrics else None,
         force=True)
 
   def restore(self, step: int, variables_target: Any,
@@ -338,7 +344,7 @@ def check_resume_config(workdir: str, config: Any) -> None:
     return
   with open(path, encoding="utf-8") as f:
     stored = _flatten(json.load(f))
-  new = _flatten(json.loads(json.dumps(_to_plain(config))))  # tuples -> lists, as stored
+  new = _flatten(json.loads(json.dumps(to_plain(config))))  # tuples -> lists, as stored
   missing = object()
   diffs = [f"{k}: {stored.get(k, missing)!r} -> {new.get(k, missing)!r}".replace(
       repr(missing), "(absent)") for k in sorted(set(stored) | set(new))

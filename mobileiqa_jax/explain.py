@@ -176,3 +176,42 @@ def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
     json.dump({k: v for k, v in result.items() if k != "files"}, f, indent=2)
   files.append(os.path.join(output_dir, "similarity.json"))
   return result
+
+
+def explain_command(checkpoint: str, paths: Sequence[str], output_dir: str, err: Any,
+                    image_size: Any = None, overwrite: bool = False,
+                    progress: bool = True) -> int:
+  """`launch/explain.py`: checks the settings, loads the model, writes the figures.
+
+  Returns the exit status: 0, or 1 when a photo could not be read (each named on `err`).
+
+  Raises:
+    ValueError, OSError: a bad setting, a missing path, a folder without images, a non-empty
+      output folder without `overwrite`, or a checkpoint that cannot be loaded.
+  """
+  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  if not paths:
+    raise ValueError("no PATH given: name image files or folders to explain.")
+  inference.parse_image_size(image_size)
+  files = inference.expand_paths(paths)
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise NotADirectoryError(f"--output={output_dir} is a file, not a folder.")
+  if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+    raise FileExistsError(f"--output={output_dir} is not empty: pass --overwrite to write "
+                          "into it, or choose another folder.")
+  scorer = inference.load(checkpoint, image_size, batch_size=1)
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=len(files), unit="img", file=err, dynamic_ncols=True)
+  failed = []
+
+  def report(message: str) -> None:
+    failed.append(message)
+    err.write(message + "\n")
+
+  result = explain_files(scorer, files, output_dir, bar.update if bar else None, report)
+  if bar:
+    bar.close()
+  print(f"wrote {len(result['files'])} files to {output_dir}")
+  return 1 if failed else 0

@@ -12,42 +12,56 @@ app (they are image-library work, not model work); see `sidecar()`.
 
 ## The path, and why this one (checked with jax 0.10.2, TensorFlow(-cpu) 2.21, ai-edge-litert 2.3)
 
-    model.apply  --jax2tf.convert (native serialization)-->  tf.function holding ONE
-    XlaCallModule op (the StableHLO of the jitted scorer, weights as constants)
-      --tf.lite.TFLiteConverter.from_concrete_functions-->  the converter legalises the
-    StableHLO to TFLite builtin ops  -->  .tflite, run by `ai_edge_litert.interpreter`.
+    one tf.function (input 'image', output 'score'):
+      backbone  --jax2tf.convert-->  XlaCallModule (StableHLO)  -> 5 features
+      5 LDAs    written in TensorFlow ops (`_lda_tf`)           -> 5 views (1, S, S, C)
+      MALs + fusion MAL + regressor  --jax2tf.convert-->  XlaCallModule  -> score
+    --tf.lite.TFLiteConverter.from_concrete_functions-->  the converter legalises the StableHLO
+    and the TF ops to TFLite builtins  -->  .tflite, run by `ai_edge_litert.interpreter` with
+    its default XNNPACK delegate.
 
 - jax2tf's graph (non-native) serialization is gone in jax 0.10: `native_serialization` and
   `enable_xla` are accepted only as deprecated no-ops, and every conversion is an
   `XlaCallModule` wrapping StableHLO. TF 2.21's TFLite converter deserialises that module and
-  legalises StableHLO -> TFLite builtins itself, so no TF-op graph is needed. This is the path
-  the LiteRT documentation gives for JAX ("JAX -> jax2tf -> TF -> TFLite converter"); orbax-export
-  is a wrapper around the same jax2tf call and adds nothing for a single fixed-shape function.
+  legalises StableHLO -> TFLite builtins itself. This is the path the LiteRT documentation
+  gives for JAX ("JAX -> jax2tf -> TF -> TFLite converter"); orbax-export is a wrapper around
+  the same jax2tf call and adds nothing for a fixed-shape function.
 - `tf.lite.TFLiteConverter.experimental_from_jax` is deprecated (it points to this path) and is
   built on the removed HLO-proto export. There is no `ai-edge-jax` on PyPI; `ai-edge-torch` /
   `litert-torch` convert PyTorch, not JAX.
-- The student converts to builtin ops only (`TFLITE_BUILTINS`): convolutions -> CONV_2D /
+- Why the LDAs are TF ops. Legalised from StableHLO, an exact (erf) GELU becomes XLA's erf
+  polynomial: ~60 elementwise builtins (MUL/ADD/DIV/EXP/SELECT/LESS...) each writing a tensor
+  as large as the GELU's input. The first LDA's hidden activation is the model's largest
+  array (616x954x512 float32, 1.2 GB, at 1231x1907), so that graph had 3646 ops whose
+  intermediate tensors summed to 11.8 GiB already at 512x512 (row-strip exported), and under
+  XNNPACK the process went from 0.7 GB after loading to 2.1 GB peak at 512x512, and past
+  8 GB (killed; 13 GB in an earlier run) at 1231x1907. `tf.nn.gelu(approximate=False)`
+  instead converts to TFLite's own GELU op in exact mode, one kernel that XNNPACK (and the GPU
+  delegate) run in one pass. Reaching that op from StableHLO needs a `jax.lax.composite`, which
+  this TF cannot read (version skew: jax 0.10 writes StableHLO 1.15, TF 2.21 reads 1.13;
+  "unregistered operation 'vhlo.composite_v2'"), hence TF ops for the whole LDA.
+- Each LDA whose hidden activation exceeds `LDA_STRIP_ELEMENTS` is computed one pooled row
+  window at a time (conv1x1 -> GELU -> AVERAGE_POOL_2D over the window's rows), so only one
+  window's (K, W, 2C) exists at once (28x954x512 at 1231x1907); the width pooling, PyTorch's
+  overlapping windows, is one matmul with a constant averaging matrix on the (S, W, 2C) row
+  means. Smaller LDAs are computed whole and pooled by two such matmuls. Same parameters and
+  numbers as `mobileiqa.LDA` (`tests/test_export.py` checks both forms against it). The graph
+  at 512x768 has 569 ops, intermediates summing to 1.3 GiB; the full student at 1231x1907
+  peaks at ~1.1 GB RSS under XNNPACK, weights included (`benchmarks/export.py`).
+- The rest converts to builtin ops only (`TFLITE_BUILTINS`): convolutions -> CONV_2D /
   DEPTHWISE_CONV_2D, hard-swish -> HARD_SWISH, the head's matmuls -> FULLY_CONNECTED /
-  BATCH_MATMUL, softmax -> SOFTMAX, sigmoid -> LOGISTIC; the exact (erf) GELU becomes XLA's
-  erf polynomial in elementwise builtins (MUL/ADD/DIV/EXP/SELECT...), so it stays exact to
-  float32 rounding instead of switching to the tanh GELU; PyTorch's overlapping adaptive
-  pooling becomes slices/gathers and sums (whatever `layers.adaptive_avg_pool2d` lowers to). `select_tf_ops=True` (`--select_tf_ops`) lets the converter
-  fall back to TensorFlow (Flex) kernels for anything it cannot legalise; such a model needs an
-  interpreter linked with the Flex delegate (the `tensorflow` package's `tf.lite.Interpreter`,
-  or the Flex AAR on Android) — `ai-edge-litert` alone cannot run it. It is a documented
-  fallback only; the sidecar records `requires_flex`.
+  BATCH_MATMUL, softmax -> SOFTMAX, sigmoid -> LOGISTIC. `select_tf_ops=True`
+  (`--select_tf_ops`) lets the converter fall back to TensorFlow (Flex) kernels for anything it
+  cannot legalise; such a model needs an interpreter linked with the Flex delegate (the
+  `tensorflow` package's `tf.lite.Interpreter`, or the Flex AAR on Android) — `ai-edge-litert`
+  alone cannot run it. It is a documented fallback only; the sidecar records `requires_flex`.
 - Depthwise convolutions are exported with `depthwise_impl='conv'` (one DEPTHWISE_CONV_2D
   that XNNPACK runs well), whatever the checkpoint's config says: the 'shift' form (k*k
   strided slices and multiply-adds, faster under XLA:CPU) reads the same parameters and gives
   the same numbers, but would become k*k STRIDED_SLICE/MUL/ADD ops per layer in TFLite.
-- Version skew: jax 0.10 writes StableHLO 1.15 while TF 2.21 reads 1.13. Plain ops
-  deserialise fine, but newer constructs do not: a `jax.lax.composite` (tried, to map the
-  exact GELU to TFLite's GELU op) fails with "unregistered operation 'vhlo.composite_v2'".
-  If a future model change trips this, the converter error names the vhlo op.
-- Memory at full resolution: TFLite materialises every intermediate of the erf expansion at
-  full size, so the first LDA's (616, 954, 512) hidden activation at 1231x1907 is exported in
-  row strips (`_lda_in_strips`, same math). LiteRT's default XNNPACK delegate still needed
-  > 13 GB there; the builtin CPU kernels do not (`TFLiteScorer(xnnpack=None)` picks).
+- After writing the file, `export` runs it once in a fresh LiteRT process (`probe`: XNNPACK,
+  2 threads) and the sidecar's `runtime` records the delegate, threads, peak resident memory
+  and latency measured there, for the app's budget.
 - Quantisation is the converter's post-training kind, needing no calibration data:
   `float16` stores weights in float16 (about half the file; dequantised at load on CPU),
   `dynamic_int8` stores weights in int8 with dynamic-range int8 kernels for the FULLY_CONNECTED
@@ -99,60 +113,89 @@ def export_model_for(model_config: Mapping[str, Any]):
 # ----------------------------------------------------------------------------- conversion
 
 
-# LDAs whose hidden activation (H * W * 2C) exceeds this many elements are exported row strip by
-# row strip (see `_lda_in_strips`).
+# LDAs whose hidden activation (H * W * 2C) exceeds this many elements are exported one pooled
+# row band at a time (see `_lda_tf`); smaller ones in one piece.
 LDA_STRIP_ELEMENTS = 4 * 2**20
 
 
-def _lda_in_strips(lda: Any, x: Any) -> Any:
-  """`LDA.__call__` computed one output row of the adaptive pool at a time.
-
-  Same parameters and the same math (conv1x1 -> exact GELU -> PyTorch adaptive average pool ->
-  conv1x1); only the order of the window sums differs. TFLite materialises every elementwise
-  intermediate of XLA's erf/erfc expansion at full size, so at 1231x1907 the first LDA's
-  (616, 954, 512) hidden activation made the interpreter need more than 20 GB; computed per
-  pooled row it needs about 1/S of that.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) averaging matrix of PyTorch's adaptive pooling along one axis."""
   from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
-
-  params = lda.variables["params"]
-  s = lda.pooled_size
-
-  def conv1x1(y, p):
-    y = jax.lax.conv_general_dilated(y, p["kernel"].astype(y.dtype), (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + p["bias"].astype(y.dtype)
-
-  x = x.astype(lda.dtype)
-  h = x.shape[1]
-  rows = []
-  for i in range(s):
-    start, end = (i * h) // s, -((-(i + 1) * h) // s)
-    y = layers.gelu(conv1x1(x[:, start:end], params["cnn1"]))
-    rows.append(jnp.mean(y, axis=1, keepdims=True))
-  y = layers.adaptive_avg_pool2d(jnp.concatenate(rows, axis=1), (s, s))
-  return conv1x1(y, params["cnn2"])
+  idx, weights = layers._adaptive_windows(in_size, out_size)  # pylint: disable=protected-access
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    np.add.at(m[i], idx[i], weights[i])
+  return m
 
 
-def _strip_interceptor(next_fun, args, kwargs, context):
-  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  mod = context.module
-  if isinstance(mod, mobileiqa.LDA) and context.method_name == "__call__" and not kwargs:
-    x = args[0]
-    if x.shape[1] * x.shape[2] * 2 * mod.width > LDA_STRIP_ELEMENTS:
-      return _lda_in_strips(mod, x)
-  return next_fun(*args, **kwargs)
+def _row_windows(in_size: int, out_size: int) -> list[tuple[int, int]]:
+  """[start, end) rows of each of PyTorch's adaptive pooling windows."""
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size))
+          for i in range(out_size)]
+
+
+def _lda_tf(x: Any, params: Mapping[str, Any], pooled_size: int) -> Any:
+  """One LDA in TensorFlow ops: conv1x1 (C_i -> 2C) -> exact GELU -> adaptive pool -> conv1x1.
+
+  Written in TF rather than left to the StableHLO legaliser because `tf.nn.gelu(approximate=
+  False)` converts to TFLite's own GELU op (exact mode), one kernel that XNNPACK and the GPU
+  delegates run in one pass; from StableHLO the exact GELU arrives as XLA's erf polynomial,
+  ~20 elementwise ops each writing a tensor the size of the hidden activation.
+
+  A hidden activation above `LDA_STRIP_ELEMENTS` is never formed whole: each pooled row's
+  window of input rows is projected, passed through GELU and averaged over its rows
+  (AVERAGE_POOL_2D) on its own, so only one window's (K, W, 2C) exists at a time. The width
+  pooling (PyTorch's overlapping windows) is then one matmul with a constant averaging matrix
+  on the (S, W, 2C) row means. Same parameters and math as `mobileiqa.LDA` (float32 rounding).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  k1 = np.asarray(params["cnn1"]["kernel"], np.float32)
+  b1 = np.asarray(params["cnn1"]["bias"], np.float32)
+  k2 = np.asarray(params["cnn2"]["kernel"], np.float32)
+  b2 = np.asarray(params["cnn2"]["bias"], np.float32)
+  s = pooled_size
+  _, h, w, _ = x.shape
+
+  def project(t):
+    y = tf.nn.conv2d(t, k1, strides=1, padding="VALID") + b1
+    return tf.nn.gelu(y, approximate=False)
+
+  pool_w = tf.constant(_pool_matrix(w, s))
+  if h * w * k1.shape[-1] > LDA_STRIP_ELEMENTS:
+    rows = []
+    for start, end in _row_windows(h, s):
+      y = project(x[:, start:end])
+      if end - start > 1:
+        y = tf.nn.avg_pool2d(y, (end - start, 1), (end - start, 1), "VALID")
+      rows.append(y)
+    y = tf.concat(rows, axis=1)  # (1, S, W, 2C)
+  else:
+    y = tf.einsum("sh,bhwc->bswc", tf.constant(_pool_matrix(h, s)), project(x))
+  y = tf.einsum("sw,bhwc->bhsc", pool_w, y)
+  return tf.nn.conv2d(y, k2, strides=1, padding="VALID") + b2
+
+
+def _backbone_features(model: Any, images: Any) -> Any:
+  return getattr(model, model.backbone_name)(images, train=False)
+
+
+def _head_from_views(model: Any, *views: Any) -> Any:
+  """The model after its LDAs: views (B, S, S, C) each -> score (B,)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.stack(views)
+  fused = model.fusion_mal(model.MALs(x, False), False)
+  return model.regress(fused, False)
 
 
 def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: str = "none",
               select_tf_ops: bool = False) -> bytes:
   """Converts `model.apply(variables, x, train=False)` at input (1, H, W, 3) to a TFLite model.
 
+  The graph is three parts in one tf.function: the backbone (jax2tf), the LDAs (TensorFlow ops,
+  `_lda_tf`), the MALs and regressor (jax2tf).
+
   Args:
-    model: a Flax module whose apply takes (images, train=False) and returns scores (B,).
-      Export a MobileIQA with depthwise_impl='conv' (`export_model_for`).
+    model: a `mobileiqa.MobileIQA`. Export one with depthwise_impl='conv' (`export_model_for`).
     variables: its variables ({'params', 'batch_stats'}); embedded as constants.
     image_size: (H, W), validated by `parse_image_size`.
     quantize: 'none', 'float16' or 'dynamic_int8'.
@@ -168,22 +211,42 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
 
   h, w = parse_image_size(image_size, "image_size")
   check_quantize(quantize)
-  # The weights enter the XlaCallModule as tf.Variables (the converter freezes them into
+  variables = {c: dict(v) for c, v in dict(variables).items()}
+  lda_names = [f"{model.lda_prefix}{i + 1}" for i in range(model._num_views())]  # pylint: disable=protected-access
+  bb = model.backbone_name
+
+  def part(keep):
+    return {c: {k: v for k, v in tree.items() if keep(k)} for c, tree in variables.items()}
+
+  # The weights enter each XlaCallModule as tf.Variables (the converter freezes them into
   # constants) rather than as constants inside the serialized StableHLO: embedding 80M
   # parameters there made the module string get copied several times and conversion peak
   # at ~12 GB.
-  leaves, treedef = jax.tree_util.tree_flatten(dict(variables))
-
-  def score(flat, images):
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    with nn.intercept_methods(_strip_interceptor):
-      return model.apply(jax.tree_util.tree_unflatten(treedef, flat), images, train=False)
-
-  fn = jax2tf.convert(score, with_gradient=False)
   module = tf.Module()
-  module.weights = [tf.Variable(np.asarray(a), trainable=False) for a in leaves]
+
+  def as_tf(fn, tree, name):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+    def call(flat, *args):
+      return model.apply(jax.tree_util.tree_unflatten(treedef, flat), *args, method=fn)
+
+    weights = [tf.Variable(np.asarray(a), trainable=False) for a in leaves]
+    setattr(module, name, weights)
+    converted = jax2tf.convert(call, with_gradient=False)
+    return lambda *args: converted(weights, *args)
+
+  backbone = as_tf(_backbone_features, part(lambda k: k == bb), "backbone_weights")
+  head = as_tf(_head_from_views, part(lambda k: k != bb and k not in lda_names),
+               "head_weights")
+  lda_params = [variables["params"][n] for n in lda_names]
+
+  def serve(image):
+    feats = backbone(image)
+    views = [_lda_tf(f, p, model.pooled_size) for f, p in zip(feats, lda_params)]
+    return {OUTPUT_NAME: head(*views)}
+
   module.serve = tf.function(
-      lambda image: {OUTPUT_NAME: fn(module.weights, image)}, autograph=False,
+      serve, autograph=False,
       input_signature=[tf.TensorSpec((1, h, w, 3), tf.float32, name=INPUT_NAME)])
   concrete = module.serve.get_concrete_function()
 
@@ -230,8 +293,13 @@ def sidecar_path(tflite_path: str) -> str:
 
 def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str, Any] | None,
             extra: Mapping[str, Any] | None, tflite_file: str,
-            ops: Mapping[str, int] | None = None, source: str | None = None) -> dict[str, Any]:
-  """The JSON an app reads beside the model: everything to turn a photo into a score."""
+            ops: Mapping[str, int] | None = None, source: str | None = None,
+            runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON an app reads beside the model: everything to turn a photo into a score.
+
+  `runtime` is `probe()`'s measurement of the written model (delegate, threads, peak memory,
+  latency on the exporting machine); None leaves it out.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   h, w = image_size
@@ -278,14 +346,33 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
       },
       "mos_mapping": mos,
       "quantization": quantize,
-      "runtime_note": (
-          "LiteRT's default XNNPACK delegate needed > 13 GB at 1231x1907 in ai-edge-litert 2.3;"
-          " above ~1 Mpx create the interpreter without default delegates (builtin kernels)"
-          if h * w > XNNPACK_MAX_PIXELS else None),
+      "runtime": _runtime_entry(runtime),
       "requires_flex": _needs_flex(ops or {}),
       "ops": dict(sorted((ops or {}).items())),
       "source_checkpoint": source,
       "exported_with": {"jax": jax.__version__, "tensorflow": tf.__version__},
+  }
+
+
+def _runtime_entry(runtime: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  if runtime is None:
+    return None
+  import platform  # pylint: disable=g-import-not-at-top
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    litert_version = metadata.version("ai-edge-litert")
+  except Exception:  # pylint: disable=broad-except
+    litert_version = None
+  return {
+      "delegate": runtime["delegate"],
+      "num_threads": runtime["num_threads"],
+      "expected_peak_rss_bytes": int(runtime["peak_rss_bytes"]),
+      "measured_invoke_ms": runtime["invoke_ms"],
+      "measured_on": f"{platform.machine()}, {os.cpu_count()} cores, ai-edge-litert "
+                     f"{litert_version}",
+      "note": ("peak resident memory of a process that loaded the model, allocated it and "
+               "scored one image with this delegate (weights included); latency of that "
+               "invoke on the exporting machine, not a phone's"),
   }
 
 
@@ -295,8 +382,13 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
 def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
            quantize: str = "none", model_config: Mapping[str, Any] | None = None,
            extra: Mapping[str, Any] | None = None, select_tf_ops: bool = False,
-           source: str | None = None) -> dict[str, Any]:
-  """Writes `output` (.tflite) and its sidecar JSON; returns the sidecar dict."""
+           source: str | None = None, measure: bool = True,
+           num_threads: int = 2) -> dict[str, Any]:
+  """Writes `output` (.tflite) and its sidecar JSON; returns the sidecar dict.
+
+  With `measure`, the written model is run once in a fresh LiteRT process (`probe`, XNNPACK,
+  `num_threads`) and the sidecar records its peak memory and latency.
+  """
   size = parse_image_size(image_size, "image_size")
   check_quantize(quantize)
   data = to_tflite(model, variables, size, quantize, select_tf_ops)
@@ -306,9 +398,20 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "wb") as f:
     f.write(data)
-  with open(sidecar_path(output), "w") as f:
-    json.dump(meta, f, indent=2)
-    f.write("\n")
+  del data
+
+  def write_sidecar():
+    with open(sidecar_path(output), "w") as f:
+      json.dump(meta, f, indent=2)
+      f.write("\n")
+
+  write_sidecar()
+  if measure and not meta["requires_flex"]:  # ai_edge_litert has no Flex kernels
+    try:
+      meta["runtime"] = _runtime_entry(probe(output, num_threads))
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ExportError(f"{output} was written, but LiteRT could not run it: {e}") from e
+    write_sidecar()
   return meta
 
 
@@ -353,30 +456,56 @@ def make_interpreter(model_path: str | None = None, model_content: bytes | None 
   return cls(**kwargs)
 
 
-# Measured with ai-edge-litert 2.3 on the full student: at 1231x1907 the XNNPACK delegate (on
-# by default) took the process past 13 GB (and 20 GB before the LDA strips) while the builtin
-# CPU kernels run it in about 1 GB above the model; at 512x512 XNNPACK runs fine.
-XNNPACK_MAX_PIXELS = 1024 * 1024
+def probe(model_path: str, num_threads: int = 2, xnnpack: bool = True,
+          timeout_s: float = 600.0) -> dict[str, Any]:
+  """Runs the model once in a fresh process, as an app would; returns what it cost there.
+
+  The child imports only `ai_edge_litert` and numpy, loads `model_path`, allocates, invokes
+  once on a random input (warm-up) and once timed. Returns {'peak_rss_bytes' (the child's
+  ru_maxrss: the whole process, weights included), 'invoke_ms', 'delegate', 'num_threads'}.
+  Raises RuntimeError with the child's error if it fails.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "-m", "mobileiqa_jax.export", "--probe", model_path,
+         str(int(num_threads)), "xnnpack" if xnnpack else "builtin"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
+                        check=False)
+  if proc.returncode:
+    raise RuntimeError(f"running {model_path} in LiteRT failed: {proc.stderr.strip()[-800:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _input_pixels(model_path: str) -> int:
-  it = make_interpreter(model_path=model_path, delegate=False)
-  shape = it.get_input_details()[0]["shape"]
-  return int(shape[1]) * int(shape[2])
+def _probe_main(model_path: str, num_threads: str, kernels: str) -> None:
+  import resource  # pylint: disable=g-import-not-at-top
+  it = make_interpreter(model_path=model_path, num_threads=int(num_threads),
+                        delegate=kernels == "xnnpack")
+  it.allocate_tensors()
+  inp = it.get_input_details()[0]
+  it.set_tensor(inp["index"],
+                np.random.RandomState(0).standard_normal(inp["shape"]).astype(np.float32))
+  it.invoke()
+  t = time.perf_counter()
+  it.invoke()
+  ms = 1e3 * (time.perf_counter() - t)
+  print(json.dumps({
+      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "invoke_ms": round(ms, 1), "num_threads": int(num_threads),
+      "delegate": "XNNPACK" if kernels == "xnnpack" else "none (builtin kernels)"}))
 
 
 class TFLiteScorer:
   """Scores normalised NHWC float32 images with an exported model, one image per invoke.
 
-  `xnnpack`: use LiteRT's default XNNPACK delegate; None = only for inputs up to
-  XNNPACK_MAX_PIXELS (see there).
+  `xnnpack`: use LiteRT's default XNNPACK delegate (as apps do); False = the builtin
+  reference kernels.
   """
 
-  def __init__(self, model_path: str, num_threads: int | None = None,
-               xnnpack: bool | None = None):
+  def __init__(self, model_path: str, num_threads: int | None = None, xnnpack: bool = True):
     self.model_path = model_path
-    if xnnpack is None:
-      xnnpack = _input_pixels(model_path) <= XNNPACK_MAX_PIXELS
     self.xnnpack = xnnpack
     self.interpreter = make_interpreter(model_path=model_path, num_threads=num_threads,
                                         delegate=xnnpack)
@@ -426,3 +555,12 @@ class TFLiteScorer:
       self.interpreter.invoke()
       times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) == 5 and sys.argv[1] == "--probe":
+    _probe_main(*sys.argv[2:])
+  else:
+    sys.exit("usage: python -m mobileiqa_jax.export --probe MODEL.tflite THREADS xnnpack|builtin"
+             " (the export command is launch/export.py)")

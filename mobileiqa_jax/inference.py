@@ -181,8 +181,8 @@ def parse_image_size(value: str | Sequence[Any] | None,
   """'H,W', 'HxW' or (H, W) -> (H, W) of whole numbers >= MIN_SIDE; None / '' -> None.
 
   The one reader of an image size for every command (predict, convert, export, explain) and
-  for `load`. Raises ValueError naming `setting` for anything else (one number, three numbers, floats,
-  words, zero, negative or too small sides).
+  for `load`. Raises ValueError naming `setting` for anything else (one number, three
+  numbers, floats, words, zero, negative or too small sides).
   """
   if value is None or (isinstance(value, str) and not value.strip()):
     return None
@@ -219,13 +219,13 @@ def parse_image_size(value: str | Sequence[Any] | None,
 class Scorer:
   """A MobileIQA model ready to score photos (what `load` returns).
 
-  Example (a checkpoint written by `launch/convert.py` or a training workdir):
+  Example (after the README's demo run, which writes runs/student_demo):
 
-      >>> import mobileiqa_jax
-      >>> scorer = mobileiqa_jax.load("runs/student_demo", image_size=(64, 64))
-      >>> scores = scorer.score(["photo1.jpg", "photo2.png"])   # np.float32, shape (2,)
-      >>> scorer.score_min, scorer.score_max                    # (0.0, 1.0) for the student
-      >>> scorer.to_mos(scores)                                 # on the training data's scale
+      import mobileiqa_jax
+      scorer = mobileiqa_jax.load("runs/student_demo")          # its best checkpoint, 64x64
+      scores = scorer.score(["photo1.jpg", "photo2.png"])       # np.float32, shape (2,)
+      print(scorer.score_min, scorer.score_max)                 # 0.0 1.0 for the student
+      print(scorer.to_mos(scores))                              # on the training data's scale
 
   Attributes:
     image_size: (height, width) every image is resized to (PIL bicubic, as the reference).
@@ -364,10 +364,9 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
 
   Example:
 
-      >>> import mobileiqa_jax
-      >>> scorer = mobileiqa_jax.load("MobileNet_IQA.pkl")      # the authors' student
-      >>> scorer.score(["a.jpg", "b.jpg"])
-      array([0.62, 0.41], dtype=float32)
+      import mobileiqa_jax
+      scorer = mobileiqa_jax.load("MobileNet_IQA.pkl")          # the authors' student
+      scores = scorer.score(["a.jpg", "b.jpg"])                 # float32 (2,), in [0, 1]
   """
   size = parse_image_size(image_size, "image_size")
   path = os.fspath(path)

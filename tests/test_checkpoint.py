@@ -84,15 +84,18 @@ def test_model_config_stores_the_architecture_and_old_checkpoints_still_load(tmp
   new = checkpoint.save_model(str(tmp_path / "new"), _variables(), trained)
   stored = checkpoint.read_json_item(new, "meta")
   assert "dtype" not in stored["model_config"] and stored["model_config"]["backbone_kwargs"] == {}
-  assert stored["training"] == {"compute_dtype": "bfloat16", "remat": True}
+  assert stored["training"] == {"compute_dtype": "bfloat16", "remat": True,
+                                "head_init": "torch"}
   old = _old_format_checkpoint(str(tmp_path / "old"), trained)
   assert checkpoint.read_json_item(old, "meta")["model_config"]["dtype"] == "bfloat16"
   for path in (new, old):
     model, _, meta = checkpoint.load_model(path)
     assert model.dtype == jnp.float32 and model.backbone.dtype == jnp.float32
     assert not getattr(model.backbone, "remat", False)
-    assert meta["model_config"] == {k: v for k, v in arch.items() if k != "dtype"}
-    assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True}
+    assert meta["model_config"] == {k: v for k, v in arch.items()
+                                    if k not in ("dtype", "head_init")}
+    assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True,
+                                "head_init": "torch"}
     model, _, _ = checkpoint.load_model(path, compute_dtype="bfloat16")
     assert model.dtype == jnp.bfloat16
 

@@ -88,12 +88,17 @@ def runs(tmp_path_factory):
                                f"--output={tmp / 'm.tflite'}", "--quantize=int3"], "--quantize"),
       "export_missing_checkpoint": (["launch/export.py", f"--checkpoint={tmp / 'nope'}",
                                      f"--output={tmp / 'm.tflite'}"], "nope"),
+      "explain_refuses_a_full_output": (["launch/explain.py", f"--checkpoint={ckpt}",
+                                         f"--output={ckpt}", PHOTO], "--overwrite"),
       "evaluate_not_a_checkpoint": (["launch/evaluate.py", f"--checkpoint={tmp / 'empty'}",
                                      f"--config={DEMO}"], "no checkpoint at"),
       "evaluate_data_not_prepared": (["launch/evaluate.py", f"--checkpoint={ckpt}",
                                       "--config=configs/student.py:livec",
                                       f"--config.data.data_dir={tmp / 'empty'}"],
                                      "not prepared"),
+      "train_data_not_prepared": (["launch/train.py", "--config=configs/teacher.py:livec",
+                                   f"--config.data.data_dir={tmp / 'empty'}",
+                                   f"--workdir={tmp / 'livec_run'}"], "not prepared"),
       "train_unwritable_workdir": (["launch/train.py", f"--config={DEMO}",
                                     f"--workdir={tmp / 'a_file' / 'run'}"], "a_file"),
       "train_refuses_changed_resume": (["launch/train.py", f"--config={DEMO}",
@@ -117,7 +122,8 @@ def runs(tmp_path_factory):
 CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_value",
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
-         "evaluate_not_a_checkpoint", "evaluate_data_not_prepared", "train_unwritable_workdir",
+         "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
+         "evaluate_data_not_prepared", "train_data_not_prepared", "train_unwritable_workdir",
          "train_refuses_changed_resume", "convert_teacher_pkl_as_student",
          "predict_teacher_pkl_as_student"]
 
@@ -154,3 +160,26 @@ def test_refused_resume_wrote_nothing(runs):
 def test_verbose_shows_the_traceback(tmp_path):
   proc = _launch(["launch/predict.py", f"--checkpoint={tmp_path}", "--verbose", PHOTO])
   assert proc.returncode != 0 and "Traceback" in proc.stderr and "no checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
+  """In-process: a tiny run, resumed with more epochs and other logging; then a wider model."""
+  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from test_train_helpers import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  c = tiny_config("student", num_epochs=1)
+  first = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  c2 = tiny_config("student", num_epochs=2)
+  c2.log_every_steps, c2.eval_every_epochs, c2.checkpoint.keep = 2, 2, 3
+  resumed = train.train_and_evaluate(c2, workdir, data=tiny_data(c2))
+  assert resumed["step"] == 2 * first["step"] and not resumed["preempted"]
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    stored = f.read()
+  assert json.loads(stored)["num_epochs"] == 2
+  wide = tiny_config("student", num_epochs=3)
+  wide.model.width = 32
+  with pytest.raises(checkpoint.ResumeConfigError, match=r"model\.width: 16 -> 32"):
+    train.train_and_evaluate(wide, workdir, data=tiny_data(wide))
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    assert f.read() == stored

@@ -286,3 +286,14 @@ def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_p
         [float(src.scale.to_unit(expected[rows[j]][0])) for j in part], rel=1e-5)
   with pytest.raises(ValueError, match="'train' and 'test'"):
     pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")
+  if name == "uhd_iqa":  # the release config reaches it, and guards the row count
+    import test_train_helpers  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+    c = test_train_helpers.teacher_config.get_config("uhd_iqa_release")
+    c.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ValueError, match="reference_count.*4269.*has 6"):
+      train.make_sources(c)
+    c.data.reference_count = 0
+    tr, te = train.make_sources(c)
+    assert [tr[i]["name"] for i in range(len(tr))] == [rows[j] for j in order[:cut]]
+    assert len(te) == len(rows) - cut

@@ -126,7 +126,8 @@ def test_scorer_attributes_and_mos_mapping(models):
   meta = checkpoint.read_json_item(models["ckpt"], "meta")
   assert "dtype" not in meta["model_config"]
   assert "remat" not in meta["model_config"]["backbone_kwargs"]
-  assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True}
+  assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True,
+                                "head_init": "torch"}
   assert scorer.model.dtype == np.float32 and scorer.model_config["dtype"] == "float32"
   assert mobileiqa_jax.load(models["ckpt"], compute_dtype="bfloat16").model.dtype == "bfloat16"
 
@@ -223,3 +224,26 @@ def test_explain_writes_opinion_maps_and_similarities(models, tmp_path):
     np.testing.assert_allclose(mat, sim, atol=1e-5)
     assert abs(got["images"][b]["score"] - float(score[b])) < 1e-5
   np.testing.assert_allclose(got["mean_similarity"], np.mean(sims, axis=0), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_take_the_pkl_as_load_does(models, tmp_path):
+  """launch/evaluate.py and launch/export.py accept the .pkl; both compute in float32."""
+  pytest.importorskip("tensorflow")
+  from configs import student  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import evaluate, export  # pylint: disable=g-import-not-at-top
+  config = student.get_config("demo")
+  config.data.eval_batch_size = 16
+  by_pkl = evaluate.evaluate_checkpoint(models["pkl"], config, "test",
+                                        str(tmp_path / "eval_pkl"))
+  by_ckpt = evaluate.evaluate_checkpoint(models["ckpt"], config, "test",
+                                         str(tmp_path / "eval_ckpt"))
+  assert by_pkl["num_examples"] == by_ckpt["num_examples"] > 0
+  for k in ("srocc", "plcc", "rmse"):
+    assert by_pkl[k] == pytest.approx(by_ckpt[k], abs=1e-6), k
+
+  out = str(tmp_path / "student.tflite")
+  export.export_checkpoint(models["pkl"], out, image_size="64,64")
+  tflite = export.TFLiteScorer(out)
+  np.testing.assert_allclose([tflite.score_file(p) for p in PHOTOS], models["reference"],
+                             atol=1e-4)

@@ -501,7 +501,8 @@ def _abstract_teacher(config: ml_collections.ConfigDict, mesh: Any,
 
   The architecture is the stored model config of `config.teacher_checkpoint` when that is an
   existing checkpoint, else the teacher preset with the student's head size (distillation
-  compares x and DOF element by element, so the two must agree).
+  compares x and DOF element by element, so the two must agree; the student's regressor pool
+  too when the preset's does not fit that size).
   """
   from mobileiqa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -517,6 +518,9 @@ def _abstract_teacher(config: ml_collections.ConfigDict, mesh: Any,
       t_cfg["backbone"] = teacher_backbone
   else:
     overrides = dict(width=config.model.width, pooled_size=config.model.pooled_size)
+    preset_pool = mobileiqa.model_config("teacher").regressor_pool
+    if config.model.pooled_size // preset_pool < 3:  # a small test head: the student's pool
+      overrides["regressor_pool"] = config.model.regressor_pool
     if teacher_backbone:
       overrides["backbone"] = teacher_backbone
     t_cfg = mobileiqa.model_config("teacher", **overrides).to_dict()

@@ -93,6 +93,7 @@ def test_teacher_step_compiles_and_grows_with_batch():
   assert small["bytes_accessed_per_step"] < big["bytes_accessed_per_step"]
 
 
+@pytest.mark.slow  # one more TPU compile (minutes on the shared 2-core VM)
 def test_oversized_setting_exits_3_with_levers():
   # 2048 images of 32x32 per chip in float32 without remat: activations far beyond 16 GiB.
   proc = _cli("--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--noeval",
@@ -107,6 +108,7 @@ def test_oversized_setting_exits_3_with_levers():
   assert "smaller per-chip batch" in levers
 
 
+@pytest.mark.slow  # one more TPU compile (minutes on the shared 2-core VM)
 def test_distillation_step_on_multihost_topology():
   # v5e:4x4 is 16 chips on 4 hosts; the teacher comes from the preset (no checkpoint).
   c = _tiny("student", batch_size=16, teacher_checkpoint="runs/no_such_teacher")

@@ -23,7 +23,6 @@ Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -63,7 +62,7 @@ class _PointwiseGeluPool(nn.Module):
     s, h = self.pooled_size, x.shape[1]
     if h <= 2 * s:  # Small features: the plain form is as cheap.
       return layers.adaptive_avg_pool2d(project(x), s)
-    idx, weights = layers._adaptive_windows(h, s)  # pylint: disable=protected-access
+    idx, weights = layers.adaptive_windows(h, s)
 
     @jax.checkpoint
     def band(rows: jax.Array, wt: jax.Array) -> jax.Array:
@@ -383,12 +382,6 @@ def build_backbone(name: str, dtype: Dtype = jnp.float32, depthwise_impl: str | 
   kwargs = dict(kwargs, dtype=dtype)
   if depthwise_impl is not None:
     kwargs["depthwise_impl"] = depthwise_impl
-  try:
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-      kwargs = {k: v for k, v in kwargs.items() if k in params}
-  except (TypeError, ValueError):
-    pass
   return factory(**kwargs)
 
 

@@ -6,7 +6,7 @@ r"""Forward latency and peak memory of MobileIQA, JAX against the PyTorch refere
 Every (framework, model, size) runs in a fresh subprocess, so the peak resident memory it
 reports (ru_maxrss) belongs to that configuration alone. Weights are random (the speed does not
 depend on them). PyTorch runs the reference the parity tests check against (tests/
-torch_reference.py: timm backbone + the head written from MOBILEIQA.md) in eval mode under
+torch_reference.py: timm backbone + the head written from docs/model.md) in eval mode under
 `torch.inference_mode()`; JAX runs the jitted scorer. Latency is the median of `--repeats`
 timed runs after one warm-up (JAX's warm-up includes compilation, reported separately).
 """

@@ -74,18 +74,21 @@ def time_jax(kind: str, dtype: str, remat: bool, teacher_ckpt: str) -> tuple[flo
   c = _config("teacher" if kind == "teacher" else "student", dtype, remat,
               teacher_ckpt if kind == "distill" else "")
   mesh = sharding.make_mesh(c.mesh)
-  setup = train.build_setup(c, mesh, steps_per_epoch=100)
-  state = setup.init_state()
+  teacher, teacher_host = train.load_teacher(c) if c.teacher_checkpoint else (None, None)
+  steps = train.build_steps(c, mesh, steps_per_epoch=100, teacher=teacher)
+  teacher_vars = (None if teacher is None else
+                  sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
+  state = steps.init_state()
   h, w = c.data.image_size
   rng = np.random.default_rng(0)
   batch = sharding.host_to_global(
       {"image": rng.normal(size=(c.batch_size, h, w, 3)).astype(np.float32),
        "mos": rng.random(c.batch_size).astype(np.float32)}, mesh)
-  state, m = setup.train_step(state, batch, setup.teacher_vars)  # compile + warm up
+  state, m = steps.train_step(state, batch, teacher_vars)  # compile + warm up
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(FLAGS.steps):
-    state, m = setup.train_step(state, batch, setup.teacher_vars)
+    state, m = steps.train_step(state, batch, teacher_vars)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t
   return FLAGS.steps * c.batch_size / dt, _peak_bytes_jax()
@@ -150,10 +153,10 @@ def main(argv):
   teacher_ckpt = ""
   if "distill" in FLAGS.kinds:
     c = _config("teacher", "float32", False)
-    setup = train.build_setup(c, sharding.make_mesh(c.mesh), 1)
+    steps = train.build_steps(c, sharding.make_mesh(c.mesh), 1)
     teacher_ckpt = checkpoint.save_model(
-        os.path.join(tempfile.mkdtemp(), "teacher"), jax.device_get(setup.init_variables()),
-        setup.model_config.to_dict())
+        os.path.join(tempfile.mkdtemp(), "teacher"), jax.device_get(steps.init_variables()),
+        steps.model_config.to_dict())
   rows = []
   for kind in FLAGS.kinds:
     for dtype in FLAGS.dtypes:

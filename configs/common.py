@@ -38,7 +38,7 @@ VARIANTS = ("demo",) + tuple(DATASETS) + tuple(f"{d}_release" for d in RELEASE)
 
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
-  """The reference recipe (MOBILEIQA.md section 4) for one data set; model filled in by caller."""
+  """The reference recipe (docs/model.md, section 5) for one data set; model filled in by caller."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
   if variant.endswith("_release"):

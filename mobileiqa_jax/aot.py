@@ -13,7 +13,7 @@ decides whether a pod run can work and how fast it can possibly be:
 - FLOPs and bytes accessed per step per chip (`Compiled.cost_analysis()`), and per image;
 - a roofline: a step takes at least max(flops / peak FLOP/s, bytes / HBM bandwidth).
 
-The step compiled is exactly the trainer's (`train.build_setup`): the teacher step, or for a
+The step compiled is exactly the trainer's (`train.build_steps`): the teacher step, or for a
 distillation config the student step with the frozen teacher, whose architecture comes from
 the teacher checkpoint's stored model config when `config.teacher_checkpoint` names an
 existing checkpoint, else from the teacher preset with the student's head size. The eval step
@@ -455,19 +455,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
       raise AotUsageError(f"{what}={b} must be divisible by the {mesh.size} devices of "
                           f"{topology}")
 
-  teacher = None
-  if distill:
-    teacher = _abstract_teacher(config, mesh, teacher_backbone)
-  student_config = ml_collections.ConfigDict(config.to_dict())
-  student_config.teacher_checkpoint = ""
-  setup = train.build_setup(student_config, mesh, steps_per_epoch, teacher=teacher)
-
-  state = train.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
-      params=_abstract(setup.abstract_vars["params"], setup.var_shardings["params"]),
-      batch_stats=_abstract(setup.abstract_vars["batch_stats"],
-                            setup.var_shardings["batch_stats"]),
-      opt_state=_abstract(setup.abstract_opt, setup.opt_shardings))
+  teacher = _teacher_model(config, teacher_backbone) if distill else None
+  steps = train.build_steps(config, mesh, steps_per_epoch, teacher)
+  state = steps.abstract_state
   h, w = config.data.image_size
   bs = sharding.batch_sharding(mesh)
 
@@ -476,16 +466,21 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
 
   batch = {"image": images(config.batch_size),
            "mos": jax.ShapeDtypeStruct((config.batch_size,), jnp.float32, sharding=bs)}
-  teacher_vars = setup.teacher_vars
+  teacher_vars = None
+  if teacher is not None:
+    t_shapes = jax.eval_shape(lambda: teacher.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3), jnp.float32)))
+    t_shapes = {"params": t_shapes["params"], "batch_stats": t_shapes.get("batch_stats", {})}
+    teacher_vars = _abstract(t_shapes, steps.teacher_shardings)
   train_report, available = _compile_step(
-      "train", setup.train_step, (state, batch, teacher_vars), config.batch_size, chips)
+      "train", steps.train_step, (state, batch, teacher_vars), config.batch_size, chips)
   report = AotReport(topology=topology, chip=chip, devices=len(devices), chips=chips,
                      compute_dtype=config.compute_dtype, remat=bool(config.remat),
                      kind="distillation" if distill else "teacher", train=train_report,
                      hbm_available_bytes=available)
   if with_eval:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    report.eval, _ = _compile_step("eval", setup.eval_step,
+    report.eval, _ = _compile_step("eval", steps.eval_step,
                                    (variables, images(config.data.eval_batch_size)),
                                    config.data.eval_batch_size, chips)
   hbm = available if np.isfinite(available) else report.hbm_per_device
@@ -495,9 +490,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
   return report
 
 
-def _abstract_teacher(config: ml_collections.ConfigDict, mesh: Any,
-                      teacher_backbone: str) -> tuple[Any, PyTree]:
-  """(teacher module, abstract sharded variables) for distillation, reading no weights.
+def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> Any:
+  """The frozen teacher module for distillation, reading no weights.
 
   The architecture is the stored model config of `config.teacher_checkpoint` when that is an
   existing checkpoint, else the teacher preset with the student's head size (distillation
@@ -505,7 +499,6 @@ def _abstract_teacher(config: ml_collections.ConfigDict, mesh: Any,
   too when the preset's does not fit that size).
   """
   from mobileiqa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   path = config.teacher_checkpoint
@@ -527,14 +520,7 @@ def _abstract_teacher(config: ml_collections.ConfigDict, mesh: Any,
   # As the trainer: the teacher computes in the run's dtype; the depthwise form is the target's.
   t_cfg["dtype"] = config.compute_dtype
   t_cfg["depthwise_impl"] = t_cfg.get("depthwise_impl") or layers.default_depthwise_impl("tpu")
-  teacher = mobileiqa.build_model(t_cfg)
-  h, w = config.data.image_size
-  t_vars = jax.eval_shape(
-      lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3), jnp.float32)))
-  t_vars = {"params": t_vars["params"], "batch_stats": t_vars.get("batch_stats", {})}
-  shardings = {k: sharding.param_shardings(v, mesh, config.fsdp_min_size)
-               for k, v in t_vars.items()}
-  return teacher, _abstract(t_vars, shardings)
+  return mobileiqa.build_model(t_cfg)
 
 
 def main_report(report: AotReport) -> tuple[list[str], str, int]:

@@ -77,9 +77,6 @@ def to_plain(x: Any) -> Any:
   return x
 
 
-_to_plain = to_plain  # the old private name, until train.py uses `to_plain`
-
-
 def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A model config -> (architecture, training settings).
 

@@ -230,6 +230,57 @@ def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
                        source=os.fspath(path))
 
 
+def fetch_timm_backbone(spec: str, arch: str) -> Variables:
+  """`config.init.backbone` -> backbone variables {'params', 'batch_stats'}.
+
+  A local file is read as it is; anything else is a timm hub name, fetched with
+  huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable.
+  """
+  if os.path.exists(spec):
+    path = spec
+  else:
+    try:
+      import huggingface_hub  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f"config.init.backbone={spec!r} is not a local file and "
+                        "huggingface_hub is not installed to fetch it") from e
+    name = spec if "/" in spec else f"timm/{spec}"
+    try:
+      path = huggingface_hub.hf_hub_download(name, "model.safetensors")
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(
+          f"config.init.backbone={spec!r}: could not fetch {name}/model.safetensors from the "
+          f"Hugging Face hub ({type(e).__name__}: {e}). Download it where the hub is reachable "
+          "and pass the local file: --config.init.backbone=/path/model.safetensors") from e
+  logging.info("backbone %s initialised from %s", arch, path)
+  return load_timm_backbone(path, arch)
+
+
+def merge_backbone(variables: Variables, backbone_name: str, loaded: Variables) -> Variables:
+  """`variables` with `loaded` put under `backbone_name`; the trees must match exactly."""
+  out = {k: dict(v) for k, v in variables.items()}
+  for col in ("params", "batch_stats"):
+    have = out.get(col, {}).get(backbone_name)
+    new = loaded.get(col, {})
+    if have is None:
+      continue
+    want = _leaf_signatures(have)
+    got = _leaf_signatures(new)
+    if want != got:
+      first = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+      raise ValueError(f"backbone init {col} does not match the model's {backbone_name}: "
+                       f"first difference in {'/'.join(first)}: model {want.get(first)} vs "
+                       f"file {got.get(first)}")
+    out[col][backbone_name] = jax.tree.map(jax.numpy.asarray, new)
+  return out
+
+
+def _leaf_signatures(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  def dtype(v):
+    return str(v.dtype) if hasattr(v, "dtype") else str(np.asarray(v).dtype)
+  return {k: (tuple(np.shape(v)), dtype(v))
+          for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+
 # The authors' two models, told apart by the name their backbone has in the state dict.
 _BACKBONE_PREFIXES = {"teacher": "global_vit.", "student": "local_cnn."}
 _MODEL_NAMES = {"teacher": "teacher (MobileViT-IQA, 'global_vit.*' keys)",

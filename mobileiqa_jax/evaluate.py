@@ -1,4 +1,7 @@
-"""Evaluates any checkpoint on any split: SROCC, PLCC, KROCC, RMSE, MAE + scatter plot.
+"""Scoring a held-out split: SROCC, PLCC, KROCC, RMSE, MAE, the scatter plot, the CSV.
+
+`score_batches(eval_step, variables, batches, mesh)` is the evaluation the training loop runs
+after each epoch; `evaluate_checkpoint` runs it on any checkpoint and split.
 
 `evaluate_checkpoint(checkpoint_dir, config, split)` loads a checkpoint with
 `checkpoint.load_model` (standalone, a training step, or a workdir -> its best step; or a
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
@@ -30,7 +33,91 @@ from mobileiqa_jax import convert
 from mobileiqa_jax import inference
 from mobileiqa_jax import metrics as metrics_lib
 from mobileiqa_jax import sharding
-from mobileiqa_jax import train
+from mobileiqa_jax.data import feed
+
+PyTree = Any
+
+
+def make_eval_step(model: Any) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """The un-jitted eval step `(variables, images) -> scores` (inference mode)."""
+  def eval_fn(variables: PyTree, images: jax.Array) -> jax.Array:
+    return model.apply(variables, images, train=False)
+  return eval_fn
+
+
+def score_batches(eval_step: Callable, variables: PyTree, batches: Iterable[feed.Batch],
+                  mesh: Any) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """Scores a held-out split: (metrics, predictions, MOS) over the valid (unpadded) examples.
+
+  `batches` are this process's rows with a `mask` (False on padding); every process gets the
+  metrics of the whole split.
+  """
+  preds, moses = [], []
+  for batch in batches:
+    g = sharding.host_to_global(batch, mesh)
+    scores = eval_step(variables, g["image"])
+    # Every process gets the full global batch of scores, MOS and validity mask.
+    s, m, valid = sharding.global_to_host((scores, g["mos"], g["mask"]))
+    valid = valid.astype(bool)
+    preds.append(s[valid])
+    moses.append(m[valid])
+  pred = np.concatenate(preds) if preds else np.zeros((0,), np.float32)
+  mos = np.concatenate(moses) if moses else np.zeros((0,), np.float32)
+  try:
+    result = metrics_lib.iqa_metrics(pred, mos, logistic=False)
+    result["selection"] = metrics_lib.selection_score(result)
+  except ValueError as e:
+    # A collapsed model (one score for every image) has no correlation; training goes on,
+    # and this evaluation can never be the best one.
+    logging.warning("evaluation: %s", e)
+    result = {"srocc": np.nan, "plcc": np.nan, "krocc": np.nan,
+              "rmse": float(np.sqrt(np.mean((pred - mos) ** 2))) if len(pred) else np.nan,
+              "mae": float(np.mean(np.abs(pred - mos))) if len(pred) else np.nan,
+              "selection": np.nan}
+  result["num_examples"] = float(len(pred))
+  return result, pred, mos
+
+
+def write_scatter(path: str, pred: np.ndarray, mos: np.ndarray, title: str) -> bool:
+  """Predicted vs MOS scatter PNG (matplotlib, Agg backend); False when matplotlib is absent."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib not installed: no scatter plot (pip install matplotlib)")
+    return False
+  fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+  ax.scatter(mos, pred, s=8, alpha=0.6)
+  lo = float(min(np.min(mos), np.min(pred))) if len(pred) else 0.0
+  hi = float(max(np.max(mos), np.max(pred))) if len(pred) else 1.0
+  ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+  ax.set_xlabel("MOS")
+  ax.set_ylabel("predicted")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def write_outputs(directory: str, pred: np.ndarray, mos: np.ndarray, title: str,
+                  prefix: str = "", scatter: bool = True) -> str | None:
+  """`<prefix>predictions.csv` and, with `scatter`, `<prefix>scatter.png` in `directory`.
+
+  Returns the scatter plot's path, or None when none was written.
+  """
+  write_predictions(os.path.join(directory, f"{prefix}predictions.csv"), pred, mos)
+  path = os.path.join(directory, f"{prefix}scatter.png")
+  return path if scatter and write_scatter(path, pred, mos, title) else None
+
+
+def write_predictions(path: str, pred: np.ndarray, mos: np.ndarray) -> None:
+  """CSV `index,predicted,mos`, one row per held-out example in split order."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("index,predicted,mos\n")
+    for i, (p, m) in enumerate(zip(pred, mos)):
+      f.write(f"{i},{float(p):.6f},{float(m):.6f}\n")
 
 
 def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
@@ -72,14 +159,13 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
   sharding.check_batch_size(config.data.eval_batch_size, mesh)
   shardings = {k: sharding.param_shardings(v, mesh, config.get("fsdp_min_size", 2**14))
                for k, v in host_vars.items()}
-  variables = train._to_global(host_vars, shardings)  # pylint: disable=protected-access
-  eval_step = jax.jit(train.make_eval_step(model),
+  variables = sharding.host_tree_to_global(host_vars, shardings)
+  eval_step = jax.jit(make_eval_step(model),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.batch_sharding(mesh))
-  train_source, eval_source = train.make_sources(config, split)
-  # The train loader is built too (steps, scale) but never iterated.
-  data = train.PipelineData(train_source, eval_source, config)
-  result, pred, mos = train.evaluate(eval_step, variables, data.eval_batches(), mesh)
+  # The train loader is built too (it carries the MOS scale) but never iterated.
+  data = feed.from_config(config, split)
+  result, pred, mos = score_batches(eval_step, variables, data.eval_batches(), mesh)
   try:
     result["plcc_logistic"] = metrics_lib.plcc_logistic(pred, mos)
   except Exception as e:  # pylint: disable=broad-except
@@ -93,9 +179,7 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
       json.dump({"checkpoint": path, "data": config.data.name, "split": split, **result}, f,
                 indent=2)
-    train.write_predictions(os.path.join(output_dir, "predictions.csv"), pred, mos)
-    train.write_scatter(os.path.join(output_dir, "scatter.png"), pred, mos,
-                        f"{os.path.basename(path)} on {config.data.name}/{split}: "
-                        f"SROCC {result['srocc']:.3f} PLCC {result['plcc']:.3f}")
+    write_outputs(output_dir, pred, mos, f"{os.path.basename(path)} on {config.data.name}/"
+                  f"{split}: SROCC {result['srocc']:.3f} PLCC {result['plcc']:.3f}")
   result["output_dir"] = output_dir
   return result

@@ -121,7 +121,7 @@ LDA_STRIP_ELEMENTS = 4 * 2**20
 def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) averaging matrix of PyTorch's adaptive pooling along one axis."""
   from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
-  idx, weights = layers._adaptive_windows(in_size, out_size)  # pylint: disable=protected-access
+  idx, weights = layers.adaptive_windows(in_size, out_size)
   m = np.zeros((out_size, in_size), np.float32)
   for i in range(out_size):
     np.add.at(m[i], idx[i], weights[i])

@@ -1,7 +1,7 @@
 """Image-quality metrics: SROCC, PLCC, KROCC, RMSE, MAE and logistic-fitted PLCC.
 
-These are the numbers the IQA literature and the reference report (MOBILEIQA.md
-section 4): correlations between predicted scores and mean opinion scores (MOS)
+These are the numbers the IQA literature and the reference report (docs/model.md,
+section 5): correlations between predicted scores and mean opinion scores (MOS)
 over a held-out split. They run on host numpy arrays at the end of an evaluation
 pass, so they use float64 numpy/scipy rather than jax.
 

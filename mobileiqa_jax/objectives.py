@@ -109,7 +109,7 @@ def distillation_loss(
     weights: Sequence[float] | Mapping[str, float] = (1.0, 1.0, 1.0),
     example_weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """The MobileIQA distillation loss (MOBILEIQA.md section 3).
+  """The MobileIQA distillation loss (docs/model.md, section 4).
 
       total = w_x MSE(student x, teacher x) + w_dof MSE(student DOF, teacher DOF)
               + w_score MSE(student score, MOS)

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules: the reference's, plus modern options.
 
-The reference (MOBILEIQA.md section 4) trains with
+The reference (docs/model.md, section 5) trains with
 
     torch.optim.Adam(params, lr=1e-5, weight_decay=1e-5)
     torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=0)

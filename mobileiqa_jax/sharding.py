@@ -143,6 +143,18 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def host_tree_to_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays that are identical on every process -> global arrays with `shardings`.
+
+  For variables (restored or loaded weights), not batches: each process holds the whole
+  value and places the parts its devices own.
+  """
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
 def global_to_host(tree: Any) -> Any:
   """Fully-materialised numpy copies of (possibly non-addressable) global arrays, on every host."""
   if jax.process_count() == 1:

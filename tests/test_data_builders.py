@@ -288,12 +288,12 @@ def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_p
     pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")
   if name == "uhd_iqa":  # the release config reaches it, and guards the row count
     import test_train_helpers  # pylint: disable=g-import-not-at-top
-    from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
     c = test_train_helpers.teacher_config.get_config("uhd_iqa_release")
     c.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(ValueError, match="reference_count.*4269.*has 6"):
-      train.make_sources(c)
+      feed.sources_from_config(c)
     c.data.reference_count = 0
-    tr, te = train.make_sources(c)
+    tr, te = feed.sources_from_config(c)
     assert [tr[i]["name"] for i in range(len(tr))] == [rows[j] for j in order[:cut]]
     assert len(te) == len(rows) - cut

@@ -141,12 +141,12 @@ def test_jpeg_label_is_of_the_stored_bytes():
 
 
 @pytest.mark.slow
-def test_full_set_and_memory_source():
+def test_full_set_and_source():
   train, test = demo.examples('train'), demo.examples('test')
   assert len(train) == len(demo.TRAIN_PHOTOS) * _PER_TRAIN_PHOTO == demo.split_size('train') == 9300
   assert len(test) == len(demo.TEST_PHOTOS) * _PER_PHOTO == demo.split_size('test') == 1550
   assert {e['group'] for e in train}.isdisjoint({e['group'] for e in test})
-  source = demo.memory_source('test')
+  source = demo.source('test')
   assert len(source) == 1550
   r = source[5]
   assert r['image'] == test[5]['image'] and r['mos'] == pytest.approx(test[5]['mos'])

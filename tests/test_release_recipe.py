@@ -22,9 +22,9 @@ from test_train_helpers import tiny_config, use_compilation_cache
 def _step_results(config, batch):
   """(loss, params, batch_stats) after one jitted train step from the seeded init."""
   mesh = sharding.make_mesh(config.mesh)
-  setup = train.build_setup(config, mesh, steps_per_epoch=2)
-  state = setup.init_state()
-  state, m = setup.train_step(state, sharding.host_to_global(batch, mesh), None)
+  steps = train.build_steps(config, mesh, steps_per_epoch=2)
+  state = steps.init_state()
+  state, m = steps.train_step(state, sharding.host_to_global(batch, mesh), None)
   return jax.device_get((m["loss"], m["score_mse"], m["grad_norm"], state.params,
                          state.batch_stats))
 
@@ -258,6 +258,7 @@ def test_release_configs_select_the_released_protocol():
 def test_release_variant_loader_fixed_order_and_last_partial_batch():
   import data_fixtures  # pylint: disable=g-import-not-at-top
   from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = teacher_config.get_config("uhd_iqa_release")
   c.data.image_size, c.data.pre_resize = (12, 16), (24, 32)  # small; the logic is the same
@@ -265,14 +266,14 @@ def test_release_variant_loader_fixed_order_and_last_partial_batch():
   n = 21  # 2 full batches of 8 and a last one of 5
   images = [data_fixtures.image_bytes(i, (40, 30)) for i in range(n)]
   src = pipeline.memory_source(images, [i / n for i in range(n)])
-  data = train.PipelineData(src, src, c)
+  data = feed.loaders(src, src, c)
   assert data.steps_per_epoch == 3
   epochs = [list(data.train_epoch(e)) for e in (0, 1)]
   for batches in epochs:
     assert [b["image"].shape[0] for b in batches] == [8, 8, 8]  # one compiled shape
     assert [int(b["mask"].sum()) for b in batches] == [8, 8, 5]
   # The same order both epochs: each position's image only differs by the random flips.
-  order = [data.train.batch_indices(e, s).tolist() for e in (0, 1) for s in range(3)]
+  order = [b["index"].tolist() for e in (0, 1) for b in data.train.iter_epoch(e)]
   assert order[:3] == order[3:] and sum(order[:3], [])[:n] == list(range(n))
   # The two-step resize reaches the training images.
   record = src[0]

@@ -71,10 +71,10 @@ data = tiny_data(c, flips=False)
 batch = next(data.train_epoch(0))
 
 def one_step(mesh):
-  setup = train.build_setup(c, mesh, data.steps_per_epoch)
-  state = setup.init_state()
+  steps = train.build_steps(c, mesh, data.steps_per_epoch)
+  state = steps.init_state()
   p0 = jax.device_get(state.params)
-  state, m = setup.train_step(state, sharding.host_to_global(batch, mesh), None)
+  state, m = steps.train_step(state, sharding.host_to_global(batch, mesh), None)
   return p0, jax.device_get(state.params), float(m["loss"]), state
 
 def flat(t):

@@ -13,6 +13,7 @@ import pytest
 
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax import train
+from mobileiqa_jax.data import feed
 from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
 
 use_compilation_cache()
@@ -65,10 +66,10 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
 def _teacher_checkpoint(tmp_path):
   """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
   t = tiny_config("teacher")
-  setup = train.build_setup(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=1)
-  variables = jax.device_get(setup.init_variables())
+  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=1)
+  variables = jax.device_get(steps.init_variables())
   return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
-                               setup.model_config.to_dict(), extra={"image_size": [32, 32]})
+                               steps.model_config.to_dict(), extra={"image_size": [32, 32]})
 
 
 def test_distillation_logs_three_terms_and_monitor(tmp_path):
@@ -94,9 +95,8 @@ def test_distillation_logs_three_terms_and_monitor(tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
   c = tiny_config("student", num_epochs=2)
-  data = tiny_data(c)
-  data._yt[8:16] = np.nan  # the second batch of epoch 0 (no shuffle below)  pylint: disable=protected-access
-  data.shuffle = False
+  data = tiny_data(c, shuffle=False)
+  data.train.source.mos[8:16] = np.nan  # the second batch of epoch 0
   workdir = str(tmp_path / "nan")
   with pytest.raises(FloatingPointError, match="at step 2"):
     train.train_and_evaluate(c, workdir, data=data)
@@ -104,7 +104,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
   assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == []
 
 
-class _SigtermAt(train.Data):
+class _SigtermAt(feed.Data):
   """Wraps data; sends SIGTERM to this process while batch `at` of the first epoch is in use."""
 
   def __init__(self, data, at):
@@ -155,8 +155,8 @@ def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
   c = tiny_config("student")
   c.init.backbone = "mobilenetv3_small_050.lamb_in1k"
-  setup = train.build_setup(c, train.sharding.make_mesh(c.mesh), steps_per_epoch=1)
-  variables = jax.device_get(setup.init_variables())
+  steps = train.build_steps(c, train.sharding.make_mesh(c.mesh), steps_per_epoch=1)
+  variables = jax.device_get(steps.init_variables())
   assert calls == [("timm/mobilenetv3_small_050.lamb_in1k", "model.safetensors")]
   want = net.state_dict()["conv_stem.weight"].numpy().transpose(2, 3, 1, 0)
   stem = [v for k, v in _flat(variables["params"]["local_cnn"]).items()

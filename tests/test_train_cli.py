@@ -45,5 +45,5 @@ def test_demo_cli_train_then_evaluate(tmp_path):
   metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
   from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
   assert metrics["split"] == "test"
-  assert metrics["num_examples"] == len(demo.memory_source("test"))
+  assert metrics["num_examples"] == len(demo.source("test"))
   assert os.path.isfile(tmp_path / "eval" / "scatter.png")

@@ -69,7 +69,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
 
 def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwargs):
   """In-memory random images whose MOS is a smooth function of them (learnable, not constant)."""
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   h, w = config.data.image_size
   x = rng.normal(size=(n_train + n_eval, h, w, 3)).astype(np.float32)
@@ -77,9 +77,7 @@ def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwar
   rng.shuffle(blur)
   x = x * (1.0 - 0.8 * blur[:, None, None, None])
   mos = (1.0 - blur).astype(np.float32)
-  kwargs.setdefault("flips", config.data.flips)
-  return train.ArrayData(x[:n_train], mos[:n_train], x[n_train:], mos[n_train:],
-                         config.batch_size, config.data.eval_batch_size, seed=config.seed,
+  return feed.from_arrays(x[:n_train], mos[:n_train], x[n_train:], mos[n_train:], config,
                          **kwargs)
 
 

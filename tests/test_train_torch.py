@@ -2,9 +2,9 @@
 batches, dropout and flips off; Adam (PyTorch L2 weight decay) losses agree within 1e-4
 relative over a few steps.
 
-The reference is `torch_reference.MobileIQA` (written from MOBILEIQA.md) around timm backbones;
+The reference is `torch_reference.MobileIQA` (written from docs/model.md) around timm backbones;
 a tiny teacher (MobileNetV3 small backbone, teacher head: LGF, pool 2, no sigmoid) and student
-keep it to seconds. PyTorch's loss is written out as section 3 says:
+keep it to seconds. PyTorch's loss is written out as docs/model.md section 4 says:
 MSE(DOF) + MSE(x) + MSE(score, MOS).
 """
 
@@ -61,25 +61,26 @@ def test_distillation_tracks_pytorch(tmp_path):
 
   # Teacher: torch weights -> a standalone checkpoint, as launch/convert.py would write it.
   t_torch = _torch_model("global_vit", "LGF", 2, False, 1, c).eval()
-  t_setup = train.build_setup(t_cfg, mesh, 1)
-  t_vars = _to_flax(t_torch, t_setup.abstract_vars)
+  t_steps = train.build_steps(t_cfg, mesh, 1)
+  t_vars = _to_flax(t_torch, t_steps.abstract_variables)
   c.teacher_checkpoint = checkpoint.save_model(str(tmp_path / "teacher"), t_vars,
-                                               t_setup.model_config.to_dict())
+                                               t_steps.model_config.to_dict())
 
   s_torch = _torch_model("local_cnn", "LDA", 2, True, 2, c)
   data = tiny_data(c, n_train=8 * STEPS, flips=False, shuffle=False)
-  setup = train.build_setup(c, mesh, data.steps_per_epoch)
-  s_vars = _to_flax(s_torch, setup.abstract_vars)
-  state = setup.init_state()
-  state = state.replace(params=jax.device_put(s_vars["params"], setup.var_shardings["params"]),
-                        batch_stats=jax.device_put(s_vars["batch_stats"],
-                                                   setup.var_shardings["batch_stats"]))
-  state = state.replace(opt_state=jax.jit(setup.tx.init)(state.params))
+  teacher, teacher_host = train.load_teacher(c)
+  steps = train.build_steps(c, mesh, data.steps_per_epoch, teacher)
+  teacher_vars = sharding.host_tree_to_global(teacher_host, steps.teacher_shardings)
+  s_vars = _to_flax(s_torch, steps.abstract_variables)
+  state = steps.init_state()
+  state = state.replace(**sharding.host_tree_to_global(
+      s_vars, jax.tree.map(lambda a: a.sharding, steps.abstract_variables)))
+  state = state.replace(opt_state=jax.jit(steps.tx.init)(state.params))
 
   opt = torch.optim.Adam(s_torch.parameters(), lr=1e-3, weight_decay=1e-5)
   mse = torch.nn.functional.mse_loss
   for i, batch in enumerate(data.train_epoch(0)):
-    state, m = setup.train_step(state, sharding.host_to_global(batch, mesh), setup.teacher_vars)
+    state, m = steps.train_step(state, sharding.host_to_global(batch, mesh), teacher_vars)
     x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
     y = torch.from_numpy(batch["mos"])
     s_torch.train()

@@ -1,4 +1,4 @@
-"""A PyTorch reference of the MobileIQA head and whole model, written from MOBILEIQA.md §2.
+"""A PyTorch reference of the MobileIQA head and whole model, written from docs/model.md §2-3.
 
 Used only by the parity tests. Module and parameter names follow the authors' state-dict keys
 (`global_vit.` / `local_cnn.`, `LGF1..5` / `LDA1..5` with `cnn1`, `cnn2`, `MALs.{j}`,

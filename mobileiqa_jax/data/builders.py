@@ -15,6 +15,7 @@ from mobileiqa_jax.data import base
 from mobileiqa_jax.data import bid
 from mobileiqa_jax.data import iqa_folder
 from mobileiqa_jax.data import kadid10k
+from mobileiqa_jax.data import layout
 from mobileiqa_jax.data import koniq10k
 from mobileiqa_jax.data import livec
 from mobileiqa_jax.data import spaq
@@ -43,14 +44,9 @@ def hide_gpus_from_tensorflow() -> None:
     pass  # TF already initialised its devices; nothing more can be done here.
 
 
-def default_data_dir() -> pathlib.Path:
-  """tfds's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-  return pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-
-
 def default_manual_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """<data_dir>/downloads/manual/<name>/, where a download is expected by default."""
-  return pathlib.Path(data_dir or default_data_dir()).expanduser() / "downloads" / "manual" / name
+  return layout.data_dir(data_dir) / "downloads" / "manual" / name
 
 
 def make_builder(
@@ -64,7 +60,7 @@ def make_builder(
   """The tfds builder of data set `name` (array_record files under data_dir)."""
   if name not in BUILDERS:
     raise ValueError(f"Unknown data set {name!r}; choose one of {sorted(BUILDERS)}.")
-  data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
+  data_dir = layout.data_dir(data_dir)
   kwargs = {}
   if name == "iqa_folder":
     folder = manual_dir or default_manual_dir(name, data_dir)

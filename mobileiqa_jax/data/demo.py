@@ -71,7 +71,7 @@ Records follow the IQA builders' features (`mobileiqa_jax.data.base`): `image`
 
 Two ways in:
 
-* `examples(split)` / `memory_source(split)`: built in memory (a few seconds on one
+* `examples(split)` / `source(split)`: built in memory (a few seconds on one
   core, cached per process) — tests and `configs/*:demo`.
 * The tfds builder `IqaDemo` (name `iqa_demo`): `prepare(data_dir)` writes the
   same records as a tfds data set (needs TensorFlow to write, as every tfds build).
@@ -367,7 +367,7 @@ def examples(split: str | None = None,
   return list(_examples_cached(tuple(photos)))
 
 
-def memory_source(split: str):
+def source(split: str):
   """The demo split as a `pipeline.MemorySource` (what `configs/*:demo` train on)."""
   from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -454,8 +454,8 @@ def prepare(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   Returns:
     The prepared folder.
   """
-  data_dir = pathlib.Path(
-      data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')).expanduser()
+  from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
+  data_dir = layout.data_dir(data_dir)
   builder = builder_class()(data_dir=str(data_dir), file_format='array_record')
   builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)

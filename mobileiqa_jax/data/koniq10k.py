@@ -20,8 +20,6 @@ import pathlib
 from mobileiqa_jax.data import base
 from mobileiqa_jax.data import layout
 
-_SET_TO_SPLIT = {"training": "train", "train": "train", "validation": "validation",
-                 "val": "validation", "test": "test"}
 
 
 class Koniq10k(base.IQABuilder):
@@ -65,13 +63,13 @@ class Koniq10k(base.IQABuilder):
     entries = []
     for i, (n, p, r) in enumerate(zip(names, paths, rows)):
       s = r["set"].lower()
-      if s not in _SET_TO_SPLIT:
+      if s not in layout.SET_TO_SPLIT:
         raise ValueError(f"koniq10k: {sets_csv} row {i + 2}: unknown set {r['set']!r}.")
       mos = zscore[n] if use_z else r["MOS"]
       entries.append(layout.Entry(
           name=n, path=p, mos=layout.parse_float(mos, f"koniq10k: {n} MOS"),
           mos_std=float(r["SD"]) if r.get("SD") else float("nan"),
-          split=_SET_TO_SPLIT[s], group=n))
+          split=layout.SET_TO_SPLIT[s], group=n))
     return entries
 
   def _mos_scale(self, entries):

@@ -23,6 +23,17 @@ from mobileiqa_jax.data import preprocess
 # protocol "10 random splits, report the median" uses split seeds 0..9, of which 0 is the
 # stored one: `pipeline.tfds_source(..., split_seed=s)` re-splits at read time.
 DEFAULT_SPLIT_SEED = 0
+
+# How releases and users' CSVs name their subsets -> the tfds split.
+SET_TO_SPLIT = {"train": "train", "training": "train", "val": "validation",
+                "valid": "validation", "validation": "validation", "test": "test",
+                "testing": "test"}
+
+
+def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
+  """`path`, else tfds's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+  return pathlib.Path(
+      path or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 TRAIN_FRACTION = 0.8
 
 
@@ -105,7 +116,8 @@ def split_by_group(
 REFERENCE_SPLIT_SEED = 3407
 
 
-def reference_split(num_images: int, seed: int = REFERENCE_SPLIT_SEED) -> tuple[list[int], list[int]]:
+def reference_split(num_images: int,
+                    seed: int = REFERENCE_SPLIT_SEED) -> tuple[list[int], list[int]]:
   """The split of the authors' released training code: (train indices, test indices).
 
   Computed as their `train.py` does: Python's `random.seed(seed)` (nothing else draws from
@@ -132,14 +144,6 @@ def reference_split(num_images: int, seed: int = REFERENCE_SPLIT_SEED) -> tuple[
 
 # ------------------------------------------------------------------------------------------
 # Label files.
-
-
-def _require(path: pathlib.Path, dataset: str, fix: str) -> pathlib.Path:
-  if not path.is_file():
-    raise MissingDataError(
-        f"{dataset}: label file {path} is missing. {fix}"
-    )
-  return path
 
 
 def read_csv_rows(path: pathlib.Path, required: Sequence[str]) -> list[dict[str, str]]:
@@ -323,9 +327,6 @@ def train_range_scale(entries: Iterable[Entry]) -> MosScale:
 # ------------------------------------------------------------------------------------------
 # A user's folder: images + CSV (image_name, mos[, mos_std][, set][, group]).
 
-FOLDER_SPLITS = {"train": "train", "training": "train", "val": "validation",
-                 "valid": "validation", "validation": "validation", "test": "test",
-                 "testing": "test"}
 FOLDER_IMAGE_SUBDIRS = ("", "images", "Images")
 
 
@@ -388,11 +389,11 @@ def read_folder_labels(
     splits = []
     for r in rows:
       v = r[set_col].lower()
-      if v not in FOLDER_SPLITS:
+      if v not in SET_TO_SPLIT:
         raise ValueError(
             f"{csv_path}: {r['image_name']}: {set_col} {r[set_col]!r} is not one of "
-            f"{sorted(FOLDER_SPLITS)}.")
-      splits.append(FOLDER_SPLITS[v])
+            f"{sorted(SET_TO_SPLIT)}.")
+      splits.append(SET_TO_SPLIT[v])
   else:
     splits = split_by_group(groups, DEFAULT_SPLIT_SEED)
   return [Entry(name=n, path=p, mos=m, mos_std=s, split=sp, group=g)  # type: ignore[arg-type]

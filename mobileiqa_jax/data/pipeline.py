@@ -5,6 +5,8 @@ Sources are random-access sequences of records `{'image': bytes, 'mos': float, '
 
 - `tfds_source(name, split, data_dir)`: a prepared tfds split (array_record via
   `tfds.data_source`; reading needs no TensorFlow), optionally re-split with `split_seed`.
+- `reference_split_source(name, split, data_dir)`: the authors' released-code split of a
+  prepared data set (`layout.reference_split`; docs/reproducing.md).
 - `folder_source(folder, split)`: a folder of images + CSV, without tfds.
 - `memory_source(images, mos, names)`: lists in memory (tests, demos).
 
@@ -188,8 +190,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathl
   """The folder of a prepared data set: `name` ('livec', 'iqa_folder/<config>') or a path."""
   if os.path.isfile(os.path.join(name, "dataset_info.json")):
     return pathlib.Path(name)
-  root = pathlib.Path(
-      data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+  root = layout.data_dir(data_dir)
   base_dir = root / name
   versions = sorted(
       (d for d in base_dir.glob("*") if (d / "dataset_info.json").is_file()),
@@ -300,7 +301,8 @@ def reference_split_source(
   rows = [(str(s), int(i)) for s, i in order if rows_from is None or s == rows_from]
   train, test = layout.reference_split(len(rows), seed)
   keys = [rows[j] for j in (train if split == "train" else test)]
-  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,6 +311,9 @@ def reference_split_source(
 
 def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None,
                   pre_resize=None) -> np.ndarray:
+  if isinstance(record["image"], np.ndarray):  # already preprocessed (feed.ArraySource)
+    return preprocess.augment_array(record["image"], hflip=hflip, vflip=vflip, out=out,
+                                    crop=crop)
   img = preprocess.decode_rgb(record["image"], record["name"])
   return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out,
                                      crop=crop, pre_resize_hw=pre_resize)

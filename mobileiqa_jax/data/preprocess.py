@@ -132,7 +132,29 @@ def resize_normalize(
   elif img.size != (w, h):
     # Image.resize's default filter for RGB images is BICUBIC (the reference's).
     img = img.resize((w, h), Image.Resampling.BICUBIC)
-  a = np.asarray(img)
+  a = _crop_flip(np.asarray(img), crop, hflip, vflip)
+  out = _check_out(out, a.shape)
+  for c in range(3):
+    np.take(_LUT[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
+  return out
+
+
+def augment_array(
+    image: np.ndarray,
+    hflip: bool = False,
+    vflip: bool = False,
+    out: np.ndarray | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+  """The crop and flips of `resize_normalize` on an image that is already normalised."""
+  a = _crop_flip(np.asarray(image, np.float32), crop, hflip, vflip)
+  out = _check_out(out, a.shape)
+  out[...] = a
+  return out
+
+
+def _crop_flip(a: np.ndarray, crop, hflip: bool, vflip: bool) -> np.ndarray:
+  h, w = a.shape[:2]
   if crop is not None:
     top, left, ch, cw = crop
     if not (0 <= top and top + ch <= h and 0 <= left and left + cw <= w):
@@ -142,10 +164,12 @@ def resize_normalize(
     a = a[:, ::-1]
   if vflip:
     a = a[::-1]
+  return a
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
   if out is None:
-    out = np.empty(a.shape, np.float32)
-  elif out.shape != a.shape or out.dtype != np.float32:
-    raise ValueError(f"out must be float32 {a.shape}, got {out.dtype} {out.shape}.")
-  for c in range(3):
-    np.take(_LUT[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
+    return np.empty(shape, np.float32)
+  if out.shape != shape or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}.")
   return out

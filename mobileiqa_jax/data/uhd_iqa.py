@@ -18,8 +18,6 @@ import pathlib
 from mobileiqa_jax.data import base
 from mobileiqa_jax.data import layout
 
-_SET_TO_SPLIT = {"training": "train", "train": "train", "validation": "validation",
-                 "val": "validation", "test": "test", "testing": "test"}
 _STD_COLUMNS = ("quality_std", "quality_sd", "quality_mos_std", "mos_std")
 
 
@@ -65,7 +63,7 @@ class UhdIqa(base.IQABuilder):
     sets = []
     for i, r in enumerate(rows):
       s = r["set"].lower()
-      if s not in _SET_TO_SPLIT:
+      if s not in layout.SET_TO_SPLIT:
         raise ValueError(f"uhd_iqa: row {i + 2}: unknown set {r['set']!r} (want training/validation/test).")
       sets.append(s)
     names = [r["image_name"] for r in rows]
@@ -79,6 +77,6 @@ class UhdIqa(base.IQABuilder):
             name=n, path=p,
             mos=layout.parse_float(r["quality_mos"], f"uhd_iqa: {n} quality_mos"),
             mos_std=float(r[std_col]) if std_col and r[std_col] else float("nan"),
-            split=_SET_TO_SPLIT[s], group=n)
+            split=layout.SET_TO_SPLIT[s], group=n)
         for n, p, r, s in zip(names, paths, rows, sets)
     ]

@@ -83,6 +83,16 @@ def conv2d(
   )
 
 
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+  """timm's `make_divisible`: nearest multiple of `divisor`, never more than 10% below `v`."""
+  min_value = min_value or divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < round_limit * v:
+    new_v += divisor
+  return new_v
+
+
 def default_depthwise_impl(platform: str | None = None) -> str:
   """'shift' on CPU (XLA:CPU grouped convs are ~7x slower than PyTorch), 'conv' elsewhere.
 
@@ -186,7 +196,7 @@ def gelu(x: jax.Array) -> jax.Array:
   return nn.gelu(x, approximate=False)
 
 
-def _adaptive_windows(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def adaptive_windows(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Gather indices (out, K) and averaging weights (out, K) of PyTorch's adaptive pooling.
 
   Output cell i averages input rows floor(i*in/out) .. ceil((i+1)*in/out) - 1; windows overlap
@@ -219,7 +229,7 @@ def _pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
     for j in range(1, k):
       acc = acc + jax.lax.index_in_dim(xr, j, axis + 1, keepdims=False)
     return acc / jnp.asarray(k, x.dtype)
-  idx, weights = _adaptive_windows(in_size, out_size)
+  idx, weights = adaptive_windows(in_size, out_size)
   valid = weights > 0
   lengths = valid.sum(axis=1)
   shape = [1] * x.ndim

@@ -9,7 +9,7 @@ branches are averaged and the views are averaged, giving one (S, S, C) opinion f
 Layout: everything here is NHWC. A view is (B, S, S, C); a stack of views is (n, B, S, S, C).
 The reference is PyTorch (NCHW); the comments give the reference's shapes so that the two
 reshapes it does — which are reinterpretations of memory, not transposes — are reproduced
-exactly (the published weights depend on them; see MOBILEIQA.md section 2).
+exactly (the published weights depend on them; see docs/model.md, section 3).
 
 Parameter names mirror the reference's state-dict keys (torch path split on '.'):
 `attention_module/{k}/{qConv,kConv,vConv,gamma}`, `channel_attention/{c_q,c_k,c_v}`,

@@ -23,7 +23,6 @@ Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -49,7 +48,7 @@ def _banded_gelu_pool_rows(x: jax.Array, w: jax.Array, b: jax.Array, idx: np.nda
   """sum_k weights[i, k] * GELU(x[:, idx[i, k]] @ w + b) for every pooled row band i.
 
   x (B, H, W, C), w (C, D), b (D,); idx and weights (S, K) are PyTorch's adaptive-pool row
-  windows (`layers._adaptive_windows`). Returns (B, S, W, D).
+  windows (`layers.adaptive_windows`). Returns (B, S, W, D).
 
   Written as a custom VJP so that neither pass ever holds the (B, H, W, D) activation, and
   the backward pass never writes GELU's output at all: per band it recomputes z = x w + b,
@@ -144,7 +143,7 @@ class _PointwiseGeluPool(nn.Module):
     if h <= 2 * s:  # Small features: the plain form is as cheap.
       return layers.adaptive_avg_pool2d(
           layers.gelu(jnp.einsum("bhwc,cd->bhwd", x, w) + b), s)
-    idx, weights = layers._adaptive_windows(h, s)  # pylint: disable=protected-access
+    idx, weights = layers.adaptive_windows(h, s)
     pooled_rows = _banded_gelu_pool_rows(x, w, b, idx, weights)
     return layers.adaptive_avg_pool2d(pooled_rows, (s, s))
 
@@ -451,12 +450,6 @@ def build_backbone(name: str, dtype: Dtype = jnp.float32, depthwise_impl: str | 
   kwargs = dict(kwargs, dtype=dtype)
   if depthwise_impl is not None:
     kwargs["depthwise_impl"] = depthwise_impl
-  try:
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-      kwargs = {k: v for k, v in kwargs.items() if k in params}
-  except (TypeError, ValueError):
-    pass
   return factory(**kwargs)
 
 

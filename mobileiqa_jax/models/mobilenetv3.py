@@ -64,21 +64,11 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
-                   round_limit: float = 0.9) -> int:
-  """timm's `make_divisible`: nearest multiple of `divisor`, never more than 10% below `v`."""
-  min_value = min_value or divisor
-  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-  if new_v < round_limit * v:
-    new_v += divisor
-  return new_v
-
-
 def round_channels(channels: float, multiplier: float = 1.0) -> int:
   """timm's `round_channels` (divisor 8, round limit 0.9)."""
   if not multiplier:
     return int(channels)
-  return make_divisible(channels * multiplier)
+  return layers.make_divisible(channels * multiplier)
 
 
 def _scale_stage_depth(repeats: Sequence[int], depth_multiplier: float) -> list[int]:
@@ -134,7 +124,7 @@ def build_blocks(
         stride = s if not blocks else 1
         out = round_channels(c, channel_multiplier)
         if kind == "ir":
-          mid = make_divisible(in_chs * e)
+          mid = layers.make_divisible(in_chs * e)
         else:
           mid = in_chs
         # SE reduction is computed from the SE input (mid) channels: se_from_exp=True.

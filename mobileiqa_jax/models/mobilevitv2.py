@@ -44,21 +44,13 @@ _MLP_RATIO = 2.0
 _PATCH = 2
 
 
-def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-  """timm's `make_divisible`: nearest multiple of `divisor`, never below 90% of `v`."""
-  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-  if new_v < round_limit * v:
-    new_v += divisor
-  return new_v
-
-
 def stage_channels(width_multiplier: float) -> tuple[int, ...]:
   """Output channels of stages 0..4 (= the five features), derived as timm does."""
   chs = _BASE_CHANNELS
   if width_multiplier != 1.0:
     chs = tuple(int(c * width_multiplier) for c in chs)
   # ByobNet applies make_divisible(c * width_factor) with width_factor 1.
-  return tuple(make_divisible(c) for c in chs)
+  return tuple(layers.make_divisible(c) for c in chs)
 
 
 def stem_channels(width_multiplier: float) -> int:
@@ -112,7 +104,7 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     in_chs = x.shape[-1]
-    mid = make_divisible(in_chs * _BOTTLE_RATIO)
+    mid = layers.make_divisible(in_chs * _BOTTLE_RATIO)
     shortcut = x
     x = ConvNormAct(mid, 1, dtype=self.dtype, name="conv1_1x1")(x, train)
     x = ConvNormAct(
@@ -228,7 +220,7 @@ class MobileVitV2Block(nn.Module):
     new_h, new_w = -(-h // _PATCH) * _PATCH, -(-w // _PATCH) * _PATCH
     if new_h != h or new_w != w:
       x = layers.resize_bilinear_align_corners(x, (new_h, new_w))
-    dim = make_divisible(_TRANSFORMER_RATIO * in_chs)
+    dim = layers.make_divisible(_TRANSFORMER_RATIO * in_chs)
     x = ConvNormAct(
         in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
         name="conv_kxk")(x, train)

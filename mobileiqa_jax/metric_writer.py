@@ -1,0 +1,112 @@
+"""Training and evaluation scalars: one JSON line each, and TensorBoard event files.
+
+`MetricWriter` writes; the JSON lines (`metrics.jsonl`) are what tests and scripts read, the
+event files (tensorboardX, when installed) are for looking at curves. Only process 0 writes.
+`StepLog` is what the training loop hands each step's metrics to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """`write(step, scalars, kind)` appends to `<workdir>/metrics.jsonl` and TensorBoard.
+
+  A no-op when not `enabled` (processes other than 0).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      try:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+      except ImportError:
+        logging.warning("tensorboardX not installed: no TensorBoard event files")
+
+  def write(self, step: int, scalars: Mapping[str, float], kind: str) -> None:
+    """One row `{"step", "kind", **scalars}`; TensorBoard tags are `<kind>/<name>`."""
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class StepLog:
+  """The train steps' metrics: checked, logged every `log_every_steps`, shown in a progress bar.
+
+  `add(step, device_metrics)` keeps the newest step in flight (fetching its metrics would wait
+  for the device) and handles the one before; `drain()` handles all. A non-finite loss raises
+  FloatingPointError naming the step, after `on_nonfinite()` (which may add to the message).
+  """
+
+  def __init__(self, writer: MetricWriter, *, batch_size: int, log_every_steps: int,
+               steps_per_epoch: int, total_steps: int, initial_step: int,
+               lr_at: Callable[[int], float], on_nonfinite: Callable[[], str],
+               progress_bar: bool):
+    self._writer, self._batch_size, self._every = writer, batch_size, log_every_steps
+    self._spe, self._total, self._lr_at, self._on_nonfinite = (steps_per_epoch, total_steps,
+                                                               lr_at, on_nonfinite)
+    self._pending: list[tuple[int, Any]] = []
+    self._t, self._images = time.perf_counter(), 0
+    self._bar = _progress_bar(total_steps, initial_step) if progress_bar else None
+
+  def add(self, step: int, metrics: Any) -> None:
+    self._pending.append((step, metrics))
+    self.drain(keep_last=1)
+
+  def drain(self, keep_last: int = 0) -> None:
+    while len(self._pending) > keep_last:
+      s, m = self._pending.pop(0)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      epoch = s // self._spe
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"non-finite loss {m['loss']} at step {s} (epoch {epoch}); "
+                                 f"stopping. {self._on_nonfinite()}")
+      self._images += self._batch_size
+      if self._bar is not None:
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{m['loss']:.4g}", epoch=epoch)
+      if s % self._every == 0 or s == self._total:
+        now = time.perf_counter()
+        m["images_per_sec"] = self._images / max(now - self._t, 1e-9)
+        m["lr"] = float(self._lr_at(s - 1))
+        self._t, self._images = now, 0
+        if self._bar is not None:
+          self._bar.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_sec']:.1f}",
+                                epoch=epoch)
+        self._writer.write(s, m, "train")
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _progress_bar(total: int, initial: int):
+  try:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                   mininterval=1.0)

@@ -494,7 +494,8 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> 
   """The frozen teacher module for distillation, reading no weights.
 
   The architecture is the stored model config of `config.teacher_checkpoint` when that is an
-  existing checkpoint, else the teacher preset with the student's head size (distillation
+  existing checkpoint, else the teacher preset with the student's head (width, pooled size,
+  opinion MALs; distillation
   compares x and DOF element by element, so the two must agree; the student's regressor pool
   too when the preset's does not fit that size).
   """
@@ -510,7 +511,8 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> 
     if teacher_backbone:
       t_cfg["backbone"] = teacher_backbone
   else:
-    overrides = dict(width=config.model.width, pooled_size=config.model.pooled_size)
+    overrides = dict(width=config.model.width, pooled_size=config.model.pooled_size,
+                     num_mals=config.model.num_mals)
     preset_pool = mobileiqa.model_config("teacher").regressor_pool
     if config.model.pooled_size // preset_pool < 3:  # a small test head: the student's pool
       overrides["regressor_pool"] = config.model.regressor_pool

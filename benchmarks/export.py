@@ -6,7 +6,7 @@ r"""TFLite export figures: file size, interpreter latency and peak memory per co
 
 The full-size student (MobileNet-IQA: mobilenetv3_large_100 + the paper's head, S=22, C=256)
 with random weights (drawn, not initialised, so nothing compiles before the timed parts).
-Every step runs in its own subprocess, so each peak RSS (the child's ru_maxrss: the whole
+Every step runs in its own subprocess, so each peak RSS (the child's VmHWM: the whole
 process, weights included) belongs to that step alone:
 
 - JAX: the jitted scorer, batch 1, the project's default depthwise implementation for this
@@ -96,7 +96,12 @@ def _random_variables(model, size_hw, seed=0):
 
 
 def _peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  # VmHWM is this process image's own peak; ru_maxrss would also carry the parent's at fork.
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _median_time(fn, repeats):

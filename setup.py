@@ -44,5 +44,9 @@ setup(
         # TFLite export with its LiteRT interpreter.
         "tf": ["tensorflow-cpu>=2.21", "ai-edge-litert>=2.0"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Ahead-of-time compiles for TPU topologies on any host (launch/aot_compile.py):
+        # libtpu next to the CPU jax. jax[tpu] pins the libtpu build its jax version needs,
+        # so this pins the jax this project is tested with (0.10.2 -> libtpu 0.0.42.*).
+        "tpu-aot": ["jax[tpu]==0.10.2"],
     },
 )

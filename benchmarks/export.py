@@ -6,7 +6,7 @@ r"""TFLite export figures: file size, interpreter latency and peak memory per co
 
 The full-size student (MobileNet-IQA: mobilenetv3_large_100 + the paper's head, S=22, C=256)
 with random weights (drawn, not initialised, so nothing compiles before the timed parts).
-Every step runs in its own subprocess, so each peak RSS (the child's ru_maxrss: the whole
+Every step runs in its own subprocess, so each peak RSS (the child's VmHWM: the whole
 process, weights included) belongs to that step alone:
 
 - JAX: the jitted scorer, batch 1, the project's default depthwise implementation for this
@@ -18,8 +18,47 @@ process, weights included) belongs to that step alone:
 
 A watchdog polls each child's resident memory and kills it above `--max_rss_gb` (the row then
 says so: that is a figure too); on a shared machine nothing else is protected. Latencies are
-medians and carry the machine's load (printed). |diff| is the interpreter's score against
+medians and carry the machine's load (printed). 'abs diff' is the interpreter's score against
 JAX's on the same random input.
+
+Measured 2026-12-01 on this project's 2-core x86_64 VM, shared with four other engineers' jobs
+(load average 8-13 throughout, so every latency carries that load and varies by 2x between
+rows measured minutes apart), full student (81.5M parameters), jax 0.10.2, TF-cpu 2.21,
+ai-edge-litert 2.3. After (this export: the LDAs as TF ops with TFLite's exact GELU, row bands):
+
+| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms (2 threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |
+|---|---|---|---|---|---|---|---|---|---|
+| 512x512 | none | xnnpack | 311.0 | 5458 | 0.72 | 6436 | 1.21 | 6.0e-08 | 352 |
+| 512x512 | none | builtin | 311.0 | 52414 | 0.41 | 6436 | 1.21 | 6.0e-08 | 352 |
+| 512x512 | float16 | xnnpack | 155.6 | 2097 | 0.57 | 6436 | 1.21 | 7.2e-07 | 147 |
+| 512x512 | float16 | builtin | 155.6 | 28175 | 0.57 | 6436 | 1.21 | 7.2e-07 | 147 |
+| 512x512 | dynamic_int8 | xnnpack | 78.8 | 1056 | 0.26 | 6436 | 1.21 | 2.3e-04 | 169 |
+| 512x512 | dynamic_int8 | builtin | 78.8 | 10688 | 0.16 | 6436 | 1.21 | 2.2e-04 | 169 |
+| 1231x1907 | none | xnnpack | 311.1 | 4048 | 1.11 | 6688 | 1.72 | 0.0e+00 | 62 |
+| 1231x1907 | none | builtin | 311.1 | 28442 | 0.75 | 6688 | 1.72 | 6.0e-08 | 62 |
+| 1231x1907 | float16 | xnnpack | 155.7 | 5610 | 0.97 | 6688 | 1.72 | 6.6e-07 | 109 |
+| 1231x1907 | float16 | builtin | 155.7 | 20123 | 0.90 | 6688 | 1.72 | 6.6e-07 | 109 |
+| 1231x1907 | dynamic_int8 | xnnpack | 78.8 | 3849 | 0.66 | 6688 | 1.72 | 2.0e-04 | 94 |
+| 1231x1907 | dynamic_int8 | builtin | 78.8 | 19076 | 0.51 | 6688 | 1.72 | 1.4e-04 | 94 |
+
+Back to back at 1231x1907 (XNNPACK, same input, load 9-12): JAX 5830 ms, float32 3979 ms
+(1.11 GB), float16 4779 ms (0.97 GB), dynamic_int8 4475 ms (0.66 GB), JAX again 7874 ms.
+
+Before (the previous export: the StableHLO-legalised erf polynomial in strips; this script run
+on that code; the 1231x1907 builtin float16 and dynamic_int8 rows were not run for time, and
+an earlier, quieter run of the old script had them at 23.6 s and 15.6 s):
+
+| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms (2 threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |
+|---|---|---|---|---|---|---|---|---|---|
+| 512x512 | none | xnnpack | 314.3 | 3433 | 2.13 | 5988 | 1.22 | 0.0e+00 | 205 |
+| 512x512 | none | builtin | 314.3 | 21100 | 0.47 | 5988 | 1.22 | 6.0e-08 | 205 |
+| 512x512 | float16 | xnnpack | 157.6 | 10596 | 2.32 | 5988 | 1.22 | 8.3e-07 | 249 |
+| 512x512 | float16 | builtin | 157.6 | 40012 | 0.61 | 5988 | 1.22 | 8.3e-07 | 249 |
+| 512x512 | dynamic_int8 | xnnpack | 82.1 | 7819 | 1.65 | 5988 | 1.22 | 1.9e-04 | 201 |
+| 512x512 | dynamic_int8 | builtin | 82.1 | 38680 | 0.21 | 5988 | 1.22 | 2.3e-04 | 201 |
+| 1231x1907 | none | xnnpack | 312.1 | killed above 8 GB RSS | > 8.0 | 12360 | 1.66 | | 186 |
+| 1231x1907 | none | builtin | 312.1 | 113772 | 1.01 | 12360 | 1.66 | 6.0e-08 | 186 |
+| 1231x1907 | float16 | xnnpack | 156.8 | killed above 8 GB RSS | > 8.0 | 12360 | 1.66 | | 353 |
 """
 
 import argparse
@@ -57,7 +96,12 @@ def _random_variables(model, size_hw, seed=0):
 
 
 def _peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  # VmHWM is this process image's own peak; ru_maxrss would also carry the parent's at fork.
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _median_time(fn, repeats):
@@ -227,7 +271,7 @@ def main() -> None:
           print(f"{size} {q} {kernels}: {json.dumps(r)}", flush=True)
           rows.append((size, q, kernels, exp, r, jax_r))
   print(f"\n| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms ({args.threads} "
-        "threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | |diff| vs JAX | convert s |")
+        "threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for size, q, kernels, exp, r, jax_r in rows:
     mib = "" if "error" in exp else f"{exp['mib']:.1f}"

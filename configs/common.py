@@ -58,6 +58,9 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"
   # Rematerialise backbone stages in the backward pass (memory for 1231x1907 at batch 8).
   c.remat = False
+  # What one rematerialised unit is: 'block' (each bottleneck / transformer block: less live
+  # memory in the backward pass) or 'stage' (each backbone stage). Same recompute.
+  c.remat_granularity = "block"
 
   # Initialisation of the backbone: '' (random: the log warns loudly), a local timm
   # .pth/.bin/.safetensors file, or a timm hub name such as

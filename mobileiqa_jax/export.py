@@ -121,7 +121,7 @@ LDA_STRIP_ELEMENTS = 4 * 2**20
 def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) averaging matrix of PyTorch's adaptive pooling along one axis."""
   from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
-  idx, weights = layers._adaptive_windows(in_size, out_size)  # pylint: disable=protected-access
+  idx, weights = layers.adaptive_windows(in_size, out_size)
   m = np.zeros((out_size, in_size), np.float32)
   for i in range(out_size):
     np.add.at(m[i], idx[i], weights[i])
@@ -462,7 +462,8 @@ def probe(model_path: str, num_threads: int = 2, xnnpack: bool = True,
 
   The child imports only `ai_edge_litert` and numpy, loads `model_path`, allocates, invokes
   once on a random input (warm-up) and once timed. Returns {'peak_rss_bytes' (the child's
-  ru_maxrss: the whole process, weights included), 'invoke_ms', 'delegate', 'num_threads'}.
+  peak resident memory, VmHWM: the whole process, weights included), 'invoke_ms', 'delegate',
+  'num_threads'}.
   Raises RuntimeError with the child's error if it fails.
   """
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -491,8 +492,16 @@ def _probe_main(model_path: str, num_threads: str, kernels: str) -> None:
   t = time.perf_counter()
   it.invoke()
   ms = 1e3 * (time.perf_counter() - t)
+  # VmHWM, not ru_maxrss: after a fork/exec from a large parent (the converting process),
+  # ru_maxrss still carries the parent's peak; VmHWM is this process image's own.
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  try:
+    with open("/proc/self/status") as f:
+      peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    pass
   print(json.dumps({
-      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "peak_rss_bytes": peak,
       "invoke_ms": round(ms, 1), "num_threads": int(num_threads),
       "delegate": "XNNPACK" if kernels == "xnnpack" else "none (builtin kernels)"}))
 

@@ -235,3 +235,39 @@ def test_launcher_reports_bad_image_size(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode != 0
   assert "--image_size must be HEIGHT,WIDTH" in proc.stderr and "20" in proc.stderr
+
+
+@pytest.mark.slow
+def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
+  """The full student at 1231x1907 under XNNPACK: <= 1.5 GB peak RSS, JAX's score on a photo.
+
+  Peak RSS is the sidecar's `runtime`, measured by `export.probe` in a fresh LiteRT process.
+  Needs ~5 GB for the conversion.
+  """
+  size = (1231, 1907)
+  labels = os.path.join(LIVEC, "labels.csv")
+  if not os.path.exists(labels):
+    pytest.skip(f"no LIVEC subset at {LIVEC}")
+  with open(labels) as f:
+    name = next(csv.DictReader(f))["image_name"]
+  path = os.path.join(LIVEC, "Images", name)
+  with open(path, "rb") as f:
+    photo = preprocess.resize_normalize(preprocess.decode_rgb(f.read(), path), size)
+  model = mobileiqa.mobileiqa_student(depthwise_impl="conv")
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map(
+      lambda a: (rng.uniform(0.5, 1.5, a.shape) if a.ndim == 1 and a.shape[0] > 1
+                 else 0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
+  jax_score = float(np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, photo[None]))[0])
+  out = str(tmp_path / "student.tflite")
+  meta = export.export(model, variables, out, size, "none",
+                       mobileiqa.model_config("student").to_dict())
+  rss = meta["runtime"]["expected_peak_rss_bytes"]
+  print(f"\n1231x1907 XNNPACK: peak RSS {rss / 2**30:.2f} GB, "
+        f"{meta['runtime']['measured_invoke_ms']:.0f} ms")
+  assert rss <= 1.5 * 2**30, meta["runtime"]
+  tfl = export.TFLiteScorer(out, xnnpack=True)(photo)
+  assert abs(float(tfl[0]) - jax_score) < 1e-3, (tfl, jax_score)

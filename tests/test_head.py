@@ -261,22 +261,24 @@ def test_lda_parity_overlapping_windows():
     assert rel_err(from_nhwc(got), want) < TOL
 
 
-def test_lda_banded_gradients_match_torch():
-  """The banded, rematerialised LDA differentiates like conv -> GELU -> pool -> conv."""
+@pytest.mark.parametrize("hw", [(31, 17), (36, 5)])  # overlapping / equal row windows
+def test_lda_banded_gradients_match_torch(hw):
+  """The banded LDA (custom VJP) differentiates like conv -> GELU -> pool -> conv."""
   torch = pytest.importorskip("torch")
   import torch_reference as ref
 
   torch.manual_seed(4)
   tm = ref.LDA(12, 16, 6)
-  x = torch.randn(2, 12, 31, 17, requires_grad=True)
+  x = torch.randn(2, 12, *hw, requires_grad=True)
   (tm(x) ** 2).sum().backward()
   jm = LDA(width=16, pooled_size=6)
-  v = load(jm, tm, jnp.zeros((1, 31, 17, 12)))
+  v = load(jm, tm, jnp.zeros((1, *hw, 12)))
   loss = lambda p, xx: jnp.sum(jm.apply({"params": p}, xx) ** 2)
   gp, gx = jax.grad(loss, argnums=(0, 1))(v["params"], jnp.asarray(to_nhwc(x.detach())))
   assert rel_err(gx, x.grad.permute(0, 2, 3, 1)) < TOL
   want = tm.cnn1.weight.grad[:, :, 0, 0].T
   assert rel_err(gp["cnn1"]["kernel"][0, 0], want) < TOL
+  assert rel_err(gp["cnn1"]["bias"], tm.cnn1.bias.grad) < TOL
 
 
 # ------------------------------------------------------------------------------------------

@@ -179,18 +179,19 @@ def test_train_mode_batch_stats():
   assert stat_errs[worst] <= RTOL, (worst, stat_errs[worst])
 
 
-def _remat_case():
+def _remat_case(granularity=True):
   # 64x64, batch 2: at 32x32, batch 1, stage 4 normalises four copies of one pixel (var 0), which
   # makes gradients ill-conditioned enough that recomputation noise shows.
   x = jnp.asarray(images(64, 64).transpose(0, 2, 3, 1))
   plain = mobilevitv2.mobilevitv2_050(depthwise_impl="shift")
-  remat = mobilevitv2.mobilevitv2_050(depthwise_impl="shift", remat=True)
+  remat = mobilevitv2.mobilevitv2_050(depthwise_impl="shift", remat=granularity)
   _, variables = timm_case("mobilevitv2_050")
   return x, plain, remat, variables
 
 
-def test_remat_same_tree_and_forward():
-  x, plain, remat, variables = _remat_case()
+@pytest.mark.parametrize("granularity", [True, "block"])
+def test_remat_same_tree_and_forward(granularity):
+  x, plain, remat, variables = _remat_case(granularity)
   shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
   assert jax.tree.structure(shapes) == jax.tree.structure(variables)
   train_apply = lambda m: jax.jit(
@@ -201,9 +202,10 @@ def test_remat_same_tree_and_forward():
 
 
 @pytest.mark.slow
-def test_remat_same_gradients():
+@pytest.mark.parametrize("granularity", [True, "block"])
+def test_remat_same_gradients(granularity):
   """Backward compiles are slow on CPU (~20 s each): deselected by default."""
-  x, plain, remat, variables = _remat_case()
+  x, plain, remat, variables = _remat_case(granularity)
 
   def loss(module, params):
     feats, _ = module.apply({**variables, "params": params}, x, train=True,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models.mal import MAL
@@ -35,16 +36,96 @@ from mobileiqa_jax.models.mal import MAL
 Dtype = Any
 
 
+def _gelu_grad(z: jax.Array) -> jax.Array:
+  """d/dz of the exact GELU z * Phi(z): Phi(z) + z * phi(z)."""
+  cdf = 0.5 * (1.0 + jax.lax.erf(z * (2.0 ** -0.5)))
+  pdf = jnp.exp(-0.5 * z * z) * ((2.0 * np.pi) ** -0.5)
+  return cdf + z * pdf
+
+
+def _banded_gelu_pool_rows(x: jax.Array, w: jax.Array, b: jax.Array, idx: np.ndarray,
+                           weights: np.ndarray) -> jax.Array:
+  """sum_k weights[i, k] * GELU(x[:, idx[i, k]] @ w + b) for every pooled row band i.
+
+  x (B, H, W, C), w (C, D), b (D,); idx and weights (S, K) are PyTorch's adaptive-pool row
+  windows (`layers.adaptive_windows`). Returns (B, S, W, D).
+
+  Written as a custom VJP so that neither pass ever holds the (B, H, W, D) activation, and
+  the backward pass never writes GELU's output at all: per band it recomputes z = x w + b,
+  forms the one array it needs, g_z = GELU'(z) * (window weight * upstream gradient), and
+  feeds it to the two matmuls of dx and dw. Only x, w, b are kept for the backward pass.
+  The bands are the scan's xs (a free reshape when S divides H, one gather otherwise), so
+  the input gradient comes back as the scan's ys: one write, not a full-size accumulation
+  per band as the transpose of a per-band gather would be.
+  """
+  s, k = idx.shape
+  bsz, h, wdt, c = x.shape
+  equal = h == s * k and np.array_equal(idx.reshape(-1), np.arange(h))
+
+  def bands_of(xx):  # (S, B, K, W, C)
+    if equal:
+      bands = xx.reshape(bsz, s, k, wdt, c)
+    else:
+      bands = jnp.take(xx, jnp.asarray(idx.reshape(-1)), axis=1).reshape(bsz, s, k, wdt, c)
+    return jnp.moveaxis(bands, 1, 0)
+
+  def unbands(g_bands):  # (S, B, K, W, C) -> (B, H, W, C), overlapping rows summed
+    g = jnp.moveaxis(g_bands, 0, 1)
+    if equal:
+      return g.reshape(bsz, h, wdt, c)
+    g = g.reshape(bsz, s * k, wdt, c)
+    return jnp.zeros((bsz, h, wdt, c), g.dtype).at[:, jnp.asarray(idx.reshape(-1))].add(g)
+
+  wts = jnp.asarray(weights, x.dtype)
+
+  def forward(xx, ww, bb):
+    def band_fn(_, band_and_wt):
+      band, wt = band_and_wt
+      y = layers.gelu(jnp.einsum("bkwc,cd->bkwd", band, ww) + bb)
+      acc = y[:, 0] * wt[0]
+      for j in range(1, k):  # Unrolled: XLA:CPU reduces a middle axis slowly.
+        acc = acc + y[:, j] * wt[j]
+      return None, acc
+    _, rows = jax.lax.scan(band_fn, None, (bands_of(xx), wts))
+    return jnp.moveaxis(rows, 0, 1)
+
+  pooled = jax.custom_vjp(forward)
+
+  def pooled_fwd(xx, ww, bb):
+    return forward(xx, ww, bb), (xx, ww, bb)
+
+  def pooled_bwd(res, g):
+    xx, ww, bb = res
+    g = jnp.moveaxis(g, 1, 0)  # (S, B, W, D)
+
+    def band_bwd(carry, band_g_wt):
+      dw, db = carry
+      band, g_rows, wt = band_g_wt
+      z = jnp.einsum("bkwc,cd->bkwd", band, ww) + bb
+      g_z = _gelu_grad(z) * (wt[None, :, None, None] * g_rows[:, None])
+      dx = jnp.einsum("bkwd,cd->bkwc", g_z, ww)
+      dw = dw + jnp.einsum("bkwc,bkwd->cd", band, g_z, preferred_element_type=jnp.float32)
+      db = db + jnp.sum(g_z.astype(jnp.float32), axis=(0, 1, 2))
+      return (dw, db), dx
+
+    init = (jnp.zeros(ww.shape, jnp.float32), jnp.zeros(bb.shape, jnp.float32))
+    (dw, db), dx_bands = jax.lax.scan(band_bwd, init, (bands_of(xx), g, wts))
+    return unbands(dx_bands).astype(xx.dtype), dw.astype(ww.dtype), db.astype(bb.dtype)
+
+  pooled.defvjp(pooled_fwd, pooled_bwd)
+  return pooled(x, w, b)
+
+
 class _PointwiseGeluPool(nn.Module):
   """The LDA's `cnn1` (1x1 conv) fused with the exact GELU and adaptive pool that follow it.
 
   On a large feature (the stride-2 one is 616x954 at the paper's resolution) the (H, W, 2C)
   hidden activation is the largest array of the whole model (1.2 GB per image for the
-  teacher). Computed one pooled row band at a time inside a `lax.scan`, it never exists whole:
-  each band is projected, passed through GELU and summed over its window rows, and the
-  band's body is rematerialised in the backward pass. Same windows and numbers as
-  conv -> GELU -> `layers.adaptive_avg_pool2d` (float32 rounding); on 2 CPU cores it is also
-  ~2.7x faster, as XLA:CPU no longer writes and re-reads the whole activation.
+  teacher). Computed one pooled row band at a time inside a `lax.scan`
+  (`_banded_gelu_pool_rows`), it never exists whole, in the forward or the backward pass.
+  Same windows and numbers as conv -> GELU -> `layers.adaptive_avg_pool2d` (float32
+  rounding); on 2 CPU cores it is also ~2.7x faster, as XLA:CPU no longer writes and re-reads
+  the whole activation.
   """
 
   features: int
@@ -58,26 +139,13 @@ class _PointwiseGeluPool(nn.Module):
     kernel = self.param("kernel", kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     w, b = kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
-    project = lambda t: layers.gelu(jnp.einsum("bhwc,cd->bhwd", t, w) + b)
     s, h = self.pooled_size, x.shape[1]
     if h <= 2 * s:  # Small features: the plain form is as cheap.
-      return layers.adaptive_avg_pool2d(project(x), s)
+      return layers.adaptive_avg_pool2d(
+          layers.gelu(jnp.einsum("bhwc,cd->bhwd", x, w) + b), s)
     idx, weights = layers.adaptive_windows(h, s)
-
-    @jax.checkpoint
-    def band(rows: jax.Array, wt: jax.Array) -> jax.Array:
-      y = project(rows)  # (B, K, W, 2C); rows past a window's end have weight 0.
-      acc = y[:, 0] * wt[0]
-      for k in range(1, y.shape[1]):  # Unrolled: XLA:CPU reduces a middle axis slowly.
-        acc = acc + y[:, k] * wt[k]
-      return acc
-
-    def body(carry, band_rows):
-      i, wt = band_rows
-      return carry, band(jnp.take(x, i, axis=1), wt.astype(self.dtype))
-
-    _, pooled_rows = jax.lax.scan(body, None, (jnp.asarray(idx), jnp.asarray(weights)))
-    return layers.adaptive_avg_pool2d(jnp.moveaxis(pooled_rows, 0, 1), (s, s))
+    pooled_rows = _banded_gelu_pool_rows(x, w, b, idx, weights)
+    return layers.adaptive_avg_pool2d(pooled_rows, (s, s))
 
 
 class LDA(nn.Module):

@@ -188,11 +188,13 @@ class LinearTransformer(nn.Module):
 
   depth: int
   dtype: Dtype = jnp.float32
+  remat: bool = False  # rematerialise each transformer block
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    block_cls = nn.remat(LinearTransformerBlock) if self.remat else LinearTransformerBlock
     for i in range(self.depth):
-      x = LinearTransformerBlock(self.dtype, name=str(i))(x)
+      x = block_cls(self.dtype, name=str(i))(x)
     return x
 
 
@@ -210,6 +212,7 @@ class MobileVitV2Block(nn.Module):
   transformer_depth: int
   depthwise_impl: str | None = None
   dtype: Dtype = jnp.float32
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -222,7 +225,8 @@ class MobileVitV2Block(nn.Module):
         in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
         name="conv_kxk")(x, train)
     x = layers.conv2d(dim, 1, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
-    x = LinearTransformer(self.transformer_depth, self.dtype, name="transformer")(x)
+    x = LinearTransformer(self.transformer_depth, self.dtype, self.remat_blocks,
+                          name="transformer")(x)
     x = layers.group_norm_1(self.dtype, name="norm")(x)
     return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, name="conv_proj")(
         x, train)
@@ -238,17 +242,21 @@ class Stage(nn.Module):
   transformer_depth: int = 0
   depthwise_impl: str | None = None
   dtype: Dtype = jnp.float32
+  remat_blocks: bool = False  # rematerialise each bottleneck and transformer block
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
+    block_cls = (nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat_blocks
+                 else BottleneckBlock)
     for i in range(self.depth):
-      x = BottleneckBlock(
+      x = block_cls(
           self.features, self.stride if i == 0 else 1, self.depthwise_impl, self.dtype,
           name=str(i))(x, train)
     if self.transformer_depth:
       x = MobileVitV2Block(
           self.features, self.transformer_depth, self.depthwise_impl, self.dtype,
-          name=str(self.depth))(x, train)
+          self.remat_blocks, name=str(self.depth))(x, train)
     return x
 
 
@@ -259,14 +267,17 @@ class MobileViTv2(nn.Module):
     width_multiplier: timm's width multiplier (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0).
     dtype: computation dtype; parameters and BatchNorm statistics stay float32.
     depthwise_impl: 'conv' or 'shift' for `layers.DepthwiseConv2d`; None picks per backend.
-    remat: rematerialise each stage in the backward pass (saves training memory at high
-      resolution; the variable tree is unchanged).
+    remat: rematerialise in the backward pass instead of keeping activations (training
+      memory at high resolution; the variable tree is unchanged): False; True or 'stage'
+      (each stage: only stage inputs are kept, a whole stage's activations are live again
+      while its gradient is taken); 'block' (each bottleneck and transformer block: block
+      inputs are kept, at most one block's activations are live again; same recompute).
   """
 
   width_multiplier: float = 2.0
   dtype: Dtype = jnp.float32
   depthwise_impl: str | None = None
-  remat: bool = False
+  remat: bool | str = False
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -292,15 +303,19 @@ class MobileViTv2(nn.Module):
     x = x.astype(self.dtype)
     x = ConvNormAct(
         stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype, name="stem")(x, train)
+    if self.remat not in (False, True, "stage", "block"):
+      raise ValueError(f"MobileViTv2 remat must be False, True, 'stage' or 'block', got "
+                       f"{self.remat!r}")
+    per_block = self.remat == "block"
     stage_cls: Callable[..., nn.Module] = Stage
-    if self.remat:
+    if self.remat in (True, "stage"):
       # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
       stage_cls = nn.remat(Stage, static_argnums=(2,))
     features = []
     for i, chs in enumerate(self.feature_channels):
       x = stage_cls(
           chs, _STAGE_STRIDES[i], _STAGE_DEPTHS[i], _TRANSFORMER_DEPTHS[i],
-          self.depthwise_impl, self.dtype, name=f"stages_{i}")(x, train)
+          self.depthwise_impl, self.dtype, per_block, name=f"stages_{i}")(x, train)
       features.append(x)
     return features
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import pathlib
 
 import numpy as np
 from PIL import Image
 
-LIVEC_JPG = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "livec_jpg"
-if not LIVEC_JPG.is_dir():
+# The LIVE Challenge subset (627 real photos with MOS; see its README for the terms) lives
+# beside the repository, in ../shared/data/livec_jpg. MOBILEIQA_LIVEC_DIR points elsewhere.
+LIVEC_JPG = pathlib.Path(os.environ.get(
+    "MOBILEIQA_LIVEC_DIR",
+    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "livec_jpg"))
+if not LIVEC_JPG.is_dir() and "MOBILEIQA_LIVEC_DIR" not in os.environ:
   LIVEC_JPG = pathlib.Path("/work/shared/data/livec_jpg")
+LIVEC_IMAGES = str(LIVEC_JPG / "Images")
 
 
 def image_bytes(seed: int, size=(40, 30), fmt="JPEG", mode="RGB", **save_kwargs) -> bytes:

@@ -17,11 +17,13 @@ import sys
 import numpy as np
 import pytest
 
+import data_fixtures
+
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax.models import mobileiqa
 from test_train_helpers import CACHE_ENV, REPO
 
-LIVEC = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images")
+LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTO = os.path.join(LIVEC, "1000.JPG")
 DEMO = "configs/teacher.py:demo"
 

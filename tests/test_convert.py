@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import data_fixtures
+
 from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobileiqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIVEC = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images")
+LIVEC = data_fixtures.LIVEC_IMAGES
 # A small head keeps these tests fast; key names do not depend on its size.
 SMALL = dict(pooled_size=12, width=32)
 

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+import data_fixtures
+
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
@@ -31,7 +33,7 @@ from mobileiqa_jax import metrics
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
 
-LIVEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "livec_jpg")
+LIVEC = str(data_fixtures.LIVEC_JPG)
 SIZE = (328, 488)
 NUM_PHOTOS = 8
 SMALL = dict(pooled_size=8, width=64)

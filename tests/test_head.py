@@ -18,7 +18,7 @@ from mobileiqa_jax import convert
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention
 from mobileiqa_jax.models.mobileiqa import (
-    LDA, MobileIQA, MobileIQAConfig, Regressor, build_model, model_config)
+    LDA, MobileIQA, MobileIQAConfig, Regressor, model_config)
 
 TOL = 1e-4
 

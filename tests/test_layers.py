@@ -1,6 +1,5 @@
 """The PyTorch-exact blocks of models/layers.py against PyTorch itself."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 import random
 
 import jax
@@ -17,6 +16,7 @@ from mobileiqa_jax.data import layout
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
 from test_train_helpers import tiny_config, use_compilation_cache
+import data_fixtures
 
 
 def _step_results(config, batch):
@@ -199,7 +199,7 @@ def test_head_init_matches_pytorch_defaults_per_layer():
       assert abs(ratio - np.sqrt(3)) < 0.2, (name, shape, ratio)
 
 
-LIVEC_JPG = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "livec_jpg"
+LIVEC_JPG = data_fixtures.LIVEC_JPG
 
 
 @pytest.mark.torch
@@ -256,7 +256,6 @@ def test_release_configs_select_the_released_protocol():
 
 
 def test_release_variant_loader_fixed_order_and_last_partial_batch():
-  import data_fixtures  # pylint: disable=g-import-not-at-top
   from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top

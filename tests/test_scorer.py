@@ -18,6 +18,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+import data_fixtures
 from PIL import Image
 
 import mobileiqa_jax
@@ -28,7 +30,7 @@ from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
 from test_train_helpers import CACHE_ENV, REPO, use_compilation_cache
 
-LIVEC = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images")
+LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTOS = [os.path.join(LIVEC, f"{n}.JPG") for n in (1000, 1001, 1002)]  # 500x500 each
 SIZE = (64, 64)
 MOS_RANGE = [0.0, 100.0]

@@ -23,7 +23,7 @@ Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax

@@ -29,6 +29,8 @@ setup(
         # imports importlib_resources when building.
         "array_record>=0.8",
         "importlib_resources>=6",
+        # The input pipeline: deterministic batches in reader threads or worker processes.
+        "grain>=0.2.18",
         # The built-in demo data set distorts the photos scikit-image ships.
         "scikit-image>=0.22",
         # TensorBoard event files without TensorFlow, and the predicted-vs-MOS scatter plot.

@@ -5,7 +5,8 @@ r"""Images/s of the input pipeline turning 3840x2160 JPEGs into normalised 1231x
 Generates photo-like synthetic JPEGs (smooth shading, edges and fine grain; quality 95,
 a few MB each, like UHD-IQA's), then times:
   1. each stage on one image (decode, resize, normalise) on one core;
-  2. `pipeline.Loader` with 1..N thread workers and with process workers: images/s, and
+  2. `pipeline.Loader` (grain) with 1..N reader threads and with `mp_prefetch` worker
+     processes (started once per epoch, start-up included): images/s, and
      images/s per worker (= per core while workers <= cores).
 The issue's target: >= 4 images/s per core, so that a 16-core host feeds a 30+ img/s step.
 """
@@ -87,7 +88,8 @@ def main(argv):
   def run(workers, kind):
     loader = pipeline.Loader(source, _BATCH.value, _SIZE, train=True, seed=0,
                              num_workers=workers, worker_type=kind)
-    next(iter(loader.iter_epoch(99)))  # warm up the pool (process start-up not timed)
+    for _ in loader.iter_epoch(99):  # warm up: imports, first decodes
+      break
     n = 0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     t, c = time.perf_counter(), time.process_time()
@@ -95,7 +97,8 @@ def main(argv):
       for b in loader.iter_epoch(e):
         n += int(b["mask"].sum())
     dt, dc = time.perf_counter() - t, time.process_time() - c
-    loader.close()  # reaps process workers, so their CPU time is counted below
+    # grain's process workers live for one epoch (their start-up is timed) and are reaped
+    # when it ends, so their CPU time is counted here.
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # Process workers' CPU (start-up and warm-up included, so slightly pessimistic).
     dc += (after.ru_utime - kids.ru_utime) + (after.ru_stime - kids.ru_stime)

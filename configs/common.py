@@ -2,7 +2,8 @@
 
 Every field the trainer reads is defined here, so a typo on the command line
 (`--config.optimiser.lr=...`) is an error from config_flags, never silently ignored.
-`get_config(arg)` in each experiment file picks a variant: `demo` or a data set name.
+`get_config(arg)` in each experiment file picks the data set: `demo`, a data set name, or
+`<name>_release` (the released code's recipe); the model preset is the file (teacher/student).
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ RELEASE = {
     "spaq": dict(rows=11125, reference_rows="", pre_resize=(0, 0)),  # the MOS .xlsx rows
     "bid": dict(rows=586, reference_rows="", pre_resize=(0, 0)),  # DatabaseGrades.xlsx rows
 }
-VARIANTS = ("demo",) + tuple(DATASETS) + tuple(f"{d}_release" for d in RELEASE)
+CONFIG_ARGS = ("demo",) + tuple(DATASETS) + tuple(f"{d}_release" for d in RELEASE)
 
 
-def base_config(variant: str) -> ml_collections.ConfigDict:
+def base_config(dataset: str) -> ml_collections.ConfigDict:
   """The reference recipe (docs/model.md, section 5) for one data set; model filled in by caller."""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
-  if variant.endswith("_release"):
-    c = base_config(variant[:-len("_release")])
+  if dataset not in CONFIG_ARGS:
+    raise ValueError(f"unknown config argument {dataset!r}; choose one of {CONFIG_ARGS}")
+  if dataset.endswith("_release"):
+    c = base_config(dataset[:-len("_release")])
     release_overrides(c)
     return c
   c = ml_collections.ConfigDict()
@@ -68,9 +69,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.init.backbone = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = variant
+  c.data.name = dataset
   c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.image_size = DATASETS.get(variant, {}).get("image_size", (64, 64))
+  c.data.image_size = DATASETS.get(dataset, {}).get("image_size", (64, 64))
   c.data.train_split = "train"
   # 'stored': the prepared splits (train_split / eval_split). 'reference': the authors'
   # released split (layout.reference_split: Python random.shuffle of the label file's rows
@@ -80,7 +81,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.data.reference_rows = ""
   c.data.reference_split_seed = 3407
   c.data.reference_count = 0  # > 0: the rows the reference split must number (else an error)
-  c.data.eval_split = DATASETS.get(variant, {}).get("eval_split", "test")
+  c.data.eval_split = DATASETS.get(dataset, {}).get("eval_split", "test")
   c.data.flips = True  # random horizontal and vertical flips (training only)
   # (h, w) random window of each resized training image; (0, 0) = the whole image (the
   # reference). Evaluation always scores the whole image_size.

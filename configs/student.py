@@ -11,7 +11,7 @@ held-out SROCC 0.74 from the 0.76 teacher):
   python launch/train.py --config=configs/student.py:demo \
       --config.teacher_checkpoint=runs/teacher_demo
 
-UHD-IQA (default variant):
+UHD-IQA (the default):
 
   python launch/train.py --config=configs/student.py \
       --config.teacher_checkpoint=runs/teacher_uhd_iqa \
@@ -36,14 +36,14 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "uhd_iqa"
-  c = common.base_config(variant)
-  c.name = f"student_{variant}"
+  dataset = arg or "uhd_iqa"
+  c = common.base_config(dataset)
+  c.name = f"student_{dataset}"
   c.model = common.model_section("student")
-  c.init.backbone = "mobilenetv3_large_100.ra_in1k" if variant != "demo" else ""
+  c.init.backbone = "mobilenetv3_large_100.ra_in1k" if dataset != "demo" else ""
   # Required: where the teacher checkpoint is (workdir -> its best epoch).
-  c.teacher_checkpoint = f"runs/teacher_{variant}"
-  if variant == "demo":
+  c.teacher_checkpoint = f"runs/teacher_{dataset}"
+  if dataset == "demo":
     # The teacher demo's head (pooled size, width): the distillation MSEs compare the
     # student's x and DOF with the teacher's element by element.
     common.demo_overrides(c)

@@ -8,7 +8,7 @@ cores; held-out SROCC 0.76 measured on unseen photos, see configs/common.py demo
 
   python launch/train.py --config=configs/teacher.py:demo
 
-UHD-IQA at 1231x1907 (the paper's setting; the default variant). The backbone starts from
+UHD-IQA at 1231x1907 (the paper's setting; the default). The backbone starts from
 timm's default ImageNet weights for the name, `mobilevitv2_200.cvnets_in1k`, as the authors'
 `timm.create_model('mobilevitv2_200', pretrained=True)` does (fetched from the hub, or pass
 a local file); the ImageNet-22k fine-tuned weights are a choice, one override away:
@@ -37,13 +37,13 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "uhd_iqa"
-  c = common.base_config(variant)
-  c.name = f"teacher_{variant}"
+  dataset = arg or "uhd_iqa"
+  c = common.base_config(dataset)
+  c.name = f"teacher_{dataset}"
   c.model = common.model_section("teacher")
   # timm's default tag for mobilevitv2_200 (timm 1.0.31), what pretrained=True loads.
-  c.init.backbone = "mobilevitv2_200.cvnets_in1k" if variant != "demo" else ""
-  if variant == "demo":
+  c.init.backbone = "mobilevitv2_200.cvnets_in1k" if dataset != "demo" else ""
+  if dataset == "demo":
     common.demo_overrides(c)  # also the narrow head the student demo shares
     c.model.backbone = "mobilevitv2_050"  # the smallest MobileViTv2
   return c

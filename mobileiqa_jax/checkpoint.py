@@ -5,7 +5,7 @@ Layout of ONE checkpoint (an orbax composite directory):
     <ckpt>/variables/   PyTree {'params': ..., 'batch_stats': ...}  (what `model.apply` reads)
     <ckpt>/meta/        JSON {'format', 'model_config', 'training', 'extra'}
     <ckpt>/opt_state/   PyTree optimizer state                       (training checkpoints only)
-    <ckpt>/train/       JSON {'step', 'epoch', 'data_state', 'metrics', 'rng_seed'} (training only)
+    <ckpt>/train/       JSON {'step', 'best', 'metrics'}                (training checkpoints only)
 
 `save_model(dir, ...)` writes a standalone checkpoint (variables + meta) straight into `dir`;
 `launch/convert.py` uses it. Training writes the same items under `<workdir>/checkpoints/<step>/`

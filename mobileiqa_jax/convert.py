@@ -230,12 +230,20 @@ def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
                        source=os.fspath(path))
 
 
-def fetch_timm_backbone(spec: str, arch: str) -> Variables:
+def fetch_timm_backbone(spec: str, arch: str) -> Variables | None:
   """`config.init.backbone` -> backbone variables {'params', 'batch_stats'}.
 
   A local file is read as it is; anything else is a timm hub name, fetched with
-  huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable.
+  huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable. An empty
+  `spec` returns None, with a loud warning: the backbone then starts from random weights.
   """
+  if not spec:
+    bar = "!" * 78
+    logging.warning(
+        "\n%s\n!! config.init.backbone is empty: the %s backbone starts from RANDOM weights."
+        "\n!! IQA accuracy depends on ImageNet initialisation; the paper's numbers need it."
+        "\n!! Set --config.init.backbone to a timm file or hub name.\n%s", bar, arch, bar)
+    return None
   if os.path.exists(spec):
     path = spec
   else:
@@ -302,8 +310,7 @@ def _backbone_candidates(default: str) -> list[str]:
   """Backbone names of the default's family, the default first (the authors' files use it)."""
   from mobileiqa_jax.models import mobilenetv3, mobilevitv2  # pylint: disable=g-import-not-at-top
   module = mobilevitv2 if default.startswith("mobilevitv2") else mobilenetv3
-  table = getattr(module, "MODELS", None) or getattr(module, "VARIANTS", {})
-  return [default] + [n for n in table if n != default]
+  return [default] + [n for n in module.BACKBONES if n != default]
 
 
 def _shapes(state: Mapping[str, Any], prefix: str) -> dict[str, tuple[int, ...]]:

@@ -7,24 +7,17 @@ without touching data or disk (the AOT compile tool builds the same steps).
 
 One jitted step for 1 CPU, 8 GPUs or a TPU pod: parameters and optimizer state replicated over
 the mesh's `data` axis (optionally split over `fsdp`), the batch split over both, the state
-donated. BatchNorm statistics are those of the GLOBAL batch (SyncBatchNorm semantics; on one
-device exactly the reference). Distillation (config.teacher_checkpoint set): the frozen
-teacher runs in inference mode outside the differentiated function, the student in training
-mode on the same batch, with the loss of docs/model.md section 4; each term is logged, and,
-for monitoring only, the MSE of the teacher's regressor on the student's fused feature.
+donated; BatchNorm sees the GLOBAL batch (SyncBatchNorm). Distillation: the frozen teacher
+runs in inference mode outside the differentiated function, the loss is docs/model.md's
+section 4, each term logged, plus (monitoring only) the teacher's regressor on the student's
+fused feature. Outputs in the workdir (process 0 writes): config.json, metrics.jsonl,
+TensorBoard events, checkpoints/<step>/ (orbax: the last `checkpoint.keep` and the best), and
+best_scatter.png, best_predictions.csv, summary.json for the best checkpoint.
 
-Outputs in the workdir (process 0 writes, every process takes part in checkpointing):
-config.json (the resolved config), metrics.jsonl (one JSON object per logged train step and
-per evaluation), TensorBoard event files, checkpoints/<step>/ (orbax: the last
-`checkpoint.keep` and the best epoch), and for the best checkpoint best_scatter.png,
-best_predictions.csv and summary.json.
-
-Resume is automatic: a workdir with checkpoints continues from the latest. The step is the
-only counter: the epoch and the position in it follow from it, the data order from (seed,
-epoch), the dropout key from (seed, step), so a resumed run matches an uninterrupted one.
-SIGTERM finishes the current step, saves and returns. A NaN/inf loss stops the run
-(FloatingPointError naming the step) without saving it, so the last good checkpoint stays the
-latest.
+Resume is automatic, from the latest checkpoint. The step is the only counter: epoch and
+position follow from it, the data order from (seed, epoch), the dropout key from (seed,
+step), so a resumed run matches an uninterrupted one. SIGTERM finishes the step, saves and
+returns; a NaN/inf loss stops the run naming the step, without saving it.
 """
 
 from __future__ import annotations
@@ -56,11 +49,6 @@ from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 
 PyTree = Any
-_RANDOM_INIT_WARNING = "\n".join([
-    "", "!" * 78,
-    "!! config.init.backbone is empty: the %s backbone starts from RANDOM weights.",
-    "!! IQA accuracy depends on ImageNet initialisation; the paper's numbers need it.",
-    "!! Set --config.init.backbone to a timm file or hub name.", "!" * 78])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -193,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     host_vars, _ = ckpt_lib.load_variables(best_path)
     best_vars = sharding.host_tree_to_global(
         {k: host_vars[k] for k in ("params", "batch_stats")},
-        jax.tree.map(lambda a: a.sharding, steps.abstract_variables))
+        jax.tree.map(lambda a: a.sharding, steps.abstract_state.variables))
     metrics, pred, mos = evaluate.score_batches(steps.eval_step, best_vars, data.eval_batches(),
                                                 mesh)
     summary["best_eval"] = metrics
@@ -227,32 +215,16 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The model of one run and its jitted steps (see `build_steps`).
-
-  Attributes:
-    model: the Flax module being trained.
-    model_config: its serialisable config (what checkpoints store).
-    abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s carrying their shardings.
-    train_step: `(state, batch, teacher_variables) -> (state, metrics)`, state donated.
-    eval_step: `(variables, images) -> scores`.
-    teacher_shardings: where the teacher's variables go (None without a teacher).
-    init_variables: random init plus the configured backbone weights (reads
-      `config.init.backbone`).
-  """
+  """The model of one run and its jitted steps (see `build_steps`)."""
 
   model: mobileiqa.MobileIQA
-  model_config: mobileiqa.MobileIQAConfig
-  abstract_state: TrainState
-  train_step: Callable[..., tuple[TrainState, dict]]
-  eval_step: Callable[[PyTree, jax.Array], jax.Array]
-  teacher_shardings: PyTree
-  init_variables: Callable[[], PyTree]
+  model_config: mobileiqa.MobileIQAConfig  # what checkpoints store
+  abstract_state: TrainState  # of jax.ShapeDtypeStructs carrying their shardings
+  train_step: Callable[..., tuple[TrainState, dict]]  # (state, batch, teacher_vars), donated
+  eval_step: Callable[[PyTree, jax.Array], jax.Array]  # (variables, images) -> scores
+  teacher_shardings: PyTree  # None without a teacher
+  init_variables: Callable[[], PyTree]  # random init + config.init.backbone's weights
   tx: optax.GradientTransformation
-
-  @property
-  def abstract_variables(self) -> dict[str, PyTree]:
-    """{'params', 'batch_stats'} of `abstract_state`."""
-    return self.abstract_state.variables
 
   def init_state(self) -> TrainState:
     """Fresh state: `init_variables()`, optimizer init, step 0."""
@@ -303,10 +275,9 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   def init_variables() -> PyTree:
     variables = jax.jit(functools.partial(init_fn, model), out_shardings=var_shardings)(key)
-    if not config.init.backbone:
-      logging.warning(_RANDOM_INIT_WARNING, model_cfg.backbone)
-      return variables
     loaded = convert.fetch_timm_backbone(config.init.backbone, model_cfg.backbone)
+    if loaded is None:
+      return variables
     merged = convert.merge_backbone(sharding.global_to_host(variables),
                                     model_cfg.backbone_name, loaded)
     return sharding.host_tree_to_global(merged, var_shardings)

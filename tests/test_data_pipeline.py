@@ -120,7 +120,7 @@ def test_train_crops_are_windows_of_the_resized_image(source):
     np.testing.assert_array_equal(x["image"], y["image"])  # seeded, whatever the workers
   # Evaluation always sees the whole image.
   ev = pipeline.Loader(source, 6, SIZE, train=False, crop_size=crop)
-  assert next(iter(ev))["image"].shape == (6, *SIZE, 3)
+  assert next(ev.iter_epoch(0))["image"].shape == (6, *SIZE, 3)
   with pytest.raises(ValueError, match="crop_size"):
     pipeline.Loader(source, 6, SIZE, train=True, crop_size=(SIZE[0] + 1, 4))
 
@@ -148,10 +148,10 @@ def test_two_processes_see_every_example_once(source, train):
 
 def test_eval_pads_and_masks_the_last_batch(source):
   loader = pipeline.Loader(source, 5, SIZE, train=False, num_workers=2)
-  batches = list(loader)  # evaluation: one pass, stored order
+  batches = list(loader.iter_epoch(0))  # evaluation: stored order
   assert [int(b["mask"].sum()) for b in batches] == [5, 5, 5, 5, 3]
   assert [i for b in batches for i in b["index"][b["mask"]]] == list(range(23))
-  again = list(loader)  # each pass of an evaluation loader is one full epoch, same order
+  again = list(loader.iter_epoch(1))  # every epoch of an evaluation loader: same order
   assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in batches]
 
 
@@ -175,27 +175,36 @@ def test_release_order_is_fixed_and_keeps_the_last_partial_batch(source):
   assert _indices(shuffled, 0) != _indices(shuffled, 1)
 
 
+def _from_step(loader, step, count):
+  """`count` batches from global step `step` on, as the trainer reads them (epoch, start)."""
+  out = []
+  while len(out) < count:
+    epoch, start = divmod(step, loader.steps_per_epoch)
+    for b in loader.iter_epoch(epoch, start):
+      out.append(b)
+      step += 1
+      if len(out) == count:
+        break
+  return out
+
+
 def test_resume_mid_epoch_continues_at_the_same_example(source):
-  full = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=2)
-  it = iter(full)
-  reference = [next(it)["index"].tolist() for _ in range(25)]  # crosses 2 epoch ends (11/epoch)
+  full = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=2, crop_size=(6, 8))
+  reference = _from_step(full, 0, 25)  # crosses 2 epoch ends (11/epoch)
+  assert full.steps_per_epoch == 11
 
-  run = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=2)
-  it = iter(run)
-  got = [next(it)["index"].tolist() for _ in range(7)]
-  saved = run.state
-  assert saved == {"epoch": 0, "step": 7}
-  del it, run  # "preempted"
-
-  resumed = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=1)
-  resumed.set_state(saved)
-  it = iter(resumed)
-  got += [next(it)["index"].tolist() for _ in range(25 - 7)]
-  assert got == reference
-  assert resumed.state == {"epoch": 2, "step": 3}
+  # "Preempted" after 7 steps; a new loader with other workers resumes from the step alone.
+  got = _from_step(pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=2,
+                                   crop_size=(6, 8)), 0, 7)
+  resumed = pipeline.Loader(source, 2, SIZE, train=True, seed=9, num_workers=1,
+                            crop_size=(6, 8))
+  got += _from_step(resumed, 7, 25 - 7)
+  assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in reference]
+  for x, y in zip(got, reference):  # the same flips and crop windows too
+    np.testing.assert_array_equal(x["image"], y["image"])
 
   # The remaining examples of the epoch are exactly those not yet seen.
-  first = [i for b in reference[:7] for i in b]
+  first = [i for b in reference[:7] for i in b["index"].tolist()]
   rest = _indices(resumed, 0, start=7)
   assert sorted(first + [i for b in rest for i in b]) == sorted(
       full.epoch_order(0)[: 11 * 2].tolist())
@@ -207,20 +216,19 @@ def test_decode_error_surfaces_from_a_worker():
   src = pipeline.memory_source(images, [0.5] * 4, [f"n{i}.jpg" for i in range(4)])
   loader = pipeline.Loader(src, 4, SIZE, train=False, num_workers=2)
   with pytest.raises(preprocess.ImageDecodeError, match="n2.jpg"):
-    list(loader)
+    list(loader.iter_epoch(0))
 
 
 def test_process_workers_give_the_same_batches(source):
   threads = pipeline.Loader(source, 4, SIZE, train=True, seed=4, num_workers=2)
   procs = pipeline.Loader(source, 4, SIZE, train=True, seed=4, num_workers=2,
                           worker_type="process")
-  try:
-    for x, y in zip(threads.iter_epoch(1), procs.iter_epoch(1)):
-      np.testing.assert_array_equal(x["index"], y["index"])
-      np.testing.assert_array_equal(x["image"], y["image"])
-      np.testing.assert_array_equal(x["mos"], y["mos"])
-  finally:
-    procs.close()
+  pairs = list(zip(threads.iter_epoch(1), procs.iter_epoch(1)))
+  assert len(pairs) == threads.steps_per_epoch
+  for x, y in pairs:
+    np.testing.assert_array_equal(x["index"], y["index"])
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["mos"], y["mos"])
 
 
 # --- folder source ------------------------------------------------------------------------------

@@ -21,19 +21,19 @@ BATCH = 2
 
 
 @functools.lru_cache(maxsize=None)
-def template(variant: str, impl: str = "conv"):
+def template(name: str, impl: str = "conv"):
   """Shapes of the Flax module's variables: the strict converter's target."""
-  module = mobilenetv3.create_mobilenetv3(variant, depthwise_impl=impl)
+  module = mobilenetv3.BACKBONES[name](depthwise_impl=impl)
   return convert.variables_template(module, (32, 32))
 
 
-def to_flax(model, variant: str, impl: str = "conv") -> dict:
+def to_flax(model, name: str, impl: str = "conv") -> dict:
   """timm state dict -> Flax variables via the project's converter.
 
   Strict: raises `ConversionError` on any missing, unexpected or mis-shaped key. The converter
   copies (state_dict tensors alias the live BatchNorm buffers).
   """
-  variables = convert.torch_to_flax(model.state_dict(), template(variant, impl), source=variant)
+  variables = convert.torch_to_flax(model.state_dict(), template(name, impl), source=name)
   return jax.tree.map(jnp.asarray, variables)
 
 
@@ -57,15 +57,15 @@ def randomize(model, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def timm_model(variant: str):
+def timm_model(name: str):
   torch.manual_seed(0)
-  model = timm.create_model(variant, pretrained=False, features_only=True)
+  model = timm.create_model(name, pretrained=False, features_only=True)
   return randomize(model).eval()
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_apply(variant: str, impl: str, train: bool):
-  module = mobilenetv3.create_mobilenetv3(variant, depthwise_impl=impl)
+def jitted_apply(name: str, impl: str, train: bool):
+  module = mobilenetv3.BACKBONES[name](depthwise_impl=impl)
   if train:
     return module, jax.jit(
         lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
@@ -83,18 +83,18 @@ def rel_err(jax_nhwc, torch_nchw) -> float:
   return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
-def check_eval(variant: str, impl: str, h: int, w: int):
-  tm = timm_model(variant)
-  module, apply = jitted_apply(variant, impl, False)
+def check_eval(name: str, impl: str, h: int, w: int):
+  tm = timm_model(name)
+  module, apply = jitted_apply(name, impl, False)
   x = images(h, w)
   with torch.no_grad():
     ref = tm(torch.from_numpy(x))
-  feats = apply(to_flax(tm, variant, impl), jnp.asarray(x.transpose(0, 2, 3, 1)))
+  feats = apply(to_flax(tm, name, impl), jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert len(feats) == len(ref) == 5
   assert tuple(f.shape[-1] for f in feats) == module.feature_channels
   errs = [rel_err(f, r) for f, r in zip(feats, ref)]
-  assert max(errs) <= RTOL, f"{variant} {impl} {h}x{w}: {errs}"
-  print(f"\n{variant} {impl} {h}x{w} max rel err per feature: "
+  assert max(errs) <= RTOL, f"{name} {impl} {h}x{w}: {errs}"
+  print(f"\n{name} {impl} {h}x{w} max rel err per feature: "
         + ", ".join(f"{e:.2e}" for e in errs))
   for f, s in zip(feats, module.feature_strides):
     # Symmetric padding: ceil division at each stride-2 layer.
@@ -102,13 +102,13 @@ def check_eval(variant: str, impl: str, h: int, w: int):
   return errs
 
 
-@pytest.mark.parametrize("variant", sorted(mobilenetv3.VARIANTS))
-def test_variable_tree_mirrors_state_dict(variant):
+@pytest.mark.parametrize("name", sorted(mobilenetv3.BACKBONES))
+def test_variable_tree_mirrors_state_dict(name):
   """The strict converter maps every timm key onto the Flax init tree, shapes included."""
-  tm = timm.create_model(variant, pretrained=False, features_only=True)
-  module = mobilenetv3.create_mobilenetv3(variant)
+  tm = timm.create_model(name, pretrained=False, features_only=True)
+  module = mobilenetv3.BACKBONES[name]()
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  variables = convert.torch_to_flax(tm.state_dict(), shapes, source=variant)  # raises on diff
+  variables = convert.torch_to_flax(tm.state_dict(), shapes, source=name)  # raises on diff
   assert set(variables) == set(shapes) == {"params", "batch_stats"}
   assert shapes_of(variables) == shapes_of(shapes)
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
@@ -122,21 +122,21 @@ def test_large_100_eval_parity(impl, hw):
   check_eval("mobilenetv3_large_100", impl, *hw)
 
 
-@pytest.mark.parametrize("variant,hw", [
+@pytest.mark.parametrize("name,hw", [
     ("mobilenetv3_small_100", (97, 65)),
     ("mobilenetv3_large_075", (32, 47)),  # the smallest input side the issue allows
 ])
-def test_other_variants_eval_parity(variant, hw):
-  check_eval(variant, "conv", *hw)
+def test_other_variants_eval_parity(name, hw):
+  check_eval(name, "conv", *hw)
 
 
 def test_large_100_train_mode():
   """Batch statistics in the forward and PyTorch's running-stat update (unbiased var)."""
-  variant, impl = "mobilenetv3_large_100", "shift"
-  tm = timm.create_model(variant, pretrained=False, features_only=True)
+  name, impl = "mobilenetv3_large_100", "shift"
+  tm = timm.create_model(name, pretrained=False, features_only=True)
   randomize(tm, seed=1).train()
-  variables = to_flax(tm, variant, impl)  # a copy: the forward below updates the buffers
-  _, apply = jitted_apply(variant, impl, True)
+  variables = to_flax(tm, name, impl)  # a copy: the forward below updates the buffers
+  _, apply = jitted_apply(name, impl, True)
   x = images(67, 90, seed=1)
   with torch.no_grad():
     ref = tm(torch.from_numpy(x))
@@ -144,7 +144,7 @@ def test_large_100_train_mode():
   errs = [rel_err(f, r) for f, r in zip(feats, ref)]
   print(f"\ntrain {impl}: features " + ", ".join(f"{e:.2e}" for e in errs))
   assert max(errs) <= RTOL, errs
-  want = traverse_util.flatten_dict(to_flax(tm, variant, impl)["batch_stats"], sep=".")
+  want = traverse_util.flatten_dict(to_flax(tm, name, impl)["batch_stats"], sep=".")
   got = traverse_util.flatten_dict(updated["batch_stats"], sep=".")
   assert set(got) == set(want)
   # The converted inputs did not alias the buffers that the torch forward updated in place.

@@ -47,7 +47,7 @@ def build_timm(name: str, seed: int = 0):
 @functools.lru_cache(maxsize=None)
 def template(name: str, impl: str = "conv"):
   """Shapes of the Flax module's variables: the strict converter's target."""
-  return convert.variables_template(mobilevitv2.MODELS[name](depthwise_impl=impl), (64, 64))
+  return convert.variables_template(mobilevitv2.BACKBONES[name](depthwise_impl=impl), (64, 64))
 
 
 def to_flax(model, name: str, impl: str = "conv") -> dict:
@@ -76,7 +76,7 @@ def rel_err(got, ref) -> float:
 
 @functools.lru_cache(maxsize=None)
 def jitted_apply(name: str, impl: str, train: bool = False):
-  module = mobilevitv2.MODELS[name](depthwise_impl=impl)
+  module = mobilevitv2.BACKBONES[name](depthwise_impl=impl)
   if train:
     return module, jax.jit(
         lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
@@ -117,7 +117,7 @@ def test_variable_tree_mirrors_state_dict(name):
   """
   model = timm.create_model(name, pretrained=False, features_only=True,
                             out_indices=(0, 1, 2, 3, 4))
-  module = mobilevitv2.MODELS[name]()
+  module = mobilevitv2.BACKBONES[name]()
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   variables = convert.torch_to_flax(model.state_dict(), shapes, source=name)
   assert set(variables) == set(shapes) == {"params", "batch_stats"}

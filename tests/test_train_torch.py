@@ -62,7 +62,7 @@ def test_distillation_tracks_pytorch(tmp_path):
   # Teacher: torch weights -> a standalone checkpoint, as launch/convert.py would write it.
   t_torch = _torch_model("global_vit", "LGF", 2, False, 1, c).eval()
   t_steps = train.build_steps(t_cfg, mesh, 1)
-  t_vars = _to_flax(t_torch, t_steps.abstract_variables)
+  t_vars = _to_flax(t_torch, t_steps.abstract_state.variables)
   c.teacher_checkpoint = checkpoint.save_model(str(tmp_path / "teacher"), t_vars,
                                                t_steps.model_config.to_dict())
 
@@ -71,10 +71,10 @@ def test_distillation_tracks_pytorch(tmp_path):
   teacher, teacher_host = train.load_teacher(c)
   steps = train.build_steps(c, mesh, data.steps_per_epoch, teacher)
   teacher_vars = sharding.host_tree_to_global(teacher_host, steps.teacher_shardings)
-  s_vars = _to_flax(s_torch, steps.abstract_variables)
+  s_vars = _to_flax(s_torch, steps.abstract_state.variables)
   state = steps.init_state()
   state = state.replace(**sharding.host_tree_to_global(
-      s_vars, jax.tree.map(lambda a: a.sharding, steps.abstract_variables)))
+      s_vars, jax.tree.map(lambda a: a.sharding, steps.abstract_state.variables)))
   state = state.replace(opt_state=jax.jit(steps.tx.init)(state.params))
 
   opt = torch.optim.Adam(s_torch.parameters(), lr=1e-3, weight_decay=1e-5)

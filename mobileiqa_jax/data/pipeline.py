@@ -10,31 +10,34 @@ Sources are random-access sequences of records `{'image': bytes, 'mos': float, '
 - `folder_source(folder, split)`: a folder of images + CSV, without tfds.
 - `memory_source(images, mos, names)`: lists in memory (tests, demos).
 
-`Loader` turns a source into numpy batches for *this process*:
+`Loader` turns a source into numpy batches for *this process*, with grain (a
+`grain.MapDataset` over this process's positions, decoded in grain's reader threads or, with
+`worker_type='process'`, in its `mp_prefetch` worker processes):
 
     loader = Loader(source, batch_size=global_batch // jax.process_count(),
                     image_size=(1231, 1907), train=True, seed=3407,
                     process_index=jax.process_index(), process_count=jax.process_count())
-    loader.set_state(restored_state)            # {'epoch': e, 'step': s}, from a checkpoint
-    for batch in loader:                        # endless in training, one epoch in eval
-      ...                                       # batch: image [b,H,W,3] f32, mos [b] f32,
-      save(..., data_state=loader.state)        #        mask [b] bool, index [b] i64
+    epoch, start = divmod(step, loader.steps_per_epoch)   # resume: the step says where
+    for batch in loader.iter_epoch(epoch, start):         # batch: image [b,H,W,3] f32,
+      ...                                                 # mos [b] f32, mask [b] bool,
+                                                          # index [b] i64
 
 Order: epoch e visits `permutation(n)` from `np.random.default_rng([seed, e])` (training)
 or 0..n-1 (evaluation, or training with `shuffle=False`: the released code's
-`DataLoader(shuffle=False)`, the same order every epoch). Global batch s is positions [s*G, (s+1)*G) of that order with
-G = batch_size * process_count, and process p takes its p-th slice of b = batch_size: so
-the global batch, and hence training, does not depend on how many processes share it,
-`jax.make_array_from_process_local_data` puts each slice where it belongs, and
-together the processes see every example exactly once per epoch. Training drops the last
-partial global batch (drop_remainder); evaluation, and training with
+`DataLoader(shuffle=False)`). Global batch s is positions
+[s*G, (s+1)*G) of that order with G = batch_size * process_count, and process p takes its
+p-th slice of b = batch_size: so the global batch, and hence training, does not depend on how
+many processes share it, `jax.make_array_from_process_local_data` puts each slice where it
+belongs, and together the processes see every example exactly once per epoch. Training drops
+the last partial global batch (drop_remainder); evaluation, and training with
 `drop_remainder=False` (PyTorch's default `drop_last=False`, the released recipe), pad it to
 the full global batch with zero images and mask=False, so every step has the same shape on
-every device; the train step then weights the loss and the BatchNorm statistics by the mask,
-which makes that step exactly PyTorch's smaller last batch.
-Flips are drawn per epoch from `default_rng([seed, e, 1])` per position, so they do not
-depend on worker timing either. `loader.state` is the position of the *next* batch; a run
-restored with it continues at the same example.
+every device (the train step weights the loss and the BatchNorm statistics by the mask).
+Flips are drawn per epoch from `default_rng([seed, e, 1])` and crop windows from
+`default_rng([seed, e, 2])`, per position, so they depend neither on the workers nor on where
+the epoch was entered: a run restarted at batch s of epoch e continues at the same example.
+The position is all the state there is, so the trainer checkpoints only its step (no grain
+iterator state).
 
 Workers decode in threads by default: PIL releases the GIL while decoding and resizing and
 numpy while normalising, so threads scale without copying images between processes
@@ -43,8 +46,6 @@ numpy while normalising, so threads scale without copying images between process
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import json
 import math
@@ -53,6 +54,8 @@ import pathlib
 import sys
 from typing import Any, Iterator, Protocol, Sequence
 
+from absl import flags
+import grain
 import numpy as np
 
 from mobileiqa_jax.data import layout
@@ -309,36 +312,59 @@ def reference_split_source(
 # Loader.
 
 
-def _load_example(record: Record, size_hw, hflip, vflip, out=None, crop=None,
+def _load_example(record: Record, size_hw, hflip, vflip, crop=None,
                   pre_resize=None) -> np.ndarray:
   if isinstance(record["image"], np.ndarray):  # already preprocessed (feed.ArraySource)
-    return preprocess.augment_array(record["image"], hflip=hflip, vflip=vflip, out=out,
-                                    crop=crop)
+    return preprocess.augment_array(record["image"], hflip=hflip, vflip=vflip, crop=crop)
   img = preprocess.decode_rgb(record["image"], record["name"])
-  return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, out=out,
-                                     crop=crop, pre_resize_hw=pre_resize)
+  return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, crop=crop,
+                                     pre_resize_hw=pre_resize)
 
 
-def _load_bytes(data: bytes, name: str, size_hw, hflip, vflip, crop=None,
-                pre_resize=None) -> np.ndarray:
-  # Process workers get only bytes: sources (open files, tfds readers) stay in the parent.
-  return _load_example({"image": data, "name": name}, size_hw, hflip, vflip, crop=crop,
-                       pre_resize=pre_resize)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What this process reads in one epoch from batch `start` on, one row per example.
+
+  Position-based, so a row's example, flips and crop window do not depend on which worker
+  decodes it or on how many there are.
+  """
+
+  index: np.ndarray  # (rows,) source index, -1 on padding
+  flips: np.ndarray  # (rows, 2) horizontal, vertical
+  crops: np.ndarray | None  # (rows, 2) top, left
 
 
-@dataclasses.dataclass
-class LoaderState:
-  """Where the next batch starts: saved with checkpoints (`as_dict`), JSON-serialisable."""
+@dataclasses.dataclass(frozen=True)
+class _Decode:
+  """Row r of a `_Plan` -> {'image', 'mos', 'mask', 'index'}: a grain map (picklable)."""
 
-  epoch: int = 0
-  step: int = 0
+  source: Any
+  plan: _Plan
+  image_size: tuple[int, int]
+  crop_size: tuple[int, int] | None
+  pre_resize_size: tuple[int, int] | None
 
-  def as_dict(self) -> dict[str, int]:
-    return {"epoch": int(self.epoch), "step": int(self.step)}
+  def __call__(self, row: int) -> dict[str, Any]:
+    i = int(self.plan.index[row])
+    h, w = self.crop_size or self.image_size
+    if i < 0:  # padding of a last partial batch
+      return {"image": np.zeros((h, w, 3), np.float32), "mos": np.float32(0),
+              "mask": False, "index": np.int64(-1)}
+    rec = self.source[i]
+    crop = None
+    if self.plan.crops is not None:
+      crop = (int(self.plan.crops[row, 0]), int(self.plan.crops[row, 1]), h, w)
+    image = _load_example(rec, self.image_size, bool(self.plan.flips[row, 0]),
+                          bool(self.plan.flips[row, 1]), crop=crop,
+                          pre_resize=self.pre_resize_size)
+    return {"image": image, "mos": np.float32(rec["mos"]), "mask": True, "index": np.int64(i)}
 
 
 class Loader:
-  """Deterministic, resumable, multi-process batches of preprocessed images.
+  """Deterministic, multi-process batches of preprocessed images, read with grain.
+
+  `iter_epoch(epoch, start_step)` is the whole interface: the order, flips and crops are a
+  pure function of (seed, epoch) and the position, so a run resumes from its step alone.
 
   Args:
     source: Random-access records (see the module docstring).
@@ -354,7 +380,7 @@ class Loader:
     process_index: This process (`jax.process_index()`).
     process_count: Processes sharing the global batch (`jax.process_count()`).
     num_workers: Parallel decoders; default: the CPUs this process may use.
-    worker_type: 'thread' (default; fastest measured) or 'process'.
+    worker_type: 'thread' (default; fastest measured) or 'process' (grain's `mp_prefetch`).
     drop_remainder: Override of the last-batch rule (default: `train`). False in training
       keeps the last partial global batch, padded to full size with mask=False.
     prefetch: Batches decoded ahead of the consumer.
@@ -418,24 +444,6 @@ class Loader:
       raise ValueError(
           f"{n} examples make no full global batch of {self.global_batch}; lower the batch "
           "size or set drop_remainder=False.")
-    self._state = LoaderState()
-    self._pool: concurrent.futures.Executor | None = None
-
-  # --- state -------------------------------------------------------------------------------
-
-  @property
-  def state(self) -> dict[str, int]:
-    """{'epoch', 'step'} of the next batch; save it with the checkpoint."""
-    return self._state.as_dict()
-
-  def set_state(self, state: dict[str, int] | LoaderState) -> None:
-    if isinstance(state, dict):
-      state = LoaderState(int(state["epoch"]), int(state["step"]))
-    if not 0 <= state.step <= self.steps_per_epoch:
-      raise ValueError(f"step {state.step} outside [0, {self.steps_per_epoch}] of an epoch.")
-    self._state = LoaderState(state.epoch, state.step)
-
-  # --- order -------------------------------------------------------------------------------
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Source indices in the order epoch `epoch` visits them (all processes together)."""
@@ -444,134 +452,64 @@ class Loader:
       return np.arange(n)
     return np.random.default_rng([self.seed, epoch]).permutation(n)
 
-  def _epoch_flips(self, epoch: int) -> np.ndarray:
+  def _plan(self, epoch: int, start_step: int) -> _Plan:
     n = len(self.source)
-    if not self.flips:
-      return np.zeros((n, 2), bool)
-    return np.random.default_rng([self.seed, epoch, 1]).random((n, 2)) < 0.5
-
-  def _epoch_crops(self, epoch: int) -> np.ndarray | None:
-    """(top, left) of each position's crop window in `epoch`, or None without crops."""
-    if self.crop_size is None:
-      return None
-    n = len(self.source)
-    rng = np.random.default_rng([self.seed, epoch, 2])
-    room = [s - c + 1 for s, c in zip(self.image_size, self.crop_size)]
-    return np.stack([rng.integers(0, room[0], n), rng.integers(0, room[1], n)], axis=1)
-
-  def batch_indices(self, epoch: int, step: int) -> np.ndarray:
-    """This process's source indices for batch `step` of `epoch`; -1 marks padding."""
     order = self.epoch_order(epoch)
-    start = step * self.global_batch + self.process_index * self.batch_size
-    pos = np.arange(start, start + self.batch_size)
-    return np.where(pos < len(order), order[np.minimum(pos, len(order) - 1)], -1)
+    # Epoch position of each of this process's rows: its slice of every global batch.
+    steps = np.arange(start_step, self.steps_per_epoch)
+    pos = (steps[:, None] * self.global_batch + self.process_index * self.batch_size
+           + np.arange(self.batch_size)[None, :]).reshape(-1)
+    valid = pos < n
+    safe = np.minimum(pos, n - 1)
+    index = np.where(valid, order[safe], -1)
+    if self.flips:
+      flips = (np.random.default_rng([self.seed, epoch, 1]).random((n, 2)) < 0.5)[safe]
+    else:
+      flips = np.zeros((len(pos), 2), bool)
+    crops = None
+    if self.crop_size is not None:
+      rng = np.random.default_rng([self.seed, epoch, 2])
+      room = [s - c + 1 for s, c in zip(self.image_size, self.crop_size)]
+      crops = np.stack([rng.integers(0, room[0], n), rng.integers(0, room[1], n)], axis=1)[safe]
+    return _Plan(index=index, flips=flips, crops=crops)
 
-  # --- iteration ---------------------------------------------------------------------------
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    """From `state` on: endless over epochs in training; to the epoch's end in evaluation."""
-    while True:
-      epoch, step = self._state.epoch, self._state.step
-      if step >= self.steps_per_epoch:
-        self._state = LoaderState(epoch + 1, 0)
-        continue
-      for batch in self.iter_epoch(epoch, step):
-        yield batch
-      if not self.train:
-        return
+  def dataset(self, epoch: int, start_step: int = 0) -> grain.IterDataset:
+    """The grain pipeline of batches start_step.. of `epoch` (see `iter_epoch`)."""
+    plan = self._plan(epoch, start_step)
+    ds = grain.MapDataset.range(len(plan.index)).map(
+        _Decode(self.source, plan, self.image_size, self.crop_size, self.pre_resize_size))
+    buffer = self.prefetch * self.batch_size
+    if self.worker_type == "thread":
+      ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_workers,
+                                                prefetch_buffer_size=buffer))
+    else:
+      if not flags.FLAGS.is_parsed():
+        # grain reads its worker options from absl flags, parsed by app.run in the
+        # commands; a library caller (tests, notebooks) may not have parsed any.
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers,
+          per_worker_buffer_size=max(1, buffer // self.num_workers)))
+    return ds.batch(self.batch_size, drop_remainder=False)
 
   def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches start_step.. of `epoch`; updates `state` to each next batch as it yields.
+    """Batches start_step.. of `epoch`.
 
     Each batch: image float32 [b, H, W, 3], mos float32 [b], mask bool [b] (False on
     padding), index int64 [b] (source index, -1 on padding).
     """
-    order = self.epoch_order(epoch)
-    flips = self._epoch_flips(epoch)
-    crops = self._epoch_crops(epoch)
-    pool = self._get_pool()
-    pending: collections.deque = collections.deque()
-    step = start_step
-    submitted = start_step
+    if not 0 <= start_step <= self.steps_per_epoch:
+      raise ValueError(f"step {start_step} outside [0, {self.steps_per_epoch}] of an epoch.")
+    if start_step == self.steps_per_epoch:
+      return
+    it = iter(self.dataset(epoch, start_step))
     try:
-      while step < self.steps_per_epoch:
-        while submitted < self.steps_per_epoch and len(pending) < self.prefetch:
-          pending.append(self._submit(pool, order, flips, crops, submitted))
-          submitted += 1
-        batch = self._collect(pending.popleft())
-        step += 1
-        # Set before yielding: while the consumer trains on this batch (and may save a
-        # checkpoint), the state already points at the next one.
-        self._state = (LoaderState(epoch, step) if step < self.steps_per_epoch
-                       else LoaderState(epoch + 1, 0))
-        yield batch
+      yield from it
     finally:
-      for b in pending:  # an abandoned epoch: drop queued work
-        for f in b[1]:
-          f.cancel()
-
-  def _submit(self, pool, order, flips, crops, step):
-    h, w = self.crop_size or self.image_size
-    n = len(order)
-    start = step * self.global_batch + self.process_index * self.batch_size
-    pos = np.arange(start, start + self.batch_size)
-    valid = pos < n
-    idx = np.where(valid, order[np.minimum(pos, n - 1)], -1)
-    image = np.zeros((self.batch_size, h, w, 3), np.float32)
-    mos = np.zeros((self.batch_size,), np.float32)
-    futures = []
-    for j in np.flatnonzero(valid):
-      p = int(pos[j])
-      hf, vf = bool(flips[p, 0]), bool(flips[p, 1])
-      crop = None if crops is None else (int(crops[p, 0]), int(crops[p, 1]), h, w)
-      if self.worker_type == "thread":
-        futures.append(
-            pool.submit(self._thread_task, int(idx[j]), image, mos, j, hf, vf, crop))
-      else:
-        rec = self.source[int(idx[j])]
-        mos[j] = rec["mos"]
-        fut = pool.submit(_load_bytes, rec["image"], rec["name"], self.image_size, hf, vf,
-                          crop, self.pre_resize_size)
-        fut.row = j
-        futures.append(fut)
-    return (dict(image=image, mos=mos, mask=valid, index=idx.astype(np.int64)), futures)
-
-  def _thread_task(self, index, image, mos, row, hflip, vflip, crop):
-    rec = self.source[index]
-    mos[row] = rec["mos"]
-    _load_example(rec, self.image_size, hflip, vflip, out=image[row], crop=crop,
-                  pre_resize=self.pre_resize_size)
-
-  def _collect(self, pending):
-    batch, futures = pending
-    for f in futures:
-      r = f.result()  # re-raises ImageDecodeError naming the file
-      if self.worker_type == "process":
-        batch["image"][f.row] = r
-    return batch
-
-  def _get_pool(self) -> concurrent.futures.Executor:
-    if self._pool is None:
-      if self.worker_type == "thread":
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
-      else:
-        import multiprocessing  # pylint: disable=g-import-not-at-top
-        # spawn: forking a process that runs JAX (threads) can deadlock.
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            self.num_workers, mp_context=multiprocessing.get_context("spawn"))
-    return self._pool
-
-  def close(self) -> None:
-    """Stops the workers (also done when the loader is garbage collected)."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except
-      pass
+      close = getattr(it, "close", None)  # stops process workers of an abandoned epoch
+      if close is not None:
+        close()
 
 
 def _available_cpus() -> int:

@@ -437,10 +437,9 @@ def _backbone_factory(name: str) -> Callable[..., nn.Module]:
     from mobileiqa_jax.models import mobilenetv3 as mod
   else:
     raise ValueError(f"unknown backbone {name!r} (expected mobilevitv2_* or mobilenetv3_*)")
-  factory = getattr(mod, name, None)
-  if factory is None:
-    raise ValueError(f"unknown backbone {name!r} in {mod.__name__}")
-  return factory
+  if name not in mod.BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; {mod.__name__} has {sorted(mod.BACKBONES)}")
+  return mod.BACKBONES[name]
 
 
 def build_backbone(name: str, dtype: Dtype = jnp.float32, depthwise_impl: str | None = None,

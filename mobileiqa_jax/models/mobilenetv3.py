@@ -1,6 +1,6 @@
 """timm-exact MobileNetV3 feature extractor (`features_only=True`) in Flax Linen, NHWC.
 
-`MobileNetV3` reproduces `timm.create_model(<variant>, features_only=True)` (timm's
+`MobileNetV3` reproduces `timm.create_model(<name>, features_only=True)` (timm's
 `MobileNetV3Features`) to float32 rounding and returns its five features at strides 2..32.
 For `mobilenetv3_large_100` these are blocks 0, 1, 2, 4, 6 with 16, 24, 40, 112, 960 channels.
 
@@ -11,7 +11,7 @@ by the channel multiplier (`round_channels` / `make_divisible`) and depth multip
 so a weight converter is a renaming table (OIHW -> HWIO, BN weight -> scale,
 running_mean/var -> batch_stats mean/var).
 
-Only the PyTorch-native variants are provided: the `tf_` ports use TF 'SAME' padding and
+Only the PyTorch-native models are provided: the `tf_` ports use TF 'SAME' padding and
 BN eps 1e-3, and `mobilenetv3_rw` rounds its squeeze-excite differently.
 """
 
@@ -348,15 +348,9 @@ def mobilenetv3_small_100(**kwargs: Any) -> MobileNetV3:
   return MobileNetV3(arch="small", channel_multiplier=1.0, **kwargs)
 
 
-VARIANTS: dict[str, Callable[..., MobileNetV3]] = {
+# The backbones by timm name (the table `mobileiqa.build_backbone` reads).
+BACKBONES: dict[str, Callable[..., MobileNetV3]] = {
     f.__name__: f for f in (
         mobilenetv3_large_075, mobilenetv3_large_100, mobilenetv3_large_150d,
         mobilenetv3_small_050, mobilenetv3_small_075, mobilenetv3_small_100)
 }
-
-
-def create_mobilenetv3(variant: str, **kwargs: Any) -> MobileNetV3:
-  """Builds a timm MobileNetV3 variant by its timm name, e.g. 'mobilenetv3_large_100'."""
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown MobileNetV3 variant {variant!r}; known: {sorted(VARIANTS)}.")
-  return VARIANTS[variant](**kwargs)

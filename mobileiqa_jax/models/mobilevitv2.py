@@ -337,7 +337,8 @@ mobilevitv2_150 = _factory(1.5, "mobilevitv2_150")
 mobilevitv2_175 = _factory(1.75, "mobilevitv2_175")
 mobilevitv2_200 = _factory(2.0, "mobilevitv2_200")
 
-MODELS: dict[str, Callable[..., MobileViTv2]] = {
+# The backbones by timm name (the table `mobileiqa.build_backbone` reads).
+BACKBONES: dict[str, Callable[..., MobileViTv2]] = {
     f.__name__: f
     for f in (mobilevitv2_050, mobilevitv2_075, mobilevitv2_100, mobilevitv2_125,
               mobilevitv2_150, mobilevitv2_175, mobilevitv2_200)

@@ -95,9 +95,10 @@ def test_teacher_step_compiles_and_grows_with_batch():
 
 @pytest.mark.slow  # one more TPU compile (minutes on the shared 2-core VM)
 def test_oversized_setting_exits_3_with_levers():
-  # 2048 images of 32x32 per chip in float32 without remat: activations far beyond 16 GiB.
+  # 32768 images of 32x32 per chip in float32 without remat: 2048 per chip measured 1.31 GiB
+  # of temporaries, so ~21 GiB here, beyond 16 GiB (NOT yet seen passing: see the commit).
   proc = _cli("--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--noeval",
-              "--config.batch_size=8192", *_TINY_FLAGS)
+              "--config.batch_size=131072", *_TINY_FLAGS, timeout=1800)
   assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout[-3000:] + proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["fits"] is False and out["roofline_images_per_s"] is None

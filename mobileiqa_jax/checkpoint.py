@@ -94,7 +94,8 @@ def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any],
   kwargs = arch.get("backbone_kwargs")
   if isinstance(kwargs, Mapping) and "remat" in kwargs:
     kwargs = dict(kwargs)
-    training["remat"] = bool(kwargs.pop("remat"))
+    remat = kwargs.pop("remat")
+    training["remat"] = remat if isinstance(remat, str) else bool(remat)  # 'block', 'stage
     arch["backbone_kwargs"] = kwargs
   return arch, training
 

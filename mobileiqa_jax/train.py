@@ -378,11 +378,7 @@ def _model_config(config: ml_collections.ConfigDict) -> mobileiqa.MobileIQAConfi
   d["depthwise_impl"] = d.get("depthwise_impl") or None  # '' in configs: the backend's default
   kwargs = dict(d.get("backbone_kwargs") or {})
   if config.remat:
-    if not d["backbone"].startswith("mobilevitv2"):
-      logging.warning("config.remat: only MobileViTv2 backbones rematerialise; ignored for %s",
-                      d["backbone"])
-    else:
-      kwargs["remat"] = config.get("remat_granularity") or True
+    kwargs["remat"] = config.get("remat_granularity") or True
   d["backbone_kwargs"] = kwargs
   return mobileiqa.MobileIQAConfig.from_dict(d)
 

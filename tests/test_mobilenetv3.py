@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,63 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
   feats = jax.eval_shape(module.apply, variables, x)
   assert all(f.dtype == jnp.bfloat16 for f in feats)
+
+
+def _remat_units(granularity) -> int:
+  """How many rematerialised calls the training gradient of mobilenetv3_small_050 traces."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  module = mobilenetv3.mobilenetv3_small_050(depthwise_impl="shift", remat=granularity)
+  variables = jax.eval_shape(module.init, jax.random.key(0), x)
+
+  def loss(params, batch_stats, images):
+    feats, _ = module.apply({"params": params, "batch_stats": batch_stats}, images,
+                            train=True, mutable=["batch_stats"])
+    return sum(jnp.mean(f ** 2) for f in feats)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], x)
+  # jax.checkpoint's primitive (printed 'checkpoint' or, by older jax, 'remat2').
+  return len(re.findall(r"= (?:checkpoint|remat2)\[", str(jaxpr)))
+
+
+def test_remat_wraps_each_stage_or_block():
+  # Tracing only (seconds); the numbers are compared in the slow test below.
+  stages = len(mobilenetv3.build_blocks("small", 0.5, 1.0)[1])
+  blocks = sum(len(s) for s in mobilenetv3.build_blocks("small", 0.5, 1.0)[1])
+  assert _remat_units(False) == 0
+  assert _remat_units("stage") == stages
+  assert _remat_units(True) == stages
+  assert _remat_units("block") == blocks > stages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["stage", "block"])
+def test_remat_same_tree_forward_and_gradients(granularity):
+  """Backward compiles of the backbone take minutes on 2 CPU cores: slow only."""
+  # Random weights of the smallest variant at 64x64: remat is a property of the backward
+  # pass, so the gradients are the test; the values must be those of the plain module.
+  x = jnp.asarray(images(64, 64, seed=2).transpose(0, 2, 3, 1))
+  plain = mobilenetv3.mobilenetv3_small_050(depthwise_impl="shift")
+  remat = mobilenetv3.mobilenetv3_small_050(depthwise_impl="shift", remat=granularity)
+  variables = plain.init(jax.random.key(3), x)
+  assert (jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(3), x))
+          == jax.tree.structure(variables))
+
+  def loss(module, params):
+    feats, _ = module.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return sum(jnp.mean(f ** 2) for f in feats)
+
+  want = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(variables["params"])
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(variables["params"])
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(want[1]))
+  assert scale > 0
+  diff = max(float(np.max(np.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1])))
+  assert diff <= 1e-5 * scale, (diff, scale)
+
+
+def test_remat_rejects_unknown_granularity():
+  module = mobilenetv3.mobilenetv3_small_050(remat="layer")
+  with pytest.raises(ValueError, match="remat must be"):
+    module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

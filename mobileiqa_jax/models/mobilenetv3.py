@@ -239,12 +239,21 @@ class _Stages(nn.Module):
   stages: tuple[tuple[BlockConfig, ...], ...]
   dtype: Dtype = jnp.float32
   depthwise_impl: str | None = None
+  remat: bool | str = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    if self.remat not in (False, True, "stage", "block"):
+      raise ValueError(f"MobileNetV3 remat must be False, True, 'stage' or 'block', got "
+                       f"{self.remat!r}")
+    stage_cls: Callable[..., nn.Module] = _Stage
+    if self.remat in (True, "stage"):
+      # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
+      stage_cls = nn.remat(_Stage, static_argnums=(2,))
     outs = []
     for i, stage in enumerate(self.stages):
-      x = _Stage(stage, self.dtype, self.depthwise_impl, name=str(i))(x, train)
+      x = stage_cls(stage, self.dtype, self.depthwise_impl, self.remat == "block",
+                    name=str(i))(x, train)
       outs.append(x)
     return outs
 
@@ -255,11 +264,15 @@ class _Stage(nn.Module):
   blocks: tuple[BlockConfig, ...]
   dtype: Dtype = jnp.float32
   depthwise_impl: str | None = None
+  remat_blocks: bool = False  # rematerialise each block
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for j, cfg in enumerate(self.blocks):
-      x = _BLOCKS[cfg.kind](cfg, self.dtype, self.depthwise_impl, name=str(j))(x, train)
+      block_cls = _BLOCKS[cfg.kind]
+      if self.remat_blocks:
+        block_cls = nn.remat(block_cls, static_argnums=(2,))
+      x = block_cls(cfg, self.dtype, self.depthwise_impl, name=str(j))(x, train)
     return x
 
 
@@ -273,6 +286,9 @@ class MobileNetV3(nn.Module):
     out_indices: which of the five features to return, as timm's argument.
     dtype: compute dtype; parameters and batch statistics stay float32.
     depthwise_impl: 'conv', 'shift' or None (per backend), see `layers.DepthwiseConv2d`.
+    remat: rematerialise in the backward pass instead of keeping activations (training
+      memory): False; True or 'stage' (each of the seven stages); 'block' (each block, the
+      least kept alive). The values computed are the same.
   """
 
   arch: str = "large"
@@ -281,6 +297,7 @@ class MobileNetV3(nn.Module):
   out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)
   dtype: Dtype = jnp.float32
   depthwise_impl: str | None = None
+  remat: bool | str = False
 
   def _layout(self):
     return build_blocks(self.arch, self.channel_multiplier, self.depth_multiplier)
@@ -313,7 +330,8 @@ class MobileNetV3(nn.Module):
     x = layers.conv2d(stem, 3, 2, use_bias=False, dtype=self.dtype, name="conv_stem")(x)
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
     x = layers.hard_swish(x)
-    outs = [x] + _Stages(stages, self.dtype, self.depthwise_impl, name="blocks")(x, train)
+    outs = [x] + _Stages(stages, self.dtype, self.depthwise_impl, self.remat,
+                         name="blocks")(x, train)
     features = [outs[f] for f in feats]
     return [features[i] for i in self.out_indices]
 

@@ -52,8 +52,8 @@ def test_fsdp_spec_splits_largest_divisible_dim():
   assert sharding._fsdp_spec((64, 128), 4, 10**6) == jax.sharding.PartitionSpec()  # pylint: disable=protected-access
 
 
-# One training step on the same global batch: 1 device, 8 devices on `data`, and 4 x 2 with
-# fsdp-sharded parameters. Prints the max relative parameter difference to the 1-device step.
+# One training step on the same global batch: 1 device, and 8 devices as 4 (data) x 2 (fsdp)
+# with fsdp-sharded parameters. Prints the max relative parameter difference to the 1-device step.
 # Parameters are compared over the whole tree (max abs difference / max abs value) and the
 # update by its relative L2 norm. Per-leaf relative errors are meaningless for leaves whose
 # gradient is zero up to rounding (a bias followed by BatchNorm, which removes any shift): the
@@ -63,9 +63,9 @@ def test_fsdp_spec_splits_largest_divisible_dim():
 _STEP_SCRIPT = """
 import jax, numpy as np
 from mobileiqa_jax import sharding, train
-from test_train_helpers import tiny_config, tiny_data
+from test_train_helpers import SMALLEST, tiny_config, tiny_data
 assert jax.device_count() == 8, jax.devices()
-c = tiny_config("student", batch_size=8, fsdp_min_size=64)
+c = tiny_config("student", batch_size=8, fsdp_min_size=64, **SMALLEST)
 c.optimizer.eps = 1.0
 data = tiny_data(c, flips=False)
 batch = next(data.train_epoch(0))
@@ -81,7 +81,8 @@ def flat(t):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
 
 p0, ref, ref_loss, _ = one_step(sharding.make_mesh((("data", 1),), jax.devices()[:1]))
-for shape in ((("data", 8),), (("data", 4), ("fsdp", 2))):
+# 4 x 2 covers both: the batch split 8 ways (data x fsdp) and the parameters split on fsdp.
+for shape in ((("data", 4), ("fsdp", 2)),):
   q0, params, loss, state = one_step(sharding.make_mesh(shape))
   if shape[-1][0] == "fsdp":
     specs = {l.sharding.spec for l in jax.tree.leaves(state.params)}
@@ -95,17 +96,16 @@ for shape in ((("data", 8),), (("data", 4), ("fsdp", 2))):
 """
 
 
-@pytest.mark.slow  # three 8-device compiles: minutes on a shared 2-core machine
 def test_sharded_step_equals_single_device_step():
   out = _run(_STEP_SCRIPT, devices=8)
   lines = [l for l in out.splitlines() if l.startswith("REL")]
-  assert len(lines) == 2, out
+  assert len(lines) == 1, out
   for line in lines:
     rel_params, rel_update, rel_loss = (float(x) for x in line.split()[-3:])
     assert rel_params <= 1e-5 and rel_update <= 1e-3 and rel_loss <= 1e-5, line
 
 
-# Three steps of train_and_evaluate; process 0 saves the final params to argv[1].
+# Two steps of train_and_evaluate; process 0 saves the final params to argv[1].
 _TRAIN_SCRIPT = """
 import os, sys, jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -115,8 +115,8 @@ if nproc > 1:
                              process_id=pid)
 import numpy as np
 from mobileiqa_jax import train
-from test_train_helpers import tiny_config, tiny_data
-c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=3)
+from test_train_helpers import SMALLEST, tiny_config, tiny_data
+c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=2, **SMALLEST)
 c.checkpoint.every_steps = 2
 c.optimizer.eps = 1.0  # Adam step linear in the gradient (see _STEP_SCRIPT)
 summary = train.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))
@@ -135,7 +135,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   single = str(tmp_path / "single.npz")
   _run(_TRAIN_SCRIPT, devices=8, args=(single, "1", "0", "0"))
@@ -157,4 +156,4 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   for k in a.files:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # Both runs checkpointed through orbax (all processes took part).
-  assert os.path.isdir(str(tmp_path / "multi.npz_workdir" / "checkpoints" / "3"))
+  assert os.path.isdir(str(tmp_path / "multi.npz_workdir" / "checkpoints" / "2"))

@@ -32,6 +32,12 @@ def use_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# Fewest operations that still exercise every part (backbone stages, one MAL, the LDAs and
+# the regressor): the multi-device tests compile several steps, and XLA:CPU's compile time
+# grows with the number of operations, not with the tiny images.
+SMALLEST = {"model.num_mals": 1, "model.backbone_kwargs": {"depth_multiplier": 0.1}}
+
+
 def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", **overrides):
   """A teacher or student demo config shrunk to run a step in well under a second.
 

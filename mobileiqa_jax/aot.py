@@ -311,7 +311,7 @@ def _bytes(value: str, unit: str) -> float:
 
 def _parse_oom(msg: str) -> tuple[float, float]:
   """(temporaries, available HBM) in bytes from XLA's TPU out-of-memory message, or NaNs."""
-  m = re.search(r"temporaries \(" + _SIZE_RE + r"\) exceed available HBM \(" + _SIZE_RE + r"\)",
+  m = re.search(r"temporaries \(" + _SIZE_RE + r"\) exceeds? available HBM \(" + _SIZE_RE + r"\)",
                 msg)
   if m:
     return _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))

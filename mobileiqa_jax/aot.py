@@ -451,8 +451,10 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
   config = for_target(config, "tpu")
   distill = bool(config.teacher_checkpoint)
   mesh = sharding.make_mesh(config.mesh, devices)
-  for what, b in (("config.batch_size", config.batch_size),
-                  ("config.data.eval_batch_size", config.data.eval_batch_size)):
+  checked = [("config.batch_size", config.batch_size)]
+  if with_eval:  # without the eval step its batch size does not matter
+    checked.append(("config.data.eval_batch_size", config.data.eval_batch_size))
+  for what, b in checked:
     if b % mesh.size:
       raise AotUsageError(f"{what}={b} must be divisible by the {mesh.size} devices of "
                           f"{topology}")

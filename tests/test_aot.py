@@ -130,3 +130,13 @@ def test_out_of_memory_message_parsing():
            f"temporaries (27.89G) {verb} available HBM (15.75G).")
     temps, available = aot._parse_oom(msg)  # pylint: disable=protected-access
     assert temps == pytest.approx(27.89 * aot.GiB) and available == pytest.approx(15.75 * aot.GiB)
+
+
+def test_batch_sizes_must_split_over_the_devices():
+  # Checked before anything compiles (the eval batch only when the eval step is compiled: the
+  # v5e:4x4 rows of the README pod table were run with --noeval and eval_batch_size 8 first).
+  with pytest.raises(aot.AotUsageError, match="eval_batch_size=6 must be divisible by the 4"):
+    aot.compile_for_topology(_tiny(batch_size=8, **{"data.eval_batch_size": 6}), "v5e:2x2")
+  with pytest.raises(aot.AotUsageError, match=r"config\.batch_size=6 must be divisible"):
+    aot.compile_for_topology(_tiny(batch_size=6, **{"data.eval_batch_size": 6}), "v5e:2x2",
+                             with_eval=False)

@@ -1,5 +1,6 @@
 """The PyTorch-exact blocks of models/layers.py against PyTorch itself."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,44 @@ def test_depthwise_conv_matches_torch(impl, k, s, d, hw):
   got = mod.apply(params, jnp.asarray(x))
   assert got.shape == ref.shape
   assert _rel(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", ["conv", "shift"])
+@pytest.mark.parametrize("k,s,hw", [(3, 1, (9, 11)), (3, 2, (9, 11)), (3, 2, (10, 12)),
+                                    (5, 1, (8, 7)), (5, 2, (10, 13))])
+def test_depthwise_conv_gradients_match_torch(impl, k, s, hw):
+  # impl='conv' takes its kernel gradient from its own custom VJP; both must equal autograd.
+  c = 5
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, *hw, c)).astype(np.float32)
+  w = rng.normal(size=(c, 1, k, k)).astype(np.float32)
+  xt = _nchw(x).requires_grad_(True)
+  wt = torch.from_numpy(w).requires_grad_(True)
+  yt = F.conv2d(xt, wt, stride=s, padding=layers.torch_padding(k, s), groups=c)
+  cot = rng.normal(size=_nhwc(yt).shape).astype(np.float32)
+  yt.backward(_nchw(cot))
+  mod = layers.DepthwiseConv2d(c, k, s, impl=impl)
+
+  def loss(kernel, xx):
+    return jnp.sum(mod.apply({"params": {"kernel": kernel}}, xx) * cot)
+
+  gk, gx = jax.grad(loss, (0, 1))(jnp.asarray(np.transpose(w, (2, 3, 1, 0))), jnp.asarray(x))
+  assert _rel(gx, _nhwc(xt.grad)) <= 1e-5
+  assert _rel(gk, np.transpose(wt.grad.numpy(), (2, 3, 1, 0))) <= 1e-5
+
+
+def test_group_norm_1_matches_torch():
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(3, 7, 9, 16)) * 3 + 1).astype(np.float32)
+  scale, bias = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+  gn = torch.nn.GroupNorm(1, 16)
+  with torch.no_grad():
+    gn.weight.copy_(torch.from_numpy(scale))
+    gn.bias.copy_(torch.from_numpy(bias))
+    ref = _nhwc(gn(_nchw(x)))
+  got = layers.group_norm_1().apply(
+      {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}, jnp.asarray(x))
+  assert _rel(got, ref) <= 2e-6
 
 
 def test_activations_match_torch():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -54,6 +55,34 @@ def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
   Flax's 'SAME' pads asymmetrically at stride 2 and shifts the output by whole pixels.
   """
   return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+class PointwiseConv(nn.Module):
+  """A 1x1 `torch.nn.Conv2d` (stride 1, no groups) as a matmul over channels.
+
+  Variables as `nn.Conv` names and initialises them (kernel (1, 1, in, out) lecun_normal,
+  bias zeros), so checkpoints and the converter see no difference. Why not `nn.Conv`: XLA's
+  TPU convolution emitter picks its own tiled layout for a 1x1 convolution (batch folded into
+  the width, the width padded), so a chain of them with norms and activations between (the
+  MobileViTv2 transformer) was wrapped in relayout copies of every map; as a dot_general it
+  reads and writes the maps in the layout of the elementwise ops around it. Next to a
+  depthwise convolution, which keeps the emitter's layout, `nn.Conv` measured cheaper
+  (TPU v5e compiles, benchmarks/layer_traffic.py), so the bottleneck blocks keep it.
+  """
+
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    y = jnp.einsum("...c,cd->...d", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def conv2d(
@@ -102,6 +131,58 @@ def default_depthwise_impl(platform: str | None = None) -> str:
   return "shift" if (platform or jax.default_backend()) == "cpu" else "conv"
 
 
+def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+                  dilation: int = 1) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Depthwise conv (no dilation) with its kernel gradient as k*k fused reductions.
+
+  XLA's own kernel gradient of a grouped convolution (a `batch_group_count` convolution) on
+  TPU first writes the input with its k width taps side by side, k times the map, and reads
+  it back: at the paper's resolution that made a depthwise layer's training step several
+  times the traffic of the same layer without a kernel gradient (TPU v5e compiles; see
+  benchmarks/layer_traffic.py). Here dW[i, j, c] = sum over (b, h, w) of
+  x_padded[b, s*h + i, s*w + j, c] * g[b, h, w, c], which XLA fuses into reductions that
+  read x and g directly. The input gradient is the transposed convolution, as XLA's.
+  """
+  return _grouped_conv(x, kernel, stride, pad)
+
+
+def _depthwise_fwd(x, kernel, stride, pad):
+  return _grouped_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _depthwise_bwd(stride, pad, res, g):
+  x, kernel = res
+  k, s = kernel.shape[0], stride
+  _, h, w, _ = x.shape
+  oh, ow = g.shape[1], g.shape[2]
+  # dx: g dilated by the stride, padded so the flipped-kernel conv lands on every input pixel.
+  pads = [(k - 1 - pad, n + pad - (s * (o - 1) + 1))
+          for n, o in ((h, oh), (w, ow))]
+  dx = jax.lax.conv_general_dilated(
+      g, kernel[::-1, ::-1], window_strides=(1, 1), padding=pads, lhs_dilation=(s, s),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g.shape[-1])
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  if s > 1:  # g with zeros between its pixels, so every tap below is an unstrided slice
+    g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, s - 1), (0, 0, s - 1),
+                                                (0, 0, 0)))
+  dh, dw = g.shape[1], g.shape[2]
+  taps = [jnp.sum((xp[:, i:i + dh, j:j + dw, :] * g).astype(jnp.float32), axis=(0, 1, 2))
+          for i in range(k) for j in range(k)]
+  dk = jnp.stack(taps).reshape(kernel.shape)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv2d(nn.Module):
   """Depthwise `Conv2d(C, C, k, groups=C)` with two exact implementations.
 
@@ -129,15 +210,10 @@ class DepthwiseConv2d(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if impl == "conv":
-      y = jax.lax.conv_general_dilated(
-          x,
-          kernel,
-          window_strides=(s, s),
-          padding=((pad, pad), (pad, pad)),
-          rhs_dilation=(d, d),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          feature_group_count=self.features,
-      )
+      if d == 1:
+        y = _depthwise_conv(x, kernel, s, pad)
+      else:
+        y = _grouped_conv(x, kernel, s, pad, d)
     elif impl == "shift":
       h, w = x.shape[1], x.shape[2]
       out_h = (h + 2 * pad - d * (k - 1) - 1) // s + 1
@@ -172,13 +248,41 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None)
   return BatchNorm2d(use_running_average=not train, dtype=dtype, name=name)
 
 
-def group_norm_1(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
-  """`torch.nn.GroupNorm(1, C)` as timm's MobileViTv2 uses it: one group, eps 1e-5."""
-  # Two-pass variance in float32 (parity); one pass otherwise (see BatchNorm2d).
-  return nn.GroupNorm(
-      num_groups=1, epsilon=1e-5, use_fast_variance=jnp.dtype(dtype) != jnp.float32,
-      dtype=dtype, name=name
-  )
+class GroupNorm1(nn.Module):
+  """`torch.nn.GroupNorm(1, C)` as timm's MobileViTv2 uses it: one group, eps 1e-5.
+
+  Statistics over all of (H, W, C) per example, in float32; params `scale`, `bias` (C,), as
+  `nn.GroupNorm` names them. Written out rather than `nn.GroupNorm(num_groups=1)`, which
+  reshapes the map to (..., groups, C / groups): on TPU that 5-D view is a different tiled
+  layout, so every norm paid a relayout copy of the whole map plus a float32 copy of it.
+  """
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    axes = tuple(range(1, x.ndim))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes, keepdims=True)
+    if jnp.dtype(self.dtype) == jnp.float32:
+      var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)  # two passes, as PyTorch
+    else:
+      # One pass (both sums in one read of x); see BatchNorm2d for why that is enough here.
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + self.epsilon)  # (B, 1, 1, 1)
+    # y = (x - mean) * inv * scale + bias as one multiply-add per element in the compute dtype.
+    alpha = inv * scale  # (B, 1, 1, C)
+    beta = bias - mean * alpha
+    return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)
+
+
+def group_norm_1(dtype: Dtype = jnp.float32, name: str | None = None) -> GroupNorm1:
+  """`torch.nn.GroupNorm(1, C)` as timm's MobileViTv2 uses it (see `GroupNorm1`)."""
+  return GroupNorm1(dtype=dtype, name=name)
 
 
 def hard_sigmoid(x: jax.Array) -> jax.Array:
@@ -271,9 +375,25 @@ def _align_corners_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   shape = [1] * x.ndim
   shape[axis] = out_size
   frac = jnp.asarray(frac, x.dtype).reshape(shape)
-  x_lo = jnp.take(x, jnp.asarray(lo), axis=axis)
-  x_hi = jnp.take(x, jnp.asarray(hi), axis=axis)
+  x_lo = _take_static(x, lo, axis)
+  x_hi = _take_static(x, hi, axis)
   return x_lo * (1 - frac) + x_hi * frac
+
+
+def _take_static(x: jax.Array, idx: np.ndarray, axis: int, max_runs: int = 8) -> jax.Array:
+  """`jnp.take(x, idx, axis)` for a constant index array, as slices where that is short.
+
+  The resize of an odd map to the next even size (MobileViTv2 blocks) reads rows
+  [0, 0, 1, ..., n - 1]: two runs of consecutive indices. A gather (and its scatter-add
+  gradient) on TPU costs several times the map; a concatenation of a few slices is a copy.
+  """
+  starts = np.flatnonzero(np.diff(idx, prepend=idx[0] - 2) != 1)
+  if len(starts) > max_runs:
+    return jnp.take(x, jnp.asarray(idx), axis=axis)
+  ends = np.append(starts[1:], len(idx))
+  pieces = [jax.lax.slice_in_dim(x, int(idx[a]), int(idx[a]) + int(b - a), axis=axis)
+            for a, b in zip(starts, ends)]
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
 
 
 def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.Array:

@@ -72,10 +72,13 @@ class ConvNormAct(nn.Module):
   apply_act: bool = True
   depthwise_impl: str | None = None
   dtype: Dtype = jnp.float32
+  as_matmul: bool = False  # a 1x1 conv as `layers.PointwiseConv` (same variables)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if self.depthwise:
+    if self.as_matmul:
+      x = layers.PointwiseConv(self.features, use_bias=False, dtype=self.dtype, name="conv")(x)
+    elif self.depthwise:
       x = layers.DepthwiseConv2d(
           self.features, self.kernel_size, self.stride, impl=self.depthwise_impl,
           dtype=self.dtype, name="conv")(x)
@@ -117,9 +120,9 @@ class BottleneckBlock(nn.Module):
     return x
 
 
-def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
-  """A torch `Conv2d(k=1, bias=True)` (kernel (1, 1, in, out))."""
-  return layers.conv2d(features, 1, use_bias=True, dtype=dtype, name=name)
+def _conv1x1(features: int, dtype: Dtype, name: str) -> layers.PointwiseConv:
+  """A torch `Conv2d(k=1, bias=True)` (kernel (1, 1, in, out)) of the transformer."""
+  return layers.PointwiseConv(features, use_bias=True, dtype=dtype, name=name)
 
 
 def _patch_view(x: jax.Array) -> jax.Array:
@@ -132,27 +135,60 @@ def _patch_view(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // _PATCH, _PATCH, w // _PATCH, _PATCH, c)
 
 
+class _Conv1x1Variables(nn.Module):
+  """The variables of a torch `Conv2d(k=1, bias=True)` as `nn.Conv` makes them (kernel
+  (1, 1, in, out) lecun_normal, bias zeros), returned as a (in, out) matrix and a bias."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, in_features, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return kernel[0, 0], bias
+
+
 class LinearSelfAttention(nn.Module):
   """timm `LinearSelfAttention` (separable self-attention of MobileViTv2).
 
   qkv_proj makes 1 + 2d channels = query (1), key (d), value (d). For every patch pixel P the
   query is softmaxed over the N patches, the context vector is sum_N key * softmax(query), and
   the output is relu(value) * context -> out_proj.
+
+  Layout, and why this is not timm's unfold: patch pixel P is (h % 2, w % 2). Row parity is a
+  free reshape of H, a major axis. Column parity is not: W and C are the two tiled minor axes
+  of a TPU array, and a (..., n_w, 2, C) view pads the 2 to a whole tile, a relayout of every
+  map it touches. So the query is its own (B, H, W) map (as (B, H, W, 1) its one channel
+  would fill a 128-lane tile), the softmax runs on that small map, and column parity enters
+  the context sums as a mask on W. Query, key and value are the column blocks of
+  `qkv_proj`'s kernel (same parameters, same products), so the (1 + 2d)-wide activation is
+  never written or sliced. Measured on the TPU v5e compile of stage 2's block at the paper's
+  resolution: benchmarks/layer_traffic.py.
   """
 
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    qkv = _conv1x1(1 + 2 * d, self.dtype, "qkv_proj")(x)
-    qkv = _patch_view(qkv)
-    query, key, value = qkv[..., :1], qkv[..., 1:1 + d], qkv[..., 1 + d:]
-    scores = jax.nn.softmax(query, axis=(1, 3))
-    context = jnp.sum(key * scores, axis=(1, 3), keepdims=True)
-    out = nn.relu(value) * context
-    out = out.reshape(x.shape[:-1] + (d,))
-    return _conv1x1(d, self.dtype, "out_proj")(out)
+    bsz, h, w, d = x.shape
+    kernel, bias = _Conv1x1Variables(1 + 2 * d, name="qkv_proj")(d)
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+    x = x.astype(self.dtype)
+    query = jnp.einsum("bhwc,c->bhw", x, kernel[:, 0]) + bias[0]
+    key = jnp.einsum("bhwc,cd->bhwd", x, kernel[:, 1:1 + d]) + bias[1:1 + d]
+    value = jnp.einsum("bhwc,cd->bhwd", x, kernel[:, 1 + d:]) + bias[1 + d:]
+    # Softmax over the patches of each patch pixel, on the small (B, n_h, 2, n_w, 2) view.
+    scores = jax.nn.softmax(_patch_view(query[..., None])[..., 0], axis=(1, 3))
+    scores = scores.reshape(bsz, h // _PATCH, _PATCH, w)  # rows: (n_h, p_h); columns flat
+    even_col = (jnp.arange(w) % _PATCH) == 0  # p_w == 0
+    key = key.reshape(bsz, h // _PATCH, _PATCH, w, d)  # free: H is a major axis
+    # context[b, p_h, p_w] = sum over patches of key * score, the column parity as a mask.
+    ctx_even = jnp.sum(key * jnp.where(even_col, scores, 0)[..., None], axis=(1, 3))
+    ctx_odd = jnp.sum(key * jnp.where(even_col, 0, scores)[..., None], axis=(1, 3))
+    context = jnp.where(even_col[None, None, :, None], ctx_even[:, :, None], ctx_odd[:, :, None])
+    out = nn.relu(value).reshape(key.shape) * context[:, None]  # (B, n_h, p_h, W, d)
+    return _conv1x1(d, self.dtype, "out_proj")(out.reshape(bsz, h, w, d))
 
 
 class ConvMlp(nn.Module):
@@ -224,12 +260,13 @@ class MobileVitV2Block(nn.Module):
     x = ConvNormAct(
         in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
         name="conv_kxk")(x, train)
-    x = layers.conv2d(dim, 1, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
+    # The 1x1 convs of this block are matmuls (see `layers.PointwiseConv`).
+    x = layers.PointwiseConv(dim, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
     x = LinearTransformer(self.transformer_depth, self.dtype, self.remat_blocks,
                           name="transformer")(x)
     x = layers.group_norm_1(self.dtype, name="norm")(x)
-    return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, name="conv_proj")(
-        x, train)
+    return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, as_matmul=True,
+                       name="conv_proj")(x, train)
 
 
 class Stage(nn.Module):

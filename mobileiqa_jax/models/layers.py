@@ -248,6 +248,29 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None)
   return BatchNorm2d(use_running_average=not train, dtype=dtype, name=name)
 
 
+def _moments(xf: jax.Array, axes: tuple[int, ...], one_pass: bool,
+             keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance of float32 `xf` over `axes`: two passes (as PyTorch) or one
+  (E[x^2] - E[x]^2, both sums in one read of x)."""
+  mean = jnp.mean(xf, axes, keepdims=True)
+  if one_pass:
+    var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
+  else:
+    var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+  if not keepdims:
+    mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  return mean, var
+
+
+def _scale_shift(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                 bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias as one multiply-add per element in `dtype`,
+  as PyTorch's CPU kernel does (alpha, beta from the float32 statistics)."""
+  alpha = scale * jax.lax.rsqrt(var + epsilon)
+  beta = bias - mean * alpha
+  return x.astype(dtype) * alpha.astype(dtype) + beta.astype(dtype)
+
+
 class GroupNorm1(nn.Module):
   """`torch.nn.GroupNorm(1, C)` as timm's MobileViTv2 uses it: one group, eps 1e-5.
 
@@ -265,19 +288,10 @@ class GroupNorm1(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    axes = tuple(range(1, x.ndim))
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axes, keepdims=True)
-    if jnp.dtype(self.dtype) == jnp.float32:
-      var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)  # two passes, as PyTorch
-    else:
-      # One pass (both sums in one read of x); see BatchNorm2d for why that is enough here.
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
-    inv = jax.lax.rsqrt(var + self.epsilon)  # (B, 1, 1, 1)
-    # y = (x - mean) * inv * scale + bias as one multiply-add per element in the compute dtype.
-    alpha = inv * scale  # (B, 1, 1, C)
-    beta = bias - mean * alpha
-    return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)
+    # Per-example statistics over (H, W, C), float32; one pass below float32 (see BatchNorm2d).
+    mean, var = _moments(x.astype(jnp.float32), tuple(range(1, x.ndim)),
+                         one_pass=jnp.dtype(self.dtype) != jnp.float32, keepdims=True)
+    return _scale_shift(x, mean, var, scale, bias, self.epsilon, self.dtype)
 
 
 def group_norm_1(dtype: Dtype = jnp.float32, name: str | None = None) -> GroupNorm1:
@@ -465,11 +479,7 @@ class BatchNorm2d(nn.Module):
       example_mask = _EXAMPLE_MASK.get()
       one_pass = jnp.dtype(x.dtype) != jnp.float32
       if example_mask is None:
-        mean = jnp.mean(xf, axes)
-        if one_pass:
-          var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
-        else:
-          var = jnp.mean(jnp.square(xf - mean), axes)
+        mean, var = _moments(xf, axes, one_pass)
         n = x.size // c
       else:
         if example_mask.shape != x.shape[:1]:
@@ -487,7 +497,4 @@ class BatchNorm2d(nn.Module):
         m = self.momentum
         ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
         ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
-    # One multiply-add per element, as PyTorch's CPU kernel does (alpha, beta per channel).
-    alpha = scale * jax.lax.rsqrt(var + self.epsilon)
-    beta = bias - mean * alpha
-    return x.astype(self.dtype) * alpha.astype(self.dtype) + beta.astype(self.dtype)
+    return _scale_shift(x, mean, var, scale, bias, self.epsilon, self.dtype)

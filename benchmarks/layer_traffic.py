@@ -33,27 +33,32 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from mobileiqa_jax import aot  # noqa: E402
-from mobileiqa_jax.models import mobileiqa, mobilevitv2 as mv  # noqa: E402
+from mobileiqa_jax.models import layers, mobileiqa, mobilevitv2 as mv  # noqa: E402
 
 flags.DEFINE_string("chip", "v5e:2x2", "a TPU topology; one of its chips is compiled for")
 flags.DEFINE_integer("per_chip_batch", 2, "images per chip (the paper's 8 on 4 chips is 2)")
 flags.DEFINE_list("layers", [], "layers to compile (default: all); see LAYERS")
 flags.DEFINE_list("modes", ["forward", "train"], "forward (eval mode) and/or train")
+flags.DEFINE_enum("depthwise_impl", None, ["conv", "shift"],
+                  "layers.DepthwiseConv2d impl (default: what a TPU program gets)")
 
 BF16 = jnp.bfloat16
 # (name, module factory, input (H, W, C) at 1231x1907, BatchNorm inside). MobileViTv2-200's
 # stage widths are 128, 256, 512, 768, 1024 and its stem 64 (mobilevitv2.stage_channels(2)).
-LAYERS: list[tuple[str, Callable[[], Any], tuple[int, int, int], bool]] = [
-    ("stem", lambda: mv.ConvNormAct(64, 3, 2, dtype=BF16), (1231, 1907, 3), True),
-    ("stage0_block", lambda: mv.BottleneckBlock(128, 1, "conv", BF16), (616, 954, 64), True),
-    ("stage1_block0", lambda: mv.BottleneckBlock(256, 2, "conv", BF16), (616, 954, 128), True),
-    ("stage1_block1", lambda: mv.BottleneckBlock(256, 1, "conv", BF16), (308, 477, 256), True),
-    ("stage2_block0", lambda: mv.BottleneckBlock(512, 2, "conv", BF16), (308, 477, 256), True),
-    ("stage2_mvit", lambda: mv.MobileVitV2Block(512, 2, "conv", BF16), (154, 239, 512), True),
-    ("stage3_block0", lambda: mv.BottleneckBlock(768, 2, "conv", BF16), (154, 240, 512), True),
-    ("stage3_mvit", lambda: mv.MobileVitV2Block(768, 4, "conv", BF16), (77, 120, 768), True),
-    ("lda1", lambda: mobileiqa.LDA(256, 22, BF16), (616, 954, 128), False),
-    ("lda2", lambda: mobileiqa.LDA(256, 22, BF16), (308, 477, 256), False),
+# The factories take the depthwise impl.
+LAYERS: list[tuple[str, Callable[[str], Any], tuple[int, int, int], bool]] = [
+    ("stem", lambda dw: mv.ConvNormAct(64, 3, 2, dtype=BF16), (1231, 1907, 3), True),
+    ("stage0_block", lambda dw: mv.BottleneckBlock(128, 1, dw, BF16), (616, 954, 64), True),
+    ("stage1_block0", lambda dw: mv.BottleneckBlock(256, 2, dw, BF16), (616, 954, 128), True),
+    ("stage1_block1", lambda dw: mv.BottleneckBlock(256, 1, dw, BF16), (308, 477, 256), True),
+    ("stage2_block0", lambda dw: mv.BottleneckBlock(512, 2, dw, BF16), (308, 477, 256), True),
+    ("stage2_mvit", lambda dw: mv.MobileVitV2Block(512, 2, dw, BF16), (154, 239, 512), True),
+    ("stage3_block0", lambda dw: mv.BottleneckBlock(768, 2, dw, BF16), (154, 240, 512), True),
+    ("stage3_mvit", lambda dw: mv.MobileVitV2Block(768, 4, dw, BF16), (77, 120, 768), True),
+    ("stage4_block0", lambda dw: mv.BottleneckBlock(1024, 2, dw, BF16), (78, 120, 768), True),
+    ("stage4_mvit", lambda dw: mv.MobileVitV2Block(1024, 3, dw, BF16), (39, 60, 1024), True),
+    ("lda1", lambda dw: mobileiqa.LDA(256, 22, BF16), (616, 954, 128), False),
+    ("lda2", lambda dw: mobileiqa.LDA(256, 22, BF16), (308, 477, 256), False),
 ]
 
 
@@ -98,7 +103,9 @@ def main(argv: list[str]) -> None:
   device = aot.topology_devices(flags_.chip)[0]
   sharding = NamedSharding(Mesh([device], ("d",)), PartitionSpec())
   b = flags_.per_chip_batch
-  print(f"{aot.chip_of(flags_.chip).name}, one chip, {b} images, bfloat16; GB per image")
+  dw = flags_.depthwise_impl or layers.default_depthwise_impl("tpu")
+  print(f"{aot.chip_of(flags_.chip).name}, one chip, {b} images, bfloat16, depthwise "
+        f"'{dw}'; GB per image")
   print(f"{'layer':16s} {'mode':8s} {'bytes':>8s} {'input map':>10s} {'ratio':>6s} "
         f"{'temp GiB':>9s} {'compile':>8s}")
   for name, make, hwc, bn in LAYERS:
@@ -106,7 +113,7 @@ def main(argv: list[str]) -> None:
       continue
     for mode in flags_.modes:
       t = time.time()
-      compiled = _compile(make(), (b,) + hwc, bn, mode, sharding)
+      compiled = _compile(make(dw), (b,) + hwc, bn, mode, sharding)
       _, accessed = aot._cost(compiled)  # pylint: disable=protected-access
       temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
       in_map = functools.reduce(lambda a, c: a * c, hwc) * 2  # bfloat16 bytes per image

@@ -155,7 +155,7 @@ def model_section(variant: str) -> ml_collections.ConfigDict:
   d = mobileiqa.model_config(variant).to_dict()
   d.pop("dtype")
   # A string, so the command line can override it ('conv' | 'shift'); '' = the backend's
-  # default (shift-add on CPU, XLA's grouped convolution elsewhere).
+  # default (XLA's grouped convolution on GPU, shift-add on CPU and TPU).
   d["depthwise_impl"] = d["depthwise_impl"] or ""
   return ml_collections.ConfigDict(d)
 

@@ -62,20 +62,24 @@ def test_depthwise_conv_matches_torch(impl, k, s, d, hw):
 
 
 @pytest.mark.parametrize("impl", ["conv", "shift"])
-@pytest.mark.parametrize("k,s,hw", [(3, 1, (9, 11)), (3, 2, (9, 11)), (3, 2, (10, 12)),
-                                    (5, 1, (8, 7)), (5, 2, (10, 13))])
-def test_depthwise_conv_gradients_match_torch(impl, k, s, hw):
-  # impl='conv' takes its kernel gradient from its own custom VJP; both must equal autograd.
+@pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (9, 11)), (3, 2, 1, (9, 11)),
+                                      (3, 2, 1, (10, 12)), (5, 1, 1, (8, 7)),
+                                      (5, 2, 1, (10, 13)), (3, 1, 2, (9, 10)),
+                                      (3, 2, 2, (11, 9))])
+def test_depthwise_conv_gradients_match_torch(impl, k, s, d, hw):
+  # Both impls take their gradients from custom VJPs ('conv' its kernel gradient, 'shift'
+  # both); each must equal autograd. ('conv' with dilation is XLA's own gradient.)
   c = 5
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, *hw, c)).astype(np.float32)
   w = rng.normal(size=(c, 1, k, k)).astype(np.float32)
   xt = _nchw(x).requires_grad_(True)
   wt = torch.from_numpy(w).requires_grad_(True)
-  yt = F.conv2d(xt, wt, stride=s, padding=layers.torch_padding(k, s), groups=c)
+  yt = F.conv2d(xt, wt, stride=s, padding=layers.torch_padding(k, s, d), dilation=d,
+                groups=c)
   cot = rng.normal(size=_nhwc(yt).shape).astype(np.float32)
   yt.backward(_nchw(cot))
-  mod = layers.DepthwiseConv2d(c, k, s, impl=impl)
+  mod = layers.DepthwiseConv2d(c, k, s, d, impl=impl)
 
   def loss(kernel, xx):
     return jnp.sum(mod.apply({"params": {"kernel": kernel}}, xx) * cot)

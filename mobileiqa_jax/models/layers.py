@@ -65,9 +65,10 @@ class PointwiseConv(nn.Module):
   TPU convolution emitter picks its own tiled layout for a 1x1 convolution (batch folded into
   the width, the width padded), so a chain of them with norms and activations between (the
   MobileViTv2 transformer) was wrapped in relayout copies of every map; as a dot_general it
-  reads and writes the maps in the layout of the elementwise ops around it. Next to a
-  depthwise convolution, which keeps the emitter's layout, `nn.Conv` measured cheaper
-  (TPU v5e compiles, benchmarks/layer_traffic.py), so the bottleneck blocks keep it.
+  reads and writes the maps in the layout of the elementwise ops around it. Next to XLA's
+  grouped convolution (depthwise impl 'conv'), which keeps the emitter's layout, `nn.Conv`
+  measured cheaper (TPU v5e compiles, benchmarks/layer_traffic.py), so the blocks pick the
+  1x1 form by their depthwise impl.
   """
 
   features: int
@@ -123,12 +124,17 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
 
 
 def default_depthwise_impl(platform: str | None = None) -> str:
-  """'shift' on CPU (XLA:CPU grouped convs are ~7x slower than PyTorch), 'conv' elsewhere.
+  """'conv' on GPU, 'shift' elsewhere (CPU and TPU).
 
-  `platform` is the platform the program will run on (default: this process's backend); an
-  ahead-of-time compile for a TPU from a CPU host passes 'tpu'.
+  CPU: XLA:CPU grouped convs are ~7x slower than PyTorch. TPU: XLA's grouped convolution and
+  its gradients wrap the map in layout copies (W folded into blocks, taps side by side); the
+  shift form stays in the map's own layout. One depthwise 3x3 + BatchNorm + SiLU training
+  step at 616x954x128, 2 images, TPU v5e compile: 14.6 GB accessed as 'conv', 3.0 GB as
+  'shift' (benchmarks/layer_traffic.py has the blocks). GPU keeps cuDNN's kernels (not
+  measured here). `platform` is the platform the program will run on (default: this
+  process's backend); an ahead-of-time compile for a TPU from a CPU host passes 'tpu'.
   """
-  return "shift" if (platform or jax.default_backend()) == "cpu" else "conv"
+  return "conv" if (platform or jax.default_backend()) == "gpu" else "shift"
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
@@ -139,6 +145,44 @@ def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
       feature_group_count=x.shape[-1])
 
 
+def _grouped_conv_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int],
+                             stride: int, pad: int, dilation: int = 1) -> jax.Array:
+  """The input gradient of `_grouped_conv`: g dilated by the stride, flipped-kernel conv."""
+  k, s, d = kernel.shape[0], stride, dilation
+  pads = [(d * (k - 1) - pad, n + pad - (s * (o - 1) + 1))
+          for n, o in zip(in_hw, g.shape[1:3])]
+  return jax.lax.conv_general_dilated(
+      g, kernel[::-1, ::-1], window_strides=(1, 1), padding=pads, lhs_dilation=(s, s),
+      rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=g.shape[-1])
+
+
+def _tap(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+  """xp[:, i + s*h, j + s*w, :] for every output pixel (h, w): one (strided) slice."""
+  (oh, ow), s = out_hw, stride
+  return jax.lax.slice(xp, (0, i, j, 0),
+                       (xp.shape[0], i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, xp.shape[3]),
+                       (1, s, s, 1))
+
+
+def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int,
+                 dilation: int = 1) -> jax.Array:
+  """dW[i, j, 0, c] = sum over (b, h, w) of xp[b, s*h + d*i, s*w + d*j, c] * g[b, h, w, c].
+
+  k*k reductions over the padded input and g, which XLA fuses into passes that read both
+  directly (float32 sums)."""
+  out_hw = g.shape[1:3]
+  taps = [jnp.sum((_tap(xp, i * dilation, j * dilation, out_hw, stride) * g)
+                  .astype(jnp.float32), axis=(0, 1, 2))
+          for i in range(k) for j in range(k)]
+  return jnp.stack(taps).reshape(k, k, 1, g.shape[-1])
+
+
+def _pad_hw(x: jax.Array, lo: int, hi: int) -> jax.Array:
+  zero = jnp.zeros((), x.dtype)
+  return jax.lax.pad(x, zero, ((0, 0, 0), (lo, hi, 0), (lo, hi, 0), (0, 0, 0)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Depthwise conv (no dilation) with its kernel gradient as k*k fused reductions.
@@ -147,48 +191,88 @@ def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> j
   TPU first writes the input with its k width taps side by side, k times the map, and reads
   it back: at the paper's resolution that made a depthwise layer's training step several
   times the traffic of the same layer without a kernel gradient (TPU v5e compiles; see
-  benchmarks/layer_traffic.py). Here dW[i, j, c] = sum over (b, h, w) of
-  x_padded[b, s*h + i, s*w + j, c] * g[b, h, w, c], which XLA fuses into reductions that
-  read x and g directly. The input gradient is the transposed convolution, as XLA's.
+  benchmarks/layer_traffic.py). Here the kernel gradient is `_kernel_grad`'s reductions,
+  with g zero-interleaved for stride > 1 so that every tap is an unstrided slice (measured
+  cheaper next to the conv's layouts). The input gradient is the transposed convolution.
   """
   return _grouped_conv(x, kernel, stride, pad)
 
 
-def _depthwise_fwd(x, kernel, stride, pad):
+def _depthwise_conv_fwd(x, kernel, stride, pad):
   return _grouped_conv(x, kernel, stride, pad), (x, kernel)
 
 
-def _depthwise_bwd(stride, pad, res, g):
+def _depthwise_conv_bwd(stride, pad, res, g):
   x, kernel = res
   k, s = kernel.shape[0], stride
-  _, h, w, _ = x.shape
-  oh, ow = g.shape[1], g.shape[2]
-  # dx: g dilated by the stride, padded so the flipped-kernel conv lands on every input pixel.
-  pads = [(k - 1 - pad, n + pad - (s * (o - 1) + 1))
-          for n, o in ((h, oh), (w, ow))]
-  dx = jax.lax.conv_general_dilated(
-      g, kernel[::-1, ::-1], window_strides=(1, 1), padding=pads, lhs_dilation=(s, s),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g.shape[-1])
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  if s > 1:  # g with zeros between its pixels, so every tap below is an unstrided slice
+  dx = _grouped_conv_input_grad(g, kernel, x.shape[1:3], s, pad)
+  if s > 1:
     g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, s - 1), (0, 0, s - 1),
                                                 (0, 0, 0)))
-  dh, dw = g.shape[1], g.shape[2]
-  taps = [jnp.sum((xp[:, i:i + dh, j:j + dw, :] * g).astype(jnp.float32), axis=(0, 1, 2))
-          for i in range(k) for j in range(k)]
-  dk = jnp.stack(taps).reshape(kernel.shape)
+  dk = _kernel_grad(_pad_hw(x, pad, pad), g, k, 1)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
+def _shift_sum(xp: jax.Array, kernel: jax.Array, out_hw: tuple[int, int], stride: int,
+               dilation: int) -> jax.Array:
+  """sum over taps (i, j) of tap(i, j) * kernel[i, j]: one fused elementwise pass."""
+  k = kernel.shape[0]
+  y = None
+  for i in range(k):
+    for j in range(k):
+      term = _tap(xp, i * dilation, j * dilation, out_hw, stride) * kernel[i, j, 0]
+      y = term if y is None else y + term
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+                     dilation: int) -> jax.Array:
+  """Depthwise conv as k*k shifted (strided) slices times per-channel weights.
+
+  Autodiff of the slices would transpose each into a padded map of its own (k*k maps
+  written in the backward pass). The custom gradient instead computes, in the map's own
+  layout: for stride 1 the input gradient as the same shift-sum over g with the flipped
+  kernel, for stride > 1 as the transposed grouped conv (cheaper there than a shift-sum over
+  a zero-interleaved g: 8.5 vs 14.4 GB for a 616x954x256 layer on TPU v5e), and the kernel
+  gradient as `_kernel_grad`'s fused reductions.
+  """
+  k = kernel.shape[0]
+  out_hw = tuple((n + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
+  return _shift_sum(_pad_hw(x, pad, pad), kernel, out_hw, stride, dilation)
+
+
+def _depthwise_shift_fwd(x, kernel, stride, pad, dilation):
+  return _depthwise_shift(x, kernel, stride, pad, dilation), (x, kernel)
+
+
+def _depthwise_shift_bwd(stride, pad, dilation, res, g):
+  x, kernel = res
+  k, s, d = kernel.shape[0], stride, dilation
+  if s == 1:
+    # y[p] = sum_i x[p - pad + d*i] w[i], so dx[q] = sum_i g[q + pad - d*i] w[i]: the same
+    # shift-sum over g padded by d*(k-1) - pad on each side, kernel flipped.
+    edge = d * (k - 1) - pad
+    dx = _shift_sum(_pad_hw(g, edge, edge), kernel[::-1, ::-1], x.shape[1:3], 1, d)
+  else:
+    dx = _grouped_conv_input_grad(g, kernel, x.shape[1:3], s, pad, d)
+  dk = _kernel_grad(_pad_hw(x, pad, pad), g, k, s, d)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 class DepthwiseConv2d(nn.Module):
   """Depthwise `Conv2d(C, C, k, groups=C)` with two exact implementations.
 
-  `impl='conv'` is XLA's grouped convolution (fast on GPU/TPU); `impl='shift'` sums k*k
-  strided, shifted slices times per-channel weights, which XLA:CPU fuses into one pass.
-  Both read the same parameters, laid out as `nn.Conv` would: kernel (k, k, 1, C).
+  `impl='conv'` is XLA's grouped convolution (cuDNN on GPU); `impl='shift'` sums k*k
+  strided, shifted slices times per-channel weights, which XLA fuses into one pass (CPU and
+  TPU; see `default_depthwise_impl`). Both read the same parameters, laid out as `nn.Conv`
+  would: kernel (k, k, 1, C).
   """
 
   features: int
@@ -215,22 +299,7 @@ class DepthwiseConv2d(nn.Module):
       else:
         y = _grouped_conv(x, kernel, s, pad, d)
     elif impl == "shift":
-      h, w = x.shape[1], x.shape[2]
-      out_h = (h + 2 * pad - d * (k - 1) - 1) // s + 1
-      out_w = (w + 2 * pad - d * (k - 1) - 1) // s + 1
-      xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      y = None
-      for i in range(k):
-        for j in range(k):
-          tap = jax.lax.slice(
-              xp,
-              (0, i * d, j * d, 0),
-              (xp.shape[0], i * d + s * (out_h - 1) + 1, j * d + s * (out_w - 1) + 1,
-               xp.shape[3]),
-              (1, s, s, 1),
-          )
-          term = tap * kernel[i, j, 0]
-          y = term if y is None else y + term
+      y = _depthwise_shift(x, kernel, s, pad, d)
     else:
       raise ValueError(f"DepthwiseConv2d impl must be 'conv' or 'shift', got {impl!r}.")
     if self.use_bias:

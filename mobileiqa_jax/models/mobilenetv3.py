@@ -174,14 +174,22 @@ class _BlockBase(nn.Module):
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name=name)(x)
     return _ACTIVATIONS[act](x)
 
-  def _conv(self, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  @property
+  def _impl(self) -> str:
+    return self.depthwise_impl or layers.default_depthwise_impl()
+
+  def _conv(self, features: int, kernel: int, stride: int,
+            name: str) -> nn.Conv | layers.PointwiseConv:
+    if kernel == 1 and stride == 1 and self._impl == "shift":
+      # Beside the elementwise 'shift' depthwise a 1x1 is a matmul in the same layout (the
+      # reason is in mobilevitv2.BottleneckBlock); beside XLA's grouped conv it stays a conv.
+      return layers.PointwiseConv(features, use_bias=False, dtype=self.dtype, name=name)
     return layers.conv2d(features, kernel, stride, use_bias=False, dtype=self.dtype, name=name)
 
   def _dw(self, x: jax.Array, name: str) -> jax.Array:
     c = self.cfg
     return layers.DepthwiseConv2d(
-        c.mid_chs, c.kernel_size, c.stride, impl=self.depthwise_impl, dtype=self.dtype,
-        name=name)(x)
+        c.mid_chs, c.kernel_size, c.stride, impl=self._impl, dtype=self.dtype, name=name)(x)
 
 
 class DepthwiseSeparableConv(_BlockBase):

@@ -20,8 +20,9 @@ existing checkpoint, else from the teacher preset with the student's head size. 
 is compiled too.
 
 Choices that depend on the backend (the depthwise convolution form) follow the TARGET
-platform, not the host: compiling on a CPU host must not pick the CPU's shift-add form, which
-a TPU never runs.
+platform, not the host: the model resolves them from `jax.default_backend()`, which during an
+AOT compile is the host's (CPU). Today CPU and TPU happen to share the shift-add form and GPU
+takes the convolution, but the compile must not rely on that.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ _TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.
 
 def _tiny(kind: str = "teacher", **overrides):
   c = tiny_config(kind, **{"model.num_mals": 1, **overrides})
-  c.model.depthwise_impl = ""  # let the target platform choose (must pick 'conv' for TPU)
+  c.model.depthwise_impl = ""  # let the target platform choose (aot.for_target)
   return c
 
 
@@ -45,9 +45,11 @@ def test_chip_table_and_target_platform_choice():
     assert chip.peak_bf16_flops > chip.peak_fp32_flops > 0
     assert chip.hbm_bytes > 0 and chip.hbm_bytes_per_s > 0
   assert aot.chip_of("v5e:4x4").hbm_bytes == 16 * aot.GiB
-  # The depthwise form follows the platform compiled for, not the (CPU) host.
+  # The depthwise form follows the platform compiled for, not the (CPU) host: 'shift' on TPU
+  # (measured fewer bytes, layers.default_depthwise_impl), XLA's grouped conv on GPU.
   c = _tiny()
-  assert aot.for_target(c, "tpu").model.depthwise_impl == "conv"
+  assert aot.for_target(c, "tpu").model.depthwise_impl == "shift"
+  assert aot.for_target(c, "gpu").model.depthwise_impl == "conv"
   assert aot.for_target(c, "cpu").model.depthwise_impl == "shift"
   assert c.model.depthwise_impl == ""  # the caller's config is not modified
 
@@ -84,11 +86,14 @@ def test_teacher_step_compiles_and_grows_with_batch():
   assert big["roofline_step_s"] == pytest.approx(want, rel=1e-6)
   assert big["roofline_images_per_s"] == pytest.approx(8 / want, rel=1e-6)
 
-  # The API, half the batch: less memory, fewer FLOPs and bytes per chip.
+  # The API, half the batch: a smaller input batch in HBM, fewer FLOPs and bytes per chip.
+  # Not the temporaries: at toy sizes XLA keeps them in the chip's on-chip VMEM as it sees fit,
+  # so their HBM share does not follow the batch (tiny teacher, 'shift' depthwise: 67, 61, 59,
+  # 40 MB at global batch 4, 8, 16, 32); at the paper's size it does (README pod table).
   small = aot.compile_for_topology(_tiny(batch_size=4), "v5e:2x2", with_eval=False).to_json()
   assert small["fits"] and small["per_chip_batch"] == 1
-  assert small["temp_bytes"] <= big["temp_bytes"]
-  assert small["per_chip_bytes"] < big["per_chip_bytes"]
+  image_bytes = 32 * 32 * 3 * 4  # one float32 image per chip fewer
+  assert big["argument_bytes"] - small["argument_bytes"] >= image_bytes
   assert small["flops_per_step"] < big["flops_per_step"]
   assert small["bytes_accessed_per_step"] < big["bytes_accessed_per_step"]
 

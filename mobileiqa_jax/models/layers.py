@@ -137,6 +137,18 @@ def default_depthwise_impl(platform: str | None = None) -> str:
   return "conv" if (platform or jax.default_backend()) == "gpu" else "shift"
 
 
+def pointwise_as_matmul(depthwise_impl: str | None) -> bool:
+  """Whether the 1x1 convs of a block around a depthwise conv of this impl are matmuls.
+
+  Beside the 'shift' depthwise (elementwise, in the map's own layout) they are
+  `PointwiseConv`s, so no op asks for another layout; beside XLA's grouped conv, whose
+  layouts `nn.Conv` shares, they stay convs. Measured on TPU v5e (benchmarks/layer_traffic.py,
+  MobileViTv2 stage 1 block 1, GB per image): 7.1 conv + conv, 11.9 shift + conv, 4.1 shift +
+  matmul. `None` is the backend's default impl.
+  """
+  return (depthwise_impl or default_depthwise_impl()) == "shift"
+
+
 def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
                   dilation: int = 1) -> jax.Array:
   return jax.lax.conv_general_dilated(

@@ -180,9 +180,7 @@ class _BlockBase(nn.Module):
 
   def _conv(self, features: int, kernel: int, stride: int,
             name: str) -> nn.Conv | layers.PointwiseConv:
-    if kernel == 1 and stride == 1 and self._impl == "shift":
-      # Beside the elementwise 'shift' depthwise a 1x1 is a matmul in the same layout (the
-      # reason is in mobilevitv2.BottleneckBlock); beside XLA's grouped conv it stays a conv.
+    if kernel == 1 and stride == 1 and layers.pointwise_as_matmul(self._impl):
       return layers.PointwiseConv(features, use_bias=False, dtype=self.dtype, name=name)
     return layers.conv2d(features, kernel, stride, use_bias=False, dtype=self.dtype, name=name)
 

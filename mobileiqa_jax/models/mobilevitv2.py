@@ -110,12 +110,7 @@ class BottleneckBlock(nn.Module):
     mid = layers.make_divisible(in_chs * _BOTTLE_RATIO)
     shortcut = x
     impl = self.depthwise_impl or layers.default_depthwise_impl()
-    # Next to a 'shift' depthwise (elementwise, in the map's own layout) the 1x1s are
-    # matmuls, so no op asks for another layout; next to XLA's grouped conv, whose layouts
-    # nn.Conv shares, they stay convs. Measured on TPU v5e (benchmarks/layer_traffic.py,
-    # GB per image): stage 1 block 1 is 7.1 (conv + conv), 11.9 (shift + conv), 4.1 (shift +
-    # matmul).
-    as_matmul = impl == "shift"
+    as_matmul = layers.pointwise_as_matmul(impl)
     x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, name="conv1_1x1")(x, train)
     x = ConvNormAct(
         mid, 3, self.stride, depthwise=True, depthwise_impl=impl,

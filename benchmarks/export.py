@@ -118,12 +118,15 @@ def _worker_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in args.size.split("x"))
   small = dict(pooled_size=args.pooled_size, width=args.width)
-  # Weights drawn for the export model (same shapes; depthwise_impl does not change them).
-  variables = _random_variables(mobileiqa.mobileiqa_student(depthwise_impl="conv", **small),
+  # Weights drawn for the export model (same shapes; the runtime does not change them).
+  variables = _random_variables(mobileiqa.mobileiqa_student(runtime.FOR_EXPORT, **small),
                                 (h, w))
-  model = mobileiqa.mobileiqa_student(**small)  # the backend's default depthwise impl
+  # JAX as it scores on this host (the platform's depthwise form).
+  model = mobileiqa.mobileiqa_student(runtime.Runtime.for_platform(jax.default_backend()),
+                                      **small)
   fwd = jax.jit(lambda v, im: model.apply(v, im, train=False))
   dv = jax.device_put(variables)
   x = np.load(args.input)
@@ -137,9 +140,10 @@ def _worker_jax(args) -> dict:
 def _worker_export(args) -> dict:
   from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in args.size.split("x"))
   small = dict(pooled_size=args.pooled_size, width=args.width)
-  model = mobileiqa.mobileiqa_student(depthwise_impl="conv", **small)
+  model = mobileiqa.mobileiqa_student(runtime.FOR_EXPORT, **small)
   variables = _random_variables(model, (h, w))
   t = time.perf_counter()
   meta = export.export(model, variables, args.model_file, (h, w), args.quantize,

@@ -42,7 +42,9 @@ def _worker(args: argparse.Namespace) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-    model = mobileiqa.build_model(mobileiqa.model_config(args.model, dtype=args.dtype))
+    from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
+    rt = runtime.Runtime.for_platform(jax.default_backend(), compute_dtype=args.dtype)
+    model = mobileiqa.build_model(mobileiqa.model_config(args.model), rt)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, h, w, 3))
     fwd = jax.jit(lambda v, im: model.apply(v, im, train=False))

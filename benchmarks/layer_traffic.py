@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from mobileiqa_jax import aot  # noqa: E402
-from mobileiqa_jax.models import layers, mobileiqa, mobilevitv2 as mv  # noqa: E402
+from mobileiqa_jax.models import mobileiqa, mobilevitv2 as mv, runtime  # noqa: E402
 
 flags.DEFINE_string("chip", "v5e:2x2", "a TPU topology; one of its chips is compiled for")
 flags.DEFINE_integer("per_chip_batch", 2, "images per chip (the paper's 8 on 4 chips is 2)")
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
   device = aot.topology_devices(flags_.chip)[0]
   sharding = NamedSharding(Mesh([device], ("d",)), PartitionSpec())
   b = flags_.per_chip_batch
-  dw = flags_.depthwise_impl or layers.default_depthwise_impl("tpu")
+  dw = flags_.depthwise_impl or runtime.depthwise_impl_for("tpu")
   print(f"{aot.chip_of(flags_.chip).name}, one chip, {b} images, bfloat16, depthwise "
         f"'{dw}'; GB per image")
   print(f"{'layer':16s} {'mode':8s} {'bytes':>8s} {'input map':>10s} {'ratio':>6s} "

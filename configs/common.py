@@ -61,6 +61,10 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   # What one rematerialised unit is: 'block' (each bottleneck / transformer block: less live
   # memory in the backward pass) or 'stage' (each backbone stage). Same recompute.
   c.remat_granularity = "block"
+  # Depthwise convolution form: '' (the platform's: XLA's grouped convolution on GPU, k*k
+  # shifted multiply-adds on CPU and TPU), 'conv' or 'shift'. Same numbers, other programs.
+  # These four settings are the run's runtime (mobileiqa_jax/models/runtime.py), not the model.
+  c.depthwise_impl = ""
 
   # Initialisation of the backbone: '' (random: the log warns loudly), a local timm
   # .pth/.bin/.safetensors file, or a timm hub name such as
@@ -148,16 +152,12 @@ def release_overrides(c: ml_collections.ConfigDict) -> None:
 
 
 def model_section(variant: str) -> ml_collections.ConfigDict:
-  """`config.model`: every MobileIQAConfig field of the preset except dtype.
+  """`config.model`: the preset's architecture, every MobileIQAConfig field.
 
-  The compute dtype is `config.compute_dtype` (one switch, not two).
+  How it runs (compute dtype, depthwise form, remat) is the config's top-level runtime
+  settings, not part of the model.
   """
-  d = mobileiqa.model_config(variant).to_dict()
-  d.pop("dtype")
-  # A string, so the command line can override it ('conv' | 'shift'); '' = the backend's
-  # default (XLA's grouped convolution on GPU, shift-add on CPU and TPU).
-  d["depthwise_impl"] = d["depthwise_impl"] or ""
-  return ml_collections.ConfigDict(d)
+  return ml_collections.ConfigDict(mobileiqa.model_config(variant).to_dict())
 
 
 def demo_overrides(c: ml_collections.ConfigDict) -> None:

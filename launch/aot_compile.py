@@ -1,11 +1,14 @@
-r"""Compiles a config's train and eval steps for a TPU topology on this host (no TPU needed).
+r"""Compiles a config's train and eval steps for a TPU or GPU topology on this host (none needed).
 
   python launch/aot_compile.py --config=configs/teacher.py --topology=v5e:2x2 \
       --config.compute_dtype=bfloat16 --config.remat=True
   python launch/aot_compile.py --config=configs/student.py --topology=v5e:4x4 \
       --config.compute_dtype=bfloat16 --config.batch_size=64
+  python launch/aot_compile.py --config=configs/teacher.py --topology=h100:1 \
+      --config.compute_dtype=bfloat16 --config.remat=True
 
-Needs libtpu: pip install -e ".[tpu-aot]". Prints per-chip memory, FLOPs and bytes per step and
+TPU topologies need libtpu (pip install -e ".[tpu-aot]"), GPU ones (h100:1, h100:8, h200:8,
+a100:8, h100:2x8 = 2 hosts of 8) jax's CUDA plugin (pip install -e ".[gpu-aot]"). Prints per-chip memory, FLOPs and bytes per step and
 per image and a roofline bound, then one JSON line. Exit status: 0 fits, 3 does not fit (the
 report names the levers), 1 another compile error, 2 a usage error (e.g. unknown topology).
 A distillation config compiles with the frozen teacher: from `config.teacher_checkpoint`'s
@@ -16,6 +19,9 @@ See mobileiqa_jax/aot.py.
 import os
 import sys
 
+# Nothing runs here: the target's devices are described, never driven, so jax itself needs only
+# the CPU (and must not try to start a local GPU or TPU backend).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Config files import `configs.common`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +34,8 @@ from mobileiqa_jax import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant], e.g. configs/teacher.py.",
     lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x4.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology (v5e:2x2, v5e:4x4, ...) or GPUs (h100:1, h100:8, h100:2x8).")
 _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step.")
 _TEACHER_BACKBONE = flags.DEFINE_string(
     "teacher_backbone", "", "Distillation: the preset teacher's backbone (default its own).")

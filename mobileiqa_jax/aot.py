@@ -1,28 +1,37 @@
-"""Compile a training step for a TPU topology on any host: memory plan, FLOPs, bytes, roofline.
+"""Compile a training step for a TPU or GPU topology on any host: memory, FLOPs, bytes, roofline.
 
-In the spirit of MaxText's `train_compile.py`: with libtpu installed
-(`pip install -e ".[tpu-aot]"`), `jax.experimental.topologies` describes the devices of a TPU
-slice that is not there (`v5e:2x2`, `v5e:4x4`, `v5p:2x2x1`, `v6e:2x2`, ...), and the project's
-own jitted train step, lowered with abstract inputs sharded over a mesh of those devices,
-compiles for them. Nothing runs and no weights or checkpoints are read; what comes back is what
-decides whether a pod run can work and how fast it can possibly be:
+In the spirit of MaxText's `train_compile.py`: with libtpu installed (`pip install -e
+".[tpu-aot]"`), `jax.experimental.topologies` describes the devices of a TPU slice that is not
+there (`v5e:2x2`, `v5e:4x4`, `v5p:2x2x1`, `v6e:2x2`, ...); with jax's CUDA plugin (`pip install
+-e ".[gpu-aot]"`, no NVIDIA wheels and no GPU needed) it describes NVIDIA GPUs from a target
+description (`h100:1`, `h100:8`, `h200:8`, `a100:8`, `h100:2x8` = 2 hosts of 8;
+mobileiqa_jax/gpu_targets/). The project's own jitted train step, lowered with abstract inputs
+sharded over a mesh of those devices, compiles for them. Nothing runs and no weights or
+checkpoints are read; what comes back is what decides whether a run can work and how fast it
+can possibly be:
 
 - per-chip memory (`Compiled.memory_analysis()`): arguments, outputs, donated (aliased) bytes,
-  temporaries; XLA refuses to compile a program whose buffers exceed the chip's HBM, and that
-  refusal is the "does not fit" answer;
-- FLOPs and bytes accessed per step per chip (`Compiled.cost_analysis()`), and per image;
-- a roofline: a step takes at least max(flops / peak FLOP/s, bytes / HBM bandwidth).
+  temporaries. XLA:TPU refuses to compile a program whose buffers exceed the chip's HBM, and
+  that refusal is the "does not fit" answer. XLA:GPU compiles anyway: a GPU step fits when its
+  total is within the memory JAX's allocator may use (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.75 of
+  the device by default).
+- FLOPs and bytes accessed per step per chip, and per image. TPU: the compiled module's
+  `cost_analysis()`. GPU: `cost_analysis()` answers nothing without a device, so FLOPs are XLA's
+  HLO cost analysis of the step before partitioning and fusion, divided by the devices (labelled
+  `cost_source` in the JSON); bytes after fusion are unknown (null), and the bytes before fusion
+  are given as an upper bound only.
+- a roofline: a step takes at least max(flops / peak FLOP/s, bytes / HBM bandwidth) (GPU: the
+  compute term only).
 
-The step compiled is exactly the trainer's (`train.build_steps`): the teacher step, or for a
-distillation config the student step with the frozen teacher, whose architecture comes from
-the teacher checkpoint's stored model config when `config.teacher_checkpoint` names an
-existing checkpoint, else from the teacher preset with the student's head size. The eval step
-is compiled too.
+Without a device, XLA:GPU cannot autotune and picks default kernels and scratch sizes: real
+memory may differ somewhat from the plan.
 
-Choices that depend on the backend (the depthwise convolution form) follow the TARGET
-platform, not the host: the model resolves them from `jax.default_backend()`, which during an
-AOT compile is the host's (CPU). Today CPU and TPU happen to share the shift-add form and GPU
-takes the convolution, but the compile must not rely on that.
+The step compiled is exactly the trainer's (`train.build_steps`), built with the TARGET's
+runtime (`runtime.for_training(config, <target platform>)`: on TPU the 'shift' depthwise form,
+on GPU XLA's grouped convolution), never this host's. A distillation config compiles the
+student step with the frozen teacher, whose architecture comes from the teacher checkpoint's
+stored model config when `config.teacher_checkpoint` names an existing checkpoint, else from
+the teacher preset with the student's head size. The eval step is compiled too.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ class ChipSpec:
   hbm_bytes: float
   hbm_bytes_per_s: float
   source: str
+  platform: str = "tpu"
+  target_file: str = ""  # GPUs: the target description in mobileiqa_jax/gpu_targets/
 
 
 # Google Cloud's published per-chip figures (bf16 peak, HBM capacity and bandwidth), read
@@ -72,11 +83,40 @@ CHIPS: dict[str, ChipSpec] = {
                     "https://cloud.google.com/tpu/docs/v6e (918 TFLOPs bf16, 32 GB, 1638 GBps)"),
 }
 
-# Topologies this module was checked with (libtpu 0.0.42); any `<chip>:<shape>` libtpu
-# accepts works. Listed in the unknown-topology error.
+# NVIDIA's published dense (no sparsity) SXM figures, read 2026-12 from the datasheets named in
+# `source`: bf16 tensor-core peak and FP32 (non-tensor) peak. HBM is the target description's
+# `device_memory_size` (what XLA sees), bandwidth its `memory_bandwidth`.
+CHIPS.update({
+    "a100": ChipSpec("a100", "NVIDIA A100-SXM4-80GB", 312e12, 19.5e12, 85100068864, 2039e9,
+                     "https://www.nvidia.com/en-us/data-center/a100/ (datasheet, SXM4 80GB: 312 "
+                     "TFLOPS bf16 dense, 19.5 TFLOPS FP32, 80 GB HBM2e, 2039 GB/s)", "gpu",
+                     "a100_sxm_80.txtpb"),
+    "h100": ChipSpec("h100", "NVIDIA H100 80GB HBM3", 989e12, 67e12, 84942979072, 3352e9,
+                     "https://www.nvidia.com/en-us/data-center/h100/ (datasheet, SXM: 989 TFLOPS "
+                     "bf16 dense, 67 TFLOPS FP32, 80 GB HBM3, 3.35 TB/s)", "gpu",
+                     "h100_sxm.txtpb"),
+    "h200": ChipSpec("h200", "NVIDIA H200 141GB HBM3e", 989e12, 67e12, 151397597184, 4800e9,
+                     "https://www.nvidia.com/en-us/data-center/h200/ (datasheet, SXM: 989 TFLOPS "
+                     "bf16 dense, 67 TFLOPS FP32, 141 GB HBM3e, 4.8 TB/s)", "gpu", "h200.txtpb"),
+})
+
+# Topologies this module was checked with (libtpu 0.0.42, jax-cuda13-plugin 0.10.2); any
+# `<chip>:<shape>` libtpu accepts works, and for GPUs `<gpu>:<n>` (one host of n GPUs) or
+# `<gpu>:<hosts>x<n>`. Listed in the unknown-topology error.
 KNOWN_TOPOLOGIES = ("v4:2x2x1", "v4:2x2x2", "v5e:2x2", "v5e:2x4", "v5e:4x4",
                     "v5e:8x16", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:4x4x4",
-                    "v6e:2x2", "v6e:4x4", "v6e:16x16")
+                    "v6e:2x2", "v6e:4x4", "v6e:16x16",
+                    "h100:1", "h100:8", "h100:2x8", "h200:1", "h200:8", "a100:8")
+
+# Without a device XLA:GPU cannot autotune, and its Triton GEMM emitter then found no tile
+# sizes for some of the step's matmuls ("Couldn't find output tile sizes that satisfy hlo:
+# %dot = bf16[1280,3840] ...", the teacher step at 1231x1907, jax 0.10.2). Planned with cuBLAS
+# GEMMs instead, which is what XLA falls back to on a GPU too; the buffers are the same but
+# for cuBLAS's workspace.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+# The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+GPU_DEFAULT_MEM_FRACTION = 0.75
 
 # Process exit codes of launch/aot_compile.py.
 EXIT_FITS, EXIT_COMPILE_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
@@ -102,9 +142,55 @@ def _unknown_topology(topology: str) -> str:
           f"{', '.join(CHIPS)}; known: {', '.join(KNOWN_TOPOLOGIES)}")
 
 
+def gpu_mem_fraction() -> float:
+  """The share of GPU memory a JAX process may use (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+  try:
+    return float(value) if value else GPU_DEFAULT_MEM_FRACTION
+  except ValueError:
+    raise AotUsageError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r} is not a number "
+                        "between 0 and 1") from None
+
+
+def _gpu_topology(topology: str) -> str:
+  """'h100:8' -> the plugin's '1x1x8' (slices x hosts x GPUs per host); 'h100:2x8' -> '1x2x8'."""
+  shape = topology.split(":", 1)[1].strip().lower()
+  parts = shape.split("x")
+  if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise AotUsageError(f"GPU topology {topology!r}: write <gpu>:<GPUs> or "
+                        f"<gpu>:<hosts>x<GPUs per host>, e.g. h100:8 or h100:2x8")
+  hosts, per_host = (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+  return f"1x{hosts}x{per_host}"
+
+
+def _gpu_devices(topology: str, chip: ChipSpec) -> list[jax.Device]:
+  try:
+    import jax_plugins.xla_cuda13  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise AotUsageError("jax's CUDA plugin (jax-cuda13-plugin, jax-cuda13-pjrt) is not "
+                        "installed, so GPU topologies cannot be described: "
+                        "pip install -e \".[gpu-aot]\" (no GPU or NVIDIA wheels needed)") from e
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets",
+                      chip.target_file)
+  with open(path, encoding="utf-8") as f:
+    target = f.read()
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", target_config=target,
+                                        topology=_gpu_topology(topology))
+  except AotUsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise AotUsageError(f"jax's CUDA plugin could not describe {topology!r}: "
+                        f"{_first_line(e)}") from e
+  return list(desc.devices)
+
+
 def topology_devices(topology: str) -> list[jax.Device]:
-  """The devices of a TPU topology (no TPU needed; needs libtpu)."""
-  chip_of(topology)
+  """The devices of a TPU or GPU topology (no TPU or GPU needed; needs libtpu or the plugin)."""
+  chip = chip_of(topology)
+  if chip.platform == "gpu":
+    return _gpu_devices(topology, chip)
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
@@ -136,23 +222,6 @@ def num_chips(devices: Sequence[jax.Device]) -> int:
   return len(coords)
 
 
-# ============================================================================ target platform
-
-
-def for_target(config: ml_collections.ConfigDict, platform: str = "tpu"
-               ) -> ml_collections.ConfigDict:
-  """A copy of `config` whose backend-dependent choices are the target platform's.
-
-  `model.depthwise_impl=''` means "the backend's default", which the model resolves from
-  `jax.default_backend()` at trace time: the host's (CPU) during an AOT compile.
-  """
-  from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(config.to_dict())
-  if not config.model.get("depthwise_impl"):
-    config.model.depthwise_impl = layers.default_depthwise_impl(platform)
-  return config
-
-
 # ============================================================================ reports
 
 
@@ -171,6 +240,7 @@ class StepReport:
   per_chip_bytes: float = float("nan")
   flops_per_step: float = float("nan")
   bytes_accessed_per_step: float = float("nan")
+  bytes_unfused_per_step: float = float("nan")  # GPU: before fusion, an upper bound
   error: str = ""
   levers: list[str] = dataclasses.field(default_factory=list)
 
@@ -180,10 +250,14 @@ class StepReport:
     bw = chip.hbm_bytes_per_s / devices_per_chip
     compute_s = self.flops_per_step / peak
     memory_s = self.bytes_accessed_per_step / bw
-    step_s = max(compute_s, memory_s)
+    if np.isfinite(memory_s):
+      step_s = max(compute_s, memory_s)
+      bound = "memory" if memory_s >= compute_s else "compute"
+    else:  # GPU without a device: the traffic after fusion is unknown
+      step_s, bound = compute_s, "compute (HBM traffic unknown)"
     return {"compute_s": compute_s, "memory_s": memory_s, "roofline_step_s": step_s,
             "roofline_images_per_s": self.global_batch / step_s if step_s > 0 else float("nan"),
-            "bound": "memory" if memory_s >= compute_s else "compute"}
+            "bound": bound}
 
 
 @dataclasses.dataclass
@@ -200,6 +274,7 @@ class AotReport:
   train: StepReport
   eval: StepReport | None = None
   hbm_available_bytes: float = float("nan")  # XLA's usable HBM when it reported it
+  runtime: dict[str, Any] = dataclasses.field(default_factory=dict)  # the target's
 
   @property
   def fits(self) -> bool:
@@ -213,15 +288,31 @@ class AotReport:
   def hbm_per_device(self) -> float:
     return self.chip.hbm_bytes / self.devices_per_chip
 
+  @property
+  def usable_bytes(self) -> float:
+    """What one device's program may hold: XLA's usable HBM (TPU), the allocator's share (GPU)."""
+    if self.chip.platform == "gpu":
+      return self.hbm_per_device * gpu_mem_fraction()
+    return self.hbm_available_bytes if np.isfinite(self.hbm_available_bytes) else (
+        self.hbm_per_device)
+
+  @property
+  def cost_source(self) -> str:
+    if self.chip.platform == "gpu":
+      return ("flops: XLA HLO cost analysis of the step before partitioning and fusion, per "
+              "device; bytes after fusion: unknown without a GPU")
+    return "XLA cost_analysis of the compiled module"
+
   def to_json(self) -> dict[str, Any]:
     t = self.train
     d: dict[str, Any] = {
         "fits": self.fits, "topology": self.topology, "chip": self.chip.name,
         "chips": self.chips, "devices": self.devices, "kind": self.kind,
-        "compute_dtype": self.compute_dtype, "remat": self.remat,
+        "compute_dtype": self.compute_dtype, "remat": self.remat, "runtime": self.runtime,
         "global_batch": t.global_batch, "per_chip_batch": t.per_chip_batch,
         "per_chip_bytes": _num(t.per_chip_bytes), "hbm_bytes": self.hbm_per_device,
         "hbm_available_bytes": _num(self.hbm_available_bytes),
+        "usable_bytes": _num(self.usable_bytes), "cost_source": self.cost_source,
         "argument_bytes": _num(t.argument_bytes), "output_bytes": _num(t.output_bytes),
         "alias_bytes": _num(t.alias_bytes), "temp_bytes": _num(t.temp_bytes),
         "flops_per_step": _num(t.flops_per_step),
@@ -229,6 +320,9 @@ class AotReport:
         "flops_per_image": _num(t.flops_per_step / t.per_chip_batch),
         "bytes_accessed_per_image": _num(t.bytes_accessed_per_step / t.per_chip_batch),
     }
+    if np.isfinite(t.bytes_unfused_per_step):
+      d["bytes_unfused_per_image_upper_bound"] = _num(t.bytes_unfused_per_step /
+                                                      t.per_chip_batch)
     if t.fits:
       r = t.roofline(self.chip, self.devices_per_chip, self.compute_dtype == "bfloat16")
       d.update({k: _num(v) if k != "bound" else v for k, v in r.items()})
@@ -258,36 +352,52 @@ class AotReport:
       if step is None:
         continue
       out += self._step_lines(step)
+    fp32 = "fp32 (derived)" if c.platform == "tpu" else "fp32"
     out.append(f"chip {c.name}: {c.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
-               f"{c.peak_fp32_flops / 1e12:.1f} fp32 (derived), {c.hbm_bytes / GiB:.0f} GiB HBM "
+               f"{c.peak_fp32_flops / 1e12:.1f} {fp32}, {c.hbm_bytes / GiB:.1f} GiB HBM "
                f"at {c.hbm_bytes_per_s / 1e9:.0f} GB/s [{c.source}]")
+    if c.platform == "gpu":
+      out.append(f"GPU plan without a GPU: fits = total within {gpu_mem_fraction():.2f} of the "
+                 "device (XLA_PYTHON_CLIENT_MEM_FRACTION); no autotuning, so real memory may "
+                 f"differ somewhat. Costs: {self.cost_source}.")
     return out
 
   def _step_lines(self, s: StepReport) -> list[str]:
-    hbm = self.hbm_per_device
+    hbm = self.usable_bytes
     head = f"[{s.name}] "
     if s.error and not s.fits and not np.isfinite(s.temp_bytes) and "out of memory" not in s.error:
       return [head + f"COMPILE ERROR (not out-of-memory): {s.error}"]
     if not s.fits:
       lines = [head + f"DOES NOT FIT: {s.error}",
                head + f"arguments {_gb(s.argument_bytes)}, temporaries {_gb(s.temp_bytes)}, "
-               f"HBM {_gb(hbm)} per chip"]
+               f"usable {_gb(hbm)} per chip"]
       lines += [head + "lever: " + l for l in s.levers]
       return lines
     lines = [head + f"memory per chip: arguments {_gb(s.argument_bytes)}, outputs "
              f"{_gb(s.output_bytes)}, aliased {_gb(s.alias_bytes)}, temporaries "
-             f"{_gb(s.temp_bytes)}, total {_gb(s.per_chip_bytes)} of {_gb(hbm)} HBM "
+             f"{_gb(s.temp_bytes)}, total {_gb(s.per_chip_bytes)} of {_gb(hbm)} usable "
              f"(headroom {_gb(hbm - s.per_chip_bytes)})",
              head + f"per step per chip: {s.flops_per_step / 1e12:.3f} TFLOP, "
-             f"{s.bytes_accessed_per_step / 1e9:.1f} GB accessed; per image: "
+             f"{_dec(s.bytes_accessed_per_step)} accessed; per image: "
              f"{s.flops_per_step / s.per_chip_batch / 1e12:.3f} TFLOP, "
-             f"{s.bytes_accessed_per_step / s.per_chip_batch / 1e9:.1f} GB"]
+             f"{_dec(s.bytes_accessed_per_step / s.per_chip_batch)}"]
+    if np.isfinite(s.bytes_unfused_per_step):
+      lines.append(head + f"bytes before fusion (upper bound): "
+                   f"{s.bytes_unfused_per_step / s.per_chip_batch / 1e9:.1f} GB per image")
     r = s.roofline(self.chip, self.devices_per_chip, self.compute_dtype == "bfloat16")
     lines.append(head + f"roofline: step >= {r['roofline_step_s'] * 1e3:.1f} ms "
-                 f"(compute {r['compute_s'] * 1e3:.1f} ms, HBM {r['memory_s'] * 1e3:.1f} ms: "
+                 f"(compute {r['compute_s'] * 1e3:.1f} ms, HBM {_ms(r['memory_s'])}: "
                  f"{r['bound']}-bound), <= {r['roofline_images_per_s']:.1f} images/s on "
                  f"{self.chips} chips ({r['roofline_images_per_s'] / self.chips:.2f} per chip)")
     return lines
+
+
+def _dec(x: float) -> str:
+  return f"{x / 1e9:.1f} GB" if np.isfinite(x) else "? GB"
+
+
+def _ms(x: float) -> str:
+  return f"{x * 1e3:.1f} ms" if np.isfinite(x) else "? ms"
 
 
 def _gb(x: float) -> str:
@@ -345,14 +455,38 @@ def _cost(compiled: Any) -> tuple[float, float]:
   return float(ca.get("flops", float("nan"))), float(ca.get("bytes accessed", float("nan")))
 
 
+def _unpartitioned_cost(lowered: Any, devices: int) -> tuple[float, float]:
+  """(FLOPs, bytes) per device from XLA's HLO cost analysis of the step before partitioning.
+
+  For GPU targets, whose compiled module answers no `cost_analysis()` without a device. The
+  analysis runs on this host's CPU client over the global program; FLOPs do not depend on
+  fusion, bytes do (before fusion every op reads and writes memory): an upper bound.
+  """
+  try:
+    from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+    module = lowered.compiler_ir("hlo").as_hlo_module()
+    cpu = jax.devices("cpu")[0].client
+    ca = xla_client._xla.hlo_module_cost_analysis(cpu, module)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except  # private API: degrade to unknown
+    return float("nan"), float("nan")
+  return (float(ca.get("flops", float("nan"))) / devices,
+          float(ca.get("bytes accessed", float("nan"))) / devices)
+
+
 def _compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int,
-                  chips: int) -> tuple[StepReport, float]:
-  """Lowers and compiles `jitted(*args)`; (report, XLA's usable HBM or NaN)."""
+                  chips: int, gpu_usable: float | None = None) -> tuple[StepReport, float]:
+  """Lowers and compiles `jitted(*args)`; (report, XLA's usable HBM or NaN).
+
+  `gpu_usable`: for a GPU target, the bytes one device's program may hold (XLA:GPU compiles
+  whatever the size, so fitting is decided here).
+  """
   report = StepReport(name=name, fits=False, global_batch=global_batch,
                       per_chip_batch=global_batch / chips,
                       argument_bytes=_per_device_bytes(args))
   try:
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile(
+        compiler_options=GPU_COMPILER_OPTIONS if gpu_usable is not None else None)
   except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError/others
     if not _is_oom(e):
       report.error = _first_line(e)
@@ -370,7 +504,15 @@ def _compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int
   report.temp_bytes = float(m.temp_size_in_bytes)
   report.per_chip_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes
                            + report.temp_bytes)
-  report.flops_per_step, report.bytes_accessed_per_step = _cost(compiled)
+  if gpu_usable is None:
+    report.flops_per_step, report.bytes_accessed_per_step = _cost(compiled)
+    return report, float("nan")
+  n = len(jax.tree.leaves(args)[0].sharding.device_set)
+  report.flops_per_step, report.bytes_unfused_per_step = _unpartitioned_cost(lowered, n)
+  if report.per_chip_bytes > gpu_usable:
+    report.fits = False
+    report.error = (f"out of memory: the step needs {_gb(report.per_chip_bytes)} per GPU, "
+                    f"more than the {_gb(gpu_usable)} JAX may use")
   return report, float("nan")
 
 
@@ -446,10 +588,13 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
   """
   from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   chip = chip_of(topology)
   devices = topology_devices(topology)
   chips = num_chips(devices)
-  config = for_target(config, "tpu")
+  # The target's runtime, not this host's: the program the target would run.
+  rt = runtime_lib.for_training(config, runtime_lib.platform_of(devices[0]))
+  gpu_usable = chip.hbm_bytes * gpu_mem_fraction() if chip.platform == "gpu" else None
   distill = bool(config.teacher_checkpoint)
   mesh = sharding.make_mesh(config.mesh, devices)
   checked = [("config.batch_size", config.batch_size)]
@@ -460,8 +605,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
       raise AotUsageError(f"{what}={b} must be divisible by the {mesh.size} devices of "
                           f"{topology}")
 
-  teacher = _teacher_model(config, teacher_backbone) if distill else None
-  steps = train.build_steps(config, mesh, steps_per_epoch, teacher)
+  teacher = _teacher_model(config, teacher_backbone, rt.frozen()) if distill else None
+  steps = train.build_steps(config, mesh, steps_per_epoch, teacher, rt)
   state = steps.abstract_state
   h, w = config.data.image_size
   bs = sharding.batch_sharding(mesh)
@@ -478,24 +623,30 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
     t_shapes = {"params": t_shapes["params"], "batch_stats": t_shapes.get("batch_stats", {})}
     teacher_vars = _abstract(t_shapes, steps.teacher_shardings)
   train_report, available = _compile_step(
-      "train", steps.train_step, (state, batch, teacher_vars), config.batch_size, chips)
+      "train", steps.train_step, (state, batch, teacher_vars), config.batch_size, chips,
+      gpu_usable)
   report = AotReport(topology=topology, chip=chip, devices=len(devices), chips=chips,
                      compute_dtype=config.compute_dtype, remat=bool(config.remat),
                      kind="distillation" if distill else "teacher", train=train_report,
-                     hbm_available_bytes=available)
+                     hbm_available_bytes=available, runtime=rt.to_dict())
   if with_eval:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     report.eval, _ = _compile_step("eval", steps.eval_step,
                                    (variables, images(config.data.eval_batch_size)),
-                                   config.data.eval_batch_size, chips)
-  hbm = available if np.isfinite(available) else report.hbm_per_device
+                                   config.data.eval_batch_size, chips, gpu_usable)
+  hbm = report.usable_bytes
   for step in (report.train, report.eval):
     if step is not None and not step.fits and step.error.startswith("out of memory"):
       step.levers = _levers(config, step, hbm, state, devices, chips)
+      if chip.platform == "gpu" and gpu_mem_fraction() < 0.95:
+        step.levers.append("XLA_PYTHON_CLIENT_MEM_FRACTION=.95: let JAX's allocator take "
+                           f"{_gb(0.95 * report.hbm_per_device)} of the GPU instead of "
+                           f"{_gb(hbm)}")
   return report
 
 
-def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> Any:
+def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str,
+                   runtime: Any) -> Any:
   """The frozen teacher module for distillation, reading no weights.
 
   The architecture is the stored model config of `config.teacher_checkpoint` when that is an
@@ -505,14 +656,13 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> 
   too when the preset's does not fit that size).
   """
   from mobileiqa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   path = config.teacher_checkpoint
   if path and os.path.exists(path):
     meta = ckpt_lib.read_json_item(ckpt_lib.resolve_checkpoint(path), "meta") or {}
     if "model_config" not in meta:
       raise AotUsageError(f"config.teacher_checkpoint={path!r}: no stored model config")
-    t_cfg = dict(meta["model_config"])
+    t_cfg, _ = ckpt_lib.split_model_config(meta["model_config"])
     if teacher_backbone:
       t_cfg["backbone"] = teacher_backbone
   else:
@@ -524,10 +674,8 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str) -> 
     if teacher_backbone:
       overrides["backbone"] = teacher_backbone
     t_cfg = mobileiqa.model_config("teacher", **overrides).to_dict()
-  # As the trainer: the teacher computes in the run's dtype; the depthwise form is the target's.
-  t_cfg["dtype"] = config.compute_dtype
-  t_cfg["depthwise_impl"] = t_cfg.get("depthwise_impl") or layers.default_depthwise_impl("tpu")
-  return mobileiqa.build_model(t_cfg)
+  # As the trainer: the run's runtime on the target, forward only (`Runtime.frozen`).
+  return mobileiqa.build_model(t_cfg, runtime)
 
 
 def main_report(report: AotReport) -> tuple[list[str], str, int]:

@@ -17,11 +17,12 @@ through an orbax `CheckpointManager` (`TrainCheckpointer`).
   - a training workdir (`runs/teacher_demo`) or its `checkpoints/` folder: it loads the step with
     the best selection metric (SROCC+PLCC+KROCC of an epoch-end evaluation) if any step has one,
     otherwise the latest step. `which='latest'` or `step=N` choose explicitly.
-`model_config` is the architecture only (`build_model(model_config)` rebuilds it); how the run
-computed and where it started (`compute_dtype`, `remat`, `head_init`) is kept apart in
+`model_config` is the architecture only (`build_model(model_config, runtime)` rebuilds it); how
+the run computed and where it started (`compute_dtype`, `remat`, `head_init`) is kept apart in
 `training`, so a bfloat16-trained model is scored in float32 by predict, evaluate and export
-alike unless a caller asks otherwise (`load_model(..., compute_dtype=...)`). Checkpoints written before this split carry `dtype` and
-`backbone_kwargs.remat` inside `model_config`; reading moves them to `training`.
+alike unless a caller passes another `runtime.Runtime`. Checkpoints written before this split
+carry `dtype`, `depthwise_impl` and `backbone_kwargs.remat` inside `model_config`; reading
+moves them to `training`.
 
 `extra` conventionally holds 'image_size' ([H, W]) and 'mos_range' ([lo, hi] that the MOS was
 min-max normalised from, or None when the model predicts the data set's own scale).
@@ -80,23 +81,15 @@ def to_plain(x: Any) -> Any:
 def split_model_config(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A model config -> (architecture, training settings).
 
-  The training settings are the compute dtype (`dtype` -> `compute_dtype`), backbone
-  rematerialisation (`backbone_kwargs.remat` -> `remat`) and the head's initialisation
-  (`head_init`): they change how the numbers are computed or where training started, not
-  which model it is.
+  The training settings are how the run computed (`runtime.architecture_of`: `dtype` ->
+  `compute_dtype`, `backbone_kwargs.remat` -> `remat`, `depthwise_impl`), found inside the
+  model configs of older checkpoints, and the head's initialisation (`head_init`): they change
+  how the numbers are computed or where training started, not which model it is.
   """
-  arch = to_plain(dict(model_config))
-  training = {}
-  if "dtype" in arch:
-    training["compute_dtype"] = str(arch.pop("dtype"))
+  from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
+  arch, training = runtime.architecture_of(to_plain(dict(model_config)))
   if "head_init" in arch:
     training["head_init"] = arch.pop("head_init")
-  kwargs = arch.get("backbone_kwargs")
-  if isinstance(kwargs, Mapping) and "remat" in kwargs:
-    kwargs = dict(kwargs)
-    remat = kwargs.pop("remat")
-    training["remat"] = remat if isinstance(remat, str) else bool(remat)  # 'block', 'stage
-    arch["backbone_kwargs"] = kwargs
   return arch, training
 
 
@@ -201,15 +194,15 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
 
 
 def load_model(directory: str, which: str = "best", step: int | None = None,
-               compute_dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+               runtime: Any = None) -> tuple[Any, Any, dict[str, Any]]:
   """Loads (model, variables, meta) from any checkpoint the project writes.
 
   Args:
     directory: standalone checkpoint, training step directory, checkpoints folder or workdir.
     which: for workdirs, 'best' (largest selection metric, else latest) or 'latest'.
     step: for workdirs, an explicit step.
-    compute_dtype: the model's compute dtype; None: float32, whatever the run trained in
-      (its setting is in meta['training']).
+    runtime: how the model runs (`runtime.Runtime`); None: `runtime.DEFAULT` (float32),
+      whatever the run trained in (its settings are in meta['training']).
 
   Returns:
     model: the Flax module built from the stored architecture.
@@ -224,7 +217,7 @@ def load_model(directory: str, which: str = "best", step: int | None = None,
   train = read_json_item(path, "train")
   if train is not None:
     meta["train"] = train
-  model = mobileiqa.build_model(dict(meta["model_config"], dtype=compute_dtype or "float32"))
+  model = mobileiqa.build_model(meta["model_config"], runtime)
   logging.info("loaded the %s from %s", meta["model_config"].get("variant", "model"), path)
   return model, variables, meta
 

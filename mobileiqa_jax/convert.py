@@ -373,32 +373,34 @@ def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None
 
 
 def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
-                              source: str = "checkpoint",
+                              source: str = "checkpoint", runtime: Any = None,
                               **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """A MobileIQA state dict -> (module, variables, model config dict), strictly, in memory.
 
-  `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`).
+  `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`);
+  `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   config = model_config_for_state_dict(state_dict, model, source)
   if overrides:
     config = mobileiqa.MobileIQAConfig.from_dict(dict(config.to_dict(), **overrides))
-  module = mobileiqa.build_model(config)
+  module = mobileiqa.build_model(config, runtime)
   variables = torch_to_flax(state_dict, variables_template(module), source=source)
   return module, variables, config.to_dict()
 
 
-def load_mobileiqa(path: str | os.PathLike, model: str | None = None,
+def load_mobileiqa(path: str | os.PathLike, model: str | None = None, runtime: Any = None,
                    **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """The authors' whole-model checkpoint (`.pkl` state dict) -> (module, variables, config).
 
   Args:
     path: the checkpoint.
     model: 'teacher' (MobileViT-IQA) or 'student' (MobileNet-IQA); None: read from the keys.
+    runtime: how the module runs (`runtime.Runtime`); None: `runtime.DEFAULT`.
     **overrides: model config fields to set instead of those read from the keys.
   """
   return mobileiqa_from_state_dict(load_state_dict(path), model, source=os.fspath(path),
-                                   **overrides)
+                                   runtime=runtime, **overrides)
 
 
 def _refuse_overwrite(output: str, overwrite: bool) -> None:
@@ -431,8 +433,9 @@ def torch_file_to_checkpoint(path: str, model: str | None, output: str,
   Returns:
     'teacher' or 'student': what was converted.
   """
-  from mobileiqa_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
-  size_hw = inference.parse_image_size(image_size, "--image_size")
+  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  size_hw = preprocess.parse_image_size(image_size, "--image_size")
   _refuse_overwrite(output, overwrite)
   _, variables, config = load_mobileiqa(path, model)
   checkpoint.save_model(output, variables, config,

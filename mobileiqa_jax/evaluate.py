@@ -34,6 +34,7 @@ from mobileiqa_jax import inference
 from mobileiqa_jax import metrics as metrics_lib
 from mobileiqa_jax import sharding
 from mobileiqa_jax.data import feed
+from mobileiqa_jax.models import runtime as runtime_lib
 
 PyTree = Any
 
@@ -137,13 +138,15 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
                         which: str = "best", batch_size: int | None = None) -> dict[str, Any]:
   """Scores a split with a checkpoint; returns the metrics (also written to output_dir)."""
   sharding.maybe_initialize_distributed(bool(config and config.get("distributed")))
+  # Float32 (as predict and export) in this backend's form, decided once here.
+  rt = runtime_lib.Runtime.for_platform(jax.default_backend())
   if inference.is_state_dict_file(checkpoint_dir):  # the authors' .pkl: needs --config
     path = os.path.abspath(checkpoint_dir)
-    model, host_vars, model_config = convert.load_mobileiqa(path)
+    model, host_vars, model_config = convert.load_mobileiqa(path, runtime=rt)
     meta = {"model_config": model_config, "extra": {}}
   else:
     path = ckpt_lib.resolve_checkpoint(checkpoint_dir, which=which)
-    model, host_vars, meta = ckpt_lib.load_model(path)  # float32, as predict and export
+    model, host_vars, meta = ckpt_lib.load_model(path, runtime=rt)
   config = config or _workdir_config(path)
   if config is None:
     raise ValueError(f"{path} is not inside a training workdir: pass --config to say which "

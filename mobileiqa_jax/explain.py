@@ -192,7 +192,7 @@ def explain_command(checkpoint: str, paths: Sequence[str], output_dir: str, err:
   from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
   if not paths:
     raise ValueError("no PATH given: name image files or folders to explain.")
-  inference.parse_image_size(image_size)
+  preprocess.parse_image_size(image_size)
   files = inference.expand_paths(paths)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise NotADirectoryError(f"--output={output_dir} is a file, not a folder.")

@@ -56,9 +56,10 @@ app (they are image-library work, not model work); see `sidecar()`.
   `tensorflow` package's `tf.lite.Interpreter`, or the Flex AAR on Android) — `ai-edge-litert`
   alone cannot run it. It is a documented fallback only; the sidecar records `requires_flex`.
 - Depthwise convolutions are exported with `depthwise_impl='conv'` (one DEPTHWISE_CONV_2D
-  that XNNPACK runs well), whatever the checkpoint's config says: the 'shift' form (k*k
-  strided slices and multiply-adds, faster under XLA:CPU) reads the same parameters and gives
-  the same numbers, but would become k*k STRIDED_SLICE/MUL/ADD ops per layer in TFLite.
+  that XNNPACK runs well; `runtime.FOR_EXPORT`), whatever the exporting host would pick: the
+  'shift' form (k*k strided slices and multiply-adds, faster under XLA:CPU) reads the same
+  parameters and gives the same numbers, but would become k*k STRIDED_SLICE/MUL/ADD ops per
+  layer in TFLite.
 - After writing the file, `export` runs it once in a fresh LiteRT process (`probe`: XNNPACK,
   2 threads) and the sidecar's `runtime` records the delegate, threads, peak resident memory
   and latency measured there, for the app's budget.
@@ -79,8 +80,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mobileiqa_jax.data import preprocess
-# One reader of --image_size for every command (and its MIN_SIDE), shared with predict.
-from mobileiqa_jax.inference import MIN_SIDE, parse_image_size  # noqa: F401
 
 SIDECAR_FORMAT = "mobileiqa_jax.tflite/1"
 QUANTIZATIONS = ("none", "float16", "dynamic_int8")
@@ -99,15 +98,6 @@ def check_quantize(quantize: str) -> str:
   if quantize not in QUANTIZATIONS:
     raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}; got {quantize!r}.")
   return quantize
-
-
-def export_model_for(model_config: Mapping[str, Any]):
-  """The Flax model to export for a stored model config: float32, depthwise_impl='conv'."""
-  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  cfg = dict(model_config)
-  cfg["depthwise_impl"] = "conv"
-  cfg["dtype"] = "float32"
-  return mobileiqa.build_model(cfg)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -195,7 +185,8 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
   `_lda_tf`), the MALs and regressor (jax2tf).
 
   Args:
-    model: a `mobileiqa.MobileIQA`. Export one with depthwise_impl='conv' (`export_model_for`).
+    model: a `mobileiqa.MobileIQA`. Build it with `models.runtime.FOR_EXPORT` (float32, depthwise
+      impl 'conv').
     variables: its variables ({'params', 'batch_stats'}); embedded as constants.
     image_size: (H, W), validated by `parse_image_size`.
     quantize: 'none', 'float16' or 'dynamic_int8'.
@@ -209,7 +200,7 @@ def to_tflite(model: Any, variables: Any, image_size: Sequence[int], quantize: s
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  h, w = parse_image_size(image_size, "image_size")
+  h, w = preprocess.parse_image_size(image_size, "image_size")
   check_quantize(quantize)
   variables = {c: dict(v) for c, v in dict(variables).items()}
   lda_names = [f"{model.lda_prefix}{i + 1}" for i in range(model._num_views())]  # pylint: disable=protected-access
@@ -389,7 +380,7 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   With `measure`, the written model is run once in a fresh LiteRT process (`probe`, XNNPACK,
   `num_threads`) and the sidecar records its peak memory and latency.
   """
-  size = parse_image_size(image_size, "image_size")
+  size = preprocess.parse_image_size(image_size, "image_size")
   check_quantize(quantize)
   data = to_tflite(model, variables, size, quantize, select_tf_ops)
   ops = op_counts(data)
@@ -423,14 +414,14 @@ def export_checkpoint(checkpoint: str, output: str, image_size: Any = None,
   state dict); the default input size is the checkpoint's.
   """
   from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   check_quantize(quantize)
-  parse_image_size(image_size, "--image_size")
+  preprocess.parse_image_size(image_size, "--image_size")
   if not output.endswith(".tflite"):
     raise ValueError(f"--output must name a .tflite file, got {output!r}.")
   # What `load` accepts (checkpoint, workdir, the authors' .pkl), in float32 as predict scores.
-  scorer = inference.load(checkpoint, image_size)
-  model = export_model_for(scorer.model_config)
-  return export(model, scorer.variables, output, scorer.image_size, quantize,
+  scorer = inference.load(checkpoint, image_size, runtime=runtime_lib.FOR_EXPORT)
+  return export(scorer.model, scorer.variables, output, scorer.image_size, quantize,
                 scorer.model_config, scorer.extra, select_tf_ops, source=scorer.source)
 
 

@@ -20,7 +20,6 @@ import concurrent.futures
 import csv
 import dataclasses
 import os
-import re
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
@@ -32,12 +31,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # PyTorch/timm state-dict files (the authors' release is a .pkl); anything else is read as an
 # orbax checkpoint folder or a training workdir.
 STATE_DICT_EXTENSIONS = (".pkl", ".pth", ".pt", ".bin", ".safetensors")
-# The size the authors' models were trained at (UHD-IQA, H x W): the default for a state dict,
-# which stores no input size.
-REFERENCE_IMAGE_SIZE = (1231, 1907)
-# The backbone's deepest feature has stride 32: below 32 px a side the network sees less than
-# one cell of it and the model is meaningless (and some paths would produce empty windows).
-MIN_SIDE = 32
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -176,46 +169,6 @@ def score_files(
                  [os.fspath(p) for p in paths])
 
 
-def parse_image_size(value: str | Sequence[Any] | None,
-                     setting: str = "--image_size") -> tuple[int, int] | None:
-  """'H,W', 'HxW' or (H, W) -> (H, W) of whole numbers >= MIN_SIDE; None / '' -> None.
-
-  The one reader of an image size for every command (predict, convert, export, explain) and
-  for `load`. Raises ValueError naming `setting` for anything else (one number, three
-  numbers, floats, words, zero, negative or too small sides).
-  """
-  if value is None or (isinstance(value, str) and not value.strip()):
-    return None
-  hint = (f"{setting} must be HEIGHT,WIDTH: two whole numbers of pixels, each >= {MIN_SIDE} "
-          f"(the backbone's deepest stride), e.g. 512,512 or 1231,1907")
-  if isinstance(value, str):
-    parts = [p.strip() for p in re.split(r"[,x]", value.strip())]
-  else:
-    try:
-      parts = list(value)
-    except TypeError:
-      raise ValueError(f"{hint}; got {value!r}.") from None
-  if len(parts) != 2:
-    raise ValueError(f"{hint}; got {value!r} ({len(parts)} value(s)).")
-  out = []
-  for p in parts:
-    if isinstance(p, (bool, np.bool_)):
-      raise ValueError(f"{hint}; got {value!r}.")
-    if isinstance(p, (int, np.integer)):
-      v = int(p)
-    elif isinstance(p, (float, np.floating)) and float(p).is_integer():
-      v = int(p)
-    elif isinstance(p, str) and re.fullmatch(r"[+-]?\d+", p):
-      v = int(p)
-    else:
-      raise ValueError(f"{hint}; got {value!r} ({p!r} is not a whole number).")
-    if v < MIN_SIDE:
-      what = "not positive" if v <= 0 else f"smaller than {MIN_SIDE}"
-      raise ValueError(f"{hint}; got {value!r} ({v} is {what}).")
-    out.append(v)
-  return out[0], out[1]
-
-
 class Scorer:
   """A MobileIQA model ready to score photos (what `load` returns).
 
@@ -229,7 +182,8 @@ class Scorer:
 
   Attributes:
     image_size: (height, width) every image is resized to (PIL bicubic, as the reference).
-    model_config: the architecture (`MobileIQAConfig.to_dict()`), plus its compute dtype.
+    model_config: the architecture (`MobileIQAConfig.to_dict()`); how it runs is the model's
+      `runtime.Runtime`, chosen by `load`.
     score_min, score_max: the range scores are on: (0, 1) for a model with a final sigmoid
       (the student) and for one trained on MOS normalised to [0, 1] (the teacher, then
       nominal: without a sigmoid it can step slightly outside); None where unknown (the
@@ -250,7 +204,7 @@ class Scorer:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     self.model = model
     self.variables = variables
-    self.image_size = parse_image_size(image_size, "image_size")
+    self.image_size = preprocess.parse_image_size(image_size, "image_size")
     self.model_config = dict(model_config)
     self.extra = dict(extra or {})
     self.source = source
@@ -342,7 +296,7 @@ def is_state_dict_file(path: str) -> bool:
 
 def load(path: str, image_size: Any = None, *, model: str | None = None,
          compute_dtype: str | None = None, batch_size: int = 8,
-         num_workers: int | None = None, which: str = "best") -> Scorer:
+         num_workers: int | None = None, which: str = "best", runtime: Any = None) -> Scorer:
   """Loads a MobileIQA model for scoring.
 
   Args:
@@ -355,6 +309,8 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
       or 1231x1907 (the authors' UHD-IQA size) for a state dict.
     model: 'teacher' or 'student' to insist on one for a state dict (a mismatch is an error).
     compute_dtype: None or 'float32' (default, whatever the run trained in) or 'bfloat16'.
+    runtime: a `runtime.Runtime` to run the model with; default this host's platform's
+      (`Runtime.for_platform(jax.default_backend(), compute_dtype=...)`).
     batch_size: images per forward pass.
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
@@ -368,26 +324,30 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
       scorer = mobileiqa_jax.load("MobileNet_IQA.pkl")          # the authors' student
       scores = scorer.score(["a.jpg", "b.jpg"])                 # float32 (2,), in [0, 1]
   """
-  size = parse_image_size(image_size, "image_size")
+  size = preprocess.parse_image_size(image_size, "image_size")
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
                             "workdir or a .pkl/.pth state dict).")
+  if runtime is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+    # Scoring runs here: this process's backend decides the form, once.
+    runtime = runtime_lib.Runtime.for_platform(jax.default_backend(),
+                                               compute_dtype=compute_dtype or "float32")
   if is_state_dict_file(path):
     from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
-    overrides = {"dtype": compute_dtype} if compute_dtype else {}
     module, variables, config = convert.mobileiqa_from_state_dict(
-        convert.load_state_dict(path), model, source=path, **overrides)
-    extra = {"image_size": list(REFERENCE_IMAGE_SIZE), "source": path}
+        convert.load_state_dict(path), model, source=path, runtime=runtime)
+    extra = {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}
     source = os.path.abspath(path)
   else:
     if os.path.isfile(path):
       raise ValueError(f"{path} is a file but not a state dict ({', '.join(STATE_DICT_EXTENSIONS)})"
                        ": pass a checkpoint folder, a training workdir or a state dict.")
     from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    module, variables, meta = checkpoint.load_model(path, which=which,
-                                                    compute_dtype=compute_dtype)
-    config = dict(meta["model_config"], dtype=compute_dtype or "float32")
+    module, variables, meta = checkpoint.load_model(path, which=which, runtime=runtime)
+    config = dict(meta["model_config"])
     if model is not None and config.get("variant") != model:
       raise ValueError(f"{path} holds a {config.get('variant')} model, not a {model}.")
     extra, source = dict(meta.get("extra") or {}), meta["path"]
@@ -395,7 +355,7 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     stored = extra.get("image_size")
     if not stored:
       raise ValueError(f"{path} stores no input size: pass image_size=(HEIGHT, WIDTH).")
-    size = parse_image_size(stored, f"the checkpoint's image_size ({source})")
+    size = preprocess.parse_image_size(stored, f"the checkpoint's image_size ({source})")
   return Scorer(module, variables, size, config, extra, source, batch_size, num_workers)
 
 
@@ -423,7 +383,7 @@ def predict_csv(
     raise ValueError("no PATH given: name image files or folders to score.")
   if batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
-  parse_image_size(image_size)
+  preprocess.parse_image_size(image_size)
   files = expand_paths(paths)
   scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
                 num_workers=workers)

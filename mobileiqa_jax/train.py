@@ -47,6 +47,7 @@ from mobileiqa_jax import sharding
 from mobileiqa_jax.data import feed
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
+from mobileiqa_jax.models import runtime as runtime_lib
 
 PyTree = Any
 
@@ -80,6 +81,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.data.eval_batch_size, mesh)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
+  # How the models run, decided once from the config and the mesh's devices.
+  rt = runtime_lib.for_training(config, runtime_lib.platform_of(mesh.devices.flat[0]))
+  logging.info("runtime %s", rt)
 
   # ------------------------------------------------------------------ data
   # Each process reads only its slice (process_index of process_count) of every global batch.
@@ -92,8 +96,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                data.num_train, steps_per_epoch, data.num_eval)
 
   # ------------------------------------------------------------------ model (+ teacher), steps
-  teacher, teacher_host = load_teacher(config) if config.teacher_checkpoint else (None, None)
-  steps = build_steps(config, mesh, steps_per_epoch, teacher)
+  teacher, teacher_host = (load_teacher(config, rt.frozen()) if config.teacher_checkpoint
+                           else (None, None))
+  steps = build_steps(config, mesh, steps_per_epoch, teacher, rt)
   teacher_vars = (None if teacher is None else
                   sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
 
@@ -101,6 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
   ckpt_meta = {"format": ckpt_lib.FORMAT, "model_config": steps.model_config.to_dict(),
+               "training": steps.runtime.to_dict(),  # how it was trained, not what it is
                "extra": {"image_size": list(config.data.image_size),
                          "mos_range": data.mos_range, "data": config.data.name,
                          "distilled_from": config.teacher_checkpoint or None}}
@@ -219,6 +225,7 @@ class Steps:
 
   model: mobileiqa.MobileIQA
   model_config: mobileiqa.MobileIQAConfig  # what checkpoints store
+  runtime: runtime_lib.Runtime  # how the model runs (never stored with it)
   abstract_state: TrainState  # of jax.ShapeDtypeStructs carrying their shardings
   train_step: Callable[..., tuple[TrainState, dict]]  # (state, batch, teacher_vars), donated
   eval_step: Callable[[PyTree, jax.Array], jax.Array]  # (variables, images) -> scores
@@ -237,14 +244,19 @@ class Steps:
 
 
 def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                steps_per_epoch: int, teacher: mobileiqa.MobileIQA | None = None) -> Steps:
+                steps_per_epoch: int, teacher: mobileiqa.MobileIQA | None = None,
+                runtime: runtime_lib.Runtime | None = None) -> Steps:
   """Builds the model, the optimizer, their shardings on `mesh` and the jitted steps.
 
   Reads no data and no files (the backbone weights are read by `Steps.init_variables`).
-  `teacher` is the frozen teacher of a distillation run (see `load_teacher`).
+  `teacher` is the frozen teacher of a distillation run (see `load_teacher`). `runtime` is how
+  the trained model runs; None: `runtime.for_training(config, <the platform of mesh's
+  devices>)`, which for an ahead-of-time mesh is the target's, not this host's.
   """
-  model_cfg = _model_config(config)
-  model = mobileiqa.build_model(model_cfg)
+  if runtime is None:
+    runtime = runtime_lib.for_training(config, runtime_lib.platform_of(mesh.devices.flat[0]))
+  model_cfg = mobileiqa.MobileIQAConfig.from_dict(config.model.to_dict())
+  model = mobileiqa.build_model(model_cfg, runtime)
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch)
   h, w = config.data.image_size
   dummy = jnp.zeros((1, h, w, 3), jnp.float32)
@@ -297,16 +309,21 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   eval_step = jax.jit(evaluate.make_eval_step(model),
                       in_shardings=(var_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.batch_sharding(mesh))
-  return Steps(model=model, model_config=model_cfg, abstract_state=abstract_state,
+  return Steps(model=model, model_config=model_cfg, runtime=runtime,
+               abstract_state=abstract_state,
                train_step=train_step, eval_step=eval_step, teacher_shardings=teacher_shardings,
                init_variables=init_variables, tx=tx)
 
 
-def load_teacher(config: ml_collections.ConfigDict) -> tuple[mobileiqa.MobileIQA, PyTree]:
-  """The frozen teacher of `config.teacher_checkpoint`: (module, host variables)."""
-  _, host_vars, meta = ckpt_lib.load_model(config.teacher_checkpoint)
-  # The teacher computes in the run's compute dtype too (its weights stay as stored).
-  teacher = mobileiqa.build_model(dict(meta["model_config"], dtype=config.compute_dtype))
+def load_teacher(config: ml_collections.ConfigDict, runtime: runtime_lib.Runtime
+                 ) -> tuple[mobileiqa.MobileIQA, PyTree]:
+  """The frozen teacher of `config.teacher_checkpoint`: (module, host variables).
+
+  `runtime` is the run's (the teacher computes in the run's dtype too; its weights stay as
+  stored), without remat: the teacher is never differentiated.
+  """
+  teacher, host_vars, meta = ckpt_lib.load_model(config.teacher_checkpoint,
+                                                 runtime=runtime.frozen())
   logging.info("teacher from %s", meta["path"])
   return teacher, {"params": host_vars["params"], "batch_stats": host_vars["batch_stats"]}
 
@@ -369,18 +386,6 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
     return new_state, metrics
 
   return step_fn
-
-
-def _model_config(config: ml_collections.ConfigDict) -> mobileiqa.MobileIQAConfig:
-  """config.model + compute dtype + remat -> the serialisable model config."""
-  d = config.model.to_dict()
-  d["dtype"] = config.compute_dtype
-  d["depthwise_impl"] = d.get("depthwise_impl") or None  # '' in configs: the backend's default
-  kwargs = dict(d.get("backbone_kwargs") or {})
-  if config.remat:
-    kwargs["remat"] = config.get("remat_granularity") or True
-  d["backbone_kwargs"] = kwargs
-  return mobileiqa.MobileIQAConfig.from_dict(d)
 
 
 def _check_distill_shapes(student: Any, teacher: Any, abstract_vars: PyTree, t_vars: PyTree,

@@ -19,6 +19,7 @@ from test_train_helpers import REPO, SMALLEST, tiny_config
 pytest.importorskip("libtpu")
 
 from mobileiqa_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobileiqa_jax.models import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # The tiny settings of test_train_helpers.tiny_config as command-line overrides.
 _TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.width=16",
@@ -29,7 +30,7 @@ _TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.
 
 def _tiny(kind: str = "teacher", **overrides):
   c = tiny_config(kind, **{"model.num_mals": 1, **overrides})
-  c.model.depthwise_impl = ""  # let the target platform choose (aot.for_target)
+  c.depthwise_impl = ""  # let the target platform choose (runtime.for_training)
   return c
 
 
@@ -45,13 +46,14 @@ def test_chip_table_and_target_platform_choice():
     assert chip.peak_bf16_flops > chip.peak_fp32_flops > 0
     assert chip.hbm_bytes > 0 and chip.hbm_bytes_per_s > 0
   assert aot.chip_of("v5e:4x4").hbm_bytes == 16 * aot.GiB
+  assert aot.chip_of("h100:8").platform == "gpu" and aot.chip_of("v5e:2x2").platform == "tpu"
   # The depthwise form follows the platform compiled for, not the (CPU) host: 'shift' on TPU
-  # (measured fewer bytes, layers.default_depthwise_impl), XLA's grouped conv on GPU.
+  # (measured fewer bytes, runtime.depthwise_impl_for), XLA's grouped conv on GPU.
   c = _tiny()
-  assert aot.for_target(c, "tpu").model.depthwise_impl == "shift"
-  assert aot.for_target(c, "gpu").model.depthwise_impl == "conv"
-  assert aot.for_target(c, "cpu").model.depthwise_impl == "shift"
-  assert c.model.depthwise_impl == ""  # the caller's config is not modified
+  assert runtime.for_training(c, "tpu").depthwise_impl == "shift"
+  assert runtime.for_training(c, "gpu").depthwise_impl == "conv"
+  assert runtime.for_training(c, "cpu").depthwise_impl == "shift"
+  assert c.depthwise_impl == ""  # the caller's config is not modified
 
 
 def test_unknown_topology_is_one_line_error():

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from mobileiqa_jax import checkpoint
+from mobileiqa_jax.models import runtime
 
 
 def _variables(v=1.0):
@@ -80,12 +81,14 @@ def test_model_config_stores_the_architecture_and_old_checkpoints_still_load(tmp
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   arch = mobileiqa.model_config("teacher", backbone="mobilevitv2_050", width=16,
                                 pooled_size=6).to_dict()
-  trained = dict(arch, dtype="bfloat16", backbone_kwargs={"remat": True})
+  # How older checkpoints stored their run's runtime: inside the model config.
+  trained = dict(arch, dtype="bfloat16", depthwise_impl="conv", backbone_kwargs={"remat": True})
   new = checkpoint.save_model(str(tmp_path / "new"), _variables(), trained)
   stored = checkpoint.read_json_item(new, "meta")
   assert "dtype" not in stored["model_config"] and stored["model_config"]["backbone_kwargs"] == {}
+  assert "depthwise_impl" not in stored["model_config"]
   assert stored["training"] == {"compute_dtype": "bfloat16", "remat": True,
-                                "head_init": "torch"}
+                                "depthwise_impl": "conv", "head_init": "torch"}
   old = _old_format_checkpoint(str(tmp_path / "old"), trained)
   assert checkpoint.read_json_item(old, "meta")["model_config"]["dtype"] == "bfloat16"
   for path in (new, old):
@@ -95,9 +98,12 @@ def test_model_config_stores_the_architecture_and_old_checkpoints_still_load(tmp
     assert meta["model_config"] == {k: v for k, v in arch.items()
                                     if k not in ("dtype", "head_init")}
     assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True,
-                                "head_init": "torch"}
-    model, _, _ = checkpoint.load_model(path, compute_dtype="bfloat16")
-    assert model.dtype == jnp.bfloat16
+                                "depthwise_impl": "conv", "head_init": "torch"}
+    # How it runs is the caller's runtime, not what the run stored.
+    assert model.backbone.depthwise_impl == "shift"
+    model, _, _ = checkpoint.load_model(
+        path, runtime=runtime.Runtime(compute_dtype="bfloat16", depthwise_impl="conv"))
+    assert model.dtype == jnp.bfloat16 and model.backbone.depthwise_impl == "conv"
 
 
 def _write_workdir(path, config):

@@ -32,6 +32,7 @@ from mobileiqa_jax import export
 from mobileiqa_jax import metrics
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
+from mobileiqa_jax.models import runtime
 
 LIVEC = str(data_fixtures.LIVEC_JPG)
 SIZE = (328, 488)
@@ -86,8 +87,8 @@ def _random_variables(model, seed=0):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   photos = _photos()
-  config = mobileiqa.model_config("student", depthwise_impl="conv", **SMALL)
-  model = mobileiqa.build_model(config)
+  config = mobileiqa.model_config("student", **SMALL)
+  model = mobileiqa.build_model(config, runtime.FOR_EXPORT)
   variables = _random_variables(model)
   gammas = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
             if str(getattr(p[-1], "key", "")) == "gamma"]
@@ -114,7 +115,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def float32_export(setup):
   out = str(setup["tmp"] / "student.tflite")
-  # The checkpoint stores depthwise_impl='conv'; a 'shift' config would be exported as 'conv'.
+  # Exported in `runtime.FOR_EXPORT`'s form ('conv'), whatever form this host would score in.
   meta = export.export_checkpoint(setup["ckpt"], out, quantize="none")
   return out, meta
 
@@ -255,7 +256,7 @@ def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   path = os.path.join(LIVEC, "Images", name)
   with open(path, "rb") as f:
     photo = preprocess.resize_normalize(preprocess.decode_rgb(f.read(), path), size)
-  model = mobileiqa.mobileiqa_student(depthwise_impl="conv")
+  model = mobileiqa.mobileiqa_student(runtime.FOR_EXPORT)
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
   rng = np.random.default_rng(0)

@@ -387,10 +387,9 @@ def test_bfloat16_compute_close():
 # Config and presets.
 
 def test_config_roundtrip():
-  c = model_config("student", pooled_size=8, width=64, dtype=jnp.bfloat16,
-                   backbone_kwargs={"foo": 1})
+  c = model_config("student", pooled_size=8, width=64, backbone_kwargs={"foo": 1})
   d = c.to_dict()
-  assert d["dtype"] == "bfloat16" and d["variant"] == "student"
+  assert "dtype" not in d and "depthwise_impl" not in d and d["variant"] == "student"
   assert d["backbone_name"] == "local_cnn" and d["lda_prefix"] == "LDA"
   assert d["regressor_pool"] == 2 and d["sigmoid"] is True
   import json

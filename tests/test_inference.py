@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mobileiqa_jax import inference
+from mobileiqa_jax.data import preprocess
 
 
 def test_expand_paths_keeps_order_recurses_and_sorts_folders(tmp_path):
@@ -27,7 +28,7 @@ def test_expand_paths_missing_path_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("text", ["512", "16,512", "a,b", "1,2,3"])
 def test_bad_image_size_is_an_error(text):
   with pytest.raises(ValueError, match="image_size"):
-    inference.parse_image_size(text)
+    preprocess.parse_image_size(text)
 
 
 def test_score_files_pads_batches_and_reports_bad_files_in_order(tmp_path):

@@ -130,7 +130,7 @@ def test_scorer_attributes_and_mos_mapping(models):
   assert "remat" not in meta["model_config"]["backbone_kwargs"]
   assert meta["training"] == {"compute_dtype": "bfloat16", "remat": True,
                                 "head_init": "torch"}
-  assert scorer.model.dtype == np.float32 and scorer.model_config["dtype"] == "float32"
+  assert scorer.model.dtype == np.float32 and "dtype" not in scorer.model_config
   assert mobileiqa_jax.load(models["ckpt"], compute_dtype="bfloat16").model.dtype == "bfloat16"
 
 

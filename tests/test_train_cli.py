@@ -33,7 +33,7 @@ def test_demo_cli_train_then_evaluate(tmp_path):
   proc = _launch(["launch/train.py", "--config=configs/teacher.py:demo",
                   f"--workdir={workdir}", "--config.max_steps=3",
                   "--config.model.backbone=mobilenetv3_small_050",
-                  "--config.model.depthwise_impl=conv", "--config.data.image_size=(32,32)",
+                  "--config.depthwise_impl=conv", "--config.data.image_size=(32,32)",
                   "--config.model.width=16", "--config.model.pooled_size=6"])
   assert proc.returncode == 0, proc.stderr[-5000:]
   cfg = json.load(open(os.path.join(workdir, "config.json")))

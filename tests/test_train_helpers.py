@@ -47,7 +47,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
   """
   c = (teacher_config if kind == "teacher" else student_config).get_config("demo")
   c.model.backbone = backbone
-  c.model.depthwise_impl = "conv"
+  c.depthwise_impl = "conv"
   c.model.width = 16
   c.model.pooled_size = 6
   c.model.regressor_pool = 2

@@ -24,9 +24,59 @@ image already has that size. `resize_normalize(..., pre_resize_hw=(1231, 1907))`
 from __future__ import annotations
 
 import io
+import re
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+# The size the authors' models were trained at (UHD-IQA, H x W): the default for a state dict,
+# which stores no input size.
+REFERENCE_IMAGE_SIZE = (1231, 1907)
+# The backbone's deepest feature has stride 32: below 32 px a side the network sees less than
+# one cell of it and the model is meaningless (and some paths would produce empty windows).
+MIN_SIDE = 32
+
+
+def parse_image_size(value: str | Sequence[Any] | None,
+                     setting: str = "--image_size") -> tuple[int, int] | None:
+  """'H,W', 'HxW' or (H, W) -> (H, W) of whole numbers >= MIN_SIDE; None / '' -> None.
+
+  The one reader of an image size for every command (predict, convert, export, explain) and
+  for `load`. Raises ValueError naming `setting` for anything else (one number, three
+  numbers, floats, words, zero, negative or too small sides).
+  """
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  hint = (f"{setting} must be HEIGHT,WIDTH: two whole numbers of pixels, each >= {MIN_SIDE} "
+          f"(the backbone's deepest stride), e.g. 512,512 or 1231,1907")
+  if isinstance(value, str):
+    parts = [p.strip() for p in re.split(r"[,x]", value.strip())]
+  else:
+    try:
+      parts = list(value)
+    except TypeError:
+      raise ValueError(f"{hint}; got {value!r}.") from None
+  if len(parts) != 2:
+    raise ValueError(f"{hint}; got {value!r} ({len(parts)} value(s)).")
+  out = []
+  for p in parts:
+    if isinstance(p, (bool, np.bool_)):
+      raise ValueError(f"{hint}; got {value!r}.")
+    if isinstance(p, (int, np.integer)):
+      v = int(p)
+    elif isinstance(p, (float, np.floating)) and float(p).is_integer():
+      v = int(p)
+    elif isinstance(p, str) and re.fullmatch(r"[+-]?\d+", p):
+      v = int(p)
+    else:
+      raise ValueError(f"{hint}; got {value!r} ({p!r} is not a whole number).")
+    if v < MIN_SIDE:
+      what = "not positive" if v <= 0 else f"smaller than {MIN_SIDE}"
+      raise ValueError(f"{hint}; got {value!r} ({v} is {what}).")
+    out.append(v)
+  return out[0], out[1]
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

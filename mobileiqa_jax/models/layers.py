@@ -123,30 +123,21 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
   return new_v
 
 
-def default_depthwise_impl(platform: str | None = None) -> str:
-  """'conv' on GPU, 'shift' elsewhere (CPU and TPU).
-
-  CPU: XLA:CPU grouped convs are ~7x slower than PyTorch. TPU: XLA's grouped convolution and
-  its gradients wrap the map in layout copies (W folded into blocks, taps side by side); the
-  shift form stays in the map's own layout. One depthwise 3x3 + BatchNorm + SiLU training
-  step at 616x954x128, 2 images, TPU v5e compile: 14.6 GB accessed as 'conv', 3.0 GB as
-  'shift' (benchmarks/layer_traffic.py has the blocks). GPU keeps cuDNN's kernels (not
-  measured here). `platform` is the platform the program will run on (default: this
-  process's backend); an ahead-of-time compile for a TPU from a CPU host passes 'tpu'.
-  """
-  return "conv" if (platform or jax.default_backend()) == "gpu" else "shift"
+#: The depthwise form of a module built without one: host-independent. Entry points choose the
+#: platform's form through `runtime.Runtime` (mobileiqa_jax/models/runtime.py).
+DEFAULT_DEPTHWISE_IMPL = "shift"
 
 
-def pointwise_as_matmul(depthwise_impl: str | None) -> bool:
+def pointwise_as_matmul(depthwise_impl: str) -> bool:
   """Whether the 1x1 convs of a block around a depthwise conv of this impl are matmuls.
 
   Beside the 'shift' depthwise (elementwise, in the map's own layout) they are
   `PointwiseConv`s, so no op asks for another layout; beside XLA's grouped conv, whose
   layouts `nn.Conv` shares, they stay convs. Measured on TPU v5e (benchmarks/layer_traffic.py,
   MobileViTv2 stage 1 block 1, GB per image): 7.1 conv + conv, 11.9 shift + conv, 4.1 shift +
-  matmul. `None` is the backend's default impl.
+  matmul.
   """
-  return (depthwise_impl or default_depthwise_impl()) == "shift"
+  return depthwise_impl == "shift"
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
@@ -283,7 +274,7 @@ class DepthwiseConv2d(nn.Module):
 
   `impl='conv'` is XLA's grouped convolution (cuDNN on GPU); `impl='shift'` sums k*k
   strided, shifted slices times per-channel weights, which XLA fuses into one pass (CPU and
-  TPU; see `default_depthwise_impl`). Both read the same parameters, laid out as `nn.Conv`
+  TPU; see `runtime.depthwise_impl_for`). Both read the same parameters, laid out as `nn.Conv`
   would: kernel (k, k, 1, C).
   """
 
@@ -292,7 +283,7 @@ class DepthwiseConv2d(nn.Module):
   stride: int = 1
   dilation: int = 1
   use_bias: bool = False
-  impl: str | None = None  # None: default_depthwise_impl()
+  impl: str = DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -302,7 +293,7 @@ class DepthwiseConv2d(nn.Module):
         "kernel", nn.initializers.lecun_normal(), (k, k, 1, self.features), jnp.float32
     )
     pad = torch_padding(k, s, d)
-    impl = self.impl or default_depthwise_impl()
+    impl = self.impl
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if impl == "conv":

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobileiqa_jax.models import layers
+from mobileiqa_jax.models import runtime as runtime_lib
 from mobileiqa_jax.models.mal import MAL
 
 Dtype = Any
@@ -383,7 +384,8 @@ class MobileIQAConfig:
 
   `backbone` is a timm name (`mobilevitv2_050` ... `mobilevitv2_200`, `mobilenetv3_*`); the
   backbone's width is part of its name. `backbone_kwargs` go to the backbone factory as well
-  (e.g. {'remat': True} for MobileViTv2). `dtype` is a numpy dtype name.
+  (none of the presets uses any). How the model runs (compute dtype, depthwise form, remat) is
+  not part of it: that is the `runtime.Runtime` given to `build_model`.
   """
 
   variant: str = "teacher"
@@ -396,9 +398,7 @@ class MobileIQAConfig:
   regressor_pool: int = 4
   sigmoid: bool = False
   dropout_rate: float = 0.1
-  dtype: str = "float32"
   head_init: str = "torch"
-  depthwise_impl: str | None = None
   backbone_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
@@ -409,12 +409,14 @@ class MobileIQAConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "MobileIQAConfig":
     known = {f.name for f in dataclasses.fields(cls)}
+    in_runtime = sorted(set(d) & set(runtime_lib.LEGACY_RUNTIME_KEYS))
+    if in_runtime:
+      raise ValueError(f"{in_runtime} say how a model runs, not what it is: give them to "
+                       "build_model as runtime=Runtime(compute_dtype=..., depthwise_impl=...)")
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown MobileIQA config keys {unknown}; known: {sorted(known)}")
     d = dict(d)
-    if "dtype" in d:
-      d["dtype"] = jnp.dtype(d["dtype"]).name
     if "backbone_kwargs" in d:
       d["backbone_kwargs"] = dict(d["backbone_kwargs"] or {})
     return cls(**d)
@@ -442,23 +444,30 @@ def _backbone_factory(name: str) -> Callable[..., nn.Module]:
   return mod.BACKBONES[name]
 
 
-def build_backbone(name: str, dtype: Dtype = jnp.float32, depthwise_impl: str | None = None,
+def build_backbone(name: str, runtime: runtime_lib.Runtime = runtime_lib.DEFAULT,
                    **kwargs: Any) -> nn.Module:
-  """A Flax features backbone by timm name."""
+  """A Flax features backbone by timm name, running as `runtime` says."""
   factory = _backbone_factory(name)
-  kwargs = dict(kwargs, dtype=dtype)
-  if depthwise_impl is not None:
-    kwargs["depthwise_impl"] = depthwise_impl
-  return factory(**kwargs)
+  return factory(**dict(kwargs, dtype=jnp.dtype(runtime.compute_dtype),
+                        **runtime.backbone_kwargs()))
 
 
-def build_model(config: MobileIQAConfig | Mapping[str, Any]) -> MobileIQA:
-  """Rebuilds a `MobileIQA` from a `MobileIQAConfig` or its `to_dict()`."""
+def build_model(config: MobileIQAConfig | Mapping[str, Any],
+                runtime: runtime_lib.Runtime | None = None) -> MobileIQA:
+  """Builds a `MobileIQA` from its architecture and how it runs.
+
+  This is the one place where an architecture and a runtime meet.
+
+  Args:
+    config: a `MobileIQAConfig` or its `to_dict()`.
+    runtime: compute dtype, depthwise form and remat; None is `runtime.DEFAULT` (float32,
+      'shift', no remat), the same on every host.
+  """
   if not isinstance(config, MobileIQAConfig):
     config = MobileIQAConfig.from_dict(config)
-  dtype = jnp.dtype(config.dtype)
-  backbone = build_backbone(config.backbone, dtype, config.depthwise_impl,
-                            **dict(config.backbone_kwargs))
+  runtime = runtime or runtime_lib.DEFAULT
+  dtype = jnp.dtype(runtime.compute_dtype)
+  backbone = build_backbone(config.backbone, runtime, **dict(config.backbone_kwargs))
   return MobileIQA(
       backbone=backbone,
       backbone_name=config.backbone_name,
@@ -474,15 +483,15 @@ def build_model(config: MobileIQAConfig | Mapping[str, Any]) -> MobileIQA:
   )
 
 
-def mobileiqa_teacher(**overrides: Any) -> MobileIQA:
+def mobileiqa_teacher(runtime: runtime_lib.Runtime | None = None, **overrides: Any) -> MobileIQA:
   """MobileViT-IQA (teacher): mobilevitv2_200 under `global_vit`, LDAs `LGF*`, pool 4."""
-  return build_model(model_config("teacher", **overrides))
+  return build_model(model_config("teacher", **overrides), runtime)
 
 
-def mobileiqa_student(**overrides: Any) -> MobileIQA:
+def mobileiqa_student(runtime: runtime_lib.Runtime | None = None, **overrides: Any) -> MobileIQA:
   """MobileNet-IQA (student): mobilenetv3_large_100 under `local_cnn`, LDAs `LDA*`, pool 2,
   sigmoid."""
-  return build_model(model_config("student", **overrides))
+  return build_model(model_config("student", **overrides), runtime)
 
 
 def count_params(variables: Mapping[str, Any]) -> int:

@@ -167,27 +167,24 @@ class _BlockBase(nn.Module):
 
   cfg: BlockConfig
   dtype: Dtype = jnp.float32
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
 
   def _bn_act(self, x: jax.Array, train: bool, name: str, act: str) -> jax.Array:
     # timm's BatchNormAct2d: BN then the activation, one module in the state dict.
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name=name)(x)
     return _ACTIVATIONS[act](x)
 
-  @property
-  def _impl(self) -> str:
-    return self.depthwise_impl or layers.default_depthwise_impl()
-
   def _conv(self, features: int, kernel: int, stride: int,
             name: str) -> nn.Conv | layers.PointwiseConv:
-    if kernel == 1 and stride == 1 and layers.pointwise_as_matmul(self._impl):
+    if kernel == 1 and stride == 1 and layers.pointwise_as_matmul(self.depthwise_impl):
       return layers.PointwiseConv(features, use_bias=False, dtype=self.dtype, name=name)
     return layers.conv2d(features, kernel, stride, use_bias=False, dtype=self.dtype, name=name)
 
   def _dw(self, x: jax.Array, name: str) -> jax.Array:
     c = self.cfg
     return layers.DepthwiseConv2d(
-        c.mid_chs, c.kernel_size, c.stride, impl=self._impl, dtype=self.dtype, name=name)(x)
+        c.mid_chs, c.kernel_size, c.stride, impl=self.depthwise_impl, dtype=self.dtype,
+        name=name)(x)
 
 
 class DepthwiseSeparableConv(_BlockBase):
@@ -244,8 +241,9 @@ class _Stages(nn.Module):
 
   stages: tuple[tuple[BlockConfig, ...], ...]
   dtype: Dtype = jnp.float32
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
+  strided_depthwise_impl: str = ""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
@@ -259,7 +257,7 @@ class _Stages(nn.Module):
     outs = []
     for i, stage in enumerate(self.stages):
       x = stage_cls(stage, self.dtype, self.depthwise_impl, self.remat == "block",
-                    name=str(i))(x, train)
+                    self.strided_depthwise_impl, name=str(i))(x, train)
       outs.append(x)
     return outs
 
@@ -269,8 +267,9 @@ class _Stage(nn.Module):
 
   blocks: tuple[BlockConfig, ...]
   dtype: Dtype = jnp.float32
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat_blocks: bool = False  # rematerialise each block
+  strided_depthwise_impl: str = ""  # the form of blocks with stride > 1; '' = depthwise_impl
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -278,7 +277,9 @@ class _Stage(nn.Module):
       block_cls = _BLOCKS[cfg.kind]
       if self.remat_blocks:
         block_cls = nn.remat(block_cls, static_argnums=(2,))
-      x = block_cls(cfg, self.dtype, self.depthwise_impl, name=str(j))(x, train)
+      impl = (self.strided_depthwise_impl or self.depthwise_impl) if cfg.stride > 1 else (
+          self.depthwise_impl)
+      x = block_cls(cfg, self.dtype, impl, name=str(j))(x, train)
     return x
 
 
@@ -291,7 +292,8 @@ class MobileNetV3(nn.Module):
     depth_multiplier: timm's depth multiplier (1.2 for `mobilenetv3_large_150d`).
     out_indices: which of the five features to return, as timm's argument.
     dtype: compute dtype; parameters and batch statistics stay float32.
-    depthwise_impl: 'conv', 'shift' or None (per backend), see `layers.DepthwiseConv2d`.
+    depthwise_impl: 'conv' or 'shift', see `layers.DepthwiseConv2d` and `runtime.Runtime`.
+    strided_depthwise_impl: the form of the blocks with stride > 1; '' = `depthwise_impl`.
     remat: rematerialise in the backward pass instead of keeping activations (training
       memory): False; True or 'stage' (each of the seven stages); 'block' (each block, the
       least kept alive). The values computed are the same.
@@ -302,8 +304,9 @@ class MobileNetV3(nn.Module):
   depth_multiplier: float = 1.0
   out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)
   dtype: Dtype = jnp.float32
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
+  strided_depthwise_impl: str = ""
 
   def _layout(self):
     return build_blocks(self.arch, self.channel_multiplier, self.depth_multiplier)
@@ -337,7 +340,7 @@ class MobileNetV3(nn.Module):
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
     x = layers.hard_swish(x)
     outs = [x] + _Stages(stages, self.dtype, self.depthwise_impl, self.remat,
-                         name="blocks")(x, train)
+                         self.strided_depthwise_impl, name="blocks")(x, train)
     features = [outs[f] for f in feats]
     return [features[i] for i in self.out_indices]
 

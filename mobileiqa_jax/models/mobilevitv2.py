@@ -70,7 +70,7 @@ class ConvNormAct(nn.Module):
   stride: int = 1
   depthwise: bool = False
   apply_act: bool = True
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
   as_matmul: bool = False  # a 1x1 conv as `layers.PointwiseConv` (same variables)
 
@@ -101,7 +101,7 @@ class BottleneckBlock(nn.Module):
 
   features: int
   stride: int = 1
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -109,7 +109,7 @@ class BottleneckBlock(nn.Module):
     in_chs = x.shape[-1]
     mid = layers.make_divisible(in_chs * _BOTTLE_RATIO)
     shortcut = x
-    impl = self.depthwise_impl or layers.default_depthwise_impl()
+    impl = self.depthwise_impl
     as_matmul = layers.pointwise_as_matmul(impl)
     x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, name="conv1_1x1")(x, train)
     x = ConvNormAct(
@@ -248,7 +248,7 @@ class MobileVitV2Block(nn.Module):
 
   features: int
   transformer_depth: int
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
   remat_blocks: bool = False
 
@@ -279,9 +279,10 @@ class Stage(nn.Module):
   stride: int
   depth: int
   transformer_depth: int = 0
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
   remat_blocks: bool = False  # rematerialise each bottleneck and transformer block
+  strided_depthwise_impl: str = ""  # the stride-2 block's form; '' = depthwise_impl
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -289,9 +290,10 @@ class Stage(nn.Module):
     block_cls = (nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat_blocks
                  else BottleneckBlock)
     for i in range(self.depth):
-      x = block_cls(
-          self.features, self.stride if i == 0 else 1, self.depthwise_impl, self.dtype,
-          name=str(i))(x, train)
+      stride = self.stride if i == 0 else 1
+      impl = (self.strided_depthwise_impl or self.depthwise_impl) if stride > 1 else (
+          self.depthwise_impl)
+      x = block_cls(self.features, stride, impl, self.dtype, name=str(i))(x, train)
     if self.transformer_depth:
       x = MobileVitV2Block(
           self.features, self.transformer_depth, self.depthwise_impl, self.dtype,
@@ -305,7 +307,9 @@ class MobileViTv2(nn.Module):
   Attributes:
     width_multiplier: timm's width multiplier (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0).
     dtype: computation dtype; parameters and BatchNorm statistics stay float32.
-    depthwise_impl: 'conv' or 'shift' for `layers.DepthwiseConv2d`; None picks per backend.
+    depthwise_impl: 'conv' or 'shift' for `layers.DepthwiseConv2d` (see `runtime.Runtime`).
+    strided_depthwise_impl: the form of the stride-2 bottleneck blocks (their depthwise conv
+      and the 1x1 convs beside it); '' = `depthwise_impl`.
     remat: rematerialise in the backward pass instead of keeping activations (training
       memory at high resolution; the variable tree is unchanged): False; True or 'stage'
       (each stage: only stage inputs are kept, a whole stage's activations are live again
@@ -315,8 +319,9 @@ class MobileViTv2(nn.Module):
 
   width_multiplier: float = 2.0
   dtype: Dtype = jnp.float32
-  depthwise_impl: str | None = None
+  depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
+  strided_depthwise_impl: str = ""
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -354,7 +359,8 @@ class MobileViTv2(nn.Module):
     for i, chs in enumerate(self.feature_channels):
       x = stage_cls(
           chs, _STAGE_STRIDES[i], _STAGE_DEPTHS[i], _TRANSFORMER_DEPTHS[i],
-          self.depthwise_impl, self.dtype, per_block, name=f"stages_{i}")(x, train)
+          self.depthwise_impl, self.dtype, per_block, self.strided_depthwise_impl,
+          name=f"stages_{i}")(x, train)
       features.append(x)
     return features
 

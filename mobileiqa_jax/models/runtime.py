@@ -1,0 +1,166 @@
+"""How a model runs, as opposed to what it is.
+
+A `MobileIQAConfig` is the architecture: what a checkpoint stores and what `build_model`
+rebuilds. A `Runtime` is everything else that shapes the traced program without changing the
+function it computes (up to rounding): the platform it is compiled for, the compute dtype, the
+form of the depthwise convolutions (and, with it, of the 1x1 convolutions beside them), and
+rematerialisation. It is decided once per entry point and passed to `build_model`:
+
+- training: `for_training(config, platform)`, the platform of the run's mesh devices;
+- scoring and evaluation: `Runtime.for_platform(platform, compute_dtype=...)` from flags;
+- TFLite export: `FOR_EXPORT` (float32, XLA's grouped convolution: one DEPTHWISE_CONV_2D op);
+- ahead-of-time compiles: `Runtime.for_platform(<target platform>, ...)`, so a CPU host
+  builds exactly the program the TPU or GPU would run.
+
+Nothing in `mobileiqa_jax/models/` reads the host (no `jax.default_backend()`, no
+`jax.devices()`): the platform is always a caller's string. A model built without a runtime
+gets `DEFAULT`, which is the same on every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+DEPTHWISE_IMPLS = ("conv", "shift")
+REMATS = (False, "stage", "block")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def depthwise_impl_for(platform: str) -> str:
+  """The depthwise form that measured best on `platform`: 'conv' on GPU, 'shift' elsewhere.
+
+  CPU: XLA:CPU's grouped convolution is ~7x slower than PyTorch; k*k shifted multiply-adds
+  are as exact and faster. TPU: the grouped convolution and its gradients wrap the map in
+  layout copies (W folded into blocks, taps side by side); one depthwise 3x3 + BatchNorm +
+  SiLU training step at 616x954x128, 2 images, v5e compile: 14.6 GB accessed as 'conv', 3.0 GB
+  as 'shift' (benchmarks/layer_traffic.py). GPU keeps cuDNN's kernels (not measured on a GPU).
+  """
+  _check("platform", platform, PLATFORMS)
+  return "conv" if platform == "gpu" else "shift"
+
+
+def platform_of(device: Any) -> str:
+  """'cpu', 'gpu' or 'tpu' of a `jax.Device` the caller holds (a real one or a topology's)."""
+  platform = str(device.platform).lower()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def _check(what: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"runtime {what} must be one of {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How a model runs. Never stored in a checkpoint's model config.
+
+  Attributes:
+    platform: 'cpu', 'gpu' or 'tpu': the platform the program is compiled for (not
+      necessarily this host's, for ahead-of-time compiles).
+    compute_dtype: 'float32' or 'bfloat16'; parameters and BatchNorm statistics stay float32.
+    depthwise_impl: 'conv' (XLA's grouped convolution) or 'shift' (k*k shifted slices);
+      the same parameters and, in float32, the same numbers to rounding.
+    remat: False, 'stage' or 'block': what the backbone recomputes in the backward pass.
+    strided_depthwise_impl: the form of the stride-2 blocks; '' = `depthwise_impl`. A frozen
+      teacher on TPU takes 'conv' there (`frozen`).
+  """
+
+  platform: str = "cpu"
+  compute_dtype: str = "float32"
+  depthwise_impl: str = "shift"
+  remat: bool | str = False
+  strided_depthwise_impl: str = ""
+
+  def __post_init__(self):
+    _check("platform", self.platform, PLATFORMS)
+    _check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+    _check("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
+    _check("remat", self.remat, REMATS)
+    _check("strided_depthwise_impl", self.strided_depthwise_impl, ("",) + DEPTHWISE_IMPLS)
+
+  @classmethod
+  def for_platform(cls, platform: str, *, compute_dtype: str = "float32",
+                   depthwise_impl: str | None = None, remat: bool | str = False) -> "Runtime":
+    """The runtime for `platform`; an empty `depthwise_impl` takes the platform's form.
+
+    `remat=True` means per stage (the backbones' historical meaning of True).
+    """
+    if remat is True:
+      remat = "stage"
+    return cls(platform=platform, compute_dtype=str(compute_dtype),
+               depthwise_impl=depthwise_impl or depthwise_impl_for(platform), remat=remat)
+
+  def frozen(self) -> "Runtime":
+    """The runtime of a model that is only run forward (a distillation teacher).
+
+    No remat (nothing is differentiated). On TPU, the stride-2 blocks take XLA's grouped
+    convolution: the 'shift' form's strided slices make XLA copy the input map into another
+    layout first, which the training step's gradient pays for anyway but a forward-only
+    teacher does not need; at 16 images per chip on a v5e that copy was what no longer fitted
+    (the distillation step: 17.44 GiB of temporaries; docs/performance.md has the figures).
+    """
+    strided = "conv" if self.platform == "tpu" else self.strided_depthwise_impl
+    return dataclasses.replace(self, remat=False, strided_depthwise_impl=strided)
+
+  def backbone_kwargs(self) -> dict[str, Any]:
+    """The backbone constructor's runtime fields."""
+    return {"depthwise_impl": self.depthwise_impl, "remat": self.remat,
+            "strided_depthwise_impl": self.strided_depthwise_impl}
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+#: What a model built without an explicit runtime gets: the same on every host.
+DEFAULT = Runtime()
+
+#: TFLite/LiteRT export: float32 and XLA's grouped convolution, which jax2tf turns into one
+#: DEPTHWISE_CONV_2D op per layer (mobileiqa_jax/export.py).
+FOR_EXPORT = Runtime(platform="cpu", compute_dtype="float32", depthwise_impl="conv")
+
+
+def for_training(config: Mapping[str, Any] | Any, platform: str) -> Runtime:
+  """A training config's runtime on `platform` (the platform of the run's mesh devices).
+
+  Reads `compute_dtype`, `remat`, `remat_granularity` and `depthwise_impl` ('' or absent: the
+  platform's form).
+  """
+  get = config.get
+  remat = get("remat", False)
+  if remat:
+    remat = get("remat_granularity", "") or "stage"
+  return Runtime.for_platform(platform, compute_dtype=get("compute_dtype", "float32"),
+                              depthwise_impl=get("depthwise_impl", "") or None, remat=remat)
+
+
+#: Keys that older checkpoints stored inside their model config but which are runtime, not
+#: architecture. Reading a checkpoint drops them (`architecture_of`).
+LEGACY_RUNTIME_KEYS = ("dtype", "depthwise_impl")
+
+
+def architecture_of(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(architecture, runtime fields found) of a stored model config, old or new.
+
+  Checkpoints written before the runtime split carry `dtype`, `depthwise_impl` and
+  `backbone_kwargs.remat` inside the model config; they are how that run computed, not which
+  model it is.
+  """
+  arch = dict(model_config)
+  found: dict[str, Any] = {}
+  if "dtype" in arch:
+    found["compute_dtype"] = str(arch.pop("dtype"))
+  if "depthwise_impl" in arch:
+    impl = arch.pop("depthwise_impl")
+    if impl:
+      found["depthwise_impl"] = impl
+  kwargs = arch.get("backbone_kwargs")
+  if isinstance(kwargs, Mapping) and ("remat" in kwargs or "depthwise_impl" in kwargs):
+    kwargs = dict(kwargs)
+    if "remat" in kwargs:
+      remat = kwargs.pop("remat")
+      found["remat"] = remat if isinstance(remat, str) else bool(remat)
+    kwargs.pop("depthwise_impl", None)
+    arch["backbone_kwargs"] = kwargs
+  return arch, found

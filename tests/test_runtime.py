@@ -1,0 +1,138 @@
+"""What a model is vs how it runs (mobileiqa_jax/models/runtime.py).
+
+The runtime (platform, compute dtype, depthwise form, remat) is decided once per entry point
+and passed to `build_model`; models never read the host, and a model built without a runtime
+gets a documented default that is the same on every host.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import pytest
+
+from mobileiqa_jax import train
+from mobileiqa_jax.models import mobileiqa
+from mobileiqa_jax.models import runtime
+from mobileiqa_jax import sharding
+from test_train_helpers import REPO, SMALLEST, tiny_config
+
+_TINY = dict(backbone="mobilevitv2_050", width=16, pooled_size=6, num_mals=1, regressor_pool=2)
+
+
+def _grouped_convs(fn, *args) -> list[tuple[int, ...]]:
+  """Window strides of every grouped (depthwise) convolution in the traced program."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated" and eqn.params[
+          "feature_group_count"] > 1:
+        found.append(tuple(eqn.params["window_strides"]))
+      for v in eqn.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_models_never_read_the_host():
+  # No call of jax.default_backend(), jax.devices(), jax.local_devices() or
+  # jax.process_index() anywhere under mobileiqa_jax/models/: the platform is a caller's string.
+  banned = {"default_backend", "devices", "local_devices", "process_index", "device_count"}
+  models_dir = os.path.join(REPO, "mobileiqa_jax", "models")
+  offenders = []
+  for name in sorted(os.listdir(models_dir)):
+    if not name.endswith(".py"):
+      continue
+    tree = ast.parse(open(os.path.join(models_dir, name), encoding="utf-8").read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Attribute) and node.attr in banned:
+        offenders.append(f"{name}:{node.lineno} .{node.attr}")
+  assert not offenders, offenders
+
+
+def test_default_runtime_is_documented_and_host_independent():
+  model = mobileiqa.build_model(mobileiqa.model_config("teacher", **_TINY))
+  assert runtime.DEFAULT == runtime.Runtime(platform="cpu", compute_dtype="float32",
+                                            depthwise_impl="shift", remat=False)
+  assert model.backbone.depthwise_impl == "shift" and model.backbone.remat is False
+  assert model.dtype == jnp.float32 and model.backbone.dtype == jnp.float32
+  # Every module's form is explicit after construction: no None left to resolve later.
+  assert model.backbone.strided_depthwise_impl == ""
+
+
+def test_platform_forms_and_validation():
+  assert runtime.Runtime.for_platform("tpu").depthwise_impl == "shift"
+  assert runtime.Runtime.for_platform("gpu").depthwise_impl == "conv"
+  assert runtime.Runtime.for_platform("cpu").depthwise_impl == "shift"
+  assert runtime.Runtime.for_platform("gpu", depthwise_impl="shift").depthwise_impl == "shift"
+  assert runtime.Runtime.for_platform("tpu", remat=True).remat == "stage"
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    runtime.Runtime(depthwise_impl="fast")
+  with pytest.raises(ValueError, match="platform"):
+    runtime.Runtime.for_platform("metal")
+  # A runtime key in an architecture is refused with the lever, not silently kept.
+  with pytest.raises(ValueError, match="runtime=Runtime"):
+    mobileiqa.model_config("student", dtype="bfloat16")
+  # The frozen teacher: no remat; on TPU the stride-2 blocks as XLA's grouped conv.
+  rt = runtime.Runtime.for_platform("tpu", compute_dtype="bfloat16", remat="block")
+  assert rt.frozen() == runtime.Runtime("tpu", "bfloat16", "shift", False, "conv")
+  assert runtime.Runtime.for_platform("gpu").frozen().strided_depthwise_impl == ""
+
+
+def test_training_config_runtime():
+  c = tiny_config("teacher")
+  c.compute_dtype, c.remat, c.remat_granularity, c.depthwise_impl = "bfloat16", True, "block", ""
+  rt = runtime.for_training(c, "tpu")
+  assert (rt.platform, rt.compute_dtype, rt.depthwise_impl, rt.remat) == (
+      "tpu", "bfloat16", "shift", "block")
+  c.depthwise_impl = "conv"
+  assert runtime.for_training(c, "tpu").depthwise_impl == "conv"
+
+
+def test_old_model_configs_give_up_their_runtime_keys():
+  arch = mobileiqa.model_config("teacher", **_TINY).to_dict()
+  old = dict(arch, dtype="bfloat16", depthwise_impl="conv",
+             backbone_kwargs={"remat": "block"})
+  got, found = runtime.architecture_of(old)
+  assert got == arch
+  assert found == {"compute_dtype": "bfloat16", "depthwise_impl": "conv", "remat": "block"}
+
+
+def test_same_config_traced_as_tpu_and_as_gpu_on_this_cpu_host():
+  # The trainer's model for the same config, its runtime resolved for each target platform on
+  # this CPU host: TPU gets the shift form (no grouped conv in the program), GPU XLA's grouped
+  # convolution at every depthwise layer, whatever jax.default_backend() says.
+  c = tiny_config("teacher", **SMALLEST)
+  c.depthwise_impl = ""
+  mesh = sharding.make_mesh(c.mesh)
+  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  forms = {}
+  for platform in ("tpu", "gpu"):
+    steps = train.build_steps(c, mesh, 10, runtime=runtime.for_training(c, platform))
+    assert steps.runtime.platform == platform
+    variables = jax.eval_shape(lambda s=steps: s.init_variables())
+    forms[platform] = _grouped_convs(
+        lambda v, s=steps: s.model.apply(v, x, train=False), variables)
+    # The stored architecture does not depend on the platform.
+    assert "depthwise_impl" not in steps.model_config.to_dict()
+  assert forms["tpu"] == [] and (2, 2) in forms["gpu"], forms
+
+
+def test_frozen_teacher_on_tpu_uses_grouped_conv_only_at_stride_two():
+  model = mobileiqa.build_model(mobileiqa.model_config("teacher", **_TINY),
+                                runtime.Runtime.for_platform("tpu").frozen())
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  strides = _grouped_convs(lambda v: model.apply(v, x), variables)
+  # mobilevitv2 stages 1-4 open with a stride-2 bottleneck: four grouped convs, all strided.
+  assert strides == [(2, 2)] * 4, strides

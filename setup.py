@@ -7,6 +7,8 @@ setup(
     description="JAX/Flax MobileIQA: high-resolution no-reference image quality assessment "
     "with mobile backbones and knowledge distillation.",
     packages=find_packages(include=["mobileiqa_jax", "mobileiqa_jax.*"]),
+    # GPU target descriptions for deviceless GPU compiles (mobileiqa_jax/aot.py).
+    package_data={"mobileiqa_jax": ["gpu_targets/*.txtpb", "gpu_targets/README.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",
@@ -48,5 +50,9 @@ setup(
         # libtpu next to the CPU jax. jax[tpu] pins the libtpu build its jax version needs,
         # so this pins the jax this project is tested with (0.10.2 -> libtpu 0.0.42.*).
         "tpu-aot": ["jax[tpu]==0.10.2"],
+        # Ahead-of-time compiles for NVIDIA GPUs on any host (launch/aot_compile.py
+        # --topology=h100:8): jax's CUDA plugin and its PJRT package, about 400 MB; no NVIDIA
+        # wheels and no GPU are needed to compile. Pinned to the same jax.
+        "gpu-aot": ["jax-cuda13-plugin==0.10.2", "jax-cuda13-pjrt==0.10.2"],
     },
 )

@@ -290,11 +290,14 @@ class TrainCheckpointer:
 
 # Config fields a resumed run may change: they say how long to run, how often to log, evaluate
 # and save, and how the work is spread (mesh, processes, data threads), not what is trained or
-# how the numbers are computed. `remat` recomputes the same values in the backward pass.
+# how the numbers are computed. `remat` recomputes the same values in the backward pass; the
+# depthwise forms compute the same function (top-level since the runtime split, under `model`
+# in older workdirs' config.json).
 # A field listed here covers everything below it (`checkpoint` covers `checkpoint.keep`).
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "max_steps", "eval_every_epochs", "log_every_steps", "progress_bar",
     "scatter_plot", "checkpoint", "distributed", "mesh", "fsdp_min_size", "remat", "name",
+    "depthwise_impl", "model.depthwise_impl",
     "data.num_workers", "data.eval_batch_size", "data.data_dir",
 )
 

@@ -1,0 +1,100 @@
+"""Ahead-of-time compiles for NVIDIA GPUs without a GPU (mobileiqa_jax/aot.py).
+
+Need jax's CUDA plugin (`pip install -e ".[gpu-aot]"`: jax-cuda13-plugin and
+jax-cuda13-pjrt, no NVIDIA wheels); skipped, naming it, without. Tiny configs keep each GPU
+compile to seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mobileiqa_jax import aot
+from test_train_helpers import SMALLEST, tiny_config
+
+pytest.importorskip(
+    "jax_plugins.xla_cuda13",
+    reason="jax's CUDA plugin is not installed: pip install -e \".[gpu-aot]\" "
+    "(jax-cuda13-plugin, jax-cuda13-pjrt)")
+
+
+def _tiny(kind: str = "teacher", **overrides):
+  c = tiny_config(kind, **{**SMALLEST, **overrides})
+  c.depthwise_impl = ""  # the target's form
+  return c
+
+
+def test_gpu_topologies_and_usage_errors():
+  assert len(aot.topology_devices("h100:1")) == 1
+  devices = aot.topology_devices("h100:2x8")  # 2 hosts of 8
+  assert len(devices) == 16 and {d.process_index for d in devices} == {0, 1}
+  assert devices[0].device_kind == aot.CHIPS["h100"].device_kind
+  assert aot.topology_devices("a100:8")[0].device_kind == "NVIDIA A100-SXM4-80GB"
+  for bad in ("h100:0", "h100:eight", "h100:2x2x2"):
+    with pytest.raises(aot.AotUsageError, match="<gpu>:<GPUs>"):
+      aot.topology_devices(bad)
+
+
+@pytest.fixture(scope="module")
+def reports():
+  """Three compiles shared by the tests below: global batch 8 and 32 on one H100, 32 on 8."""
+  return {"small": aot.compile_for_topology(_tiny(batch_size=8), "h100:1"),
+          "big": aot.compile_for_topology(_tiny(batch_size=32), "h100:1", with_eval=False),
+          "eight": aot.compile_for_topology(_tiny(batch_size=32), "h100:8", with_eval=False)}
+
+
+def test_teacher_step_on_one_and_eight_gpus_grows_with_the_batch(reports):
+  # The target's runtime: XLA's grouped convolution on GPU, whatever this CPU host would use.
+  for r in reports.values():
+    lines, json_line, code = aot.main_report(r)
+    assert code == aot.EXIT_FITS, "\n".join(lines)
+    out = json.loads(json_line)
+    assert out["runtime"]["platform"] == "gpu" and out["runtime"]["depthwise_impl"] == "conv"
+    assert out["usable_bytes"] == pytest.approx(0.75 * aot.CHIPS["h100"].hbm_bytes)
+    # FLOPs from the HLO cost analysis; bytes after fusion unknown, never made up.
+    assert out["flops_per_step"] > 0 and out["bytes_accessed_per_step"] is None
+    assert "before partitioning" in out["cost_source"]
+  s, b = reports["small"].train, reports["big"].train
+  assert b.argument_bytes > s.argument_bytes and b.temp_bytes > s.temp_bytes
+  assert b.flops_per_step == pytest.approx(4 * s.flops_per_step, rel=0.05)
+  assert reports["small"].eval is not None and reports["small"].eval.fits
+  # The same global batch over 8 GPUs: a quarter of the images, and of the FLOPs, per GPU.
+  eight = reports["eight"]
+  assert eight.chips == 8 and eight.train.per_chip_batch == 4
+  assert eight.train.flops_per_step == pytest.approx(b.flops_per_step / 8, rel=0.05)
+  assert eight.train.temp_bytes < b.temp_bytes
+
+
+def test_oversized_gpu_step_exits_3_with_levers(monkeypatch, reports):
+  # XLA:GPU compiles whatever the size; the plan compares the step's buffers with what JAX's
+  # allocator may take. Allowed 0.01% of the GPU (8.5 MB), the batch-8 step does not fit.
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0001")
+  report = aot.compile_for_topology(_tiny(batch_size=8), "h100:1", with_eval=False)
+  lines, json_line, code = aot.main_report(report)
+  assert code == aot.EXIT_DOES_NOT_FIT, "\n".join(lines)
+  out = json.loads(json_line)
+  assert out["fits"] is False and out["per_chip_bytes"] > out["usable_bytes"]
+  assert out["per_chip_bytes"] == reports["small"].train.per_chip_bytes
+  levers = " ".join(out["levers"])
+  assert "bfloat16" in levers and "remat" in levers and "XLA_PYTHON_CLIENT_MEM_FRACTION" in levers
+  assert "smaller per-chip batch" in levers
+  assert any("DOES NOT FIT" in l for l in lines), lines
+
+
+def test_missing_plugin_is_one_line_naming_the_package(monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  real_import = builtins.__import__
+
+  def no_plugin(name, *args, **kwargs):
+    if name.startswith("jax_plugins.xla_cuda13"):
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_plugin)
+  with pytest.raises(aot.AotUsageError, match=r"jax-cuda13-plugin.*\.\[gpu-aot\]"):
+    aot.topology_devices("h100:1")
+  assert os.path.isfile(os.path.join(os.path.dirname(aot.__file__), "gpu_targets",
+                                     aot.CHIPS["h200"].target_file))

@@ -17,7 +17,8 @@
   XLA also counts elementwise operations.
 - jax_latency_s, jax_compile_s, jax_peak_rss_gb: the jitted float32 forward pass on this
   machine, timed in a fresh child process (median of `repeats` runs after the compiling
-  one); peak RSS is that whole process's (weights, compiled program, buffers).
+  one); peak RSS is that whole process's (weights, compiled program, buffers). The load
+  average beside them says how busy the machine was.
 
 `AIM2024_UHD_IQA_BUDGET_GMACS` is the AIM 2024 UHD-IQA challenge's cap per image.
 """
@@ -171,6 +172,8 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
     card["within_aim2024_budget"] = card["gmacs"] <= AIM2024_UHD_IQA_BUDGET_GMACS
   del scorer  # The child process reloads it; no need to hold the weights twice.
   if measure:
+    # Latency on a shared machine carries its load: recorded beside it.
+    card["load_average"] = round(os.getloadavg()[0], 2)
     card.update(measure_in_child(checkpoint, card["image_size"], repeats))
   card.update({
       "machine": machine(),
@@ -203,6 +206,7 @@ def table(card: Mapping[str, Any]) -> list[str]:
         ("JAX latency", f"{card['jax_latency_s']:.3f} s per image (float32, batch 1; "
                         f"compile {card['jax_compile_s']:.1f} s)"),
         ("JAX peak RSS", f"{card['jax_peak_rss_gb']:.2f} GB (whole process)"),
+        ("load average", f"{card['load_average']} (1 min, when the timing started)"),
     ]
   rows.append(("measured", f"{card['date']}, {card['machine']}, jax {card['jax']}"))
   width = max(len(k) for k, _ in rows)

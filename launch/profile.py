@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(RuntimeError,))
+  cli.run(main, user_errors=(model_card.MeasurementError,))

@@ -12,7 +12,7 @@
   ptflops count them (`mobileiqa_jax/macs.py` says exactly what is counted), with
   `macs_by_kind` beside it. The model is traced in its reference form: depthwise convolutions
   as grouped convolutions and the LDAs unbanded (`count_model_macs`).
-- gflops_xla: floating-point operations of the compiled forward pass by XLA's own cost
+- gflops: floating-point operations of the compiled forward pass by XLA's own cost
   analysis on this host (the form that runs here), for comparison: a MAC is two FLOPs, and
   XLA also counts elementwise operations.
 - jax_latency_s, jax_compile_s, jax_peak_rss_gb: the jitted float32 forward pass on this
@@ -41,6 +41,10 @@ from typing import Any, Mapping, Sequence
 AIM2024_UHD_IQA_BUDGET_GMACS = 50.0
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MeasurementError(RuntimeError):
+  """The child process that compiles and times the forward pass failed (e.g. out of memory)."""
 
 
 def param_counts(variables: Mapping[str, Any], backbone_name: str) -> dict[str, int]:
@@ -101,7 +105,7 @@ def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
     jax.block_until_ready(compiled(variables, images))
     times.append(time.perf_counter() - t0)
   return {
-      "gflops_xla": float(cost.get("flops", float("nan"))) / 1e9,
+      "gflops": float(cost.get("flops", float("nan"))) / 1e9,
       "jax_compile_s": compile_s,
       "jax_latency_s": statistics.median(times[1:]),
       "jax_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -123,7 +127,7 @@ def measure_in_child(checkpoint: str, image_size: Sequence[int], repeats: int = 
       capture_output=True, text=True, env=env)
   if out.returncode:
     tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    raise RuntimeError(f"the timing process failed (status {out.returncode}): {tail[0]}")
+    raise MeasurementError(f"the timing process failed (status {out.returncode}): {tail[0]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -144,7 +148,7 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
   Args:
     checkpoint: a checkpoint folder, a training workdir or a `.pkl`/`.pth` state dict.
     image_size: (height, width) or 'H,W'; default the checkpoint's (1231x1907 for a state dict).
-    measure: also compile and time the forward pass in a child process (gflops_xla, latency,
+    measure: also compile and time the forward pass in a child process (gflops, latency,
       peak memory); False gives the counts only (seconds, even at full size).
     repeats: timed runs after the first.
 
@@ -200,9 +204,9 @@ def table(card: Mapping[str, Any]) -> list[str]:
   if "within_aim2024_budget" in card:
     verdict = "within" if card["within_aim2024_budget"] else "OVER"
     rows.append(("AIM 2024 budget", f"{verdict} {card['aim2024_budget_gmacs']:.0f} GMACs"))
-  if "gflops_xla" in card:
+  if "gflops" in card:
     rows += [
-        ("XLA FLOPs", f"{card['gflops_xla']:.2f} G (XLA cost analysis, this host's form)"),
+        ("XLA FLOPs", f"{card['gflops']:.2f} G (XLA cost analysis, this host's form)"),
         ("JAX latency", f"{card['jax_latency_s']:.3f} s per image (float32, batch 1; "
                         f"compile {card['jax_compile_s']:.1f} s)"),
         ("JAX peak RSS", f"{card['jax_peak_rss_gb']:.2f} GB (whole process)"),

@@ -32,13 +32,12 @@ def test_conv_3x3_stride_2_valid():
   assert c.total == 1 * 5 * 4 * 6 * 9 * 5
 
 
-@pytest.mark.parametrize("impl", ["conv"])
-def test_depthwise_conv(impl):
+def test_depthwise_conv():
   # feature_group_count = C: each output sums only its own channel's 3x3 taps. The 'conv'
   # form sits inside a custom_vjp, so this also follows custom_vjp_call.
-  c = _module_macs(layers.DepthwiseConv2d(6, 3, stride=1, impl=impl), (1, 8, 8, 6))
+  c = _module_macs(layers.DepthwiseConv2d(6, 3, stride=1, impl="conv"), (1, 8, 8, 6))
   assert c.total == c.conv == 8 * 8 * 6 * 9
-  c = _module_macs(layers.DepthwiseConv2d(6, 3, stride=2, impl=impl), (1, 8, 8, 6))
+  c = _module_macs(layers.DepthwiseConv2d(6, 3, stride=2, impl="conv"), (1, 8, 8, 6))
   assert c.total == 4 * 4 * 6 * 9
 
 

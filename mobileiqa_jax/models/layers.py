@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobileiqa_jax import macs
+
 Dtype = Any
 
 
@@ -338,9 +340,11 @@ def _scale_shift(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array
                  bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias as one multiply-add per element in `dtype`,
   as PyTorch's CPU kernel does (alpha, beta from the float32 statistics)."""
-  alpha = scale * jax.lax.rsqrt(var + epsilon)
-  beta = bias - mean * alpha
-  return x.astype(dtype) * alpha.astype(dtype) + beta.astype(dtype)
+  # The marker lets the MAC counter (mobileiqa_jax/macs.py) count a norm per element.
+  with jax.named_scope(macs.NORM_SCOPE):
+    alpha = scale * jax.lax.rsqrt(var + epsilon)
+    beta = bias - mean * alpha
+    return x.astype(dtype) * alpha.astype(dtype) + beta.astype(dtype)
 
 
 class GroupNorm1(nn.Module):
@@ -441,14 +445,17 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int]) -> jax.A
   """`torch.nn.AdaptiveAvgPool2d` on NHWC input, PyTorch's exact (overlapping) windows."""
   if isinstance(output_size, int):
     output_size = (output_size, output_size)
-  x = _pool_axis(x, 1, output_size[0])
-  return _pool_axis(x, 2, output_size[1])
+  # Marked for the MAC counter: a pool, even where it is a matmul with 0/1 windows.
+  with jax.named_scope(macs.POOL_SCOPE):
+    x = _pool_axis(x, 1, output_size[0])
+    return _pool_axis(x, 2, output_size[1])
 
 
 def avg_pool2d(x: jax.Array, kernel_size: int) -> jax.Array:
   """`torch.nn.AvgPool2d(k)` (stride k, no padding, floor mode) on NHWC input."""
   k = kernel_size
-  return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+  with jax.named_scope(macs.POOL_SCOPE):  # Marked for the MAC counter.
+    return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
 
 
 def _align_corners_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -491,8 +498,9 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
 
   `jax.image.resize` implements half-pixel (align_corners=False) sampling and does not match.
   """
-  x = _align_corners_axis(x, 1, size_hw[0])
-  return _align_corners_axis(x, 2, size_hw[1])
+  with jax.named_scope(macs.RESIZE_SCOPE):  # Marked for the MAC counter.
+    x = _align_corners_axis(x, 1, size_hw[0])
+    return _align_corners_axis(x, 2, size_hw[1])
 
 
 # Examples that training BatchNorm statistics count (None: all). A context variable rather

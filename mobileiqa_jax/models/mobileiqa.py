@@ -22,8 +22,10 @@ Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -35,6 +37,25 @@ from mobileiqa_jax.models import runtime as runtime_lib
 from mobileiqa_jax.models.mal import MAL
 
 Dtype = Any
+
+# Whether LDAs on large features run in row bands (`_PointwiseGeluPool`); see `unbanded_lda`.
+_BANDED_LDA: contextvars.ContextVar[bool] = contextvars.ContextVar("banded_lda", default=True)
+
+
+@contextlib.contextmanager
+def unbanded_lda() -> Iterator[None]:
+  """Within this block, LDAs run conv -> GELU -> pool over the whole map, as the reference.
+
+  Same numbers, far more memory. For counting the architecture's MACs
+  (`model_card.count_model_macs`): where PyTorch's pooling windows overlap (a side that is not
+  a multiple of 22) the row bands compute the shared rows twice, which is this
+  implementation's work, not the model's.
+  """
+  token = _BANDED_LDA.set(False)
+  try:
+    yield
+  finally:
+    _BANDED_LDA.reset(token)
 
 
 def _gelu_grad(z: jax.Array) -> jax.Array:
@@ -141,7 +162,7 @@ class _PointwiseGeluPool(nn.Module):
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     w, b = kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
     s, h = self.pooled_size, x.shape[1]
-    if h <= 2 * s:  # Small features: the plain form is as cheap.
+    if h <= 2 * s or not _BANDED_LDA.get():  # Small features: the plain form is as cheap.
       return layers.adaptive_avg_pool2d(
           layers.gelu(jnp.einsum("bhwc,cd->bhwd", x, w) + b), s)
     idx, weights = layers.adaptive_windows(h, s)

@@ -72,9 +72,10 @@ def count_model_macs(model_config: Mapping[str, Any], image_size: Sequence[int],
 
   from mobileiqa_jax import macs  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
 
-  config = dict(model_config, depthwise_impl="conv", dtype="float32")
-  model = mobileiqa.build_model(config)
+  # Float32 and grouped-conv depthwise layers: the form whose convolutions the counter sees.
+  model = mobileiqa.build_model(model_config, runtime.FOR_EXPORT)
   images = jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   with mobileiqa.unbanded_lda():

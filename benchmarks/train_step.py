@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +53,7 @@ def _peak_bytes_jax() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
-def _config(kind: str, dtype: str, remat: bool, teacher_ckpt: str = ""):
+def _config(kind: str, dtype: str, remat: bool):
   from configs import student, teacher  # pylint: disable=g-import-not-at-top
   c = (teacher if kind == "teacher" else student).get_config("uhd_iqa")
   c.model.backbone = FLAGS.teacher_backbone if kind == "teacher" else FLAGS.student_backbone
@@ -65,33 +64,55 @@ def _config(kind: str, dtype: str, remat: bool, teacher_ckpt: str = ""):
   c.compute_dtype, c.remat = dtype, remat
   c.data.image_size = tuple(int(x) for x in FLAGS.size.split(","))
   c.batch_size = FLAGS.batch
-  c.teacher_checkpoint = teacher_ckpt
+  c.teacher_checkpoint = ""
   return c
 
 
-def time_jax(kind: str, dtype: str, remat: bool, teacher_ckpt: str) -> tuple[float, float]:
+def time_jax(kind: str, dtype: str, remat: bool) -> dict[str, float]:
+  """One configuration's JAX step: images/s, peak device memory, the compiler's buffer plan.
+
+  A distillation step gets a randomly initialised frozen teacher (the preset at this run's
+  head size), built with the run's runtime as the trainer builds it (`Runtime.frozen`).
+  """
   from mobileiqa_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  c = _config("teacher" if kind == "teacher" else "student", dtype, remat,
-              teacher_ckpt if kind == "distill" else "")
+  from mobileiqa_jax.models import mobileiqa, runtime  # pylint: disable=g-import-not-at-top
+  c = _config("teacher" if kind == "teacher" else "student", dtype, remat)
   mesh = sharding.make_mesh(c.mesh)
-  teacher, teacher_host = train.load_teacher(c) if c.teacher_checkpoint else (None, None)
-  steps = train.build_steps(c, mesh, steps_per_epoch=100, teacher=teacher)
-  teacher_vars = (None if teacher is None else
-                  sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
-  state = steps.init_state()
+  rt = runtime.for_training(c, runtime.platform_of(mesh.devices.flat[0]))
   h, w = c.data.image_size
+  teacher = teacher_vars = None
+  if kind == "distill":
+    t_cfg = _config("teacher", dtype, False).model.to_dict()
+    teacher = mobileiqa.build_model(t_cfg, rt.frozen())
+    t_init = jax.jit(lambda k: teacher.init(k, jax.numpy.zeros((1, h, w, 3))))
+    teacher_vars = dict(t_init(jax.random.PRNGKey(1)))
+  steps = train.build_steps(c, mesh, steps_per_epoch=100, teacher=teacher, runtime=rt)
+  if teacher is not None:
+    teacher_vars = sharding.host_tree_to_global(
+        {"params": teacher_vars["params"], "batch_stats": teacher_vars.get("batch_stats", {})},
+        steps.teacher_shardings)
+  state = steps.init_state()
   rng = np.random.default_rng(0)
   batch = sharding.host_to_global(
       {"image": rng.normal(size=(c.batch_size, h, w, 3)).astype(np.float32),
        "mos": rng.random(c.batch_size).astype(np.float32)}, mesh)
-  state, m = steps.train_step(state, batch, teacher_vars)  # compile + warm up
+  t = time.perf_counter()
+  compiled = steps.train_step.lower(state, batch, teacher_vars).compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+  state, m = compiled(state, batch, teacher_vars)  # warm-up
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(FLAGS.steps):
-    state, m = steps.train_step(state, batch, teacher_vars)
+    state, m = compiled(state, batch, teacher_vars)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t
-  return FLAGS.steps * c.batch_size / dt, _peak_bytes_jax()
+  return {"images_per_s": FLAGS.steps * c.batch_size / dt, "step_s": dt / FLAGS.steps,
+          "peak_bytes": _peak_bytes_jax(), "compiled_bytes": float(planned),
+          "compile_s": compile_s, "runtime": rt.to_dict(),
+          "loss": float(np.asarray(m["loss"]))}
 
 
 def time_torch(kind: str) -> tuple[float, float]:
@@ -146,25 +167,18 @@ def time_torch(kind: str) -> tuple[float, float]:
 
 def main(argv):
   del argv
-  from mobileiqa_jax import checkpoint, train, sharding  # pylint: disable=g-import-not-at-top
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  size {FLAGS.size}  "
         f"batch {FLAGS.batch}  teacher {FLAGS.teacher_backbone}  student "
         f"{FLAGS.student_backbone}  width {FLAGS.width}  pooled {FLAGS.pooled}")
-  teacher_ckpt = ""
-  if "distill" in FLAGS.kinds:
-    c = _config("teacher", "float32", False)
-    steps = train.build_steps(c, sharding.make_mesh(c.mesh), 1)
-    teacher_ckpt = checkpoint.save_model(
-        os.path.join(tempfile.mkdtemp(), "teacher"), jax.device_get(steps.init_variables()),
-        steps.model_config.to_dict())
   rows = []
   for kind in FLAGS.kinds:
     for dtype in FLAGS.dtypes:
       for remat in FLAGS.remat:
         name = f"jax {kind:8s} {dtype:9s} remat={remat}"
         try:
-          ips, peak = time_jax(kind, dtype, remat == "1", teacher_ckpt)
-          rows.append(f"{name}  {ips:8.2f} img/s  peak {peak / 2**30:6.2f} GiB")
+          r = time_jax(kind, dtype, remat == "1")
+          rows.append(f"{name}  {r['images_per_s']:8.2f} img/s  peak "
+                      f"{r['peak_bytes'] / 2**30:6.2f} GiB")
         except Exception as e:  # pylint: disable=broad-except
           rows.append(f"{name}  failed: {type(e).__name__}: {str(e)[:200]}")
         print(rows[-1], flush=True)

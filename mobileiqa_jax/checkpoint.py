@@ -144,6 +144,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
                force=force)
+  if jax.process_index() == 0:
+    checkpoint_integrity.seal(directory)  # so a damaged copy is named when it is read
   return directory
 
 
@@ -194,10 +196,30 @@ def resolve_checkpoint(path: str, which: str = "best", step: int | None = None) 
   return os.path.join(root, str(steps[-1]))
 
 
-def _unreadable(path: str, error: Exception) -> CheckpointDamagedError:
+# What tensorstore and orbax say when a checkpoint's files are not what was written (truncated,
+# missing, garbled), as opposed to a caller's mistake such as a target of another structure.
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "is not valid for value of size",
+                   "Error reading", "Unexpected end", "corrupt", "Expecting value",
+                   "No such file or directory")
+
+
+def _damage(error: BaseException) -> str | None:
+  """The first line of the damage report in `error`'s chain, or None when it is no damage."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError)) or any(
+        m in text for m in _DAMAGE_MARKERS):
+      return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _unreadable(path: str, error: BaseException) -> CheckpointDamagedError | None:
   """An orbax/tensorstore read failure as a damaged-checkpoint error naming `path`."""
-  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  return CheckpointDamagedError(path, f"it cannot be read ({first[:300]})")
+  damage = _damage(error)
+  return None if damage is None else CheckpointDamagedError(path, f"it cannot be read ({damage})")
 
 
 def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
@@ -213,8 +235,11 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
       out = ckptr.restore(path, ocp.args.Composite(
           variables=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)),
           meta=ocp.args.JsonRestore()))
-  except (ValueError, OSError, RuntimeError) as e:  # tensorstore reports damage as these
-    raise _unreadable(path, e) from e
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps tensorstore's errors)
+    damaged = _unreadable(path, e)
+    if damaged is None:
+      raise
+    raise damaged from e
   variables = dict(out["variables"])
   variables.setdefault("batch_stats", {})
   return variables, _split_meta(out["meta"])
@@ -388,8 +413,11 @@ class TrainCheckpointer:
         return (step, *self.restore(step, variables_target, opt_state_target))
       except CheckpointDamagedError as e:
         problem = e.problem
-      except (ValueError, OSError, RuntimeError) as e:  # unsealed: found by the restore
-        problem = _unreadable(self.step_dir(step), e).problem
+      except Exception as e:  # pylint: disable=broad-except  (unsealed: found by the restore)
+        damaged = _unreadable(self.step_dir(step), e)
+        if damaged is None:  # not damage (e.g. a target of another structure): a real error
+          raise
+        problem = damaged.problem
       self._move_aside(step)
       older = [s for s in self.manager.all_steps() if s < step]
       logging.warning("checkpoint step %d is damaged (%s); moved to %s; %s", step, problem,

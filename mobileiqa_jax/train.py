@@ -14,10 +14,13 @@ fused feature. Outputs in the workdir (process 0 writes): config.json, metrics.j
 TensorBoard events, checkpoints/<step>/ (orbax: the last `checkpoint.keep` and the best), and
 best_scatter.png, best_predictions.csv, summary.json for the best checkpoint.
 
-Resume is automatic, from the latest checkpoint. The step is the only counter: epoch and
-position follow from it, the data order from (seed, epoch), the dropout key from (seed,
-step), so a resumed run matches an uninterrupted one. SIGTERM finishes the step, saves and
-returns; a NaN/inf loss stops the run naming the step, without saving it.
+Resume is automatic, from the newest checkpoint that reads (a damaged newer one is moved to
+damaged_checkpoints/ with a warning). The step is the only counter: epoch and position follow
+from it, the data order from (seed, epoch), the dropout key from (seed, step), so a resumed
+run matches an uninterrupted one, also after a kill -9 (metrics.jsonl rows past the resumed
+step are re-done, not repeated). SIGTERM finishes the step, saves and returns; a NaN/inf loss
+stops the run naming the step, the last good checkpoint and the lever, without saving it.
+One run per workdir: a second is refused before it writes anything (workdir_lock.py).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     A summary: final step, whether preempted, best and last eval metrics, final params.
+
+  Raises:
+    workdir_lock.WorkdirLockedError: another live run holds `workdir` (nothing was written).
+    metric_writer.NonFiniteLossError: the loss became NaN/inf (names the step and the lever).
+    checkpoint.CheckpointDiskFullError: a checkpoint did not fit (earlier ones are intact).
   """
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(workdir)

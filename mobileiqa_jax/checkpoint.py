@@ -228,7 +228,7 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
   Raises:
     CheckpointDamagedError: the checkpoint's files fail their checksums, or cannot be read.
   """
-  checkpoint_integrity.verify(path)
+  sealed = checkpoint_integrity.verify(path)
   try:
     tree = _item_tree_metadata(path, "variables")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -236,7 +236,8 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
           variables=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)),
           meta=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except  (orbax wraps tensorstore's errors)
-    damaged = _unreadable(path, e)
+    # Files that pass their checksums are intact: their read error is not damage.
+    damaged = None if sealed else _unreadable(path, e)
     if damaged is None:
       raise
     raise damaged from e
@@ -409,15 +410,19 @@ class TrainCheckpointer:
     """
     for step in reversed(self.manager.all_steps()):
       try:
-        checkpoint_integrity.verify(self.step_dir(step))
-        return (step, *self.restore(step, variables_target, opt_state_target))
+        sealed = checkpoint_integrity.verify(self.step_dir(step))
       except CheckpointDamagedError as e:
-        problem = e.problem
-      except Exception as e:  # pylint: disable=broad-except  (unsealed: found by the restore)
-        damaged = _unreadable(self.step_dir(step), e)
-        if damaged is None:  # not damage (e.g. a target of another structure): a real error
-          raise
-        problem = damaged.problem
+        sealed, problem = False, e.problem
+      else:
+        try:
+          return (step, *self.restore(step, variables_target, opt_state_target))
+        except Exception as e:  # pylint: disable=broad-except  (orbax wraps tensorstore's)
+          # An unsealed step's damage shows here; an intact one's error (a target of another
+          # structure, a bug) is real and must not send good checkpoints aside.
+          damaged = None if sealed else _unreadable(self.step_dir(step), e)
+          if damaged is None:
+            raise
+          problem = damaged.problem
       self._move_aside(step)
       older = [s for s in self.manager.all_steps() if s < step]
       logging.warning("checkpoint step %d is damaged (%s); moved to %s; %s", step, problem,

@@ -195,6 +195,21 @@ def test_resume_falls_back_from_a_truncated_latest_step(tmp_path, caplog, sealed
   assert os.path.isdir(os.path.join(tmp_path, "damaged_checkpoints", "20", "variables"))
 
 
+def test_an_intact_step_that_does_not_fit_the_target_is_an_error_not_damage(tmp_path):
+  _save_steps(tmp_path, [10, 20])
+  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
+  variables, opt = _targets()
+  wrong = {"params": {"w": jax.ShapeDtypeStruct((7,), np.float32,
+                                                 sharding=variables["params"]["w"].sharding)},
+           "batch_stats": {}}
+  with pytest.raises(Exception) as err:
+    ck.restore_latest_good(wrong, opt)
+  ck.close()
+  assert not isinstance(err.value, checkpoint.CheckpointDamagedError)
+  assert checkpoint.list_steps(os.path.join(tmp_path, "checkpoints")) == [10, 20]
+  assert not os.path.exists(os.path.join(tmp_path, "damaged_checkpoints"))
+
+
 def test_reading_a_damaged_checkpoint_names_the_file(tmp_path):
   path = checkpoint.save_model(str(tmp_path / "m"), {"params": {"w": np.ones(500, np.float32)}},
                                {"name": "toy"})

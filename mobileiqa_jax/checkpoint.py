@@ -228,7 +228,7 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
   Raises:
     CheckpointDamagedError: the checkpoint's files fail their checksums, or cannot be read.
   """
-  sealed = checkpoint_integrity.verify(path)
+  sealed = checkpoint_integrity.verify(path, items=("variables", "meta"))
   try:
     tree = _item_tree_metadata(path, "variables")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:

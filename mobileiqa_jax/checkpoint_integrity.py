@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from typing import Sequence
 
 MANIFEST = "checksums.json"
 _CHUNK = 1 << 22
@@ -65,8 +66,15 @@ def seal(path: str) -> int:
   return sum(size for size, _ in files.values())
 
 
-def verify(path: str) -> bool:
+def verify(path: str, items: Sequence[str] | None = None) -> bool:
   """Checks `path` against its checksum record.
+
+  Args:
+    path: one checkpoint directory.
+    items: check only the files of these items (top-level folders such as 'variables',
+      'meta') and the checkpoint's own top-level files; None checks everything. Scoring
+      needs the weights, not the optimizer state, so a damaged optimizer state must not
+      stop it.
 
   Returns:
     True when the record exists and every file matches; False when there is no record.
@@ -82,6 +90,9 @@ def verify(path: str) -> bool:
   except (OSError, ValueError, KeyError) as e:
     raise CheckpointDamagedError(path, f"its {MANIFEST} is unreadable ({e})") from None
   for rel, (size, crc) in sorted(files.items()):
+    top = rel.split(os.sep, 1)
+    if items is not None and len(top) > 1 and top[0] not in items:
+      continue
     full = os.path.join(path, rel)
     try:
       actual = os.path.getsize(full)

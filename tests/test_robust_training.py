@@ -229,6 +229,16 @@ def test_reading_a_damaged_checkpoint_names_the_file(tmp_path):
     checkpoint.load_variables(path)
 
 
+def test_scoring_needs_only_the_weights_to_be_intact(tmp_path):
+  saved = _save_steps(tmp_path, [10])
+  step = os.path.join(tmp_path, "checkpoints", "10")
+  _truncate(_largest_file(os.path.join(step, "opt_state")))
+  variables, _ = checkpoint.load_variables(step)  # predict, evaluate, export read these
+  np.testing.assert_array_equal(variables["params"]["w"], saved[10])
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="opt_state"):
+    checkpoint_integrity.verify(step)  # a resume needs the optimizer state too
+
+
 def test_predict_on_a_damaged_checkpoint_is_one_line(tmp_path):
   _save_steps(tmp_path / "run", [10])
   sealed = os.path.join(tmp_path, "run", "checkpoints", "10")

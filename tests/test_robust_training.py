@@ -435,3 +435,44 @@ def test_kill_9_after_two_checkpoints_then_resume_is_exact(tmp_path):
   last = [r for r in rows if r["kind"] == "eval"][-1]
   ref_last = [r for r in ref_rows if r["kind"] == "eval"][-1]
   assert last["selection"] == pytest.approx(ref_last["selection"])
+
+
+_POD_SCRIPT = r"""
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+workdir, pid, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+from mobileiqa_jax import workdir_lock
+lock = workdir_lock.acquire_for_job(workdir + "/free", jax.process_index() == 0, 2)
+print("FREE", lock is not None, flush=True)
+if lock is not None:
+  lock.release()
+try:
+  workdir_lock.acquire_for_job(workdir + "/held", jax.process_index() == 0, 2)
+  print("HELD-TAKEN")
+except workdir_lock.WorkdirLockedError as e:
+  print("REFUSED", e)
+"""
+
+
+def test_on_a_pod_process_0_decides_for_every_process(tmp_path):
+  """Two processes: process 0 alone holds the lock; a refusal reaches both, none hangs."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  held = workdir_lock.WorkdirLock(str(tmp_path / "held")).acquire()  # a live holder: this test
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  try:
+    procs = [subprocess.Popen([sys.executable, "-c", _POD_SCRIPT, str(tmp_path), str(i), port],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    held.release()
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-3000:]
+    assert f"FREE {i == 0}" in out, out
+    refused = [line for line in out.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 1 and f"pid {os.getpid()}" in refused[0], out

@@ -371,6 +371,11 @@ def test_cli_log_is_the_projects_and_divergence_is_one_line(tmp_path):
   lines = proc.stderr.splitlines()
   assert not [l for l in lines if "orbax" in l.lower() or "checkpoint_manager" in l], proc.stderr
   assert [l for l in lines if "checkpoint step 2 ->" in l], proc.stderr
+  # --verbose brings the libraries' lines back (a finished run: restore, final report only).
+  proc = _launch(["launch/train.py", *TINY, f"--workdir={tmp_path / 'ok'}",
+                  "--config.max_steps=4", "--config.checkpoint.every_steps=2", "--verbose"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoint_manager.py" in proc.stderr, proc.stderr[-3000:]
   proc = _launch(["launch/train.py", *TINY, f"--workdir={tmp_path / 'nan'}",
                   "--config.max_steps=6", "--config.optimizer.lr=1e30"])
   assert proc.returncode == 1, proc.stderr[-3000:]

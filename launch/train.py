@@ -55,5 +55,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Training keeps its INFO log (the run's record); user errors are still one line.
-  cli.run(main, quiet=False)
+  # Training keeps its own INFO log (the run's record) without the libraries' (--verbose
+  # brings them back). User errors, a non-finite loss, a held workdir, a damaged checkpoint
+  # and a full disk are one line each.
+  from mobileiqa_jax import metric_writer  # noqa: E402  pylint: disable=g-import-not-at-top
+  cli.run(main, quiet="libraries", user_errors=(metric_writer.NonFiniteLossError,))

@@ -30,9 +30,12 @@ min-max normalised from, or None when the model predicts the data set's own scal
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import time
 from typing import Any, Mapping
 
 from absl import logging
@@ -40,6 +43,9 @@ from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mobileiqa_jax import checkpoint_integrity
+from mobileiqa_jax.checkpoint_integrity import CheckpointDamagedError  # re-exported
 
 FORMAT = "mobileiqa_jax/1"
 _STEP_RE = re.compile(r"^\d+$")
@@ -131,6 +137,8 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
                force=force)
+  if jax.process_index() == 0:
+    checkpoint_integrity.seal(directory)  # so a damaged copy is named when it is read
   return directory
 
 
@@ -181,13 +189,51 @@ def resolve_checkpoint(path: str, which: str = "best", step: int | None = None) 
   return os.path.join(root, str(steps[-1]))
 
 
+# What tensorstore and orbax say when a checkpoint's files are not what was written (truncated,
+# missing, garbled), as opposed to a caller's mistake such as a target of another structure.
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "is not valid for value of size",
+                   "Error reading", "Unexpected end", "corrupt", "Expecting value",
+                   "No such file or directory")
+
+
+def _damage(error: BaseException) -> str | None:
+  """The first line of the damage report in `error`'s chain, or None when it is no damage."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError)) or any(
+        m in text for m in _DAMAGE_MARKERS):
+      return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _unreadable(path: str, error: BaseException) -> CheckpointDamagedError | None:
+  """An orbax/tensorstore read failure as a damaged-checkpoint error naming `path`."""
+  damage = _damage(error)
+  return None if damage is None else CheckpointDamagedError(path, f"it cannot be read ({damage})")
+
+
 def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
-  """Host-numpy variables and the meta dict of one resolved checkpoint path."""
-  tree = _item_tree_metadata(path, "variables")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    out = ckptr.restore(path, ocp.args.Composite(
-        variables=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)),
-        meta=ocp.args.JsonRestore()))
+  """Host-numpy variables and the meta dict of one resolved checkpoint path.
+
+  Raises:
+    CheckpointDamagedError: the checkpoint's files fail their checksums, or cannot be read.
+  """
+  sealed = checkpoint_integrity.verify(path, items=("variables", "meta"))
+  try:
+    tree = _item_tree_metadata(path, "variables")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      out = ckptr.restore(path, ocp.args.Composite(
+          variables=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)),
+          meta=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps tensorstore's errors)
+    # Files that pass their checksums are intact: their read error is not damage.
+    damaged = None if sealed else _unreadable(path, e)
+    if damaged is None:
+      raise
+    raise damaged from e
   variables = dict(out["variables"])
   variables.setdefault("batch_stats", {})
   return variables, _split_meta(out["meta"])
@@ -225,15 +271,39 @@ def load_model(directory: str, which: str = "best", step: int | None = None,
 # ----------------------------------------------------------------------------- training
 
 
+class CheckpointDiskFullError(OSError):
+  """A checkpoint did not fit on the workdir's file system; earlier checkpoints are intact."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Whether an orbax save failed for want of space (tensorstore: RESOURCE_EXHAUSTED)."""
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  text = str(error)
+  return "No space left on device" in text or "os_error_code='28'" in text or (
+      "RESOURCE_EXHAUSTED" in text and "writ" in text.lower())
+
+
+def _tree_bytes(*trees: Any) -> int:
+  return int(sum(getattr(x, "nbytes", 0) for t in trees for x in jax.tree.leaves(t)))
+
+
 class TrainCheckpointer:
   """Training checkpoints in `<workdir>/checkpoints`: keep the last K and the best by metric.
 
-  All processes must call `save`/`restore`/`wait` (orbax coordinates multi-host saves; each
-  process writes the shards it owns).
+  All processes must call `save`/`restore_latest_good`/`wait` (orbax coordinates multi-host
+  saves; each process writes the shards it owns). Besides orbax's own atomic commit (an
+  unfinished save never becomes a step), a finished step gets a checksum record
+  (`checkpoint_integrity.seal`, process 0) once its save is known to be complete, so a
+  resume can tell a damaged step from a good one and fall back.
   """
 
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self._is_main = jax.process_index() == 0
+    self._unsealed: list[int] = []  # steps this run saved whose checksums are not yet recorded
+    self._in_flight: tuple[int, int] | None = None  # (step, bytes) of the save under way
     pp = ocp.checkpoint_managers
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
@@ -244,6 +314,8 @@ class TrainCheckpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
+    self._async = async_save
+    self._closed = False
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("variables", "opt_state", "meta", "train"))
@@ -251,19 +323,118 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, variables: Any, opt_state: Any, meta: Mapping[str, Any],
            train: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
-    """Starts an (async) save; `train['metrics']` gets `metrics` so `load_model` can pick best."""
+    """Starts an (async) save; `train['metrics']` gets `metrics` so `load_model` can pick best.
+
+    Raises:
+      CheckpointDiskFullError: this save (or the previous async one) did not fit on disk.
+    """
+    self.wait()  # the previous save: long done at the usual spacing; surfaces its errors
+    needed = self._bytes_needed(variables, opt_state)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:  # refuse before orbax starts writing a checkpoint that cannot fit
+      self._disk_full(step, needed, free)
     train = to_plain(dict(train, metrics=dict(metrics) if metrics else None))
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            variables=ocp.args.PyTreeSave(dict(variables)),
-            opt_state=ocp.args.PyTreeSave(opt_state),
-            meta=ocp.args.JsonSave(_split_meta(to_plain(dict(meta)))),
-            train=ocp.args.JsonSave(train)),
-        metrics=to_plain(dict(metrics)) if metrics else None,
-        force=True)
+    self._in_flight = (step, needed)
+    logging.info("checkpoint step %d -> %s", step, self.step_dir(step))
+    try:
+      saved = self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              variables=ocp.args.PyTreeSave(dict(variables)),
+              opt_state=ocp.args.PyTreeSave(opt_state),
+              meta=ocp.args.JsonSave(_split_meta(to_plain(dict(meta)))),
+              train=ocp.args.JsonSave(train)),
+          metrics=to_plain(dict(metrics)) if metrics else None,
+          force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_disk_full(e)
+      raise
+    if saved:
+      self._unsealed.append(step)
+    if not self._async:
+      self.wait()  # finished already: record its checksums now
+    return saved
+
+  def _bytes_needed(self, variables: Any, opt_state: Any) -> int:
+    """The newest finished step's size on disk, else the state's in-memory size."""
+    for step in reversed(self.manager.all_steps()):
+      path = self.step_dir(step)
+      if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, n))
+                   for r, _, names in os.walk(path) for n in names)
+    return _tree_bytes(variables, opt_state)
+
+  def _disk_full(self, step: int, needed: int, free: int) -> None:
+    # Orbax's half-written temporary folder would hold on to space the user is about to
+    # free; it is never a checkpoint (the committed steps are untouched).
+    if self._is_main and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name.startswith(f"{step}.") and "tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    latest = [s for s in self.manager.all_steps() if s != step]
+    kept = f"step {max(latest)} is the newest checkpoint" if latest else "no checkpoint yet"
+    raise CheckpointDiskFullError(
+        errno.ENOSPC,
+        f"out of disk space saving checkpoint step {step}: it needs about {needed:,} bytes, "
+        f"{free:,} are free ({kept}, left as it was). Free space on that file system or "
+        f"move the workdir, then rerun the same command to resume", self.workdir)
+
+  def _raise_if_disk_full(self, error: BaseException) -> None:
+    if self._in_flight is not None and _is_disk_full(error):
+      step, needed = self._in_flight
+      self._in_flight = None
+      self._disk_full(step, needed, shutil.disk_usage(self.directory).free)
+
+  def restore_latest_good(self, variables_target: Any, opt_state_target: Any
+                          ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+    """Restores the newest step that reads; damaged newer steps are moved aside and named.
+
+    A damaged step (checksums that do not match, or a restore that fails) goes to
+    `<workdir>/damaged_checkpoints/<step>` (kept for inspection, out of orbax's way) and the
+    next older step is tried, with one warning line per skipped step.
+
+    Returns:
+      (step, variables, opt_state, train) or None when no step reads.
+    """
+    for step in reversed(self.manager.all_steps()):
+      try:
+        sealed = checkpoint_integrity.verify(self.step_dir(step))
+      except CheckpointDamagedError as e:
+        sealed, problem = False, e.problem
+      else:
+        try:
+          return (step, *self.restore(step, variables_target, opt_state_target))
+        except Exception as e:  # pylint: disable=broad-except  (orbax wraps tensorstore's)
+          # An unsealed step's damage shows here; an intact one's error (a target of another
+          # structure, a bug) is real and must not send good checkpoints aside.
+          damaged = None if sealed else _unreadable(self.step_dir(step), e)
+          if damaged is None:
+            raise
+          problem = damaged.problem
+      self._move_aside(step)
+      older = [s for s in self.manager.all_steps() if s < step]
+      logging.warning("checkpoint step %d is damaged (%s); moved to %s; %s", step, problem,
+                      os.path.join(self.workdir, "damaged_checkpoints", str(step)),
+                      f"resuming from step {older[-1]}" if older else
+                      "no older checkpoint: starting from scratch")
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    if self._is_main:
+      dest = os.path.join(self.workdir, "damaged_checkpoints", str(step))
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      if os.path.exists(dest):
+        dest = f"{dest}.{int(time.time())}"
+      os.rename(self.step_dir(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"mobileiqa_jax: moved damaged step {step}")
+    self.manager.reload()
 
   def restore(self, step: int, variables_target: Any,
               opt_state_target: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -279,11 +450,46 @@ class TrainCheckpointer:
     return out["variables"], out["opt_state"], dict(out["train"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save under way, then records the checksums of the finished steps.
+
+    Raises:
+      CheckpointDiskFullError: the save did not fit on disk.
+    """
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_disk_full(e)
+      raise
+    self._in_flight = None
+    finished = set(self.manager.all_steps())
+    for step in self._unsealed:
+      if self._is_main and step in finished:
+        checkpoint_integrity.seal(self.step_dir(step))
+    self._unsealed = []
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and releases orbax's threads (call it on every exit path)."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def __enter__(self) -> "TrainCheckpointer":
+    return self
+
+  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    # Already failing: still finish a save under way (it holds a good state), but report the
+    # error that stopped the run, not a second one from the shutdown.
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("while closing %s after an error: %s", self.directory, e)
 
 
 # ----------------------------------------------------------------------------- resume check

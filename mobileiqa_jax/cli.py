@@ -12,6 +12,9 @@
 - anything else is a bug and keeps its traceback;
 - with `quiet=True` (predict, convert, export, evaluate, explain) absl/orbax INFO lines and
   Python warnings are hidden, so stderr holds the progress bar and the errors;
+- with `quiet="libraries"` (train) the project's own log lines stay (its record of the run:
+  mesh, data, checkpoints, evaluations, summary) and the libraries' INFO lines (orbax's save
+  internals, jax's compile notes) and their logged tracebacks are hidden; their warnings stay;
 - `--verbose`, or an explicit absl `--verbosity`, shows the library logs and the traceback.
 """
 
@@ -83,20 +86,49 @@ def quiet_logs() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def run(main: Callable[[list[str]], Any], *, quiet: bool = True,
+class _ProjectLogsOnly(std_logging.Filter):
+  """Passes the project's log records, and the libraries' warnings without tracebacks."""
+
+  def __init__(self, own_dirs: Sequence[str]):
+    super().__init__()
+    self._own = tuple(os.path.join(os.path.abspath(d), "") for d in own_dirs)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if os.path.abspath(record.pathname).startswith(self._own):
+      return True
+    # A library's logged traceback (orbax logs a failed save's) duplicates the error the
+    # project reports itself in one line.
+    return record.levelno >= std_logging.WARNING and not record.exc_info
+
+
+def quiet_library_logs() -> None:
+  """Hides the libraries' INFO logs, keeping this package's and launch/'s (any level)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  launch = os.path.join(os.path.dirname(package), "launch")
+  only = _ProjectLogsOnly([package, launch, os.path.dirname(os.path.abspath(sys.argv[0]))])
+  handlers = {logging.get_absl_handler(), *std_logging.getLogger().handlers}
+  for handler in handlers:
+    handler.addFilter(only)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run(main: Callable[[list[str]], Any], *, quiet: bool | str = True,
         user_errors: tuple[type[BaseException], ...] = ()) -> None:
   """`absl.app.run(main)` with one-line user errors and (when `quiet`) no INFO logs.
 
   Args:
     main: the command; gets the positional arguments (argv[0] first) and returns an exit
       status (None is 0).
-    quiet: hide absl/orbax INFO lines and warnings unless --verbose.
+    quiet: unless --verbose: True hides absl/orbax INFO lines and warnings; "libraries"
+      hides only the libraries' INFO lines (the command's own log stays).
     user_errors: more exception types that mean a user's mistake for this command.
   """
   caught = (app.UsageError, *USER_ERRORS, *user_errors)
 
   def wrapped(argv: list[str]) -> Any:
-    if quiet and not verbose():
+    if quiet == "libraries" and not verbose():
+      quiet_library_logs()
+    elif quiet and not verbose():
       quiet_logs()
     try:
       return main(argv)

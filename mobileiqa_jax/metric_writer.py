@@ -35,6 +35,29 @@ class MetricWriter:
       except ImportError:
         logging.warning("tensorboardX not installed: no TensorBoard event files")
 
+  def rewind(self, step: int) -> None:
+    """Drops the rows after `step`: a run resumed from step `step` writes them again.
+
+    A run killed without warning (kill -9, a lost host) may have logged steps past its last
+    checkpoint; the resumed run re-does those steps and logs them anew. The file is rewritten
+    atomically, so a crash here leaves either the old or the new file.
+    """
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) != len(lines):
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+      os.replace(tmp, path)
+      logging.info("metrics.jsonl: %d rows after step %d dropped (re-done from the checkpoint)",
+                   len(lines) - len(keep), step)
+    self._jsonl = open(path, "a", encoding="utf-8")
+
   def write(self, step: int, scalars: Mapping[str, float], kind: str) -> None:
     """One row `{"step", "kind", **scalars}`; TensorBoard tags are `<kind>/<name>`."""
     if not self.enabled:
@@ -53,12 +76,23 @@ class MetricWriter:
       self._tb.close()
 
 
+def _row_step(line: str) -> int:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return 1 << 62  # a torn last line of a killed run: dropped with the re-done rows
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and what to do."""
+
+
 class StepLog:
   """The train steps' metrics: checked, logged every `log_every_steps`, shown in a progress bar.
 
   `add(step, device_metrics)` keeps the newest step in flight (fetching its metrics would wait
   for the device) and handles the one before; `drain()` handles all. A non-finite loss raises
-  FloatingPointError naming the step, after `on_nonfinite()` (which may add to the message).
+  NonFiniteLossError naming the step, after `on_nonfinite()` (which may add to the message).
   """
 
   def __init__(self, writer: MetricWriter, *, batch_size: int, log_every_steps: int,
@@ -82,7 +116,7 @@ class StepLog:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       epoch = s // self._spe
       if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"non-finite loss {m['loss']} at step {s} (epoch {epoch}); "
+        raise NonFiniteLossError(f"non-finite loss {m['loss']} at step {s} (epoch {epoch}); "
                                  f"stopping. {self._on_nonfinite()}")
       self._images += self._batch_size
       if self._bar is not None:

@@ -14,14 +14,18 @@ fused feature. Outputs in the workdir (process 0 writes): config.json, metrics.j
 TensorBoard events, checkpoints/<step>/ (orbax: the last `checkpoint.keep` and the best), and
 best_scatter.png, best_predictions.csv, summary.json for the best checkpoint.
 
-Resume is automatic, from the latest checkpoint. The step is the only counter: epoch and
-position follow from it, the data order from (seed, epoch), the dropout key from (seed,
-step), so a resumed run matches an uninterrupted one. SIGTERM finishes the step, saves and
-returns; a NaN/inf loss stops the run naming the step, without saving it.
+Resume is automatic, from the newest checkpoint that reads (a damaged newer one is moved to
+damaged_checkpoints/ with a warning). The step is the only counter: epoch and position follow
+from it, the data order from (seed, epoch), the dropout key from (seed, step), so a resumed
+run matches an uninterrupted one, also after a kill -9 (metrics.jsonl rows past the resumed
+step are re-done, not repeated). SIGTERM finishes the step, saves and returns; a NaN/inf loss
+stops the run naming the step, the last good checkpoint and the lever, without saving it.
+One run per workdir: a second is refused before it writes anything (workdir_lock.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -44,6 +48,7 @@ from mobileiqa_jax import objectives
 from mobileiqa_jax import optim
 from mobileiqa_jax import preemption
 from mobileiqa_jax import sharding
+from mobileiqa_jax import workdir_lock
 from mobileiqa_jax.data import feed
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
@@ -63,17 +68,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     A summary: final step, whether preempted, best and last eval metrics, final params.
+
+  Raises:
+    workdir_lock.WorkdirLockedError: another live run holds `workdir` (nothing was written).
+    metric_writer.NonFiniteLossError: the loss became NaN/inf (names the step and the lever).
+    checkpoint.CheckpointDiskFullError: a checkpoint did not fit (earlier ones are intact).
   """
-  # ------------------------------------------------------------------ setup
   sharding.maybe_initialize_distributed(config.distributed)
-  is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  # One writer per workdir, held for the whole job by process 0 and refused before anything
+  # is written (workdir_lock.py); released however the run ends.
+  lock = workdir_lock.acquire_for_job(workdir, jax.process_index() == 0, jax.process_count())
+  # Whatever ends the run (a finished loop, a non-finite loss, a full disk), the checkpoint
+  # under way is finished, files are closed and the lock is given back, in that order.
+  with contextlib.ExitStack() as cleanup:
+    if lock is not None:
+      cleanup.callback(lock.release)
+    return _train_and_evaluate(config, workdir, data, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        data: feed.Data | None, cleanup: contextlib.ExitStack
+                        ) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir is this run's; `cleanup` closes what it opens."""
+  # ------------------------------------------------------------------ setup
+  is_main = jax.process_index() == 0
   ckpt_lib.check_resume_config(workdir, config)  # before anything is written
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(ckpt_lib.to_plain(config), f, indent=2, sort_keys=True)
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  cleanup.callback(writer.close)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -103,18 +129,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
 
   # ------------------------------------------------------------------ checkpoint / resume
-  ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=config.checkpoint.keep,
-                                    async_save=config.checkpoint.async_save)
+  ckpt = cleanup.enter_context(ckpt_lib.TrainCheckpointer(
+      workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save))
   ckpt_meta = {"format": ckpt_lib.FORMAT, "model_config": steps.model_config.to_dict(),
                "training": steps.runtime.to_dict(),  # how it was trained, not what it is
                "extra": {"image_size": list(config.data.image_size),
                          "mos_range": data.mos_range, "data": config.data.name,
                          "distilled_from": config.teacher_checkpoint or None}}
-  latest = ckpt.latest_step()
-  if latest is not None:
+  # The newest step that reads; damaged newer ones are moved aside with a warning each.
+  restored = ckpt.restore_latest_good(steps.abstract_state.variables,
+                                      steps.abstract_state.opt_state)
+  if restored is not None:
+    latest, variables, opt_state, train_meta = restored
     abstract = steps.abstract_state
-    variables, opt_state, train_meta = ckpt.restore(latest, abstract.variables,
-                                                    abstract.opt_state)
     # Host numpy -> a replicated global array (device_put of a host value is multi-host safe).
     state = TrainState(step=jax.device_put(np.asarray(train_meta["step"], np.int32),
                                            abstract.step.sharding),
@@ -125,6 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state = steps.init_state()
     best = {}
+  # Rows a killed run logged after its last checkpoint are re-done now: drop them, so every
+  # step appears once in metrics.jsonl.
+  writer.rewind(int(jax.device_get(state.step)))
 
   def save(step: int, metrics: dict[str, float] | None = None) -> None:
     ckpt.save(step, state.variables, state.opt_state, ckpt_meta,
@@ -134,13 +164,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = int(jax.device_get(state.step))
 
   def last_good() -> str:
-    ckpt.wait()
-    return f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}."
+    ckpt.wait()  # a save under way holds a good state: finish it
+    latest, lr = ckpt.latest_step(), config.optimizer.lr
+    if latest is None:
+      return (f"No checkpoint yet. Rerun with a lower learning rate, e.g. "
+              f"--config.optimizer.lr={lr / 10:g} (now {lr:g}).")
+    return (f"The last good checkpoint is step {latest} in {ckpt.directory}. Lower the "
+            f"learning rate, e.g. --config.optimizer.lr={lr / 10:g} (now {lr:g}), with a new "
+            f"--workdir (this one's checkpoints resume only with their own optimizer).")
   log = metric_writer.StepLog(
       writer, batch_size=config.batch_size, log_every_steps=config.log_every_steps,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, initial_step=step,
       lr_at=lambda s: optim.lr_at(config.optimizer, steps_per_epoch, s), on_nonfinite=last_good,
       progress_bar=is_main and config.progress_bar)
+  cleanup.callback(log.close)
   preempted = False
   last_eval: dict[str, float] = {}
   with preemption.Preemption() as sigterm:
@@ -198,8 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                   scatter=config.scatter_plot)
       with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(ckpt_lib.to_plain(summary), f, indent=2)
-  ckpt.close()
-  writer.close()
   summary["final_params"] = state.params
   return summary
 

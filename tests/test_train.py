@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mobileiqa_jax import checkpoint
+from mobileiqa_jax import metric_writer
 from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
 from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
@@ -98,8 +99,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
   data = tiny_data(c, shuffle=False)
   data.train.source.mos[8:16] = np.nan  # the second batch of epoch 0
   workdir = str(tmp_path / "nan")
-  with pytest.raises(FloatingPointError, match="at step 2"):
+  with pytest.raises(metric_writer.NonFiniteLossError, match="at step 2") as err:
     train.train_and_evaluate(c, workdir, data=data)
+  # The step, that there is nothing to resume from, and the lever.
+  assert "No checkpoint yet" in str(err.value), err.value
+  assert "--config.optimizer.lr=0.0001 (now 0.001)" in str(err.value), err.value
   # No checkpoint was written after the bad step (every_steps=2 would have saved step 2).
   assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == []
 

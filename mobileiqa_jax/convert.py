@@ -10,7 +10,8 @@ every offender. The only keys ever dropped are the classifier of a full timm cla
 checkpoint (`conv_head.*`, `classifier.*`, `head.*`), which a features backbone does not have,
 and PyTorch's `num_batches_tracked` counters; both are logged.
 
-Reading `.pkl`/`.pth`/`.pt`/`.bin` needs torch; `.safetensors` does not.
+Reading a checkpoint needs no torch: `.pkl`/`.pth`/`.pt`/`.bin` (torch.save zips) are read
+with numpy by `torch_pickle`, `.safetensors` with the safetensors library.
 """
 
 from __future__ import annotations
@@ -178,9 +179,16 @@ def _as_numpy(value: Any) -> np.ndarray:
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   """Reads a PyTorch/timm checkpoint file into {name: array}.
 
-  `.safetensors` is read with the safetensors library (no torch). Other files (`.pkl`, `.pth`,
-  `.pt`, `.bin`) go through `torch.load(weights_only=True)`: a state dict, possibly wrapped in
-  {'state_dict': ...} / {'model': ...} or saved from `nn.DataParallel` ('module.' prefix).
+  `.safetensors` is read with the safetensors library. Other files (`.pkl`, `.pth`, `.pt`,
+  `.bin`: torch.save zips) with numpy (`torch_pickle.load`), admitting what
+  `torch.load(weights_only=True)` admits for a state dict; neither needs torch. A state dict
+  may be wrapped in {'state_dict': ...} / {'model': ...} or saved from `nn.DataParallel`
+  ('module.' prefix).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: not a state dict, or a pickle that asks for anything but tensors (named,
+      refused before anything is run).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -189,18 +197,18 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     state = load_file(path)
   else:
+    # numpy, not torch.load: scoring the authors' weights needs no PyTorch, and the reader
+    # admits only what torch.load(weights_only=True) admits for a state dict.
+    import pickle  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax import torch_pickle  # pylint: disable=g-import-not-at-top
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f"Reading {path} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
-          ".safetensors, which needs no torch).") from e
-    try:
-      state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types.
-      raise ConversionError(
-          f"{path} is not a PyTorch state dict readable with torch.load(weights_only=True): "
-          f"{e}. Save the model's state_dict() (torch.save(model.state_dict(), path)).") from e
+      state = torch_pickle.load(path)
+    except torch_pickle.UnsafePickleError as e:
+      raise ConversionError(f"{path} is refused: {e}. Load only weights files you trust; a "
+                            "state dict (torch.save(model.state_dict(), path)) is read.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+      raise ConversionError(f"{path} is not a readable PyTorch state dict: {e}. Save the "
+                            "model's state_dict() (torch.save(model.state_dict(), path)).") from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
       if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
         state = state[wrapper]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
+from mobileiqa_jax import compilation_cache
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -315,6 +316,10 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
 
+  JAX's persistent compilation cache is turned on (`compilation_cache.enable()`: a per-user
+  folder; MOBILEIQA_JAX_CACHE_DIR moves it, '' or '0' turns it off), so a second process
+  scoring the same shapes compiles nothing.
+
   Returns:
     A `Scorer`.
 
@@ -329,6 +334,9 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
                             "workdir or a .pkl/.pth state dict).")
+  # Before anything compiles: a second process then reuses this one's compiled programs. A
+  # launcher has already decided from its flags; from Python this takes the environment's.
+  compilation_cache.enable()
   if runtime is None:
     import jax  # pylint: disable=g-import-not-at-top
     from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top

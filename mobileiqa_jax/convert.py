@@ -342,6 +342,26 @@ def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None
     model: 'teacher' or 'student' if the caller insists on one (a mismatch is an error).
     source: the file's name for error messages.
   """
+  return _read_config(state_dict, model, source)[0]
+
+
+def _torch_shapes(template: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """PyTorch name -> PyTorch shape of every variable of a Flax template."""
+  out = {}
+  for path, leaf in _flat(template).items():
+    key, flax_leaf = _torch_key(path)
+    shape = tuple(leaf.shape)
+    if flax_leaf == "kernel" and len(shape) == 4:
+      shape = (shape[3], shape[2], shape[0], shape[1])
+    elif flax_leaf == "kernel" and len(shape) == 2:
+      shape = shape[::-1]
+    out[key] = shape
+  return out
+
+
+def _read_config(state_dict: Mapping[str, Any], model: str | None,
+                 source: str) -> tuple[Any, Variables | None]:
+  """(`model_config_for_state_dict`, the model's variables template or None)."""
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   found = detect_model(state_dict, source)
   if model is not None and model != found:
@@ -366,18 +386,20 @@ def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None
                           f"{lda}* layers, {mals} MALs, pixel attention of {pixel_dim}).")
   prefix = _BACKBONE_PREFIXES[found]
   have = _shapes(state_dict, prefix)
-  backbone = preset.backbone
-  for name in _backbone_candidates(preset.backbone):
-    template = variables_template(mobileiqa.build_backbone(name))
-    want = {}
-    for path, leaf in _flat(template).items():
-      key, flax_leaf = _torch_key(path)
-      want[key] = tuple(_to_torch(np.empty(leaf.shape, np.float32), flax_leaf).shape)
-    if {k: v for k, v in have.items() if k in want} == want and len(want) == len(have):
-      backbone = name
-      break
-  return mobileiqa.model_config(found, backbone=backbone, width=width, num_mals=mals,
-                                pooled_size=side)
+  head = dict(width=width, num_mals=mals, pooled_size=side)
+  # The preset's backbone first, checked inside the whole model's template, which the
+  # conversion needs anyway: one trace of the model at start-up instead of two (seconds on a
+  # loaded CPU; launch/predict.py's start-up, issue 21).
+  config = mobileiqa.model_config(found, **head)
+  template = variables_template(mobileiqa.build_model(config))
+  want = {k[len(prefix):]: v for k, v in _torch_shapes(template).items() if k.startswith(prefix)}
+  if want == have:
+    return config, template
+  for name in _backbone_candidates(preset.backbone)[1:]:
+    want = _torch_shapes(variables_template(mobileiqa.build_backbone(name)))
+    if want == have:
+      return mobileiqa.model_config(found, backbone=name, **head), None
+  return config, template  # No backbone matches: the strict conversion names the keys.
 
 
 def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
@@ -389,11 +411,14 @@ def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None =
   `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  config = model_config_for_state_dict(state_dict, model, source)
+  config, template = _read_config(state_dict, model, source)
   if overrides:
     config = mobileiqa.MobileIQAConfig.from_dict(dict(config.to_dict(), **overrides))
+    template = None
   module = mobileiqa.build_model(config, runtime)
-  variables = torch_to_flax(state_dict, variables_template(module), source=source)
+  # The runtime changes how the model computes, never its variables' shapes.
+  template = template if template is not None else variables_template(module)
+  variables = torch_to_flax(state_dict, template, source=source)
   return module, variables, config.to_dict()
 
 

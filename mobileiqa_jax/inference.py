@@ -393,7 +393,9 @@ def predict_csv(
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
   preprocess.parse_image_size(image_size)
   files = expand_paths(paths)
-  scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
+  # Fewer files than a batch make one batch of their number, as `Scorer.score` does: one
+  # photo is one forward pass of one image, not of `batch_size` with the rest padding.
+  scorer = load(checkpoint, image_size, model=model, batch_size=min(batch_size, len(files)),
                 num_workers=workers)
   bar = None
   if progress:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import struct
 import zipfile
 from typing import Any
 
@@ -105,9 +106,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _Unpickler(pickle.Unpickler):
   """Admits `_ALLOWED` only; storages come from the zip's data/ records."""
 
-  def __init__(self, file: Any, archive: zipfile.ZipFile | None, root: str, byteorder: str):
+  def __init__(self, file: Any, archive: zipfile.ZipFile | None, root: str, byteorder: str,
+               mapped: np.ndarray | None = None):
     super().__init__(file)
     self._archive = archive
+    self._mapped = mapped
     self._root = root
     self._byteorder = byteorder
     self._storages: dict[str, _Storage] = {}
@@ -125,14 +128,29 @@ class _Unpickler(pickle.Unpickler):
                               "tensor storage")
     storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
     if key not in self._storages:  # Tensors sharing a storage share its array.
-      data = self._archive.read(f"{self._root}data/{key}")
       dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-      if len(data) < numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f"storage {key} holds {len(data)} bytes, fewer than its "
+      data = self._record(f"{self._root}data/{key}")
+      if data.size < numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f"storage {key} holds {data.size} bytes, fewer than its "
                                      f"{numel} elements of {dtype.name}.")
-      array = np.frombuffer(data, dtype, count=numel)
+      array = data[: numel * dtype.itemsize].view(dtype)
       self._storages[key] = _Storage(array.astype(array.dtype.newbyteorder("="), copy=False))
     return self._storages[key]
+
+  def _record(self, name: str) -> np.ndarray:
+    """A zip record's bytes: a read-only view of the mapped file where it is stored
+    uncompressed (what torch.save writes: no copy, no CRC pass over hundreds of MB), else read.
+    """
+    info = self._archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or self._mapped is None:
+      return np.frombuffer(self._archive.read(name), np.uint8)
+    # The local header (30 bytes, then the name and an extra field) precedes the data.
+    header = self._mapped[info.header_offset:info.header_offset + 30].tobytes()
+    if header[:4] != b"PK\x03\x04":
+      raise pickle.UnpicklingError(f"zip record {name} has no local header.")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    return self._mapped[start:start + info.file_size]
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -162,5 +180,6 @@ def load(path: str | os.PathLike) -> Any:
     byteorder = "little"
     if f"{root}byteorder" in names:
       byteorder = archive.read(f"{root}byteorder").decode("ascii").strip()
+    mapped = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else None
     with archive.open(pickles[0]) as f:
-      return _Unpickler(f, archive, root, byteorder).load()
+      return _Unpickler(f, archive, root, byteorder, mapped).load()

@@ -5,8 +5,9 @@ in which every tensor is a call to `torch._utils._rebuild_tensor_v2(storage, off
 stride, ...)` and every storage a persistent id ('storage', torch.<Type>Storage, key, device,
 numel) whose bytes are the zip record `<root>/data/<key>`. This module unpickles that with an
 unpickler that admits only what rebuilding plain tensors needs, as
-`torch.load(weights_only=True)` does for a state dict, and makes each tensor a numpy array
-(the storage's bytes viewed with the tensor's offset, shape and strides, then copied).
+`torch.load(weights_only=True)` does for a state dict, and makes each tensor a numpy array: a
+view, with the tensor's offset, shape and strides, of its storage read into memory (tensors
+that share a storage share it, as torch's do).
 
 Anything else the pickle asks for (e.g. `os.system` through `__reduce__`, a model class) is
 refused with `UnsafePickleError`, before it is called: loading a weights file must never run
@@ -18,6 +19,7 @@ Not read: the pre-1.6 (non-zip) format and tensor subclasses; both are named in 
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import struct
@@ -59,7 +61,7 @@ class _StorageType:
 
 
 class _Storage:
-  """One storage record: a flat, read-only numpy array of its dtype."""
+  """One storage record: a flat numpy array of its dtype, owned by this load."""
 
   def __init__(self, array: np.ndarray):
     self.array = array
@@ -68,7 +70,7 @@ class _Storage:
 def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: tuple[int, ...],
                        stride: tuple[int, ...], requires_grad: Any = False,
                        backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
-  """The tensor as torch rebuilds it: a strided view of the storage, copied to its own array."""
+  """The tensor as torch rebuilds it: a strided view of its storage (shared, as in torch)."""
   del requires_grad, backward_hooks, metadata  # Not part of the values.
   flat = storage.array
   size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
@@ -81,10 +83,11 @@ def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: tuple[int, 
     # A view past its storage would read other memory: a corrupt or forged file.
     raise pickle.UnpicklingError(f"a tensor (offset {storage_offset}, size {size}, stride "
                                  f"{stride}) reaches past its storage of {flat.size} elements.")
-  view = np.lib.stride_tricks.as_strided(
-      flat[int(storage_offset):], shape=size,
-      strides=tuple(s * flat.itemsize for s in stride), writeable=False)
-  return np.array(view, copy=True, order="C")
+  # A view, not a copy: the storage was read into memory of its own, and tensors that share
+  # a storage in torch share it here too (what torch.load returns). One copy of the weights
+  # fewer at start-up.
+  return np.lib.stride_tricks.as_strided(
+      flat[int(storage_offset):], shape=size, strides=tuple(s * flat.itemsize for s in stride))
 
 
 def _rebuild_parameter(data: np.ndarray, requires_grad: Any = False,
@@ -106,11 +109,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _Unpickler(pickle.Unpickler):
   """Admits `_ALLOWED` only; storages come from the zip's data/ records."""
 
-  def __init__(self, file: Any, archive: zipfile.ZipFile | None, root: str, byteorder: str,
-               mapped: np.ndarray | None = None):
+  def __init__(self, file: Any, archive: zipfile.ZipFile | None, root: str, byteorder: str):
     super().__init__(file)
     self._archive = archive
-    self._mapped = mapped
     self._root = root
     self._byteorder = byteorder
     self._storages: dict[str, _Storage] = {}
@@ -129,28 +130,40 @@ class _Unpickler(pickle.Unpickler):
     storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
     if key not in self._storages:  # Tensors sharing a storage share its array.
       dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-      data = self._record(f"{self._root}data/{key}")
-      if data.size < numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f"storage {key} holds {data.size} bytes, fewer than its "
-                                     f"{numel} elements of {dtype.name}.")
-      array = data[: numel * dtype.itemsize].view(dtype)
+      array = self._read(f"{self._root}data/{key}", dtype, numel)
       self._storages[key] = _Storage(array.astype(array.dtype.newbyteorder("="), copy=False))
     return self._storages[key]
 
-  def _record(self, name: str) -> np.ndarray:
-    """A zip record's bytes: a read-only view of the mapped file where it is stored
-    uncompressed (what torch.save writes: no copy, no CRC pass over hundreds of MB), else read.
+  def _read(self, name: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    """A storage record's first `numel` elements, read straight into a new array.
+
+    torch.save stores records uncompressed: they are read from the file at their offset with
+    one readinto (no intermediate bytes, no CRC pass over hundreds of MB); others through
+    zipfile.
     """
     info = self._archive.getinfo(name)
-    if info.compress_type != zipfile.ZIP_STORED or self._mapped is None:
-      return np.frombuffer(self._archive.read(name), np.uint8)
-    # The local header (30 bytes, then the name and an extra field) precedes the data.
-    header = self._mapped[info.header_offset:info.header_offset + 30].tobytes()
-    if header[:4] != b"PK\x03\x04":
-      raise pickle.UnpicklingError(f"zip record {name} has no local header.")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    return self._mapped[start:start + info.file_size]
+    out = np.empty(numel, dtype)
+    want = numel * dtype.itemsize
+    if info.file_size < want:
+      raise pickle.UnpicklingError(f"storage {name} holds {info.file_size} bytes, fewer than "
+                                   f"its {numel} elements of {dtype.name}.")
+    buffer = memoryview(out.view(np.uint8))  # Bytes: float16/bfloat16 have no buffer code.
+    if info.compress_type == zipfile.ZIP_STORED:
+      raw = self._archive.fp
+      # The local header (30 bytes, then the name and an extra field) precedes the data.
+      raw.seek(info.header_offset)
+      header = raw.read(30)
+      if header[:4] != b"PK\x03\x04":
+        raise pickle.UnpicklingError(f"zip record {name} has no local header.")
+      name_len, extra_len = struct.unpack("<HH", header[26:30])
+      raw.seek(info.header_offset + 30 + name_len + extra_len)
+      got = raw.readinto(buffer)
+    else:
+      with self._archive.open(name) as f:
+        got = f.readinto(buffer)
+    if got != want:
+      raise pickle.UnpicklingError(f"storage {name}: read {got} of {want} bytes.")
+    return out
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -180,6 +193,6 @@ def load(path: str | os.PathLike) -> Any:
     byteorder = "little"
     if f"{root}byteorder" in names:
       byteorder = archive.read(f"{root}byteorder").decode("ascii").strip()
-    mapped = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else None
-    with archive.open(pickles[0]) as f:
-      return _Unpickler(f, archive, root, byteorder, mapped).load()
+    # data.pkl is read whole first: the storages are then read from the same file handle.
+    data = archive.read(pickles[0])
+    return _Unpickler(io.BytesIO(data), archive, root, byteorder).load()

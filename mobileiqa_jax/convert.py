@@ -85,6 +85,7 @@ def torch_to_flax(
     prefix: str = "",
     drop_classifier: bool = False,
     source: str = "checkpoint",
+    copy: bool = True,
 ) -> Variables:
   """Converts a PyTorch state dict to Flax variables shaped like `template`.
 
@@ -96,6 +97,10 @@ def torch_to_flax(
       to take a backbone out of a whole MobileIQA checkpoint). Empty: all keys.
     drop_classifier: drop (with a log line) a timm classification head's keys.
     source: the checkpoint's name for error messages.
+    copy: False: float32 arrays of the state dict are returned as they are, kernels as
+      transposed views of them (no copy; they share memory with `state_dict`). Scoring takes
+      this: `jax.device_put` copies them anyway, and each copy of the weights costs seconds
+      at start-up on a loaded CPU.
 
   Returns:
     {'params': ..., 'batch_stats': ...} as float32 numpy arrays (only the collections the
@@ -138,7 +143,7 @@ def torch_to_flax(
       misshaped.append(f"{torch_key}: checkpoint {tuple(arrays[torch_key].shape)}, model "
                        f"expects {tuple(_to_torch(np.empty(leaf.shape), flax_leaf).shape)}")
       continue
-    flat_out[path] = value.astype(np.float32)
+    flat_out[path] = value.astype(np.float32) if copy else np.asarray(value, np.float32)
   unexpected = sorted(set(arrays) - used)
   if missing or unexpected or misshaped:
     lines = [f"{source} does not match the model{f' (keys under {prefix!r})' if prefix else ''}:"]
@@ -404,11 +409,13 @@ def _read_config(state_dict: Mapping[str, Any], model: str | None,
 
 def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
                               source: str = "checkpoint", runtime: Any = None,
+                              copy: bool = True,
                               **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """A MobileIQA state dict -> (module, variables, model config dict), strictly, in memory.
 
   `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`);
-  `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs.
+  `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs; `copy`
+  as in `torch_to_flax`.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   config, template = _read_config(state_dict, model, source)
@@ -418,7 +425,7 @@ def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None =
   module = mobileiqa.build_model(config, runtime)
   # The runtime changes how the model computes, never its variables' shapes.
   template = template if template is not None else variables_template(module)
-  variables = torch_to_flax(state_dict, template, source=source)
+  variables = torch_to_flax(state_dict, template, source=source, copy=copy)
   return module, variables, config.to_dict()
 
 

@@ -345,8 +345,10 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
                                                compute_dtype=compute_dtype or "float32")
   if is_state_dict_file(path):
     from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+    # No copy: the state dict was read for this Scorer alone, and the scorer's device_put
+    # makes the one copy the device needs.
     module, variables, config = convert.mobileiqa_from_state_dict(
-        convert.load_state_dict(path), model, source=path, runtime=runtime)
+        convert.load_state_dict(path), model, source=path, runtime=runtime, copy=False)
     extra = {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}
     source = os.path.abspath(path)
   else:

@@ -21,6 +21,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mobileiqa_jax import cli  # noqa: E402
+from mobileiqa_jax import compilation_cache  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
                                           "data set (default: the checkpoint's workdir config).")
@@ -30,11 +31,13 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.dat
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Step of a workdir to load.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Default <checkpoint>/eval_<data>_<split>.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch size override.")
+compilation_cache.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compilation_cache.enable_from_flags()
   from mobileiqa_jax import evaluate  # pylint: disable=g-import-not-at-top
   result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _SPLIT.value,
                                         _OUTPUT.value, _WHICH.value, _BATCH.value)

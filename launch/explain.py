@@ -15,6 +15,7 @@ import sys
 from absl import flags
 
 from mobileiqa_jax import cli
+from mobileiqa_jax import compilation_cache
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict.", required=True)
@@ -23,10 +24,12 @@ flags.DEFINE_string("image_size", None, "HEIGHT,WIDTH the photos are resized to;
                     "the checkpoint's.")
 flags.DEFINE_boolean("overwrite", False, "Write into a non-empty --output folder.")
 flags.DEFINE_boolean("progress", True, "Progress bar on stderr.")
+compilation_cache.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+  compilation_cache.enable_from_flags()
   from mobileiqa_jax import explain  # pylint: disable=g-import-not-at-top
   return explain.explain_command(FLAGS.checkpoint, argv[1:], FLAGS.output, sys.stderr,
                                  FLAGS.image_size, FLAGS.overwrite, FLAGS.progress)

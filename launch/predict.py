@@ -7,7 +7,10 @@ the authors' .pkl / a .pth state dict (teacher or student is read from its keys;
 memory). PATH: image files or folders (recursed; image files sorted). A file that cannot be
 read as an image is named on stderr with the reason, the others are still scored, and the exit
 status is 1. A mistake in the command (missing path, bad flag value, not a checkpoint) is one
-line on stderr; --verbose shows the traceback and library logs.
+line on stderr; --verbose shows the traceback and library logs. Compiled programs are kept in
+JAX's compilation cache ($XDG_CACHE_HOME/mobileiqa_jax/jax; --compilation_cache_dir moves it,
+--nocompilation_cache or MOBILEIQA_JAX_CACHE_DIR=0 turns it off), so a second run of the same
+size compiles nothing; the authors' .pkl is read without PyTorch.
 """
 
 import sys
@@ -15,6 +18,7 @@ import sys
 from absl import flags
 
 from mobileiqa_jax import cli
+from mobileiqa_jax import compilation_cache
 from mobileiqa_jax import inference
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
@@ -26,10 +30,12 @@ flags.DEFINE_enum("model", None, ["teacher", "student"], "For a state dict: insi
 flags.DEFINE_integer("batch_size", 4, "Images per forward pass (one compiled shape).")
 flags.DEFINE_integer("workers", None, "Decoding threads (default: min(8, cores)).")
 flags.DEFINE_boolean("progress", True, "Progress bar on stderr.")
+compilation_cache.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+  compilation_cache.enable_from_flags()
   return inference.predict_csv(
       checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
       batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,

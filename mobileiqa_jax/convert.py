@@ -10,7 +10,8 @@ every offender. The only keys ever dropped are the classifier of a full timm cla
 checkpoint (`conv_head.*`, `classifier.*`, `head.*`), which a features backbone does not have,
 and PyTorch's `num_batches_tracked` counters; both are logged.
 
-Reading `.pkl`/`.pth`/`.pt`/`.bin` needs torch; `.safetensors` does not.
+Reading a checkpoint needs no torch: `.pkl`/`.pth`/`.pt`/`.bin` (torch.save zips) are read
+with numpy by `torch_pickle`, `.safetensors` with the safetensors library.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def torch_to_flax(
     prefix: str = "",
     drop_classifier: bool = False,
     source: str = "checkpoint",
+    copy: bool = True,
 ) -> Variables:
   """Converts a PyTorch state dict to Flax variables shaped like `template`.
 
@@ -95,6 +97,10 @@ def torch_to_flax(
       to take a backbone out of a whole MobileIQA checkpoint). Empty: all keys.
     drop_classifier: drop (with a log line) a timm classification head's keys.
     source: the checkpoint's name for error messages.
+    copy: False: float32 arrays of the state dict are returned as they are, kernels as
+      transposed views of them (no copy; they share memory with `state_dict`). Scoring takes
+      this: `jax.device_put` copies them anyway, and each copy of the weights costs seconds
+      at start-up on a loaded CPU.
 
   Returns:
     {'params': ..., 'batch_stats': ...} as float32 numpy arrays (only the collections the
@@ -137,7 +143,7 @@ def torch_to_flax(
       misshaped.append(f"{torch_key}: checkpoint {tuple(arrays[torch_key].shape)}, model "
                        f"expects {tuple(_to_torch(np.empty(leaf.shape), flax_leaf).shape)}")
       continue
-    flat_out[path] = value.astype(np.float32)
+    flat_out[path] = value.astype(np.float32) if copy else np.asarray(value, np.float32)
   unexpected = sorted(set(arrays) - used)
   if missing or unexpected or misshaped:
     lines = [f"{source} does not match the model{f' (keys under {prefix!r})' if prefix else ''}:"]
@@ -178,9 +184,16 @@ def _as_numpy(value: Any) -> np.ndarray:
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   """Reads a PyTorch/timm checkpoint file into {name: array}.
 
-  `.safetensors` is read with the safetensors library (no torch). Other files (`.pkl`, `.pth`,
-  `.pt`, `.bin`) go through `torch.load(weights_only=True)`: a state dict, possibly wrapped in
-  {'state_dict': ...} / {'model': ...} or saved from `nn.DataParallel` ('module.' prefix).
+  `.safetensors` is read with the safetensors library. Other files (`.pkl`, `.pth`, `.pt`,
+  `.bin`: torch.save zips) with numpy (`torch_pickle.load`), admitting what
+  `torch.load(weights_only=True)` admits for a state dict; neither needs torch. A state dict
+  may be wrapped in {'state_dict': ...} / {'model': ...} or saved from `nn.DataParallel`
+  ('module.' prefix).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: not a state dict, or a pickle that asks for anything but tensors (named,
+      refused before anything is run).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -189,18 +202,18 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     state = load_file(path)
   else:
+    # numpy, not torch.load: scoring the authors' weights needs no PyTorch, and the reader
+    # admits only what torch.load(weights_only=True) admits for a state dict.
+    import pickle  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax import torch_pickle  # pylint: disable=g-import-not-at-top
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f"Reading {path} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
-          ".safetensors, which needs no torch).") from e
-    try:
-      state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types.
-      raise ConversionError(
-          f"{path} is not a PyTorch state dict readable with torch.load(weights_only=True): "
-          f"{e}. Save the model's state_dict() (torch.save(model.state_dict(), path)).") from e
+      state = torch_pickle.load(path)
+    except torch_pickle.UnsafePickleError as e:
+      raise ConversionError(f"{path} is refused: {e}. Load only weights files you trust; a "
+                            "state dict (torch.save(model.state_dict(), path)) is read.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+      raise ConversionError(f"{path} is not a readable PyTorch state dict: {e}. Save the "
+                            "model's state_dict() (torch.save(model.state_dict(), path)).") from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
       if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
         state = state[wrapper]
@@ -334,6 +347,26 @@ def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None
     model: 'teacher' or 'student' if the caller insists on one (a mismatch is an error).
     source: the file's name for error messages.
   """
+  return _read_config(state_dict, model, source)[0]
+
+
+def _torch_shapes(template: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """PyTorch name -> PyTorch shape of every variable of a Flax template."""
+  out = {}
+  for path, leaf in _flat(template).items():
+    key, flax_leaf = _torch_key(path)
+    shape = tuple(leaf.shape)
+    if flax_leaf == "kernel" and len(shape) == 4:
+      shape = (shape[3], shape[2], shape[0], shape[1])
+    elif flax_leaf == "kernel" and len(shape) == 2:
+      shape = shape[::-1]
+    out[key] = shape
+  return out
+
+
+def _read_config(state_dict: Mapping[str, Any], model: str | None,
+                 source: str) -> tuple[Any, Variables | None]:
+  """(`model_config_for_state_dict`, the model's variables template or None)."""
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   found = detect_model(state_dict, source)
   if model is not None and model != found:
@@ -358,34 +391,41 @@ def model_config_for_state_dict(state_dict: Mapping[str, Any], model: str | None
                           f"{lda}* layers, {mals} MALs, pixel attention of {pixel_dim}).")
   prefix = _BACKBONE_PREFIXES[found]
   have = _shapes(state_dict, prefix)
-  backbone = preset.backbone
-  for name in _backbone_candidates(preset.backbone):
-    template = variables_template(mobileiqa.build_backbone(name))
-    want = {}
-    for path, leaf in _flat(template).items():
-      key, flax_leaf = _torch_key(path)
-      want[key] = tuple(_to_torch(np.empty(leaf.shape, np.float32), flax_leaf).shape)
-    if {k: v for k, v in have.items() if k in want} == want and len(want) == len(have):
-      backbone = name
-      break
-  return mobileiqa.model_config(found, backbone=backbone, width=width, num_mals=mals,
-                                pooled_size=side)
+  head = dict(width=width, num_mals=mals, pooled_size=side)
+  # The preset's backbone first, checked inside the whole model's template, which the
+  # conversion needs anyway: one trace of the model at start-up instead of two (seconds on a
+  # loaded CPU; launch/predict.py's start-up, issue 21).
+  config = mobileiqa.model_config(found, **head)
+  template = variables_template(mobileiqa.build_model(config))
+  want = {k[len(prefix):]: v for k, v in _torch_shapes(template).items() if k.startswith(prefix)}
+  if want == have:
+    return config, template
+  for name in _backbone_candidates(preset.backbone)[1:]:
+    want = _torch_shapes(variables_template(mobileiqa.build_backbone(name)))
+    if want == have:
+      return mobileiqa.model_config(found, backbone=name, **head), None
+  return config, template  # No backbone matches: the strict conversion names the keys.
 
 
 def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
                               source: str = "checkpoint", runtime: Any = None,
+                              copy: bool = True,
                               **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """A MobileIQA state dict -> (module, variables, model config dict), strictly, in memory.
 
   `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`);
-  `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs.
+  `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs; `copy`
+  as in `torch_to_flax`.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  config = model_config_for_state_dict(state_dict, model, source)
+  config, template = _read_config(state_dict, model, source)
   if overrides:
     config = mobileiqa.MobileIQAConfig.from_dict(dict(config.to_dict(), **overrides))
+    template = None
   module = mobileiqa.build_model(config, runtime)
-  variables = torch_to_flax(state_dict, variables_template(module), source=source)
+  # The runtime changes how the model computes, never its variables' shapes.
+  template = template if template is not None else variables_template(module)
+  variables = torch_to_flax(state_dict, template, source=source, copy=copy)
   return module, variables, config.to_dict()
 
 

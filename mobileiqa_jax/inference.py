@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
+from mobileiqa_jax import compilation_cache
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -315,6 +316,10 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
 
+  JAX's persistent compilation cache is turned on (`compilation_cache.enable()`: a per-user
+  folder; MOBILEIQA_JAX_CACHE_DIR moves it, '' or '0' turns it off), so a second process
+  scoring the same shapes compiles nothing.
+
   Returns:
     A `Scorer`.
 
@@ -329,6 +334,9 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
                             "workdir or a .pkl/.pth state dict).")
+  # Before anything compiles: a second process then reuses this one's compiled programs. A
+  # launcher has already decided from its flags; from Python this takes the environment's.
+  compilation_cache.enable()
   if runtime is None:
     import jax  # pylint: disable=g-import-not-at-top
     from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
@@ -337,8 +345,10 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
                                                compute_dtype=compute_dtype or "float32")
   if is_state_dict_file(path):
     from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+    # No copy: the state dict was read for this Scorer alone, and the scorer's device_put
+    # makes the one copy the device needs.
     module, variables, config = convert.mobileiqa_from_state_dict(
-        convert.load_state_dict(path), model, source=path, runtime=runtime)
+        convert.load_state_dict(path), model, source=path, runtime=runtime, copy=False)
     extra = {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}
     source = os.path.abspath(path)
   else:
@@ -385,7 +395,9 @@ def predict_csv(
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
   preprocess.parse_image_size(image_size)
   files = expand_paths(paths)
-  scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
+  # Fewer files than a batch make one batch of their number, as `Scorer.score` does: one
+  # photo is one forward pass of one image, not of `batch_size` with the rest padding.
+  scorer = load(checkpoint, image_size, model=model, batch_size=min(batch_size, len(files)),
                 num_workers=workers)
   bar = None
   if progress:

@@ -1,0 +1,135 @@
+r"""Whole-command time to score one photo: launch/predict.py cold and warm vs PyTorch.
+
+  python benchmarks/quick_start.py [--photo=PATH] [--image_size=1231,1907] [--rounds=2]
+      [--workdir=DIR]
+
+Writes a student `.pkl` of the authors' shapes with random weights (the time does not depend
+on them) to --workdir, then times, as whole fresh processes (interpreter start, imports,
+weights, decode, resize, forward, output), in rounds so that each comparison shares the
+machine's load of the same minute:
+
+- jax first:  `launch/predict.py --checkpoint=<pkl> <photo> --image_size=H,W` with an empty
+  compilation cache folder (what a first run on a new machine or jax version costs);
+- jax second: the same command again, the cache now holding its programs;
+- torch: a fresh python that builds the PyTorch reference (tests/torch_reference.py: timm
+  MobileNetV3-large + the head), loads the same .pkl with torch.load, preprocesses the photo
+  the reference's way (PIL bicubic, ImageNet mean/std) and scores it under inference_mode.
+
+Prints one line per run and a JSON summary (medians; second / torch is the figure of merit).
+Needs torch and timm for the PyTorch side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PHOTO = "/work/shared/data/livec_jpg/Images/1000.JPG"
+
+_TORCH_SCORE = r"""
+import sys, numpy as np, torch
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+import torch_reference
+h, w = (int(v) for v in sys.argv[4].split(","))
+model = torch_reference.student_reference().eval()
+model.load_state_dict(torch.load(sys.argv[2], map_location="cpu", weights_only=True),
+                      strict=True)
+im = Image.open(sys.argv[3]).convert("RGB").resize((w, h), Image.BICUBIC)
+x = (np.asarray(im, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+x = torch.from_numpy(x.astype(np.float32).transpose(2, 0, 1)[None])
+with torch.inference_mode():
+  print(f"{sys.argv[3]},{float(model(x)[0]):.6f}")
+"""
+
+
+def write_student_pkl(path: str, seed: int = 0) -> None:
+  """The authors' student state dict (real shapes, random weights), saved with torch.save."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  model = mobileiqa.build_model(mobileiqa.model_config("student"))
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  variables = jax.tree_util.tree_map(draw, convert.variables_template(model))
+  # Running variances near 1 and a small last layer keep the score off the sigmoid's ends.
+  variables["batch_stats"] = jax.tree_util.tree_map(lambda v: 1 + np.abs(v),
+                                                    variables["batch_stats"])
+  variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in convert.flax_to_torch(variables).items()}, path)
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+  """Wall seconds of a whole command, and its stdout; a failure stops the benchmark."""
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  seconds = time.perf_counter() - t0
+  if proc.returncode:
+    sys.exit(f"{' '.join(cmd[:3])} ... failed:\n{proc.stderr[-3000:]}")
+  return seconds, proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--photo", default=DEFAULT_PHOTO)
+  parser.add_argument("--image_size", default="1231,1907")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
+                                                        "mobileiqa_quick_start"))
+  args = parser.parse_args()
+  os.makedirs(args.workdir, exist_ok=True)
+  pkl = os.path.join(args.workdir, "MobileNet_IQA_random.pkl")
+  if not os.path.exists(pkl):
+    write_student_pkl(pkl)
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  print(f"# {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, photo {args.photo}, "
+        f"{args.image_size}", flush=True)
+  runs: dict[str, list[float]] = {"jax_first": [], "jax_second": [], "torch": []}
+  scores = {}
+  for r in range(args.rounds):
+    cache = os.path.join(args.workdir, f"xla_cache_{r}")
+    shutil.rmtree(cache, ignore_errors=True)
+    predict = [sys.executable, "launch/predict.py", f"--checkpoint={pkl}", args.photo,
+               f"--image_size={args.image_size}", f"--compilation_cache_dir={cache}",
+               "--noprogress"]
+    for name, cmd in (("torch", [sys.executable, "-c", _TORCH_SCORE,
+                                 os.path.join(REPO, "tests"), pkl, args.photo,
+                                 args.image_size]),
+                      ("jax_first", predict), ("jax_second", predict)):
+      load = os.getloadavg()[0]
+      seconds, line = timed(cmd, env)
+      runs[name].append(seconds)
+      scores[name] = float(line.rsplit(",", 1)[1])
+      print(f"round {r} {name:10} {seconds:7.2f} s  load {load:5.2f}  score "
+            f"{scores[name]:.6f}", flush=True)
+  med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+  print(json.dumps({
+      "median_s": {k: round(v, 2) for k, v in med.items()},
+      "first_over_torch": round(med["jax_first"] / med["torch"], 2),
+      "second_over_torch": round(med["jax_second"] / med["torch"], 2),
+      "abs_score_diff_jax_torch": abs(scores["jax_second"] - scores["torch"]),
+      "load_avg_1min_end": round(os.getloadavg()[0], 2),
+  }))
+
+
+if __name__ == "__main__":
+  main()

@@ -8,19 +8,15 @@ each TPU compile to seconds of CPU.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from test_train_helpers import REPO, SMALLEST, tiny_config
+from support import SMALLEST, run_python, tiny_config
 
 pytest.importorskip("libtpu")
 
 from mobileiqa_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# The tiny settings of test_train_helpers.tiny_config as command-line overrides.
+# The tiny settings of support.tiny_config as command-line overrides.
 _TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.width=16",
                "--config.model.pooled_size=6", "--config.model.regressor_pool=2",
                "--config.model.num_mals=1", "--config.data.image_size=(32,32)",
@@ -33,10 +29,8 @@ def _tiny(kind: str = "teacher", **overrides):
   return c
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), *args],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+def _cli(*args: str, timeout: int = 600):
+  return run_python(["launch/aot_compile.py", *args], timeout=timeout)
 
 
 def test_chip_table_and_target_platform_choice():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -21,18 +20,11 @@ import data_fixtures
 
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax.models import mobileiqa
-from test_train_helpers import CACHE_ENV, REPO
+from support import REPO, run_python as _launch
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTO = os.path.join(LIVEC, "1000.JPG")
 DEMO = "configs/teacher.py:demo"
-
-
-def _launch(args, timeout=600):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _fake_train_workdir(path, width):
@@ -168,7 +160,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
   """In-process: a tiny run, resumed with more epochs and other logging; then a wider model."""
   from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train_helpers import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
+  from support import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   c = tiny_config("student", num_epochs=1)
   first = train.train_and_evaluate(c, workdir, data=tiny_data(c))

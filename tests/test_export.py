@@ -13,13 +13,12 @@ crowding at 0.5.
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import data_fixtures
+from support import REPO as ROOT, random_variables, run_python
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -38,7 +37,6 @@ SIZE = (328, 488)
 NUM_PHOTOS = 8
 SMALL = dict(pooled_size=8, width=64)
 MOS_RANGE = [3.42, 92.43]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _photos():
@@ -57,38 +55,12 @@ def _photos():
   return np.stack(out)
 
 
-def _random_variables(model, seed=0):
-  """Init-shaped variables, all drawn at random (no compile: eval_shape + numpy)."""
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SIZE, 3), jnp.float32)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    coll = str(getattr(path[0], "key", path[0]))
-    shape = leaf.shape
-    if coll == "batch_stats":
-      if name == "var":
-        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-      return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name == "scale":
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "gamma":
-      return (0.5 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   photos = _photos()
   config = mobileiqa.model_config("student", depthwise_impl="conv", **SMALL)
   model = mobileiqa.build_model(config)
-  variables = _random_variables(model)
+  variables = random_variables(model, SIZE)
   gammas = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
             if str(getattr(p[-1], "key", "")) == "gamma"]
   assert gammas and all(np.all(g != 0) for g in gammas)
@@ -231,10 +203,8 @@ def test_bad_settings_direct_api():
 
 
 def test_launcher_reports_bad_image_size(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "export.py"), f"--checkpoint={tmp_path}",
-       f"--output={tmp_path / 'm.tflite'}", "--image_size=20,20"],
-      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = run_python(["launch/export.py", f"--checkpoint={tmp_path}",
+                     f"--output={tmp_path / 'm.tflite'}", "--image_size=20,20"], timeout=120)
   assert proc.returncode != 0
   assert "--image_size must be HEIGHT,WIDTH" in proc.stderr and "20" in proc.stderr
 

@@ -12,9 +12,6 @@ import json
 import io
 import os
 import re
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -28,7 +25,7 @@ from mobileiqa_jax import convert
 from mobileiqa_jax import inference
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
-from test_train_helpers import CACHE_ENV, REPO, use_compilation_cache
+from support import random_variables, run_python as _launch
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTOS = [os.path.join(LIVEC, f"{n}.JPG") for n in (1000, 1001, 1002)]  # 500x500 each
@@ -36,30 +33,6 @@ SIZE = (64, 64)
 MOS_RANGE = [0.0, 100.0]
 # Small head (the key names and the loader do not depend on its size); the authors' backbone.
 SMALL = dict(pooled_size=8, width=32)
-
-
-def _random_variables(model, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    if name == "kernel":
-      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-          np.float32)
-    if name in ("scale", "gamma"):
-      return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, convert.variables_template(model))
-
-
-def _launch(args, timeout=600):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _csv_scores(stdout):
@@ -72,10 +45,9 @@ def _csv_scores(stdout):
 def models(tmp_path_factory):
   """A small random student as an orbax checkpoint and as the authors' kind of .pkl."""
   torch = pytest.importorskip("torch")
-  use_compilation_cache()
   config = mobileiqa.model_config("student", **SMALL)
   model = mobileiqa.build_model(config)
-  variables = _random_variables(model)
+  variables = random_variables(model)
   # Spread the scores over the sigmoid: standardise the last layer's logits over the photos.
   s = inference.Scorer(model, variables, SIZE, config.to_dict()).score(PHOTOS)
   logits = np.log(s) - np.log1p(-s)

@@ -17,22 +17,15 @@ import numpy as np
 import pytest
 
 from mobileiqa_jax import sharding
-from test_train_helpers import CACHE_ENV, REPO
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from support import REPO, python_env, run_python
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ, **CACHE_ENV)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _run(code: str, devices: int, timeout: int = 900, args=()) -> str:
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=_env(devices),
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  proc = run_python(["-c", textwrap.dedent(code), *args], env=_env(devices), timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   return proc.stdout
 
@@ -63,7 +56,7 @@ def test_fsdp_spec_splits_largest_divisible_dim():
 _STEP_SCRIPT = """
 import jax, numpy as np
 from mobileiqa_jax import sharding, train
-from test_train_helpers import SMALLEST, tiny_config, tiny_data
+from support import SMALLEST, tiny_config, tiny_data
 assert jax.device_count() == 8, jax.devices()
 c = tiny_config("student", batch_size=8, fsdp_min_size=64, **SMALLEST)
 c.optimizer.eps = 1.0
@@ -115,7 +108,7 @@ if nproc > 1:
                              process_id=pid)
 import numpy as np
 from mobileiqa_jax import train
-from test_train_helpers import SMALLEST, tiny_config, tiny_data
+from support import SMALLEST, tiny_config, tiny_data
 c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=2, **SMALLEST)
 c.checkpoint.every_steps = 2
 c.optimizer.eps = 1.0  # Adam step linear in the gradient (see _STEP_SCRIPT)

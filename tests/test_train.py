@@ -14,9 +14,7 @@ import pytest
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
-from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
-
-use_compilation_cache()
+from support import tiny_config, tiny_data
 
 
 def _read_jsonl(workdir):

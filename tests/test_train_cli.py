@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-
 import pytest
 
-from test_train_helpers import CACHE_ENV, REPO
-
-
-def _launch(args, timeout=900, cwd=None):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+from support import run_python as _launch
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

@@ -1,0 +1,200 @@
+"""Helpers shared by the test files (and benchmarks/): not a test file itself.
+
+- `REPO`, `TESTS`: where the repository and its tests are.
+- `run_python`, `python_env`: the one way tests start Python subprocesses (one environment:
+  the repository and tests/ on PYTHONPATH, JAX_PLATFORMS=cpu and conftest's compilation cache
+  inherited from this process).
+- `rel_err`: max |got - ref| / max |ref|, the parity measure of the model tests.
+- `random_variables`: random Flax variables of a model's shapes (no compile).
+- `randomize_torch`: non-trivial norms and biases for a PyTorch / timm module.
+- `tiny_config`, `tiny_data`, `SMALLEST`: the tiny training settings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from configs import student as student_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import teacher as teacher_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+# ---------------------------------------------------------------------------- subprocesses
+
+
+def python_env(**extra: str) -> dict[str, str]:
+  """The environment of every Python subprocess a test starts.
+
+  This process's environment (conftest put JAX_PLATFORMS=cpu and the compilation cache in it)
+  plus the repository and tests/ first on PYTHONPATH: the editable install may point at
+  another checkout, and scripts run with `-c` import the test helpers.
+  """
+  env = dict(os.environ, **extra)
+  env["JAX_PLATFORMS"] = "cpu"  # also when a caller's environment says otherwise: no TPU probe
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (REPO, TESTS, os.environ.get("PYTHONPATH", "")) if p)
+  return env
+
+
+def run_python(args: Sequence[str], *, timeout: float = 600, env: dict[str, str] | None = None,
+               cwd: str = REPO) -> subprocess.CompletedProcess:
+  """`python *args` from the repository root, output captured as text."""
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env or python_env(),
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def _numpy(x) -> np.ndarray:
+  if hasattr(x, "detach"):  # a torch tensor
+    x = x.detach().numpy()
+  return np.asarray(x, np.float64)
+
+
+def nchw_to_nhwc(x) -> np.ndarray:
+  """A torch (..., C, H, W) tensor or array as numpy (..., H, W, C)."""
+  return np.moveaxis(_numpy(x), -3, -1)
+
+
+def rel_err(got, ref) -> float:
+  """max |got - ref| / max |ref| in float64; arrays or torch tensors of the same shape."""
+  got, ref = _numpy(got), _numpy(ref)
+  assert got.shape == ref.shape, (got.shape, ref.shape)
+  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def random_variables(model, image_size: tuple[int, int] = (64, 64), seed: int = 0) -> dict:
+  """Variables of `model`'s shapes, every leaf drawn at random (eval_shape + numpy, no compile).
+
+  Kernels at 1/sqrt(fan-in); BatchNorm variances in [0.5, 1.5) and means around 0; norm scales
+  around 1; self-attention gammas around 0.5 (non-zero, so attention shows); biases small.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, *image_size, 3), jnp.float32)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    coll = str(getattr(path[0], "key", path[0]))
+    shape = leaf.shape
+    if coll == "batch_stats":
+      if name == "var":
+        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+      return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name == "kernel":
+      fan_in = int(np.prod(shape[:-1]))
+      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    if name == "scale":
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name == "gamma":
+      return (0.5 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def randomize_torch(module, seed: int = 0, conv_bias: bool = True):
+  """Non-trivial weights for parity tests, in place; returns `module`.
+
+  Fresh 0/1 norms and zero biases hide bugs (a swapped mean/var, a dropped bias): BatchNorm and
+  GroupNorm affine and BatchNorm running statistics, parameters named `gamma` and (with
+  `conv_bias`) conv biases are drawn from a seeded generator. Other weights keep PyTorch's
+  (seeded by the caller) init. `conv_bias=False` keeps the draws of the head reference's tests.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(seed)
+
+  def u(shape, lo, hi):
+    return torch.rand(shape, generator=g) * (hi - lo) + lo
+
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.split(".")[-1] == "gamma":
+        p.copy_(u(p.shape, 0.5, 1.5))
+    for m in module.modules():
+      if isinstance(m, nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
+        m.weight.copy_(u(m.weight.shape, 0.5, 1.5))
+        m.bias.copy_(u(m.bias.shape, -0.2, 0.2))
+        m.running_mean.copy_(u(m.running_mean.shape, -0.2, 0.2))
+        m.running_var.copy_(u(m.running_var.shape, 0.5, 1.5))
+      elif isinstance(m, nn.GroupNorm) and m.affine:
+        m.weight.copy_(u(m.weight.shape, 0.5, 1.5))
+        m.bias.copy_(u(m.bias.shape, -0.2, 0.2))
+      elif conv_bias and isinstance(m, nn.Conv2d) and m.bias is not None:
+        m.bias.copy_(u(m.bias.shape, -0.2, 0.2))
+  return module
+
+
+# ---------------------------------------------------------------------------- tiny training
+
+# Fewest operations that still exercise every part (backbone stages, one MAL, the LDAs and
+# the regressor): the multi-device tests compile several steps, and XLA:CPU's compile time
+# grows with the number of operations, not with the tiny images.
+SMALLEST = {"model.num_mals": 1, "model.backbone_kwargs": {"depth_multiplier": 0.1}}
+
+
+def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", **overrides):
+  """A teacher or student demo config shrunk to run a step in well under a second.
+
+  The backbone defaults to the smallest MobileNetV3 for both kinds (fastest to compile);
+  the teacher test passes mobilevitv2_050. Depthwise convs as grouped convs: XLA:CPU
+  compiles them several times faster than the shifted form.
+  """
+  c = (teacher_config if kind == "teacher" else student_config).get_config("demo")
+  c.model.backbone = backbone
+  c.model.depthwise_impl = "conv"
+  c.model.width = 16
+  c.model.pooled_size = 6
+  c.model.regressor_pool = 2
+  c.model.dropout_rate = 0.1
+  c.teacher_checkpoint = ""
+  c.data.image_size = (32, 32)
+  c.data.train_crop = (0, 0)
+  c.batch_size = 8
+  c.data.eval_batch_size = 8
+  c.num_epochs = 2
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 2
+  c.checkpoint.async_save = False
+  c.progress_bar = False
+  c.scatter_plot = False
+  c.optimizer.lr = 1e-3
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwargs):
+  """In-memory random images whose MOS is a smooth function of them (learnable, not constant)."""
+  from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  h, w = config.data.image_size
+  x = rng.normal(size=(n_train + n_eval, h, w, 3)).astype(np.float32)
+  blur = np.linspace(0.0, 1.0, n_train + n_eval, dtype=np.float32)
+  rng.shuffle(blur)
+  x = x * (1.0 - 0.8 * blur[:, None, None, None])
+  mos = (1.0 - blur).astype(np.float32)
+  return feed.from_arrays(x[:n_train], mos[:n_train], x[n_train:], mos[n_train:], config,
+                         **kwargs)
+
+
+def config_key(config: Any) -> str:
+  """A config's full contents as a string (a memo key for what a config builds)."""
+  return config.to_json(sort_keys=True)

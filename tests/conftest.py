@@ -56,3 +56,11 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def shared_train_steps(monkeypatch):
+  """train.build_steps memoised for the session (support.memoized_build_steps)."""
+  import support  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, "build_steps", support.memoized_build_steps(train.build_steps))

@@ -4,6 +4,7 @@
 - `run_python`, `python_env`: the one way tests start Python subprocesses (one environment:
   the repository and tests/ on PYTHONPATH, JAX_PLATFORMS=cpu and conftest's compilation cache
   inherited from this process).
+- `run_launcher`: a launch/ command's `__main__` in this process (no interpreter start).
 - `rel_err`: max |got - ref| / max |ref|, the parity measure of the model tests.
 - `random_variables`: random Flax variables of a model's shapes (no compile).
 - `randomize_torch`: non-trivial norms and biases for a PyTorch / timm module.
@@ -12,9 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +55,56 @@ def run_python(args: Sequence[str], *, timeout: float = 600, env: dict[str, str]
   """`python *args` from the repository root, output captured as text."""
   return subprocess.run([sys.executable, *args], cwd=cwd, env=env or python_env(),
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProcess:
+  """Runs `python script *args` in this process, as `runpy` runs a file as `__main__`.
+
+  For tests of what a command prints and returns: no interpreter start and no second import of
+  jax and TensorFlow, which cost more than most commands' own work. The exit status is the
+  SystemExit's code (1 with the traceback on stderr for another exception, as an interpreter
+  exits); stdout and stderr are what Python code wrote to sys.stdout/sys.stderr (not native
+  logs). The absl flags the script defines are removed afterwards and the flag
+  values unparsed, so that the next command can define its own.
+  """
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, script)
+  argv, environ, out, err = sys.argv, dict(os.environ), io.StringIO(), io.StringIO()
+  # What the commands' quiet mode (mobileiqa_jax.cli.quiet_logs) changes for the process.
+  verbosity, root_level = logging.get_verbosity(), std_logging.getLogger().level
+  code: Any = 0
+  sys.argv = [path, *args]
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+        warnings.catch_warnings():
+      try:
+        runpy.run_path(path, run_name="__main__")
+      except SystemExit as e:
+        code = e.code
+      except Exception:  # pylint: disable=broad-except
+        traceback.print_exc()  # as the interpreter would, exiting 1
+        code = 1
+  finally:
+    sys.argv = argv
+    os.environ.clear()
+    os.environ.update(environ)
+    logging.set_verbosity(verbosity)
+    std_logging.getLogger().setLevel(root_level)
+    # absl files a script's flags under its path (sys.argv[0]); the library's stay defined.
+    by_module = flags.FLAGS.flags_by_module_dict()
+    for flag in [*by_module.get(path, []), *by_module.get("__main__", [])]:
+      if flag.name in flags.FLAGS:
+        delattr(flags.FLAGS, flag.name)
+    flags.FLAGS.unparse_flags()
+  if code is None:
+    code = 0
+  elif not isinstance(code, int):  # sys.exit("message") prints the message and exits 1
+    err.write(f"{code}\n")
+    code = 1
+  return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------------------- numerics
@@ -195,6 +250,30 @@ def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwar
                          **kwargs)
 
 
-def config_key(config: Any) -> str:
-  """A config's full contents as a string (a memo key for what a config builds)."""
-  return config.to_json(sort_keys=True)
+# What train.train_and_evaluate reads of a config besides build_steps: the training loop's
+# length, logging and checkpointing, and the teacher's path (its module is passed separately).
+_LOOP_ONLY_KEYS = ("num_epochs", "max_steps", "log_every_steps", "eval_every_epochs",
+                   "checkpoint", "scatter_plot", "progress_bar", "teacher_checkpoint")
+_STEPS_MEMO: dict[str, Any] = {}
+
+
+def memoized_build_steps(build_steps):
+  """`train.build_steps` memoised on everything it reads: tests share compiled steps.
+
+  Each call of the real function makes fresh jit closures, so every run would trace and
+  compile (or load from the persistent cache) its steps again. The key is the whole config but
+  for `_LOOP_ONLY_KEYS`, the mesh, steps per epoch and the teacher module. The steps are
+  stateless (state and batches are arguments), so sharing them changes no result.
+  """
+
+  def build(config, mesh, steps_per_epoch, teacher=None):
+    plain = config.to_dict()
+    for k in _LOOP_ONLY_KEYS:
+      plain.pop(k, None)
+    key = repr((sorted(plain.items(), key=lambda kv: kv[0]), mesh.shape_tuple,
+                [d.id for d in mesh.devices.flat], steps_per_epoch, repr(teacher)))
+    if key not in _STEPS_MEMO:
+      _STEPS_MEMO[key] = build_steps(config, mesh, steps_per_epoch, teacher)
+    return _STEPS_MEMO[key]
+
+  return build

@@ -1,8 +1,10 @@
 """Ahead-of-time compiles for TPU topologies (mobileiqa_jax/aot.py, launch/aot_compile.py).
 
 Need libtpu (`pip install -e ".[tpu-aot]"`); skipped without it. No TPU is used: the compiler
-runs on this host for devices described by `jax.experimental.topologies`. Tiny configs keep
-each TPU compile to seconds of CPU.
+runs on this host for devices described by `jax.experimental.topologies` (also under
+JAX_PLATFORMS=cpu). Tiny configs keep each TPU compile to seconds of CPU. The compiles run in
+this process, through the API and through launch/aot_compile.py's main (as MaxText tests its
+train_compile); one subprocess checks the command's exit status and one-line error.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from support import SMALLEST, run_python, tiny_config
+from support import SMALLEST, run_launcher, run_python, tiny_config
 
 pytest.importorskip("libtpu")
 
@@ -59,9 +61,11 @@ def test_unknown_topology_is_one_line_error():
 
 
 def test_teacher_step_compiles_and_grows_with_batch():
-  # The command: tiny teacher, global batch 8 on v5e:2x2, train and eval steps, JSON last.
-  proc = _cli("--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--config.batch_size=8",
-              *_TINY_FLAGS)
+  # The command (its main, in this process): tiny teacher, global batch 8 on v5e:2x2, train
+  # and eval steps, JSON last.
+  proc = run_launcher("launch/aot_compile.py", [
+      "--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--config.batch_size=8",
+      *_TINY_FLAGS])
   assert proc.returncode == aot.EXIT_FITS, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   big = json.loads(lines[-1])

@@ -3,7 +3,10 @@
 Also what must not be lost: convert refuses an existing checkpoint without --overwrite, and
 train refuses to resume a workdir's checkpoints with a different config, before writing.
 
-The commands run as subprocesses, two at a time, all started by one module fixture.
+One module fixture runs every command: one case per launcher as a real subprocess (two at a
+time), for the exit status and stderr of a fresh interpreter (no traceback, no library log
+lines); the others in this process through the launcher's `__main__` (support.run_launcher:
+the same code path from flag parsing to SystemExit, without an interpreter start each).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import data_fixtures
 
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax.models import mobileiqa
-from support import REPO, run_python as _launch
+from support import REPO, run_launcher, run_python as _launch
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTO = os.path.join(LIVEC, "1000.JPG")
@@ -107,12 +110,19 @@ def runs(tmp_path_factory):
         ["launch/predict.py", f"--checkpoint={teacher_pkl}", "--model=student", PHOTO],
         "holds the teacher")
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    procs = {name: pool.submit(_launch, args) for name, (args, _) in cases.items()}
-    procs = {name: p.result() for name, p in procs.items()}
+    started = {name: pool.submit(_launch, cases[name][0]) for name in SUBPROCESS_CASES}
+    # Meanwhile, in this process (one command at a time: they share sys.argv and the flags).
+    procs = {name: run_launcher(args[0], args[1:]) for name, (args, _) in cases.items()
+             if name not in SUBPROCESS_CASES}
+    procs.update({name: p.result() for name, p in started.items()})
   return dict(cases=cases, procs=procs, tmp=tmp, ckpt=ckpt, resume=resume,
               resume_config=resume_config)
 
 
+# One per launcher runs as a real subprocess.
+SUBPROCESS_CASES = ("predict_missing_path", "convert_missing_file", "export_bad_quantize",
+                    "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
+                    "train_refuses_changed_resume")
 CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_value",
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",

@@ -1,7 +1,9 @@
 """Sharding: mesh construction, parameter shardings, and that sharding does not change a step.
 
 The multi-device checks run in subprocesses because the fake CPU device count
-(XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported.
+(XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported: one
+process with 8 devices (one step on 1 device and on 4 x 2, and the single-process reference of
+the two-process run) and two processes with 4 devices each.
 """
 
 from __future__ import annotations
@@ -89,8 +91,21 @@ for shape in ((("data", 4), ("fsdp", 2)),):
 """
 
 
-def test_sharded_step_equals_single_device_step():
-  out = _run(_STEP_SCRIPT, devices=8)
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """One 8-device process: _STEP_SCRIPT, then _TRAIN_SCRIPT as the single-process reference.
+
+  The two scripts run one after the other in one interpreter (one start, one import of jax);
+  _TRAIN_SCRIPT reads its argv (single.npz, 1 process) and needs no distributed set-up.
+  """
+  single = str(tmp_path_factory.mktemp("sharding") / "single.npz")
+  both = textwrap.dedent(_STEP_SCRIPT) + textwrap.dedent(_TRAIN_SCRIPT)
+  out = _run(both, devices=8, args=(single, "1", "0", "0"))
+  return out, single
+
+
+def test_sharded_step_equals_single_device_step(eight_devices):
+  out, _ = eight_devices
   lines = [l for l in out.splitlines() if l.startswith("REL")]
   assert len(lines) == 1, out
   for line in lines:
@@ -128,9 +143,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-  single = str(tmp_path / "single.npz")
-  _run(_TRAIN_SCRIPT, devices=8, args=(single, "1", "0", "0"))
+def test_two_processes_match_one_process_with_eight_devices(eight_devices, tmp_path):
+  _, single = eight_devices
   port = str(_free_port())
   multi = str(tmp_path / "multi.npz")
   procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2",
@@ -149,4 +163,5 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   for k in a.files:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # Both runs checkpointed through orbax (all processes took part).
+  assert os.path.isdir(single + "_workdir/checkpoints/2")
   assert os.path.isdir(str(tmp_path / "multi.npz_workdir" / "checkpoints" / "2"))

@@ -16,6 +16,9 @@ from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
 from support import tiny_config, tiny_data
 
+# Runs of the same model and optimizer share their compiled steps (see conftest).
+pytestmark = pytest.mark.usefixtures("shared_train_steps")
+
 
 def _read_jsonl(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -64,7 +67,8 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
 def _teacher_checkpoint(tmp_path):
   """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
   t = tiny_config("teacher")
-  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=1)
+  # 3 steps per epoch as the teacher test's data: its steps (and init) are reused.
+  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=3)
   variables = jax.device_get(steps.init_variables())
   return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
                                steps.model_config.to_dict(), extra={"image_size": [32, 32]})

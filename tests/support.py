@@ -76,6 +76,7 @@ def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProces
   # What the commands' quiet mode (mobileiqa_jax.cli.quiet_logs) changes for the process.
   verbosity, root_level = logging.get_verbosity(), std_logging.getLogger().level
   code: Any = 0
+  flags_before = set(flags.FLAGS)
   sys.argv = [path, *args]
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
@@ -93,11 +94,14 @@ def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProces
     os.environ.update(environ)
     logging.set_verbosity(verbosity)
     std_logging.getLogger().setLevel(root_level)
-    # absl files a script's flags under its path (sys.argv[0]); the library's stay defined.
-    by_module = flags.FLAGS.flags_by_module_dict()
-    for flag in [*by_module.get(path, []), *by_module.get("__main__", [])]:
-      if flag.name in flags.FLAGS:
-        delattr(flags.FLAGS, flag.name)
+    # Remove what the run defined: the script's flags (absl files them under its path) and the
+    # config overrides ml_collections creates while parsing (filed under absl.flags._flag);
+    # flags of library modules the run imported for the first time stay, as their modules do.
+    library = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+               if module in sys.modules and module != "absl.flags._flag" for f in defined}
+    for name in set(flags.FLAGS) - flags_before - library:
+      if name in flags.FLAGS:
+        delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
   if code is None:
     code = 0

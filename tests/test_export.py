@@ -59,8 +59,8 @@ def _photos(size=SIZE):
   return np.stack(out)
 
 
-def _student(tmp_path_factory, size, **overrides):
-  """A random student whose scores spread over the photos, and its checkpoint."""
+def _student(tmp_path_factory, size, save=True, **overrides):
+  """A random student whose scores spread over the photos, and (`save`) its checkpoint."""
   photos = _photos(size)
   config = mobileiqa.model_config("student", depthwise_impl="conv", **overrides)
   model = mobileiqa.build_model(config)
@@ -81,8 +81,10 @@ def _student(tmp_path_factory, size, **overrides):
   assert jax_scores.std() > 0.1, jax_scores
 
   tmp = tmp_path_factory.mktemp("export")
-  ckpt = checkpoint.save_model(str(tmp / "ckpt"), variables, config.to_dict(),
-                               extra={"image_size": list(size), "mos_range": MOS_RANGE})
+  ckpt = None
+  if save:
+    ckpt = checkpoint.save_model(str(tmp / "ckpt"), variables, config.to_dict(),
+                                 extra={"image_size": list(size), "mos_range": MOS_RANGE})
   return dict(photos=photos, model=model, variables=variables, jax_scores=jax_scores,
               config=config, ckpt=ckpt, tmp=tmp, size=size)
 
@@ -94,7 +96,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smallest(tmp_path_factory):
-  return _student(tmp_path_factory, SMALLEST_SIZE, **SMALLEST)
+  return _student(tmp_path_factory, SMALLEST_SIZE, save=False, **SMALLEST)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
 from support import tiny_config, tiny_data
 
-# Runs of the same model and optimizer share their compiled steps (see conftest).
-pytestmark = pytest.mark.usefixtures("shared_train_steps")
+# Runs of the same model and optimizer share their compiled steps, compiled with XLA's
+# optimisations off (see conftest): these tests check the loop's logic, logs and checkpoints,
+# and the resumed-equals-uninterrupted comparison runs one program both ways.
+pytestmark = pytest.mark.usefixtures("shared_train_steps", "fast_compile")
 
 
 def _read_jsonl(workdir):

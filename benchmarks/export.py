@@ -74,25 +74,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_variables(model, size_hw, seed=0):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *size_hw, 3), jnp.float32)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    if name == "kernel":
-      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-          np.float32)
-    if name == "scale":
-      return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
+  # The tests' random weights (tests/support.py), so the benchmark exports what they check.
+  if os.path.join(REPO, "tests") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+  import support  # pylint: disable=g-import-not-at-top
+  return support.random_variables(model, size_hw, seed)
 
 
 def _peak_rss_gb() -> float:

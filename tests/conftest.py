@@ -1,4 +1,18 @@
-"""Test-session set-up shared by every test file."""
+"""Test-session set-up shared by every test file.
+
+- JAX_PLATFORMS=cpu for this process and (inherited through `support.python_env`) every
+  subprocess: CI installs libtpu, and without it each process would probe for a TPU at start-up.
+  The TPU compile tests (test_aot) get their topologies from libtpu without a TPU backend.
+- One persistent compilation cache for the session and its subprocesses, set before any test
+  module imports jax: tests and subprocesses compile the same tiny programs again (fresh jit
+  closures, launchers), and an XLA:CPU compile costs seconds to tens of seconds on 2 cores. It
+  lives under the pytest cache (cold in a clean clone; `pytest --cache-clear` empties it).
+"""
+
+import os
+import tempfile
+
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 # Loading triton's extension (torch imports it, e.g. through timm) after TensorFlow's crashes
 # the process with a segmentation fault (torch 2.14 / triton 3.8 / TF 2.21); the other order
@@ -9,3 +23,46 @@ try:
   import triton  # noqa: F401  pylint: disable=unused-import
 except ImportError:
   pass
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+def pytest_configure(config):
+  cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+  if cache is not None:
+    cache_dir = str(cache.mkdir("jax_compilation_cache"))
+  else:
+    cache_dir = tempfile.mkdtemp(prefix="mobileiqa_jax_xla_cache_")
+  # Environment variables reach the subprocesses; jax reads them when it is imported.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  # Scoring's own cache (mobileiqa_jax/compilation_cache.py) goes there too, not to ~/.cache.
+  os.environ["MOBILEIQA_JAX_CACHE_DIR"] = cache_dir
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  import jax  # pylint: disable=g-import-not-at-top
+  # In case a plugin imported jax before this ran.
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@pytest.fixture
+def fast_compile():
+  """XLA's optimisation passes off while a test runs (much faster CPU compiles).
+
+  Only for tests whose tolerances were checked to hold unoptimised: the numbers differ in
+  rounding (fewer fusions reorder float32 sums), never in what is computed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def shared_train_steps(monkeypatch):
+  """train.build_steps memoised for the session (support.memoized_build_steps)."""
+  import support  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, "build_steps", support.memoized_build_steps(train.build_steps))

@@ -1,27 +1,25 @@
 """Ahead-of-time compiles for TPU topologies (mobileiqa_jax/aot.py, launch/aot_compile.py).
 
 Need libtpu (`pip install -e ".[tpu-aot]"`); skipped without it. No TPU is used: the compiler
-runs on this host for devices described by `jax.experimental.topologies`. Tiny configs keep
-each TPU compile to seconds of CPU.
+runs on this host for devices described by `jax.experimental.topologies` (also under
+JAX_PLATFORMS=cpu). Tiny configs keep each TPU compile to seconds of CPU. The compiles run in
+this process, through the API and through launch/aot_compile.py's main (as MaxText tests its
+train_compile); one subprocess checks the command's exit status and one-line error.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from test_train_helpers import REPO, SMALLEST, tiny_config
+from support import SMALLEST, run_launcher, run_python, tiny_config
 
 pytest.importorskip("libtpu")
 
 from mobileiqa_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
 from mobileiqa_jax.models import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# The tiny settings of test_train_helpers.tiny_config as command-line overrides.
+# The tiny settings of support.tiny_config as command-line overrides.
 _TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.width=16",
                "--config.model.pooled_size=6", "--config.model.regressor_pool=2",
                "--config.model.num_mals=1", "--config.data.image_size=(32,32)",
@@ -34,10 +32,8 @@ def _tiny(kind: str = "teacher", **overrides):
   return c
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), *args],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+def _cli(*args: str, timeout: int = 600):
+  return run_python(["launch/aot_compile.py", *args], timeout=timeout)
 
 
 def test_chip_table_and_target_platform_choice():
@@ -67,9 +63,11 @@ def test_unknown_topology_is_one_line_error():
 
 
 def test_teacher_step_compiles_and_grows_with_batch():
-  # The command: tiny teacher, global batch 8 on v5e:2x2, train and eval steps, JSON last.
-  proc = _cli("--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--config.batch_size=8",
-              *_TINY_FLAGS)
+  # The command (its main, in this process): tiny teacher, global batch 8 on v5e:2x2, train
+  # and eval steps, JSON last.
+  proc = run_launcher("launch/aot_compile.py", [
+      "--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--config.batch_size=8",
+      *_TINY_FLAGS])
   assert proc.returncode == aot.EXIT_FITS, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   big = json.loads(lines[-1])

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from mobileiqa_jax import aot
-from test_train_helpers import SMALLEST, tiny_config
+from support import SMALLEST, tiny_config
 
 pytest.importorskip(
     "jax_plugins.xla_cuda13",

@@ -3,7 +3,10 @@
 Also what must not be lost: convert refuses an existing checkpoint without --overwrite, and
 train refuses to resume a workdir's checkpoints with a different config, before writing.
 
-The commands run as subprocesses, two at a time, all started by one module fixture.
+One module fixture runs every command: one case per launcher as a real subprocess (two at a
+time), for the exit status and stderr of a fresh interpreter (no traceback, no library log
+lines); the others in this process through the launcher's `__main__` (support.run_launcher:
+the same code path from flag parsing to SystemExit, without an interpreter start each).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -21,18 +23,11 @@ import data_fixtures
 
 from mobileiqa_jax import checkpoint
 from mobileiqa_jax.models import mobileiqa
-from test_train_helpers import CACHE_ENV, REPO
+from support import REPO, run_launcher, run_python as _launch
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTO = os.path.join(LIVEC, "1000.JPG")
 DEMO = "configs/teacher.py:demo"
-
-
-def _launch(args, timeout=600):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _fake_train_workdir(path, width):
@@ -115,12 +110,19 @@ def runs(tmp_path_factory):
         ["launch/predict.py", f"--checkpoint={teacher_pkl}", "--model=student", PHOTO],
         "holds the teacher")
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    procs = {name: pool.submit(_launch, args) for name, (args, _) in cases.items()}
-    procs = {name: p.result() for name, p in procs.items()}
+    started = {name: pool.submit(_launch, cases[name][0]) for name in SUBPROCESS_CASES}
+    # Meanwhile, in this process (one command at a time: they share sys.argv and the flags).
+    procs = {name: run_launcher(args[0], args[1:]) for name, (args, _) in cases.items()
+             if name not in SUBPROCESS_CASES}
+    procs.update({name: p.result() for name, p in started.items()})
   return dict(cases=cases, procs=procs, tmp=tmp, ckpt=ckpt, resume=resume,
               resume_config=resume_config)
 
 
+# One per launcher runs as a real subprocess.
+SUBPROCESS_CASES = ("predict_missing_path", "convert_missing_file", "export_bad_quantize",
+                    "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
+                    "train_refuses_changed_resume")
 CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_value",
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
@@ -168,7 +170,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
   """In-process: a tiny run, resumed with more epochs and other logging; then a wider model."""
   from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train_helpers import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
+  from support import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   c = tiny_config("student", num_epochs=1)
   first = train.train_and_evaluate(c, workdir, data=tiny_data(c))

@@ -1,8 +1,6 @@
 """The weight converter: PyTorch checkpoints -> Flax -> PyTorch, strictness, timm backbones."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +8,14 @@ import numpy as np
 import pytest
 
 import data_fixtures
+from support import REPO, randomize_torch, rel_err as _rel, run_python
 
 from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobileiqa
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIVEC = data_fixtures.LIVEC_IMAGES
 # A small head keeps these tests fast; key names do not depend on its size.
 SMALL = dict(pooled_size=12, width=32)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _flax_variables(variant: str, seed: int = 0, **overrides):
@@ -112,7 +105,7 @@ def test_pkl_round_trip_and_parity_with_pytorch(variant, tmp_path):
   ref_mod = pytest.importorskip("torch_reference")
   ctor = ref_mod.teacher_reference if variant == "teacher" else ref_mod.student_reference
   torch.manual_seed(0)
-  ref = ref_mod.randomize_(ctor(pooled_size=12, width=32)).eval()
+  ref = randomize_torch(ctor(pooled_size=12, width=32), conv_bias=False).eval()
   path = str(tmp_path / f"{variant}.pkl")
   torch.save(ref.state_dict(), path)
 
@@ -162,14 +155,13 @@ def test_convert_and_predict_commands(tmp_path):
   if not os.path.isdir(LIVEC):
     pytest.skip("../shared/data/livec_jpg is not present")
   torch.manual_seed(0)
-  ref = ref_mod.randomize_(ref_mod.student_reference()).eval()
+  ref = randomize_torch(ref_mod.student_reference(), conv_bias=False).eval()
   pkl = str(tmp_path / "MobileNet_IQA.pkl")
   torch.save(ref.state_dict(), pkl)
   ckpt = str(tmp_path / "student")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, os.path.join(REPO, "launch", "convert.py"),
-                  f"--torch_checkpoint={pkl}", "--model=student", f"--output={ckpt}"],
-                 check=True, env=env, capture_output=True)
+  run = run_python(["launch/convert.py", f"--torch_checkpoint={pkl}", "--model=student",
+                    f"--output={ckpt}"])
+  assert run.returncode == 0, run.stderr[-3000:]
 
   photos = sorted(os.listdir(LIVEC))[:3]
   folder = tmp_path / "photos"
@@ -178,10 +170,8 @@ def test_convert_and_predict_commands(tmp_path):
     os.symlink(os.path.join(LIVEC, name), folder / name)
   (folder / "broken.jpg").write_bytes(b"not a jpeg")
   (folder / "notes.txt").write_text("not an image, not an image extension: not scored")
-  run = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "predict.py"), f"--checkpoint={ckpt}",
-       "--image_size=96,128", "--batch_size=2", "--noprogress", str(folder)],
-      env=env, capture_output=True, text=True)
+  run = run_python(["launch/predict.py", f"--checkpoint={ckpt}", "--image_size=96,128",
+                    "--batch_size=2", "--noprogress", str(folder)])
   assert run.returncode == 1, run.stderr
   lines = run.stdout.strip().splitlines()
   assert lines[0] == "path,score"
@@ -200,8 +190,7 @@ def test_convert_and_predict_commands(tmp_path):
 
   # And back to a PyTorch state dict the reference loads strictly.
   out = str(tmp_path / "back.pkl")
-  subprocess.run([sys.executable, os.path.join(REPO, "launch", "convert.py"),
-                  f"--checkpoint={ckpt}", f"--output={out}"], check=True, env=env,
-                 capture_output=True)
+  run = run_python(["launch/convert.py", f"--checkpoint={ckpt}", f"--output={out}"])
+  assert run.returncode == 0, run.stderr[-3000:]
   fresh = ref_mod.student_reference()
   fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)

@@ -10,14 +10,13 @@ import io
 import math
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data_fixtures
+import support
 
 tf = pytest.importorskip("tensorflow")
 
@@ -236,8 +235,7 @@ def test_iqa_folder_on_real_livec_photos(tmp_path):
       "r = s[0]; assert 'tensorflow' not in sys.modules, 'TF imported';"
       "print(len(s), r['name'], r['mos'])"
   )
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  out = support.run_python(["-c", code])
   assert out.returncode == 0, out.stderr[-2000:]
   n, name, mos = out.stdout.split()
   folder = pipeline.folder_source(root, "train", labels_csv=str(sub), mos_range=(0, 100))
@@ -287,9 +285,8 @@ def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_p
   with pytest.raises(ValueError, match="'train' and 'test'"):
     pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")
   if name == "uhd_iqa":  # the release config reaches it, and guards the row count
-    import test_train_helpers  # pylint: disable=g-import-not-at-top
     from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
-    c = test_train_helpers.teacher_config.get_config("uhd_iqa_release")
+    c = support.teacher_config.get_config("uhd_iqa_release")
     c.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(ValueError, match="reference_count.*4269.*has 6"):
       feed.sources_from_config(c)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from test_train_helpers import REPO
+from support import REPO
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")

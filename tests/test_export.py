@@ -7,19 +7,20 @@ mid-size 328x488 input, so that the first LDA's hidden activation (164x244x128) 
 244 are not multiples of 8) while the others are exported whole. Weights are non-trivial: every
 parameter and BN statistic is drawn at random (the self-attention gammas are non-zero) and the
 last layer is standardised so that the photos' scores spread over the sigmoid rather than
-crowding at 0.5.
+crowding at 0.5. The quantised exports (whose test is the ranking, not the banding) use the
+smallest student (MobileNetV3-small 0.5, pooled side 6, width 16) at 96x144: each conversion
+and its XNNPACK run cost a fraction of the mid-size model's.
 """
 
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import data_fixtures
+from support import REPO as ROOT, random_variables, run_python
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -38,11 +39,12 @@ LIVEC = str(data_fixtures.LIVEC_JPG)
 SIZE = (328, 488)
 NUM_PHOTOS = 8
 SMALL = dict(pooled_size=8, width=64)
+SMALLEST = dict(backbone="mobilenetv3_small_050", pooled_size=6, width=16, regressor_pool=2)
+SMALLEST_SIZE = (96, 144)
 MOS_RANGE = [3.42, 92.43]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _photos():
+def _photos(size=SIZE):
   labels = os.path.join(LIVEC, "labels.csv")
   if not os.path.exists(labels):
     pytest.skip(f"no LIVEC subset at {LIVEC}")
@@ -54,42 +56,16 @@ def _photos():
   for r in pick:
     path = os.path.join(LIVEC, "Images", r["image_name"])
     with open(path, "rb") as f:
-      out.append(preprocess.resize_normalize(preprocess.decode_rgb(f.read(), path), SIZE))
+      out.append(preprocess.resize_normalize(preprocess.decode_rgb(f.read(), path), size))
   return np.stack(out)
 
 
-def _random_variables(model, seed=0):
-  """Init-shaped variables, all drawn at random (no compile: eval_shape + numpy)."""
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SIZE, 3), jnp.float32)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    coll = str(getattr(path[0], "key", path[0]))
-    shape = leaf.shape
-    if coll == "batch_stats":
-      if name == "var":
-        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-      return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name == "scale":
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "gamma":
-      return (0.5 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  photos = _photos()
-  config = mobileiqa.model_config("student", **SMALL)
+def _student(tmp_path_factory, size, save=True, **overrides):
+  """A random student whose scores spread over the photos, and (`save`) its checkpoint."""
+  photos = _photos(size)
+  config = mobileiqa.model_config("student", **overrides)
   model = mobileiqa.build_model(config, runtime.FOR_EXPORT)
-  variables = _random_variables(model)
+  variables = random_variables(model, size)
   gammas = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
             if str(getattr(p[-1], "key", "")) == "gamma"]
   assert gammas and all(np.all(g != 0) for g in gammas)
@@ -106,10 +82,22 @@ def setup(tmp_path_factory):
   assert jax_scores.std() > 0.1, jax_scores
 
   tmp = tmp_path_factory.mktemp("export")
-  ckpt = checkpoint.save_model(str(tmp / "ckpt"), variables, config.to_dict(),
-                               extra={"image_size": list(SIZE), "mos_range": MOS_RANGE})
+  ckpt = None
+  if save:
+    ckpt = checkpoint.save_model(str(tmp / "ckpt"), variables, config.to_dict(),
+                                 extra={"image_size": list(size), "mos_range": MOS_RANGE})
   return dict(photos=photos, model=model, variables=variables, jax_scores=jax_scores,
-              config=config, ckpt=ckpt, tmp=tmp)
+              config=config, ckpt=ckpt, tmp=tmp, size=size)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  return _student(tmp_path_factory, SIZE, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def smallest(tmp_path_factory):
+  return _student(tmp_path_factory, SMALLEST_SIZE, save=False, **SMALLEST)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +190,13 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
 
 
 @pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
-def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(setup, quantize):
-  out = str(setup["tmp"] / f"student_{quantize}.tflite")
-  meta = export.export(setup["model"], setup["variables"], out, SIZE, quantize,
-                       setup["config"].to_dict(), {"mos_range": MOS_RANGE}, measure=False)
+def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize):
+  out = str(smallest["tmp"] / f"student_{quantize}.tflite")
+  meta = export.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
+                       smallest["config"].to_dict(), {"mos_range": MOS_RANGE}, measure=False)
   assert meta["quantization"] == quantize and not meta["requires_flex"]
-  tfl = export.TFLiteScorer(out, xnnpack=True)(setup["photos"])
-  ref = setup["jax_scores"]
+  tfl = export.TFLiteScorer(out, xnnpack=True)(smallest["photos"])
+  ref = smallest["jax_scores"]
   srocc = metrics.srocc(tfl, ref)
   print(f"\n{quantize} (XNNPACK): SROCC vs float {srocc:.4f}, max |diff| "
         f"{np.abs(tfl - ref).max():.4f}, {meta['file_bytes'] / 1e6:.2f} MB")
@@ -232,10 +220,8 @@ def test_bad_settings_direct_api():
 
 
 def test_launcher_reports_bad_image_size(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "export.py"), f"--checkpoint={tmp_path}",
-       f"--output={tmp_path / 'm.tflite'}", "--image_size=20,20"],
-      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = run_python(["launch/export.py", f"--checkpoint={tmp_path}",
+                     f"--output={tmp_path / 'm.tflite'}", "--image_size=20,20"], timeout=120)
   assert proc.returncode != 0
   assert "--image_size must be HEIGHT,WIDTH" in proc.stderr and "20" in proc.stderr
 

@@ -19,6 +19,7 @@ from mobileiqa_jax.models import layers
 from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention
 from mobileiqa_jax.models.mobileiqa import (
     LDA, MobileIQA, MobileIQAConfig, Regressor, model_config)
+from support import randomize_torch, rel_err
 
 TOL = 1e-4
 
@@ -43,13 +44,6 @@ def load(module, torch_module, *init_args, **init_kwargs):
                                     source=type(torch_module).__name__)
   assert shapes_of(variables) == shapes_of(shapes)
   return jax.tree.map(jnp.asarray, variables)
-
-
-def rel_err(jax_out, torch_out) -> float:
-  ref = np.asarray(torch_out.detach().numpy(), np.float64)
-  got = np.asarray(jax_out, np.float64)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
 def to_nhwc(t):
@@ -144,7 +138,7 @@ def toy_models(seed=0, *, pooled_size=6, width=32, regressor_pool=2, sigmoid=Tru
   tm = ref.MobileIQA(torch_toy_backbone(), TOY_CHANNELS, names[0], names[1],
                      pooled_size=pooled_size, width=width, num_mals=num_mals,
                      regressor_pool=regressor_pool, sigmoid=sigmoid)
-  ref.randomize_(tm, seed).eval()
+  randomize_torch(tm, seed, conv_bias=False).eval()
   he_regressor_(tm, seed)
   jm = MobileIQA(ToyBackbone(dtype=dtype), backbone_name=names[0], lda_prefix=names[1],
                  pooled_size=pooled_size, width=width, num_mals=num_mals,
@@ -160,7 +154,7 @@ def test_self_attention_parity():
   import torch_reference as ref
 
   torch.manual_seed(0)
-  tm = ref.randomize_(ref.SelfAttention(32), 1).eval()
+  tm = randomize_torch(ref.SelfAttention(32), 1, conv_bias=False).eval()
   assert float(tm.gamma.detach()) > 0.4
   x = torch.randn(2, 32, 6, 7)  # non-square: checks the row-major (H, W) flattening
   with torch.no_grad():
@@ -197,7 +191,7 @@ def _mal_case(n, size, width, batch, seed):
   import torch_reference as ref
 
   torch.manual_seed(seed)
-  tm = ref.randomize_(ref.MAL(width, n, size), seed).eval()
+  tm = randomize_torch(ref.MAL(width, n, size), seed, conv_bias=False).eval()
   x = torch.randn(n, batch, width, size, size)
   with torch.no_grad():
     want = tm(x).view(batch, width, size, size)
@@ -417,7 +411,7 @@ def test_whole_model_parity(variant, hw):
 
   torch.manual_seed(21)
   tm = (ref.student_reference if variant == "student" else ref.teacher_reference)()
-  ref.randomize_(tm, 21).eval()
+  randomize_torch(tm, 21, conv_bias=False).eval()
   if variant == "student":
     # With random weights the student's deep features reach |x| ~ 36 and its self-attention
     # softmaxes saturate (energy spread ~45); there PyTorch float32 itself is only ~4e-5 from

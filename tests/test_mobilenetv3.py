@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobilenetv3
+import support
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -42,26 +43,11 @@ def shapes_of(tree) -> dict:
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
-def randomize(model, seed: int = 0):
-  """Non-trivial BN statistics and affine params, non-zero biases (fresh 0/1 hide bugs)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-      elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
-        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-  return model
-
-
 @functools.lru_cache(maxsize=None)
 def timm_model(name: str):
   torch.manual_seed(0)
   model = timm.create_model(name, pretrained=False, features_only=True)
-  return randomize(model).eval()
+  return support.randomize_torch(model).eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,10 +64,7 @@ def images(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def rel_err(jax_nhwc, torch_nchw) -> float:
-  ref = torch_nchw.detach().numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(jax_nhwc)
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+  return support.rel_err(jax_nhwc, support.nchw_to_nhwc(torch_nchw))
 
 
 def check_eval(name: str, impl: str, h: int, w: int):
@@ -135,7 +118,7 @@ def test_large_100_train_mode():
   """Batch statistics in the forward and PyTorch's running-stat update (unbiased var)."""
   name, impl = "mobilenetv3_large_100", "shift"
   tm = timm.create_model(name, pretrained=False, features_only=True)
-  randomize(tm, seed=1).train()
+  support.randomize_torch(tm, seed=1).train()
   variables = to_flax(tm, name, impl)  # a copy: the forward below updates the buffers
   _, apply = jitted_apply(name, impl, True)
   x = images(67, 90, seed=1)

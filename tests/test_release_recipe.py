@@ -15,7 +15,7 @@ from mobileiqa_jax import train
 from mobileiqa_jax.data import layout
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
-from test_train_helpers import tiny_config, use_compilation_cache
+from support import tiny_config
 import data_fixtures
 
 
@@ -78,7 +78,6 @@ def test_padded_last_batch_step_equals_the_small_batch_step():
   float32 rounding of a backward pass through BatchNorm over 5 examples (about 1e-4 relative
   on the smallest gradients); without the mask the loss itself differs at the first digit.
   """
-  use_compilation_cache()
   # No dropout (its masks depend on the batch shape). Adam with eps 1 and lr 1 makes the
   # first update g / (|g| + 1): the parameters then carry the gradients, not their signs.
   c = tiny_config("teacher", **{"model.dropout_rate": 0.0, "optimizer.lr": 1.0,

@@ -27,14 +27,13 @@ from mobileiqa_jax import checkpoint_integrity
 from mobileiqa_jax import cli
 from mobileiqa_jax import metric_writer
 from mobileiqa_jax import workdir_lock
-from test_train_helpers import CACHE_ENV, REPO
+from support import REPO, python_env
 
 PHOTO = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images", "1000.JPG")
 
 
 def _launch(args, timeout=600, **kwargs):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  env = python_env()
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout, **kwargs)
 
@@ -356,7 +355,7 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
 # ----------------------------------------------------------------------------- end to end (slow)
 
 TINY = ["--config=configs/teacher.py:demo", "--config.model.backbone=mobilenetv3_small_050",
-        "--config.model.depthwise_impl=conv", "--config.data.image_size=(32,32)",
+        "--config.depthwise_impl=conv", "--config.data.image_size=(32,32)",
         "--config.data.train_crop=(0,0)", "--config.model.width=16",
         "--config.model.pooled_size=6", "--config.model.regressor_pool=2",
         "--config.batch_size=8", "--config.data.eval_batch_size=8",
@@ -391,8 +390,7 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[2])
 from mobileiqa_jax import checkpoint, train
 from mobileiqa_jax.data import feed
-from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
-use_compilation_cache()
+from support import tiny_config, tiny_data
 
 class KillAfterTwoCheckpoints(feed.Data):
   def __init__(self, data, root):
@@ -418,7 +416,7 @@ train.train_and_evaluate(c, workdir, data=KillAfterTwoCheckpoints(
 @pytest.mark.slow
 def test_kill_9_after_two_checkpoints_then_resume_is_exact(tmp_path):
   from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train_helpers import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
+  from support import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
   c = tiny_config("student", num_epochs=3)
   c.checkpoint.async_save = True
   ref = train.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))

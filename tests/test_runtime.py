@@ -19,7 +19,7 @@ from mobileiqa_jax import train
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
 from mobileiqa_jax import sharding
-from test_train_helpers import REPO, SMALLEST, tiny_config
+from support import REPO, SMALLEST, tiny_config
 
 _TINY = dict(backbone="mobilevitv2_050", width=16, pooled_size=6, num_mals=1, regressor_pool=2)
 

@@ -12,9 +12,6 @@ import json
 import io
 import os
 import re
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -28,7 +25,8 @@ from mobileiqa_jax import convert
 from mobileiqa_jax import inference
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
-from test_train_helpers import CACHE_ENV, REPO, use_compilation_cache
+from mobileiqa_jax.models import runtime
+from support import random_variables, run_launcher, run_python
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTOS = [os.path.join(LIVEC, f"{n}.JPG") for n in (1000, 1001, 1002)]  # 500x500 each
@@ -36,30 +34,6 @@ SIZE = (64, 64)
 MOS_RANGE = [0.0, 100.0]
 # Small head (the key names and the loader do not depend on its size); the authors' backbone.
 SMALL = dict(pooled_size=8, width=32)
-
-
-def _random_variables(model, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    if name == "kernel":
-      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-          np.float32)
-    if name in ("scale", "gamma"):
-      return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, convert.variables_template(model))
-
-
-def _launch(args, timeout=600):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _csv_scores(stdout):
@@ -72,10 +46,11 @@ def _csv_scores(stdout):
 def models(tmp_path_factory):
   """A small random student as an orbax checkpoint and as the authors' kind of .pkl."""
   torch = pytest.importorskip("torch")
-  use_compilation_cache()
+  # Grouped-conv depthwise: XLA:CPU compiles it several times faster than the shifted form,
+  # which the .pkl scorer (the default form) still compiles and matches.
   config = mobileiqa.model_config("student", **SMALL)
-  model = mobileiqa.build_model(config)
-  variables = _random_variables(model)
+  model = mobileiqa.build_model(config, runtime.Runtime(depthwise_impl="conv"))
+  variables = random_variables(model)
   # Spread the scores over the sigmoid: standardise the last layer's logits over the photos.
   s = inference.Scorer(model, variables, SIZE, config.to_dict()).score(PHOTOS)
   logits = np.log(s) - np.log1p(-s)
@@ -178,9 +153,13 @@ def test_predict_cli_gives_load_scores_for_checkpoint_and_pkl(models, tmp_path):
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(open(PHOTOS[0], "rb").read()[:200])
   expected = models["scorer"].score(PHOTOS)
-  for ckpt, extra in ((models["ckpt"], []), (models["pkl"], ["--image_size=64,64"])):
-    proc = _launch(["launch/predict.py", f"--checkpoint={ckpt}", "--batch_size=3", *extra,
-                    *PHOTOS, str(bad)])
+  # The checkpoint through a real process (exit status, stderr free of library logs), the
+  # .pkl through the command's main in this process.
+  for ckpt, extra, in_process in ((models["ckpt"], [], False),
+                                  (models["pkl"], ["--image_size=64,64"], True)):
+    args = [f"--checkpoint={ckpt}", "--batch_size=3", *extra, *PHOTOS, str(bad)]
+    proc = (run_launcher("launch/predict.py", args) if in_process
+            else run_python(["launch/predict.py", *args]))
     assert proc.returncode == 1, proc.stderr[-3000:]  # one unreadable file
     scores = _csv_scores(proc.stdout)
     assert list(scores) == PHOTOS
@@ -192,8 +171,9 @@ def test_predict_cli_gives_load_scores_for_checkpoint_and_pkl(models, tmp_path):
 
 def test_explain_writes_opinion_maps_and_similarities(models, tmp_path):
   out = tmp_path / "explain"
-  proc = _launch(["launch/explain.py", f"--checkpoint={models['ckpt']}", f"--output={out}",
-                  *PHOTOS[:2]])
+  # The command's main in this process (test_cli_errors starts it as a process).
+  proc = run_launcher("launch/explain.py", [f"--checkpoint={models['ckpt']}", f"--output={out}",
+                                            *PHOTOS[:2]])
   assert proc.returncode == 0, proc.stderr[-3000:]
   pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
   assert pngs == ["0000_1000.png", "0001_1001.png", "similarity_mean.png"]

@@ -1,7 +1,9 @@
 """Sharding: mesh construction, parameter shardings, and that sharding does not change a step.
 
 The multi-device checks run in subprocesses because the fake CPU device count
-(XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported.
+(XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported: one
+process with 8 devices (one step on 1 device and on 4 x 2, and the single-process reference of
+the two-process run) and two processes with 4 devices each.
 """
 
 from __future__ import annotations
@@ -17,22 +19,19 @@ import numpy as np
 import pytest
 
 from mobileiqa_jax import sharding
-from test_train_helpers import CACHE_ENV, REPO
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from support import REPO, python_env, run_python
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ, **CACHE_ENV)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  # XLA's optimisations off: these processes are mostly compiling (8 fake devices, several
+  # train steps), and the comparisons' bounds hold unoptimised (measured: parameters 1.5e-8,
+  # update 8.7e-5, loss 0 against 1e-5, 1e-3, 1e-5); about a quarter less CPU time.
+  return python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                    JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
 
 def _run(code: str, devices: int, timeout: int = 900, args=()) -> str:
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=_env(devices),
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  proc = run_python(["-c", textwrap.dedent(code), *args], env=_env(devices), timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   return proc.stdout
 
@@ -63,7 +62,7 @@ def test_fsdp_spec_splits_largest_divisible_dim():
 _STEP_SCRIPT = """
 import jax, numpy as np
 from mobileiqa_jax import sharding, train
-from test_train_helpers import SMALLEST, tiny_config, tiny_data
+from support import SMALLEST, tiny_config, tiny_data
 assert jax.device_count() == 8, jax.devices()
 c = tiny_config("student", batch_size=8, fsdp_min_size=64, **SMALLEST)
 c.optimizer.eps = 1.0
@@ -96,8 +95,21 @@ for shape in ((("data", 4), ("fsdp", 2)),):
 """
 
 
-def test_sharded_step_equals_single_device_step():
-  out = _run(_STEP_SCRIPT, devices=8)
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """One 8-device process: _STEP_SCRIPT, then _TRAIN_SCRIPT as the single-process reference.
+
+  The two scripts run one after the other in one interpreter (one start, one import of jax);
+  _TRAIN_SCRIPT reads its argv (single.npz, 1 process) and needs no distributed set-up.
+  """
+  single = str(tmp_path_factory.mktemp("sharding") / "single.npz")
+  both = textwrap.dedent(_STEP_SCRIPT) + textwrap.dedent(_TRAIN_SCRIPT)
+  out = _run(both, devices=8, args=(single, "1", "0", "0"))
+  return out, single
+
+
+def test_sharded_step_equals_single_device_step(eight_devices):
+  out, _ = eight_devices
   lines = [l for l in out.splitlines() if l.startswith("REL")]
   assert len(lines) == 1, out
   for line in lines:
@@ -115,7 +127,7 @@ if nproc > 1:
                              process_id=pid)
 import numpy as np
 from mobileiqa_jax import train
-from test_train_helpers import SMALLEST, tiny_config, tiny_data
+from support import SMALLEST, tiny_config, tiny_data
 c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=2, **SMALLEST)
 c.checkpoint.every_steps = 2
 c.optimizer.eps = 1.0  # Adam step linear in the gradient (see _STEP_SCRIPT)
@@ -135,9 +147,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-  single = str(tmp_path / "single.npz")
-  _run(_TRAIN_SCRIPT, devices=8, args=(single, "1", "0", "0"))
+def test_two_processes_match_one_process_with_eight_devices(eight_devices, tmp_path):
+  _, single = eight_devices
   port = str(_free_port())
   multi = str(tmp_path / "multi.npz")
   procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2",
@@ -156,4 +167,5 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   for k in a.files:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # Both runs checkpointed through orbax (all processes took part).
+  assert os.path.isdir(single + "_workdir/checkpoints/2")
   assert os.path.isdir(str(tmp_path / "multi.npz_workdir" / "checkpoints" / "2"))

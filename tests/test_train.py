@@ -15,9 +15,12 @@ from mobileiqa_jax import checkpoint
 from mobileiqa_jax import metric_writer
 from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
-from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
+from support import tiny_config, tiny_data
 
-use_compilation_cache()
+# Runs of the same model and optimizer share their compiled steps, compiled with XLA's
+# optimisations off (see conftest): these tests check the loop's logic, logs and checkpoints,
+# and the resumed-equals-uninterrupted comparison runs one program both ways.
+pytestmark = pytest.mark.usefixtures("shared_train_steps", "fast_compile")
 
 
 def _read_jsonl(workdir):
@@ -67,7 +70,8 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
 def _teacher_checkpoint(tmp_path):
   """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
   t = tiny_config("teacher")
-  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=1)
+  # 3 steps per epoch as the teacher test's data: its steps (and init) are reused.
+  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=3)
   variables = jax.device_get(steps.init_variables())
   return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
                                steps.model_config.to_dict(), extra={"image_size": [32, 32]})

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from test_train_helpers import CACHE_ENV, REPO
-
-
-def _launch(args, timeout=900, cwd=None):
-  env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+from support import run_launcher, run_python as _launch
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-  proc = _launch(["launch/train.py", "--config=configs/teacher.py:demo",
-                  "--config.optimiser.lr=3e-5", f"--workdir={tmp_path}"], timeout=300)
+  # The command's main in this process (test_cli_errors starts train as a real process).
+  proc = run_launcher("launch/train.py", ["--config=configs/teacher.py:demo",
+                                          "--config.optimiser.lr=3e-5", f"--workdir={tmp_path}"])
   assert proc.returncode != 0
   assert "optimiser" in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))

@@ -18,13 +18,12 @@ from mobileiqa_jax import checkpoint
 from mobileiqa_jax import convert
 from mobileiqa_jax import sharding
 from mobileiqa_jax import train
-from test_train_helpers import tiny_config, tiny_data, use_compilation_cache
+from support import randomize_torch, tiny_config, tiny_data
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 ref = pytest.importorskip("torch_reference")
 
-use_compilation_cache()
 pytestmark = pytest.mark.torch
 
 BACKBONE = "mobilenetv3_small_050"
@@ -37,7 +36,7 @@ def _torch_model(name, prefix, pool, sigmoid, seed, c):
   m = ref.MobileIQA(bb, bb.feature_info.channels(), name, prefix,
                     pooled_size=c.model.pooled_size, width=c.model.width, regressor_pool=pool,
                     sigmoid=sigmoid)
-  ref.randomize_(m, seed)
+  randomize_torch(m, seed, conv_bias=False)
   for mod in m.modules():
     if isinstance(mod, torch.nn.Dropout):
       mod.p = 0.0

@@ -179,27 +179,3 @@ def student_reference(**kw) -> MobileIQA:
   bb = timm_backbone("mobilenetv3_large_100")
   return MobileIQA(bb, bb.feature_info.channels(), "local_cnn", "LDA", regressor_pool=2,
                    sigmoid=True, **kw)
-
-
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-  """Non-trivial weights for parity tests: gammas in [0.5, 1.5], BatchNorm affine and running
-  statistics away from 0/1. Other weights keep PyTorch's default (seeded) init."""
-  g = torch.Generator().manual_seed(seed)
-
-  def u(shape, lo, hi):
-    return torch.rand(shape, generator=g) * (hi - lo) + lo
-
-  for name, p in module.named_parameters():
-    if name.split(".")[-1] == "gamma":
-      p.copy_(u(p.shape, 0.5, 1.5))
-  for m in module.modules():
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-      m.weight.copy_(u(m.weight.shape, 0.5, 1.5))
-      m.bias.copy_(u(m.bias.shape, -0.2, 0.2))
-      m.running_mean.copy_(u(m.running_mean.shape, -0.2, 0.2))
-      m.running_var.copy_(u(m.running_var.shape, 0.5, 1.5))
-    elif isinstance(m, nn.GroupNorm) and m.affine:
-      m.weight.copy_(u(m.weight.shape, 0.5, 1.5))
-      m.bias.copy_(u(m.bias.shape, -0.2, 0.2))
-  return module

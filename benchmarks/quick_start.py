@@ -53,26 +53,12 @@ with torch.inference_mode():
 
 def write_student_pkl(path: str, seed: int = 0) -> None:
   """The authors' student state dict (real shapes, random weights), saved with torch.save."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
-  from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+  # The tests' random weights and .pkl writer (tests/support.py).
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  import support  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  model = mobileiqa.build_model(mobileiqa.model_config("student"))
-  rng = np.random.default_rng(seed)
-
-  def draw(leaf):
-    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  variables = jax.tree_util.tree_map(draw, convert.variables_template(model))
-  # Running variances near 1 and a small last layer keep the score off the sigmoid's ends.
-  variables["batch_stats"] = jax.tree_util.tree_map(lambda v: 1 + np.abs(v),
-                                                    variables["batch_stats"])
-  variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
-              for k, v in convert.flax_to_torch(variables).items()}, path)
+  support.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), path, seed)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:

@@ -108,8 +108,14 @@ def flag_choice(directory: str | None, enabled: bool) -> str | None:
 
 
 def define_flags() -> None:
-  """Defines --compilation_cache_dir and --[no]compilation_cache for a launcher."""
+  """Defines --compilation_cache_dir and --[no]compilation_cache for a launcher.
+
+  Once per process: several commands can run in one process (the tests run launchers
+  in-process), and absl refuses a flag defined twice.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
+  if "compilation_cache_dir" in flags.FLAGS:
+    return
   flags.DEFINE_string(
       "compilation_cache_dir", None,
       f"Folder of JAX's compilation cache, which makes a second run skip compiling (default: "

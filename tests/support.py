@@ -164,6 +164,20 @@ def random_variables(model, image_size: tuple[int, int] = (64, 64), seed: int = 
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def save_authors_pkl(model, path: str, seed: int = 0) -> str:
+  """`model` with `random_variables`, saved the authors' way: torch.save of its state dict.
+
+  The last layer is scaled down so the student's scores stay off the sigmoid's ends.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+  variables = random_variables(model, seed=seed)
+  variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in convert.flax_to_torch(variables).items()}, path)
+  return path
+
+
 def randomize_torch(module, seed: int = 0, conv_bias: bool = True):
   """Non-trivial weights for parity tests, in place; returns `module`.
 

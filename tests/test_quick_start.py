@@ -23,11 +23,11 @@ import subprocess
 import sys
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 
 import data_fixtures
+import support
 
 from mobileiqa_jax import compilation_cache
 from mobileiqa_jax import convert
@@ -92,23 +92,10 @@ def _entries(folder):
 @pytest.fixture(scope="module")
 def student_pkl(tmp_path_factory):
   """A small random student, saved the authors' way (torch.save of its state dict)."""
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   model = mobileiqa.build_model(mobileiqa.model_config("student", **SMALL))
-  rng = np.random.default_rng(0)
-
-  def draw(leaf):
-    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  variables = jax.tree_util.tree_map(draw, convert.variables_template(model))
-  # Running variances near 1 and a small last layer keep the scores off the sigmoid's ends.
-  variables["batch_stats"] = jax.tree_util.tree_map(lambda v: 1 + np.abs(v),
-                                                    variables["batch_stats"])
-  variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
-  path = str(tmp_path_factory.mktemp("quick_start") / "MobileNet_IQA.pkl")
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
-              for k, v in convert.flax_to_torch(variables).items()}, path)
-  return path
+  return support.save_authors_pkl(
+      model, str(tmp_path_factory.mktemp("quick_start") / "MobileNet_IQA.pkl"))
 
 
 def test_second_process_compiles_nothing_and_batch_size_does_not_matter(student_pkl,

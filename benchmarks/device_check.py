@@ -147,7 +147,7 @@ def main(argv):
   specs = []
   for kind, dtype, remat in rows:
     specs.append((f"jax:{kind}:{dtype}:{int(remat)}", env))
-    if dtype == "bfloat16":
+    if dtype == "bfloat16" and FLAGS.torch:
       specs.append((f"torch:{kind}", env))
   if plan_topology:
     specs += [(f"plan:{kind}:{dtype}:{int(remat)}:{plan_topology}", cpu_env)

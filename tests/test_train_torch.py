@@ -18,6 +18,7 @@ from mobileiqa_jax import checkpoint
 from mobileiqa_jax import convert
 from mobileiqa_jax import sharding
 from mobileiqa_jax import train
+from mobileiqa_jax.models import runtime
 from support import randomize_torch, tiny_config, tiny_data
 
 torch = pytest.importorskip("torch")
@@ -67,7 +68,9 @@ def test_distillation_tracks_pytorch(tmp_path):
 
   s_torch = _torch_model("local_cnn", "LDA", 2, True, 2, c)
   data = tiny_data(c, n_train=8 * STEPS, flips=False, shuffle=False)
-  teacher, teacher_host = train.load_teacher(c)
+  # The trainer's runtime for this config on this host, the teacher's without remat.
+  rt = runtime.for_training(c, runtime.platform_of(mesh.devices.flat[0]))
+  teacher, teacher_host = train.load_teacher(c, rt.frozen())
   steps = train.build_steps(c, mesh, data.steps_per_epoch, teacher)
   teacher_vars = sharding.host_tree_to_global(teacher_host, steps.teacher_shardings)
   s_vars = _to_flax(s_torch, steps.abstract_state.variables)

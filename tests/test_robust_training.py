@@ -29,7 +29,6 @@ from mobileiqa_jax import metric_writer
 from mobileiqa_jax import workdir_lock
 from support import REPO, python_env
 
-PHOTO = os.path.join(REPO, "..", "shared", "data", "livec_jpg", "Images", "1000.JPG")
 
 
 def _launch(args, timeout=600, **kwargs):
@@ -246,8 +245,12 @@ def test_predict_on_a_damaged_checkpoint_is_one_line(tmp_path):
   os.remove(os.path.join(unsealed, checkpoint_integrity.MANIFEST))
   for path in (sealed, unsealed):
     _truncate(_largest_file(path))
+  # A readable photo of the test's own, so only the checkpoint can be at fault.
+  photo = str(tmp_path / "photo.png")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(photo)
   for path, expected in ((sealed, _largest_file(sealed)), (unsealed, unsealed)):
-    proc = _launch(["launch/predict.py", f"--checkpoint={path}", PHOTO], timeout=300)
+    proc = _launch(["launch/predict.py", f"--checkpoint={path}", photo], timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

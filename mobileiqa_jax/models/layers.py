@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobileiqa_jax import macs
+from mobileiqa_jax.models import runtime
 
 Dtype = Any
 
@@ -125,9 +126,9 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
   return new_v
 
 
-#: The depthwise form of a module built without one: host-independent. Entry points choose the
-#: platform's form through `runtime.Runtime` (mobileiqa_jax/models/runtime.py).
-DEFAULT_DEPTHWISE_IMPL = "shift"
+#: The depthwise form of a module built without one: `runtime.DEFAULT`'s, host-independent.
+#: Entry points choose the platform's form through `runtime.Runtime`.
+DEFAULT_DEPTHWISE_IMPL = runtime.DEFAULT.depthwise_impl
 
 
 def pointwise_as_matmul(depthwise_impl: str) -> bool:

@@ -66,3 +66,25 @@ def shared_train_steps(monkeypatch):
   import support  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(train, "build_steps", support.memoized_build_steps(train.build_steps))
+
+
+# The heaviest test files first (seconds on the 2-core VM, 2026-12-03, one process, under
+# load): with `--dist loadfile` the two workers take files in this order as they free up, so
+# the long ones start at once and the short ones fill in at the end (longest first is what
+# keeps the two workers finishing together). A file not listed keeps its collection order after
+# these; a stale entry only changes the order, never what runs.
+HEAVY_FIRST = (
+    "test_train.py",         # 224 s: trainer runs, sharing compiled steps
+    "test_aot_gpu.py",       # 200 s: deviceless GPU compiles
+    "test_sharding.py",      # 193 s: 8-device and two-process subprocesses
+    "test_device_check.py",  # 169 s: the GPU script's processes at toy size
+    "test_convert.py",       # 154 s: .pkl round trips against PyTorch
+    "test_train_torch.py",   # 148 s: distillation against PyTorch
+    "test_aot.py",           # 124 s: TPU compiles
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

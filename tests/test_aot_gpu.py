@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
 
 from mobileiqa_jax import aot
@@ -39,8 +40,31 @@ def test_gpu_topologies_and_usage_errors():
 
 
 @pytest.fixture(scope="module")
-def reports():
+def memoized_compiles():
+  """Lowered programs compiled once per module (keyed on their HLO text and options).
+
+  JAX's persistent cache does not serve deviceless GPU executables, and the oversized test
+  plans the same step as `reports`' one-GPU compile under another memory share: the share is
+  applied after compiling (`aot._compile_step`), so the memo changes nothing it checks.
+  """
+  memo = {}
+  compile_ = jax.stages.Lowered.compile
+
+  def compile_once(lowered, compiler_options=None):
+    key = (lowered.as_text(), repr(sorted((compiler_options or {}).items())))
+    if key not in memo:
+      memo[key] = compile_(lowered, compiler_options=compiler_options)
+    return memo[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.stages.Lowered, "compile", compile_once)
+    yield memo
+
+
+@pytest.fixture(scope="module")
+def reports(memoized_compiles):
   """Two compiles shared by the tests below: global batch 8 on one H100 and on eight."""
+  del memoized_compiles
   return {"one": aot.compile_for_topology(_tiny(batch_size=8), "h100:1"),
           "eight": aot.compile_for_topology(_tiny(batch_size=8), "h100:8", with_eval=False)}
 
@@ -66,11 +90,13 @@ def test_teacher_step_on_one_and_eight_gpus_grows_with_the_batch(reports):
   assert eight.train.flops_per_step == pytest.approx(one.train.flops_per_step / 8, rel=0.05)
 
 
-def test_oversized_gpu_step_exits_3_with_levers(monkeypatch, reports):
+def test_oversized_gpu_step_exits_3_with_levers(monkeypatch, reports, memoized_compiles):
   # XLA:GPU compiles whatever the size; the plan compares the step's buffers with what JAX's
   # allocator may take. Allowed 0.01% of the GPU (8.5 MB), the batch-8 step does not fit.
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0001")
+  compiled = len(memoized_compiles)
   report = aot.compile_for_topology(_tiny(batch_size=8), "h100:1", with_eval=False)
+  assert len(memoized_compiles) == compiled  # the same program as reports["one"]'s
   lines, json_line, code = aot.main_report(report)
   assert code == aot.EXIT_DOES_NOT_FIT, "\n".join(lines)
   out = json.loads(json_line)

@@ -49,7 +49,7 @@ def _to_flax(module, setup_or_template):
   return convert.torch_to_flax(state, setup_or_template)
 
 
-def test_distillation_tracks_pytorch(tmp_path):
+def test_distillation_tracks_pytorch(tmp_path, fast_compile):
   torch.set_num_threads(2)
   c = tiny_config("student", backbone=BACKBONE)
   c.model.dropout_rate = 0.0

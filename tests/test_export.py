@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
-from support import REPO as ROOT, random_variables, run_python
+from support import REPO as ROOT, random_variables, run_launcher, run_python
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -346,3 +346,11 @@ def test_onnx_settings_are_clear_errors(setup):
     export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
   with pytest.raises(ValueError, match=r"--format must be one of tflite, onnx"):
     export.check_format("coreml", "m.mlmodel")
+
+
+def test_launcher_reports_onnx_settings_in_one_line(tmp_path):
+  proc = run_launcher("launch/export.py", [f"--checkpoint={tmp_path}", "--format=onnx",
+                                           f"--output={tmp_path / 'm.onnx'}",
+                                           "--quantize=dynamic_int8"])
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.count("\n") == 1 and "applies to --format=tflite only" in proc.stderr

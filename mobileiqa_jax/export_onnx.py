@@ -23,7 +23,7 @@ scores, float32 (batch,), out ('score'). The sidecar (`model.json`) is `export.s
   where its flax plugin takes `window_shape` by keyword only), with a symbolic batch. The
   model's banded LDA (`mobileiqa._banded_gelu_pool_rows`, a `lax.scan` over pooled row bands)
   becomes an ONNX Loop, so ONNX Runtime holds one band's (B, K, W, 2C) hidden activation at a
-  time, never the (B, H, W, 2C) one: the full student at 1231x1907 peaks at ~1.25 GB RSS
+  time, never the (B, H, W, 2C) one: the full student at 1231x1907 peaks at 1.25-1.40 GB RSS
   under the CPU provider, weights included, and scores as JAX does to float32 rounding.
 - jax2onnx's metadata pins `orbax-checkpoint<0.11.37` and pulls equinox, dm-pix, netron and
   orbax-export, for its own examples and for plugins of other libraries; its converter needs

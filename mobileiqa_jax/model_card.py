@@ -21,8 +21,8 @@
   average beside them says how busy the machine was.
 
 - exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/profile.py): per
-  format, the checkpoint exported at the card's size (`export.export_checkpoint`, float32)
-  into a temporary folder and run once in a fresh process, as an app would (LiteRT with
+  format, the checkpoint exported at the card's size (`export.export_checkpoint`, float32,
+  in a child process) into a temporary folder and run once in a fresh process, as an app would (LiteRT with
   XNNPACK; ONNX Runtime's CPU provider; 2 threads): latency, that process's peak RSS and the
   file size, from the sidecar's `runtime`. Conversion takes minutes at full size.
 
@@ -173,6 +173,30 @@ def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict
   }
 
 
+def measure_export_in_child(checkpoint: str, image_size: Sequence[int], fmt: str
+                            ) -> dict[str, Any]:
+  """`measure_export` in a fresh Python process.
+
+  The conversion's memory (gigabytes for TFLite at full size) stays out of this process, and
+  the converters' imports do not meet the caller's sys.path (run as `launch/profile.py`,
+  launch/ is on it, and its `profile.py` shadows the standard library's `profile`, which
+  TensorFlow's import pulls in).
+  """
+  code = ("import json, sys; from mobileiqa_jax import model_card; "
+          "a = json.loads(sys.argv[1]); "
+          "print(json.dumps(model_card.measure_export(a[0], a[1], a[2])))")
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  out = subprocess.run(
+      [sys.executable, "-c", code, json.dumps([checkpoint, list(image_size), fmt])],
+      capture_output=True, text=True, env=env)
+  if out.returncode:
+    tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    raise MeasurementError(f"the {fmt} export failed (status {out.returncode}): {tail[0]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> str:
   """This host in a few words: CPU, cores, memory."""
   try:
@@ -225,7 +249,7 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
     card.update(measure_in_child(checkpoint, card["image_size"], repeats))
   if exports:
     card.setdefault("load_average", round(os.getloadavg()[0], 2))
-    card["exports"] = {fmt: measure_export(checkpoint, card["image_size"], fmt)
+    card["exports"] = {fmt: measure_export_in_child(checkpoint, card["image_size"], fmt)
                        for fmt in exports}
   card.update({
       "machine": machine(),

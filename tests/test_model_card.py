@@ -83,10 +83,15 @@ def test_profile_command_refuses_a_missing_checkpoint(tmp_path):
   assert out.stderr.count("\n") == 1 and "does not exist" in out.stderr
 
 
-def test_card_measures_the_onnx_export(student_dir):
-  """--exports=onnx: the export run in its own process; the card prints its row."""
+def test_card_measures_the_onnx_export(student_dir, monkeypatch):
+  """--exports=onnx: the export's run in its own process; the card prints its row.
+
+  The conversion runs in this process here (a child would import jax and jax2onnx again);
+  the slow TFLite test goes through the child, as launch/profile.py does.
+  """
   pytest.importorskip("onnxruntime")
   pytest.importorskip("jax2onnx")
+  monkeypatch.setattr(model_card, "measure_export_in_child", model_card.measure_export)
   path, _ = student_dir
   card = model_card.profile(path, measure=False, exports=("onnx",))
   e = card["exports"]["onnx"]

@@ -1,8 +1,8 @@
 r"""TFLite export figures: file size, interpreter latency and peak memory per configuration.
 
   python benchmarks/export.py [--sizes=512x512,1231x1907] [--quantize=none,float16,dynamic_int8]
-      [--kernels=xnnpack,builtin] [--repeats=3] [--threads=2] [--max_rss_gb=8]
-      [--pooled_size=22 --width=256] [--keep=DIR]
+      [--kernels=xnnpack,builtin] [--formats=tflite,onnx] [--repeats=3] [--threads=2]
+      [--max_rss_gb=8] [--pooled_size=22 --width=256] [--keep=DIR]
 
 The full-size student (MobileNet-IQA: mobilenetv3_large_100 + the paper's head, S=22, C=256)
 with random weights (drawn, not initialised, so nothing compiles before the timed parts).
@@ -15,6 +15,13 @@ process, weights included) belongs to that step alone:
 - interpreter: `ai_edge_litert` alone (no TensorFlow, no JAX imported, as in an app) loads the
   file, allocates, invokes once to warm up, then `--repeats` timed invokes; `xnnpack` is
   LiteRT's default XNNPACK delegate, `builtin` its reference CPU kernels.
+- `--formats=onnx` adds the ONNX export (float32 only; `--format=onnx`, jax2onnx) and its
+  ONNX Runtime rows (kernels `ort-cpu`: the CPU execution provider, `--threads` intra-op
+  threads, onnxruntime and numpy alone in the process), batch 1, the same input.
+
+ONNX rows, measured 2026-12-03 on the same 2-core VM (load average in the table's notes in
+docs/performance.md), full student, jax2onnx 0.17.1, onnxruntime 1.32.0: see
+docs/performance.md ("The ONNX export").
 
 A watchdog polls each child's resident memory and kills it above `--max_rss_gb` (the row then
 says so: that is a figure too); on a shared machine nothing else is protected. Latencies are
@@ -131,11 +138,33 @@ def _worker_export(args) -> dict:
   small = dict(pooled_size=args.pooled_size, width=args.width)
   model = mobileiqa.mobileiqa_student(runtime.FOR_EXPORT, **small)
   variables = _random_variables(model, (h, w))
+  fmt = "onnx" if args.model_file.endswith(".onnx") else "tflite"
   t = time.perf_counter()
   meta = export.export(model, variables, args.model_file, (h, w), args.quantize,
-                       mobileiqa.model_config("student", **small).to_dict())
+                       mobileiqa.model_config("student", **small).to_dict(), fmt=fmt,
+                       measure=False)
   return {"convert_s": time.perf_counter() - t, "mib": meta["file_bytes"] / 2**20,
-          "requires_flex": meta["requires_flex"], "peak_rss_gb": _peak_rss_gb()}
+          "requires_flex": meta.get("requires_flex", False), "peak_rss_gb": _peak_rss_gb()}
+
+
+def _worker_ort(args) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 3
+  opts.intra_op_num_threads = args.threads
+  t = time.perf_counter()
+  session = ort.InferenceSession(args.model_file, opts, providers=["CPUExecutionProvider"])
+  load_s = time.perf_counter() - t
+  rss_loaded = _peak_rss_gb()
+  x = np.load(args.input)
+  feed = {session.get_inputs()[0].name: x}
+  t = time.perf_counter()
+  score = float(np.asarray(session.run(None, feed)[0]).reshape(-1)[0])
+  first = time.perf_counter() - t
+  ms = 1e3 * _median_time(lambda: session.run(None, feed), args.repeats)
+  return {"ms": ms, "first_s": first, "load_s": load_s, "score": score,
+          "peak_rss_loaded_gb": rss_loaded, "peak_rss_gb": _peak_rss_gb()}
 
 
 def _worker_interpreter(args) -> dict:
@@ -209,6 +238,7 @@ def main() -> None:
   parser.add_argument("--sizes", default="512x512,1231x1907", help="HxW,HxW,...")
   parser.add_argument("--quantize", default="none,float16,dynamic_int8")
   parser.add_argument("--kernels", default="xnnpack,builtin", help="xnnpack and/or builtin")
+  parser.add_argument("--formats", default="tflite", help="tflite and/or onnx")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=2, help="interpreter threads")
   parser.add_argument("--max_rss_gb", type=float, default=8.0, help="watchdog limit per child")
@@ -217,7 +247,7 @@ def main() -> None:
   parser.add_argument("--width", type=int, default=256, help="head's width C")
   parser.add_argument("--no_jax", action="store_true", help="skip the JAX reference")
   parser.add_argument("--keep", default=None, help="folder to keep the .tflite files in")
-  parser.add_argument("--worker", choices=["jax", "export", "interpreter"],
+  parser.add_argument("--worker", choices=["jax", "export", "interpreter", "ort"],
                       help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -228,7 +258,7 @@ def main() -> None:
     if args.worker == "export":
       args.quantize = args.quantize_one
     print(json.dumps({"jax": _worker_jax, "export": _worker_export,
-                      "interpreter": _worker_interpreter}[args.worker](args)))
+                      "interpreter": _worker_interpreter, "ort": _worker_ort}[args.worker](args)))
     return
 
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -249,21 +279,29 @@ def main() -> None:
         jax_r = _run_child(["--worker=jax", f"--size={size}", f"--input={inp}", *common],
                            args.max_rss_gb, args.timeout_s)
         print(f"{size} JAX: {json.dumps(jax_r)}", flush=True)
-      for q in args.quantize.split(","):
-        path = os.path.join(folder, f"student_{size}_{q}.tflite")
+      runs = []
+      formats = args.formats.split(",")
+      if "tflite" in formats:
+        runs += [("tflite", q, args.kernels.split(",")) for q in args.quantize.split(",")]
+      if "onnx" in formats:
+        runs.append(("onnx", "none", ["ort-cpu"]))
+      for fmt, q, kernel_list in runs:
+        path = os.path.join(folder, f"student_{size}_{q}.{fmt}")
         exp = _run_child(["--worker=export", f"--size={size}", f"--quantize_one={q}",
                           f"--model_file={path}", *common], args.max_rss_gb, args.timeout_s)
-        print(f"{size} {q} export: {json.dumps(exp)}", flush=True)
-        for kernels in args.kernels.split(","):
+        print(f"{size} {fmt} {q} export: {json.dumps(exp)}", flush=True)
+        for kernels in kernel_list:
+          worker = "ort" if fmt == "onnx" else "interpreter"
           r = ({"error": "export failed"} if "error" in exp else _run_child(
-              ["--worker=interpreter", f"--kernels={kernels}", f"--model_file={path}",
+              [f"--worker={worker}", f"--kernels={kernels}", f"--model_file={path}",
                f"--input={inp}", *common], args.max_rss_gb, args.timeout_s))
-          print(f"{size} {q} {kernels}: {json.dumps(r)}", flush=True)
-          rows.append((size, q, kernels, exp, r, jax_r))
-  print(f"\n| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms ({args.threads} "
-        "threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for size, q, kernels, exp, r, jax_r in rows:
+          print(f"{size} {fmt} {q} {kernels}: {json.dumps(r)}", flush=True)
+          rows.append((size, fmt, q, kernels, exp, r, jax_r))
+  print(f"\n| input HxW | format | quantisation | kernels | file MiB | runtime ms "
+        f"({args.threads} threads) | runtime peak RSS GB | JAX ms | JAX peak RSS GB | "
+        "abs diff vs JAX | convert s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for size, fmt, q, kernels, exp, r, jax_r in rows:
     mib = "" if "error" in exp else f"{exp['mib']:.1f}"
     conv = exp.get("error") or f"{exp['convert_s']:.0f}"
     if "error" in r:
@@ -274,7 +312,7 @@ def main() -> None:
     jrss = "" if "error" in jax_r else f"{jax_r['peak_rss_gb']:.2f}"
     diff = ("" if "error" in r or "error" in jax_r
             else f"{abs(r['score'] - jax_r['score']):.1e}")
-    print(f"| {size} | {q} | {kernels} | {mib} | {lat} | {rss} | {jms} | {jrss} | {diff} | "
+    print(f"| {size} | {fmt} | {q} | {kernels} | {mib} | {lat} | {rss} | {jms} | {jrss} | {diff} | "
           f"{conv} |")
   print(f"\nload average at the end {os.getloadavg()}")
 

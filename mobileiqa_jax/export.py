@@ -1,5 +1,8 @@
 """Mobile export: a MobileIQA checkpoint -> one `.tflite` file (LiteRT) + a JSON sidecar.
 
+(`--format=onnx` writes an `.onnx` file for ONNX Runtime instead: `export_onnx.py`; the
+sidecar and the measurement at export are shared, below.)
+
     python launch/export.py --checkpoint=DIR --output=model.tflite \
         [--image_size=H,W] [--quantize=none|float16|dynamic_int8]
 
@@ -82,7 +85,10 @@ import numpy as np
 from mobileiqa_jax.data import preprocess
 
 SIDECAR_FORMAT = "mobileiqa_jax.tflite/1"
+ONNX_SIDECAR_FORMAT = "mobileiqa_jax.onnx/1"
 QUANTIZATIONS = ("none", "float16", "dynamic_int8")
+# --format: TFLite (LiteRT, phones; the default) or ONNX (ONNX Runtime; `export_onnx.py`).
+FORMATS = ("tflite", "onnx")
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
 
@@ -98,6 +104,21 @@ def check_quantize(quantize: str) -> str:
   if quantize not in QUANTIZATIONS:
     raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}; got {quantize!r}.")
   return quantize
+
+
+def check_format(fmt: str, output: str, quantize: str = "none",
+                 select_tf_ops: bool = False) -> str:
+  """--format against --output's extension and the TFLite-only settings."""
+  if fmt not in FORMATS:
+    raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}.")
+  if not output.endswith("." + fmt):
+    raise ValueError(f"--output must name a .{fmt} file for --format={fmt}, got {output!r}.")
+  if fmt == "onnx" and quantize != "none":
+    raise ValueError(f"--quantize={quantize} applies to --format=tflite only; the ONNX export "
+                     "is float32.")
+  if fmt == "onnx" and select_tf_ops:
+    raise ValueError("--select_tf_ops applies to --format=tflite only.")
+  return fmt
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -285,15 +306,17 @@ def sidecar_path(tflite_path: str) -> str:
 def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str, Any] | None,
             extra: Mapping[str, Any] | None, tflite_file: str,
             ops: Mapping[str, int] | None = None, source: str | None = None,
-            runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            runtime: Mapping[str, Any] | None = None, fmt: str = "tflite") -> dict[str, Any]:
   """The JSON an app reads beside the model: everything to turn a photo into a score.
 
-  `runtime` is `probe()`'s measurement of the written model (delegate, threads, peak memory,
-  latency on the exporting machine); None leaves it out.
+  `runtime` is `probe()`'s measurement of the written model (delegate or execution
+  provider, threads, peak memory, latency on the exporting machine); None leaves it out.
+  `fmt` 'onnx' describes an ONNX file: a dynamic batch ('batch' in the shapes, as ONNX
+  Runtime reports them), the ONNX opset and converter versions, no Flex question.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   h, w = image_size
+  onnx = fmt == "onnx"
+  batch: Any = "batch" if onnx else 1
   cfg = dict(model_config or {})
   extra = dict(extra or {})
   sigmoid = bool(cfg.get("sigmoid", True))
@@ -303,14 +326,15 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
     lo, hi = (float(v) for v in mos_range)
     mos = {"range": [lo, hi], "formula": "mos = lo + score * (hi - lo)", "lo": lo, "hi": hi,
            "note": "the model was trained on MOS min-max normalised from [lo, hi]"}
-  return {
-      "format": SIDECAR_FORMAT,
+  meta = {
+      "format": ONNX_SIDECAR_FORMAT if onnx else SIDECAR_FORMAT,
       "model_file": os.path.basename(tflite_file),
       "model": {k: cfg.get(k) for k in ("variant", "backbone", "pooled_size", "width")
                 if k in cfg},
       "input": {
           "name": INPUT_NAME,
-          "shape": [1, int(h), int(w), 3],
+          "shape": [batch, int(h), int(w), 3],
+          "dynamic_batch": onnx,
           "dtype": "float32",
           "layout": "NHWC",
           "color": "RGB",
@@ -330,25 +354,48 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
       },
       "output": {
           "name": OUTPUT_NAME,
-          "shape": [1],
+          "shape": [batch],
           "dtype": "float32",
           "meaning": "predicted perceptual quality, higher is better",
           "range": [0.0, 1.0] if sigmoid else None,
       },
       "mos_mapping": mos,
       "quantization": quantize,
-      "runtime": _runtime_entry(runtime),
+      "runtime": _runtime_entry(runtime, fmt),
       "requires_flex": _needs_flex(ops or {}),
       "ops": dict(sorted((ops or {}).items())),
       "source_checkpoint": source,
-      "exported_with": {"jax": jax.__version__, "tensorflow": tf.__version__},
   }
+  if onnx:
+    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    del meta["requires_flex"]
+    meta["exported_with"] = export_onnx.versions()
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    meta["exported_with"] = {"jax": jax.__version__, "tensorflow": tf.__version__}
+  return meta
 
 
-def _runtime_entry(runtime: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _runtime_entry(runtime: Mapping[str, Any] | None, fmt: str = "tflite"
+                   ) -> dict[str, Any] | None:
   if runtime is None:
     return None
   import platform  # pylint: disable=g-import-not-at-top
+  if fmt == "onnx":
+    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    return {
+        "execution_provider": runtime["provider"],
+        "num_threads": runtime["num_threads"],
+        "expected_peak_rss_bytes": int(runtime["peak_rss_bytes"]),
+        "measured_invoke_ms": runtime["invoke_ms"],
+        "measured_batch": 1,
+        "measured_on": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime "
+                       f"{export_onnx.runtime_version()}",
+        "note": ("peak resident memory of a process that loaded the model and scored one "
+                 "image with this execution provider (weights included); latency of that "
+                 "run on the exporting machine"),
+    }
   try:
     from importlib import metadata  # pylint: disable=g-import-not-at-top
     litert_version = metadata.version("ai-edge-litert")
@@ -374,17 +421,24 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
            quantize: str = "none", model_config: Mapping[str, Any] | None = None,
            extra: Mapping[str, Any] | None = None, select_tf_ops: bool = False,
            source: str | None = None, measure: bool = True,
-           num_threads: int = 2) -> dict[str, Any]:
-  """Writes `output` (.tflite) and its sidecar JSON; returns the sidecar dict.
+           num_threads: int = 2, fmt: str = "tflite") -> dict[str, Any]:
+  """Writes `output` (.tflite, or .onnx with `fmt='onnx'`) and its sidecar JSON.
 
-  With `measure`, the written model is run once in a fresh LiteRT process (`probe`, XNNPACK,
+  Returns the sidecar dict. With `measure`, the written model is run once in a fresh process
+  (`probe`: LiteRT with XNNPACK, or `export_onnx.probe`: ONNX Runtime's CPU provider;
   `num_threads`) and the sidecar records its peak memory and latency.
   """
   size = preprocess.parse_image_size(image_size, "image_size")
   check_quantize(quantize)
-  data = to_tflite(model, variables, size, quantize, select_tf_ops)
-  ops = op_counts(data)
-  meta = sidecar(size, quantize, model_config, extra, output, ops, source)
+  check_format(fmt, output, quantize, select_tf_ops)
+  if fmt == "onnx":
+    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    data = export_onnx.to_onnx(model, variables, size)
+    ops = export_onnx.op_counts(data)
+  else:
+    data = to_tflite(model, variables, size, quantize, select_tf_ops)
+    ops = op_counts(data)
+  meta = sidecar(size, quantize, model_config, extra, output, ops, source, fmt=fmt)
   meta["file_bytes"] = len(data)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "wb") as f:
@@ -397,7 +451,14 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
       f.write("\n")
 
   write_sidecar()
-  if measure and not meta["requires_flex"]:  # ai_edge_litert has no Flex kernels
+  if measure and fmt == "onnx":
+    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    try:
+      meta["runtime"] = _runtime_entry(export_onnx.probe(output, num_threads), fmt)
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ExportError(f"{output} was written, but ONNX Runtime could not run it: {e}") from e
+    write_sidecar()
+  elif measure and not meta["requires_flex"]:  # ai_edge_litert has no Flex kernels
     try:
       meta["runtime"] = _runtime_entry(probe(output, num_threads))
     except (RuntimeError, OSError, ValueError) as e:
@@ -407,7 +468,8 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
 
 
 def export_checkpoint(checkpoint: str, output: str, image_size: Any = None,
-                      quantize: str = "none", select_tf_ops: bool = False) -> dict[str, Any]:
+                      quantize: str = "none", select_tf_ops: bool = False,
+                      fmt: str = "tflite") -> dict[str, Any]:
   """The export command: checkpoint -> `output` + sidecar. Settings are validated first.
 
   `checkpoint` is anything `mobileiqa_jax.load` takes (a checkpoint folder, a workdir, a
@@ -417,12 +479,12 @@ def export_checkpoint(checkpoint: str, output: str, image_size: Any = None,
   from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   check_quantize(quantize)
   preprocess.parse_image_size(image_size, "--image_size")
-  if not output.endswith(".tflite"):
-    raise ValueError(f"--output must name a .tflite file, got {output!r}.")
+  check_format(fmt, output, quantize, select_tf_ops)
   # What `load` accepts (checkpoint, workdir, the authors' .pkl), in float32 as predict scores.
   scorer = inference.load(checkpoint, image_size, runtime=runtime_lib.FOR_EXPORT)
   return export(scorer.model, scorer.variables, output, scorer.image_size, quantize,
-                scorer.model_config, scorer.extra, select_tf_ops, source=scorer.source)
+                scorer.model_config, scorer.extra, select_tf_ops, source=scorer.source,
+                fmt=fmt)
 
 
 # ----------------------------------------------------------------------------- running it

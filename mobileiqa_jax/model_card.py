@@ -20,6 +20,12 @@
   one); peak RSS is that whole process's (weights, compiled program, buffers). The load
   average beside them says how busy the machine was.
 
+- exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/profile.py): per
+  format, the checkpoint exported at the card's size (`export.export_checkpoint`, float32,
+  in a child process) into a temporary folder and run once in a fresh process, as an app would (LiteRT with
+  XNNPACK; ONNX Runtime's CPU provider; 2 threads): latency, that process's peak RSS and the
+  file size, from the sidecar's `runtime`. Conversion takes minutes at full size.
+
 `AIM2024_UHD_IQA_BUDGET_GMACS` is the AIM 2024 UHD-IQA challenge's cap per image.
 """
 
@@ -132,6 +138,65 @@ def measure_in_child(checkpoint: str, image_size: Sequence[int], repeats: int = 
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+EXPORT_NAMES = {"tflite": "TFLite (LiteRT XNNPACK)", "onnx": "ONNX (ONNX Runtime CPU)"}
+
+
+def check_exports(exports: Sequence[str]) -> tuple[str, ...]:
+  bad = [e for e in exports if e not in EXPORT_NAMES]
+  if bad:
+    raise ValueError(f"--exports takes {', '.join(EXPORT_NAMES)} (comma-separated); got "
+                     f"{', '.join(map(repr, bad))}.")
+  return tuple(exports)
+
+
+def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict[str, Any]:
+  """Exports `checkpoint` to `fmt` in a temporary folder; what running it once cost.
+
+  The export's own probe runs the written file in a fresh process (weights included in its
+  peak RSS); the file is deleted afterwards.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    meta = export.export_checkpoint(checkpoint, os.path.join(tmp, f"model.{fmt}"),
+                                    list(image_size), fmt=fmt)
+  runtime = meta["runtime"] or {}
+  if not runtime:
+    raise MeasurementError(f"the {fmt} export could not be run (requires_flex)")
+  return {
+      "latency_s": runtime["measured_invoke_ms"] / 1e3,
+      "peak_rss_gb": runtime["expected_peak_rss_bytes"] / 1e9,
+      "file_mb": meta["file_bytes"] / 1e6,
+      "runtime": runtime.get("delegate") or runtime.get("execution_provider"),
+      "num_threads": runtime["num_threads"],
+  }
+
+
+def measure_export_in_child(checkpoint: str, image_size: Sequence[int], fmt: str
+                            ) -> dict[str, Any]:
+  """`measure_export` in a fresh Python process.
+
+  The conversion's memory (gigabytes for TFLite at full size) stays out of this process, and
+  the converters' imports do not meet the caller's sys.path (run as `launch/profile.py`,
+  launch/ is on it, and its `profile.py` shadows the standard library's `profile`, which
+  TensorFlow's import pulls in).
+  """
+  code = ("import json, sys; from mobileiqa_jax import model_card; "
+          "a = json.loads(sys.argv[1]); "
+          "print(json.dumps(model_card.measure_export(a[0], a[1], a[2])))")
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  out = subprocess.run(
+      [sys.executable, "-c", code, json.dumps([checkpoint, list(image_size), fmt])],
+      capture_output=True, text=True, env=env)
+  if out.returncode:
+    tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    raise MeasurementError(f"the {fmt} export failed (status {out.returncode}): {tail[0]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> str:
   """This host in a few words: CPU, cores, memory."""
   try:
@@ -143,7 +208,7 @@ def machine() -> str:
 
 
 def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
-            repeats: int = 3) -> dict[str, Any]:
+            repeats: int = 3, exports: Sequence[str] = ()) -> dict[str, Any]:
   """The model card of `checkpoint` (anything `mobileiqa_jax.load` takes) at `image_size`.
 
   Args:
@@ -152,6 +217,7 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
     measure: also compile and time the forward pass in a child process (gflops, latency,
       peak memory); False gives the counts only (seconds, even at full size).
     repeats: timed runs after the first.
+    exports: formats ('tflite', 'onnx') to export and time as well (`measure_export`).
 
   Returns:
     A JSON-serialisable dict; see the module docstring for its fields.
@@ -160,6 +226,7 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
 
   from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
 
+  exports = check_exports(exports)
   scorer = inference.load(checkpoint, image_size, batch_size=1)
   config = scorer.model_config
   count = count_model_macs(config, scorer.image_size)
@@ -180,6 +247,10 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
     # Latency on a shared machine carries its load: recorded beside it.
     card["load_average"] = round(os.getloadavg()[0], 2)
     card.update(measure_in_child(checkpoint, card["image_size"], repeats))
+  if exports:
+    card.setdefault("load_average", round(os.getloadavg()[0], 2))
+    card["exports"] = {fmt: measure_export_in_child(checkpoint, card["image_size"], fmt)
+                       for fmt in exports}
   card.update({
       "machine": machine(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -213,6 +284,13 @@ def table(card: Mapping[str, Any]) -> list[str]:
         ("JAX peak RSS", f"{card['jax_peak_rss_gb']:.2f} GB (whole process)"),
         ("load average", f"{card['load_average']} (1 min, when the timing started)"),
     ]
+  for fmt, e in card.get("exports", {}).items():
+    rows.append((f"{fmt} export", f"{e['latency_s']:.3f} s per image, peak RSS "
+                                  f"{e['peak_rss_gb']:.2f} GB (whole process), "
+                                  f"{e['file_mb']:.1f} MB file; {EXPORT_NAMES[fmt]}, "
+                                  f"{e['num_threads']} threads, float32"))
+  if "exports" in card and "gflops" not in card:
+    rows.append(("load average", f"{card['load_average']} (1 min, when the timing started)"))
   rows.append(("measured", f"{card['date']}, {card['machine']}, jax {card['jax']}"))
   width = max(len(k) for k, _ in rows)
   return [f"{k:<{width}}  {v}" for k, v in rows]

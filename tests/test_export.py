@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
-from support import REPO as ROOT, random_variables, run_python
+from support import REPO as ROOT, random_variables, run_launcher, run_python
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -260,3 +260,97 @@ def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   assert rss <= 1.5 * 2**30, meta["runtime"]
   tfl = export.TFLiteScorer(out, xnnpack=True)(photo)
   assert abs(float(tfl[0]) - jax_score) < 1e-3, (tfl, jax_score)
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+@pytest.fixture(scope="module")
+def onnx_export(setup):
+  """The mid-size banded student exported once to ONNX (jax2onnx), measured in ONNX Runtime."""
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("onnx")
+  pytest.importorskip("jax2onnx")
+  out = str(setup["tmp"] / "student.onnx")
+  meta = export.export_checkpoint(setup["ckpt"], out, fmt="onnx")
+  return out, meta
+
+
+def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_export):
+  from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+  out, meta = onnx_export
+  assert os.path.getsize(out) == meta["file_bytes"]
+  with open(export.sidecar_path(out)) as f:
+    side = json.load(f)
+  assert side["format"] == export.ONNX_SIDECAR_FORMAT and side["model_file"] == "student.onnx"
+  assert side["input"]["shape"] == ["batch", *SIZE, 3] and side["input"]["dynamic_batch"]
+  assert side["output"]["shape"] == ["batch"]
+  assert side["mos_mapping"]["range"] == MOS_RANGE and side["quantization"] == "none"
+  assert side["exported_with"]["opset"] == export_onnx.OPSET
+  assert side["ops"].get("Loop", 0) >= 1 and side["ops"].get("Gelu", 0) >= 1, side["ops"]
+  runtime = side["runtime"]  # measured in a fresh onnxruntime process
+  assert runtime["execution_provider"] == "CPUExecutionProvider"
+  assert 10 * 2**20 < runtime["expected_peak_rss_bytes"] < 4 * 2**30, runtime
+  assert runtime["measured_invoke_ms"] > 0
+
+  scorer = export_onnx.OnnxScorer(out)
+  assert scorer.image_size == SIZE and scorer.input_shape[0] == "batch"
+  photos, want = setup["photos"], setup["jax_scores"]
+  got = scorer(photos)  # all 8 photos in one run
+  err = np.abs(got - want)
+  print("\nONNX Runtime (CPU): max |onnx - jax| =", err.max(), "scores", np.round(got, 4))
+  assert err.max() < 1e-5, (got, want)
+  # Batches of 1 and 3 give the same scores as the batch of 8.
+  np.testing.assert_allclose(export_onnx.OnnxScorer(out, batch_size=3)(photos), got,
+                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(scorer(photos[:1]), got[:1], rtol=0, atol=1e-6)
+
+
+def test_onnx_lda_hidden_activation_is_never_whole(setup, onnx_export, tmp_path):
+  """The first LDA's (H/2, W/2, 2C) hidden activation, in the shapes ONNX Runtime ran.
+
+  Read from ONNX Runtime's profile of one run (every node's output shape, Loop bodies
+  included): the projection, bias and GELU exist only per pooled row band (a Loop
+  iteration), each fewer rows than H/2; no tensor of the full (H/2, W/2, 2C) is produced.
+  """
+  from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+  out, _ = onnx_export
+  h1, w1 = -(-SIZE[0] // 2), -(-SIZE[1] // 2)
+  hidden = 2 * SMALL["width"]
+  session = export_onnx.make_session(out, enable_profiling=True,
+                                     profile_prefix=str(tmp_path / "ort"))
+  session.run(None, {"image": setup["photos"][:2]})
+  with open(session.end_profiling()) as f:
+    events = json.load(f)
+  lda1 = []
+  for e in events:
+    if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+      continue
+    for o in e["args"].get("output_type_shape", []):
+      for shape in o.values():
+        if len(shape) == 4 and tuple(shape[2:]) == (w1, hidden):
+          lda1.append((tuple(shape), e["args"]["op_name"]))
+  assert lda1, "no tensor of the first LDA's hidden activation found"
+  assert all(shape[1] < h1 for shape, _ in lda1), [s for s in lda1 if s[0][1] >= h1]
+  gelus = [shape for shape, op in lda1 if op == "Gelu"]
+  # One GELU per pooled row band, on that band's rows (windows overlap: 164 is not 8 * k).
+  assert len(gelus) == SMALL["pooled_size"], lda1
+  assert all(1 < shape[1] <= -(-h1 // SMALL["pooled_size"]) + 1 for shape in gelus), gelus
+
+
+def test_onnx_settings_are_clear_errors(setup):
+  with pytest.raises(ValueError, match=r"--quantize=float16 applies to --format=tflite"):
+    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "q.onnx"), quantize="float16",
+                             fmt="onnx")
+  with pytest.raises(ValueError, match=r"--output must name a \.onnx file"):
+    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
+  with pytest.raises(ValueError, match=r"--format must be one of tflite, onnx"):
+    export.check_format("coreml", "m.mlmodel")
+
+
+def test_launcher_reports_onnx_settings_in_one_line(tmp_path):
+  proc = run_launcher("launch/export.py", [f"--checkpoint={tmp_path}", "--format=onnx",
+                                           f"--output={tmp_path / 'm.onnx'}",
+                                           "--quantize=dynamic_int8"])
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.count("\n") == 1 and "applies to --format=tflite only" in proc.stderr

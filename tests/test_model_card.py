@@ -81,3 +81,40 @@ def test_profile_command_refuses_a_missing_checkpoint(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
   assert out.stderr.count("\n") == 1 and "does not exist" in out.stderr
+
+
+def test_card_measures_the_onnx_export(student_dir, monkeypatch):
+  """--exports=onnx: the export's run in its own process; the card prints its row.
+
+  The conversion runs in this process here (a child would import jax and jax2onnx again);
+  the slow TFLite test goes through the child, as launch/profile.py does.
+  """
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("jax2onnx")
+  monkeypatch.setattr(model_card, "measure_export_in_child", model_card.measure_export)
+  path, _ = student_dir
+  card = model_card.profile(path, measure=False, exports=("onnx",))
+  e = card["exports"]["onnx"]
+  assert e["runtime"] == "CPUExecutionProvider" and e["num_threads"] == 2
+  assert e["latency_s"] > 0 and 0.01 < e["peak_rss_gb"] < 4, e
+  # The file holds the float32 parameters (BatchNorm statistics too).
+  assert e["file_mb"] > 4 * card["params"] / 1e6, (e, card["params"])
+  lines = model_card.table(card)
+  assert any(line.startswith("onnx export") and "ONNX Runtime" in line for line in lines)
+  json.dumps(card)
+
+
+@pytest.mark.slow
+def test_card_measures_the_tflite_export(student_dir):
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("ai_edge_litert")
+  path, _ = student_dir
+  card = model_card.profile(path, measure=False, exports=("tflite",))
+  e = card["exports"]["tflite"]
+  assert e["runtime"] == "XNNPACK" and e["latency_s"] > 0 and e["peak_rss_gb"] > 0.01
+  assert any(line.startswith("tflite export") for line in model_card.table(card))
+
+
+def test_card_refuses_an_unknown_export(student_dir):
+  with pytest.raises(ValueError, match="--exports takes tflite, onnx"):
+    model_card.profile(student_dir[0], measure=False, exports=("coreml",))

@@ -456,7 +456,8 @@ def avg_pool2d(x: jax.Array, kernel_size: int) -> jax.Array:
   """`torch.nn.AvgPool2d(k)` (stride k, no padding, floor mode) on NHWC input."""
   k = kernel_size
   with jax.named_scope(macs.POOL_SCOPE):  # Marked for the MAC counter.
-    return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+    # window_shape by keyword: jax2onnx (the ONNX export) swaps in a keyword-only nn.avg_pool.
+    return nn.avg_pool(x, window_shape=(k, k), strides=(k, k), padding="VALID")
 
 
 def _align_corners_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:

@@ -112,3 +112,20 @@ def test_quality_fn_jits_differentiates_and_agrees_with_score(scorers):
   # The variables-as-argument form gives the same scores.
   f2 = jax.jit(host.quality_fn(pass_variables=True))
   np.testing.assert_allclose(np.asarray(f2(host.variables, x)), np.asarray(f(x)), atol=1e-6)
+
+
+def test_predict_cli_preprocessing_device_scores_and_skips_a_bad_file(scorers, tmp_path):
+  from mobileiqa_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from support import run_launcher  # pylint: disable=import-outside-toplevel
+  host, _ = scorers
+  ckpt = checkpoint.save_model(str(tmp_path / "ckpt"), host.variables, host.model_config,
+                               extra={"image_size": list(SIZE)})
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(open(PHOTOS[0], "rb").read()[:200])
+  proc = run_launcher("launch/predict.py", [f"--checkpoint={ckpt}", "--preprocessing=device",
+                                            "--noprogress", *PHOTOS, str(bad)])
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  rows = [r.split(",") for r in proc.stdout.strip().splitlines()[1:]]
+  assert [r[0] for r in rows] == PHOTOS
+  np.testing.assert_allclose([float(r[1]) for r in rows], host.score(PHOTOS), atol=1e-4)
+  assert f"{bad} cannot be scored" in proc.stderr

@@ -30,6 +30,9 @@ flags.DEFINE_enum("model", None, ["teacher", "student"], "For a state dict: insi
 flags.DEFINE_integer("batch_size", 4, "Images per forward pass (one compiled shape).")
 flags.DEFINE_integer("workers", None, "Decoding threads (default: min(8, cores)).")
 flags.DEFINE_boolean("progress", True, "Progress bar on stderr.")
+flags.DEFINE_enum("preprocessing", None, ["host", "device"], "Where photos are resized: "
+                  "'host' (PIL on CPU threads, the reference exactly) or 'device' (inside the "
+                  "jitted function, grouped by size); default device on gpu/tpu, host on cpu.")
 compilation_cache.define_flags()
 FLAGS = flags.FLAGS
 
@@ -39,7 +42,7 @@ def main(argv):
   return inference.predict_csv(
       checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
       batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
-      model=FLAGS.model, out=sys.stdout, err=sys.stderr)
+      preprocessing=FLAGS.preprocessing, model=FLAGS.model, out=sys.stdout, err=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,10 @@ See mobileiqa_jax/aot.py.
 """
 
 import os
-import sys
 
 # Nothing runs here: the target's devices are described, never driven, so jax itself needs only
 # the CPU (and must not try to start a local GPU or TPU backend).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Config files import `configs.common`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

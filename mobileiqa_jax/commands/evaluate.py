@@ -11,17 +11,12 @@ weights). --config is needed only for checkpoints outside a training workdir; it
 overridden as in launch/train.py. The model computes in float32, as predict and export do.
 """
 
-import os
-import sys
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mobileiqa_jax import cli  # noqa: E402
-from mobileiqa_jax import compilation_cache  # noqa: E402
+from mobileiqa_jax import cli
+from mobileiqa_jax import compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
                                           "data set (default: the checkpoint's workdir config).")

@@ -1,0 +1,15 @@
+"""Draws what each MAL of a MobileIQA model attends to, and how alike their opinions are.
+
+The command is mobileiqa_jax/commands/explain.py (also `mobileiqa explain` after pip install); --help
+lists its flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  console.run_command("explain")

@@ -1,0 +1,15 @@
+"""Exports a MobileIQA checkpoint to a LiteRT/TFLite model plus a JSON sidecar for apps.
+
+The command is mobileiqa_jax/commands/export.py (also `mobileiqa export` after pip install); --help
+lists its flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  console.run_command("export")

@@ -1,0 +1,15 @@
+"""Scores photos with a MobileIQA model; prints CSV `path,score` on stdout.
+
+The command is mobileiqa_jax/commands/predict.py (also `mobileiqa predict` after pip install); --help
+lists its flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  console.run_command("predict")

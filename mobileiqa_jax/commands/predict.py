@@ -1,6 +1,13 @@
-r"""Scores photos with a MobileIQA model; prints CSV `path,score` on stdout.
+r"""Scores photos with a MobileIQA model; prints CSV `path,score` on stdout (or --output).
 
   python launch/predict.py --checkpoint=MODEL [--image_size=H,W] [--batch_size=N] PATH...
+  python launch/predict.py --checkpoint=MODEL --distributed --output=scores.csv PATH...
+
+--distributed: run the same command on every process (host); jax.distributed is set up as for
+training (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or discovered on TPU
+pods and SLURM). Each process scores its share into parts beside --output, process 0 merges
+them into --output in input order; a rerun reuses the parts already written (a process that
+stopped is named; see mobileiqa_jax/distributed_scoring.py).
 
 MODEL: a checkpoint folder (launch/convert.py output), a training workdir (its best step), or
 the authors' .pkl / a .pth state dict (teacher or student is read from its keys; converted in
@@ -15,10 +22,12 @@ size compiles nothing; the authors' .pkl is read without PyTorch.
 
 import sys
 
+from absl import app
 from absl import flags
 
 from mobileiqa_jax import cli
 from mobileiqa_jax import compilation_cache
+from mobileiqa_jax import distributed_scoring
 from mobileiqa_jax import inference
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
@@ -30,17 +39,31 @@ flags.DEFINE_enum("model", None, ["teacher", "student"], "For a state dict: insi
 flags.DEFINE_integer("batch_size", 4, "Images per forward pass (one compiled shape).")
 flags.DEFINE_integer("workers", None, "Decoding threads (default: min(8, cores)).")
 flags.DEFINE_boolean("progress", True, "Progress bar on stderr.")
+flags.DEFINE_string("output", None, "Write the CSV to this file (complete or not at all) "
+                    "instead of stdout; needed with --distributed.")
+flags.DEFINE_boolean("distributed", False, "Score on every process of a jax.distributed job, "
+                     "each its share; process 0 writes --output.")
+flags.DEFINE_integer("part_size", distributed_scoring.DEFAULT_PART_SIZE, "--distributed: "
+                     "files per part, the unit a rerun does not score again.")
 compilation_cache.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   compilation_cache.enable_from_flags()
-  return inference.predict_csv(
-      checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
-      batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
-      model=FLAGS.model, out=sys.stdout, err=sys.stderr)
+  settings = dict(checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
+                  batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
+                  model=FLAGS.model, err=sys.stderr)
+  if FLAGS.distributed:
+    if not FLAGS.output:
+      raise app.UsageError("--distributed needs --output=FILE.csv (process 0 writes it).")
+    return distributed_scoring.predict_csv_distributed(
+        output=FLAGS.output, part_size=FLAGS.part_size, **settings)
+  if FLAGS.output:
+    with distributed_scoring.atomic_file(FLAGS.output) as out:
+      return inference.predict_csv(out=out, **settings)
+  return inference.predict_csv(out=sys.stdout, **settings)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, user_errors=(distributed_scoring.ScoringProcessError,))

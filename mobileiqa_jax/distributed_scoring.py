@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from mobileiqa_jax import inference
@@ -248,6 +249,20 @@ class _Coordination:
     full = f"{_KEY}/{prefix}"
     return {k[len(full):]: v for k, v in self._client.key_value_dir_get(full)}
 
+  def leave(self) -> None:
+    """Disconnects the others from process 0's service before process 0 shuts it down."""
+    if self._client is None:
+      return
+    import jax  # pylint: disable=g-import-not-at-top
+    if self.process != 0:
+      self.set(f"left/{self.process}", "1")
+      jax.distributed.shutdown()
+    else:
+      for p in range(1, self.count):
+        self._client.blocking_key_value_get(f"{_KEY}/left/{p}", _MERGE_TIMEOUT_MS)
+      time.sleep(1.0)  # their shutdown RPCs
+      jax.distributed.shutdown()
+
   def live_barrier(self) -> set[int]:
     """Waits for every live process; returns their indices (a stopped one is left out)."""
     if self._client is None:
@@ -358,8 +373,8 @@ def predict_csv_distributed(
       raise
     coord.set("outcome", json.dumps(outcome))
   outcome = json.loads(coord.get("outcome"))
-  # Process 0 hosts the service: it must not exit before every process has read the outcome.
-  coord.live_barrier()
+  # Process 0 hosts the service: the others leave it first, cleanly, and say so.
+  coord.leave()
   if own_error is not None:
     raise own_error
   if "error" in outcome:

@@ -1,14 +1,7 @@
-r"""Evaluates a checkpoint on a split: metrics JSON, predictions CSV and scatter plot.
+"""Evaluates a checkpoint on a split: metrics JSON, predictions CSV and scatter plot.
 
-  python launch/evaluate.py --checkpoint=runs/teacher_demo             # best epoch, its config
-  python launch/evaluate.py --checkpoint=runs/teacher_demo --which=latest --split=train
-  python launch/evaluate.py --checkpoint=ckpt/student --config=configs/student.py:koniq10k \
-      --split=test
-
---checkpoint: a standalone checkpoint (launch/convert.py output), a training step folder, or a
-training workdir (its best step by SROCC+PLCC+KROCC), or a .pkl/.pth state dict (the authors'
-weights). --config is needed only for checkpoints outside a training workdir; its fields can be
-overridden as in launch/train.py. The model computes in float32, as predict and export do.
+The command is mobileiqa_jax/commands/evaluate.py (also `mobileiqa evaluate` after pip install); --help
+lists its flags.
 """
 
 import os
@@ -16,34 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mobileiqa_jax import cli  # noqa: E402
-from mobileiqa_jax import compilation_cache  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
-                                          "data set (default: the checkpoint's workdir config).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint, step folder, workdir, or "
-                                  "a .pkl/.pth state dict (with --config).", required=True)
-_SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.data.eval_split).")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Step of a workdir to load.")
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Default <checkpoint>/eval_<data>_<split>.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch size override.")
-compilation_cache.define_flags()
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  compilation_cache.enable_from_flags()
-  from mobileiqa_jax import evaluate  # pylint: disable=g-import-not-at-top
-  result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _SPLIT.value,
-                                        _OUTPUT.value, _WHICH.value, _BATCH.value)
-  print(" ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
-  print(f"wrote {result['output_dir']}")
-
+from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run_command("evaluate")

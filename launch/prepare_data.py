@@ -1,54 +1,15 @@
-r"""Prepares an IQA data set from its manual download as tfds records (array_record).
+"""Prepares an IQA data set from its manual download as tfds records (array_record).
 
-  python launch/prepare_data.py --dataset=livec --manual_dir=~/Downloads/ChallengeDB_release
-  python launch/prepare_data.py --dataset=iqa_folder --manual_dir=~/my_photos \
-      [--config_name=my_photos] [--labels_csv=labels.csv] [--mos_range=1,5]
-
---dataset: uhd_iqa, koniq10k, spaq, livec, bid, kadid10k or iqa_folder. Without
---manual_dir the release is expected in <data_dir>/downloads/manual/<dataset>/. Preparing
-an already prepared data set does nothing. Needs TensorFlow (CPU build) to write records;
-training reads them without it.
+The command is mobileiqa_jax/commands/prepare_data.py (also `mobileiqa prepare_data` after pip install); --help
+lists its flags.
 """
 
-from absl import app
-from absl import flags
+import os
+import sys
 
-from mobileiqa_jax import cli
-from mobileiqa_jax.data import builders
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Data set to prepare.")
-_MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder holding the downloaded release (default "
-    "<data_dir>/downloads/manual/<dataset>/).")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-_CONFIG_NAME = flags.DEFINE_string(
-    "config_name", None, "iqa_folder: name of this folder's data set (default: folder name).")
-_LABELS_CSV = flags.DEFINE_string(
-    "labels_csv", None, "iqa_folder: the CSV image_name,mos[,mos_std] (default labels.csv).")
-_MOS_RANGE = flags.DEFINE_list(
-    "mos_range", None, "iqa_folder: documented score scale 'low,high' (default: the "
-    "training split's range).")
-flags.mark_flag_as_required("dataset")
-
-
-def main(argv):
-  del argv
-  mos_range = None
-  if _MOS_RANGE.value:
-    if len(_MOS_RANGE.value) != 2:
-      raise app.UsageError("--mos_range takes two numbers: low,high.")
-    try:
-      mos_range = tuple(float(x) for x in _MOS_RANGE.value)
-    except ValueError:
-      raise app.UsageError(f"--mos_range takes two numbers: low,high; got "
-                           f"{','.join(_MOS_RANGE.value)}.") from None
-  # A missing download (MissingDataError) or a corrupt image is one line naming what to do.
-  path = builders.prepare(
-      _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
-      config_name=_CONFIG_NAME.value, labels_csv=_LABELS_CSV.value, mos_range=mos_range)
-  print(f"Prepared: {path}")
-
+from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  cli.run(main, quiet=False)
+  console.run_command("prepare_data")

@@ -1,4 +1,4 @@
-"""What every command in launch/ shares: readable errors and quiet library logs.
+"""What every command (launch/, `mobileiqa <command>`) shares: readable errors, quiet logs.
 
 `cli.run(main)` replaces `absl.app.run(main)`:
 
@@ -38,7 +38,14 @@ _VERBOSE = flags.DEFINE_boolean(
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
+# The name errors start with, set by `console.run_command` ("predict.py", "mobileiqa predict");
+# None: the script's file name.
+program_name: str | None = None
+
+
 def _prog() -> str:
+  if program_name:
+    return program_name
   return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mobileiqa_jax"
 
 

@@ -506,6 +506,11 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
                 preprocessing)
 
 
+def format_score(score: float) -> str:
+  """A score as the CSVs of the scoring command write it."""
+  return f"{score:.6f}"
+
+
 def predict_csv(
     checkpoint: str,
     paths: Sequence[str],
@@ -546,7 +551,7 @@ def predict_csv(
   failed = 0
   for result in scorer.score_files(files, bar.update if bar else None):
     if result.error is None:
-      writer.writerow([result.path, f"{result.score:.6f}"])
+      writer.writerow([result.path, format_score(result.score)])
     else:
       failed += 1
       err.write(result.error + "\n")

@@ -47,6 +47,13 @@ def maybe_initialize_distributed(requested: bool = False, **kwargs: Any) -> bool
     return False
   if jax.distributed.is_initialized():
     return False
+  # jax reads JAX_COORDINATOR_ADDRESS itself, but not these two.
+  for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if kwargs.get(key) is None and os.environ.get(name):
+      try:
+        kwargs[key] = int(os.environ[name])
+      except ValueError:
+        raise ValueError(f"{name}={os.environ[name]!r} is not an integer.") from None
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -78,3 +78,23 @@ def test_version_is_importable_without_jax():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=env, check=True).stdout.split()
   assert out == [mobileiqa_jax.__version__, "False"]
+
+
+def test_wheel_installs_the_mobileiqa_command(wheel):
+  name = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
+  text = wheel.read(name).decode()
+  assert "[console_scripts]" in text and "mobileiqa = mobileiqa_jax.console:main" in text
+
+
+def test_console_lists_commands_and_rejects_unknown_ones(capsys):
+  from mobileiqa_jax import console  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    console.main(["mobileiqa", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert all(f"  {n}" in out for n in ("predict", "convert", "export", "explain", "evaluate",
+                                       "aot"))
+  with pytest.raises(SystemExit) as e:
+    console.main(["mobileiqa", "nope"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "unknown command 'nope'" in err

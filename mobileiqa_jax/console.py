@@ -1,0 +1,110 @@
+"""The `mobileiqa` command that `pip install` puts on PATH: `mobileiqa <command> [flags] ARGS`.
+
+    mobileiqa predict --checkpoint=MobileNet_IQA.pkl photos/ > scores.csv
+    mobileiqa convert --torch_checkpoint=MobileViT_IQA.pkl --output=ckpt/teacher
+    mobileiqa predict --help                      # the command's flags
+
+Each command is a module of `mobileiqa_jax.commands` with its absl flags and `main`, the same
+code `python launch/<script>.py` runs (the launch/ scripts are shims of `run_command`), so
+flags, output and exit statuses are the same either way. Training stays
+`python launch/train.py --config=configs/...` (its configs live in the repository).
+
+Absl flags are defined when their module runs, so only the chosen command's module is run
+(as `__main__`, as `python -m` would): `mobileiqa --help` reads the one-line summaries from
+the modules' docstrings without importing them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import runpy
+import sys
+from typing import Sequence
+
+from mobileiqa_jax import cli
+
+# Command name -> module of mobileiqa_jax.commands (and the launch/ script that runs it).
+COMMANDS = {
+    "predict": "predict",            # launch/predict.py
+    "convert": "convert",            # launch/convert.py
+    "export": "export",              # launch/export.py
+    "explain": "explain",            # launch/explain.py
+    "evaluate": "evaluate",          # launch/evaluate.py
+    "aot": "aot",                    # launch/aot_compile.py
+    "profile": "profile",            # launch/profile.py
+    "prepare_data": "prepare_data",  # launch/prepare_data.py
+}
+PROG = "mobileiqa"
+
+
+def run_command(name: str, prog: str | None = None) -> None:
+  """Runs command `name` as `__main__` with sys.argv[1:] as its flags and arguments.
+
+  Args:
+    name: a key of COMMANDS.
+    prog: the name its errors start with (default: the running script's file name, e.g.
+      `predict.py` for launch/predict.py).
+  """
+  cli.program_name = prog or os.path.basename(sys.argv[0])
+  try:
+    # alter_sys: sys.argv[0] becomes the module's file while it runs, which is where absl
+    # files the flags it defines, so `--help` lists them.
+    runpy.run_module(f"mobileiqa_jax.commands.{COMMANDS[name]}", run_name="__main__",
+                     alter_sys=True)
+  finally:
+    cli.program_name = None
+
+
+def summary(name: str) -> str:
+  """The first line of command `name`'s docstring, read from its source (nothing imported)."""
+  spec = importlib.util.find_spec(f"mobileiqa_jax.commands.{COMMANDS[name]}")
+  with open(spec.origin, encoding="utf-8") as f:
+    doc = ast.get_docstring(ast.parse(f.read())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def usage() -> str:
+  width = max(len(n) for n in COMMANDS)
+  lines = [f"usage: {PROG} <command> [flags] [ARGS]   ({PROG} <command> --help: its flags)", "",
+           "commands:"]
+  lines += [f"  {n:<{width}}  {summary(n)}" for n in COMMANDS]
+  lines += ["", "Training: python launch/train.py --config=configs/teacher.py (a checkout)."]
+  return "\n".join(lines) + "\n"
+
+
+def _make_configs_importable(args: Sequence[str]) -> None:
+  """Puts the folder above a --config file on sys.path: config files import `configs.common`.
+
+  (launch/ scripts put the repository root there; an installed command has no repository.)
+  """
+  for arg in args:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`mobileiqa <command> ...`; exits with the command's status (2: no or unknown command)."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "-?", "help"):
+    (sys.stdout if len(argv) >= 2 else sys.stderr).write(usage())
+    raise SystemExit(0 if len(argv) >= 2 else 2)
+  name = argv[1]
+  if name not in COMMANDS:
+    cli.program_name = PROG
+    try:
+      cli.fail(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)} "
+               f"({PROG} --help says what each does).", status=2)
+    finally:
+      cli.program_name = None
+  saved = sys.argv
+  sys.argv = [f"{PROG} {name}", *argv[2:]]
+  _make_configs_importable(argv[2:])
+  try:
+    run_command(name, prog=f"{PROG} {name}")
+  finally:
+    sys.argv = saved

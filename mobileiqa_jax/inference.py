@@ -227,6 +227,10 @@ class Scorer:
   def apply(self) -> Callable[[np.ndarray], np.ndarray]:
     """normalised (B, H, W, 3) float32 -> scores (B,): jitted, compiled once per shape."""
     if self._apply is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      # One copy of the weights: the device's. The host tree (a .pkl's arrays, hundreds of MB)
+      # is dropped, and make_scorer's device_put of device arrays copies nothing.
+      self.variables = jax.device_put(self.variables)
       self._apply = make_scorer(self.model, self.variables)
     return self._apply
 

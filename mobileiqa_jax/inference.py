@@ -304,14 +304,25 @@ class Scorer:
   def apply(self) -> Callable[[np.ndarray], np.ndarray]:
     """normalised (B, H, W, 3) float32 -> scores (B,): jitted, compiled once per shape."""
     if self._apply is None:
-      self._apply = make_scorer(self.model, self.variables)
+      self._apply = make_scorer(self.model, self._device_variables())
     return self._apply
+
+  def _device_variables(self) -> Any:
+    """The weights on the device, the only copy kept.
+
+    The host tree (a .pkl's arrays, hundreds of MB) is dropped, and the scorers' device_put
+    of device arrays copies nothing, so host and device paths share one copy.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    self.variables = jax.device_put(self.variables)
+    return self.variables
 
   @property
   def device_apply(self) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 (B, H, W, 3) at any size -> scores (B,), resized on the device; once per shape."""
     if self._device_apply is None:
-      self._device_apply = make_device_scorer(self.model, self.variables, self.image_size)
+      self._device_apply = make_device_scorer(self.model, self._device_variables(),
+                                              self.image_size)
     return self._device_apply
 
   def _score_items(self, items, batch_size, progress, names) -> Iterator[Result]:

@@ -89,6 +89,9 @@ def test_load_scores_paths_pil_and_arrays_alike(models):
   # Input order is kept; batches of 2 (the last padded) give the same numbers.
   np.testing.assert_allclose(scorer.score(PHOTOS[::-1], batch_size=2), by_path[::-1],
                              rtol=1e-6, atol=1e-7)
+  # One copy of the weights once scoring has started: the device's (no host numpy tree kept).
+  leaves = jax.tree.leaves(scorer.variables)
+  assert leaves and all(isinstance(x, jax.Array) for x in leaves)
 
 
 def test_scorer_attributes_and_mos_mapping(models):

@@ -303,6 +303,15 @@ def sidecar_path(tflite_path: str) -> str:
   return root + ".json"
 
 
+def read_sidecar(model_path: str) -> dict[str, Any] | None:
+  """The JSON written beside an exported model (`sidecar`), or None where there is none."""
+  path = sidecar_path(model_path)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str, Any] | None,
             extra: Mapping[str, Any] | None, tflite_file: str,
             ops: Mapping[str, int] | None = None, source: str | None = None,
@@ -575,11 +584,7 @@ class TFLiteScorer:
     self._in = self.interpreter.get_input_details()[0]
     self._out = self.interpreter.get_output_details()[0]
     self.input_shape = tuple(int(s) for s in self._in["shape"])
-    meta_path = sidecar_path(model_path)
-    self.meta = None
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        self.meta = json.load(f)
+    self.meta = read_sidecar(model_path)
 
   @property
   def image_size(self) -> tuple[int, int]:

@@ -208,11 +208,7 @@ class OnnxScorer:
     self.input_name = inp.name
     self.input_shape = tuple(inp.shape)
     from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
-    meta_path = export.sidecar_path(model_path)
-    self.meta = None
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        self.meta = json.load(f)
+    self.meta = export.read_sidecar(model_path)
 
   @property
   def image_size(self) -> tuple[int, int]:

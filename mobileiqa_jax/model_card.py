@@ -119,23 +119,33 @@ def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
   }
 
 
-def measure_in_child(checkpoint: str, image_size: Sequence[int], repeats: int = 3
-                     ) -> dict[str, Any]:
-  """`measure_forward` in a fresh Python process, so its peak memory is the model's alone."""
+def _call_in_child(function: str, args: Sequence[Any], what: str) -> dict[str, Any]:
+  """`model_card.<function>(*args)` in a fresh Python process; its JSON result.
+
+  A fresh process keeps the measured peak memory the model's alone, keeps a conversion's
+  memory out of this one, and keeps the caller's sys.path away from the converters' imports
+  (run as `launch/profile.py`, launch/ is on it, and its `profile.py` shadows the standard
+  library's `profile`, which TensorFlow's import pulls in).
+  """
   code = ("import json, sys; from mobileiqa_jax import model_card; "
-          "a = json.loads(sys.argv[1]); "
-          "print(json.dumps(model_card.measure_forward(a[0], a[1], a[2])))")
+          f"print(json.dumps(model_card.{function}(*json.loads(sys.argv[1]))))")
   env = dict(os.environ)
   # The child imports this very package, whatever is installed.
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  out = subprocess.run(
-      [sys.executable, "-c", code, json.dumps([checkpoint, list(image_size), repeats])],
-      capture_output=True, text=True, env=env)
+  out = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))],
+                       capture_output=True, text=True, env=env)
   if out.returncode:
     tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    raise MeasurementError(f"the timing process failed (status {out.returncode}): {tail[0]}")
+    raise MeasurementError(f"{what} failed (status {out.returncode}): {tail[0]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_in_child(checkpoint: str, image_size: Sequence[int], repeats: int = 3
+                     ) -> dict[str, Any]:
+  """`measure_forward` in a fresh Python process, so its peak memory is the model's alone."""
+  return _call_in_child("measure_forward", [checkpoint, list(image_size), repeats],
+                        "the timing process")
 
 
 EXPORT_NAMES = {"tflite": "TFLite (LiteRT XNNPACK)", "onnx": "ONNX (ONNX Runtime CPU)"}
@@ -175,26 +185,9 @@ def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict
 
 def measure_export_in_child(checkpoint: str, image_size: Sequence[int], fmt: str
                             ) -> dict[str, Any]:
-  """`measure_export` in a fresh Python process.
-
-  The conversion's memory (gigabytes for TFLite at full size) stays out of this process, and
-  the converters' imports do not meet the caller's sys.path (run as `launch/profile.py`,
-  launch/ is on it, and its `profile.py` shadows the standard library's `profile`, which
-  TensorFlow's import pulls in).
-  """
-  code = ("import json, sys; from mobileiqa_jax import model_card; "
-          "a = json.loads(sys.argv[1]); "
-          "print(json.dumps(model_card.measure_export(a[0], a[1], a[2])))")
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  out = subprocess.run(
-      [sys.executable, "-c", code, json.dumps([checkpoint, list(image_size), fmt])],
-      capture_output=True, text=True, env=env)
-  if out.returncode:
-    tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    raise MeasurementError(f"the {fmt} export failed (status {out.returncode}): {tail[0]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  """`measure_export` in a fresh Python process (see `_call_in_child`)."""
+  return _call_in_child("measure_export", [checkpoint, list(image_size), fmt],
+                        f"the {fmt} export")
 
 
 def machine() -> str:

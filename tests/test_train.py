@@ -15,11 +15,13 @@ from mobileiqa_jax import checkpoint
 from mobileiqa_jax import metric_writer
 from mobileiqa_jax import train
 from mobileiqa_jax.data import feed
-from support import tiny_config, tiny_data
+from support import SMALLEST, tiny_config, tiny_data
 
 # Runs of the same model and optimizer share their compiled steps, compiled with XLA's
 # optimisations off (see conftest): these tests check the loop's logic, logs and checkpoints,
-# and the resumed-equals-uninterrupted comparison runs one program both ways.
+# and the resumed-equals-uninterrupted comparison runs one program both ways. The models are
+# support.SMALLEST (every part of the model, fewest operations): the architecture and its
+# parity are the model tests'; here compile time is most of each test's time.
 pytestmark = pytest.mark.usefixtures("shared_train_steps", "fast_compile")
 
 
@@ -41,7 +43,8 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
     pytest.param("mobilevitv2_050", marks=pytest.mark.slow),
 ])
 def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
-  c = tiny_config("teacher", backbone=backbone, num_epochs=1, max_steps=3)
+  smallest = SMALLEST if backbone.startswith("mobilenetv3") else {}
+  c = tiny_config("teacher", backbone=backbone, num_epochs=1, max_steps=3, **smallest)
   c.scatter_plot = True
   workdir = str(tmp_path / "teacher")
   summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
@@ -69,7 +72,7 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
 
 def _teacher_checkpoint(tmp_path):
   """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
-  t = tiny_config("teacher")
+  t = tiny_config("teacher", **SMALLEST)
   # 3 steps per epoch as the teacher test's data: its steps (and init) are reused.
   steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=3)
   variables = jax.device_get(steps.init_variables())
@@ -78,7 +81,7 @@ def _teacher_checkpoint(tmp_path):
 
 
 def test_distillation_logs_three_terms_and_monitor(tmp_path):
-  c = tiny_config("student", num_epochs=1, max_steps=2)
+  c = tiny_config("student", num_epochs=1, max_steps=2, **SMALLEST)
   c.teacher_checkpoint = _teacher_checkpoint(tmp_path)
   workdir = str(tmp_path / "student")
   summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
@@ -99,7 +102,7 @@ def test_distillation_logs_three_terms_and_monitor(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
-  c = tiny_config("student", num_epochs=2)
+  c = tiny_config("student", num_epochs=2, **SMALLEST)
   data = tiny_data(c, shuffle=False)
   data.train.source.mos[8:16] = np.nan  # the second batch of epoch 0
   workdir = str(tmp_path / "nan")
@@ -132,7 +135,7 @@ class _SigtermAt(feed.Data):
 
 
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-  c = tiny_config("student", num_epochs=2)
+  c = tiny_config("student", num_epochs=2, **SMALLEST)
   c.checkpoint.every_steps = 100  # only the preemption and epoch-end saves
   ref = train.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
   workdir = str(tmp_path / "pre")

@@ -230,24 +230,29 @@ def variables_template(model: Any, image_hw: tuple[int, int] = (64, 64)) -> Vari
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
 
-def load_timm_backbone(path: str | os.PathLike, arch: str) -> Variables:
+def load_timm_backbone(path: str | os.PathLike, arch: str,
+                       backbone_kwargs: Mapping[str, Any] | None = None) -> Variables:
   """A timm ImageNet checkpoint (`.pth`, `.bin`, `.safetensors`) -> backbone variables.
 
   Accepts a full classification checkpoint (`stages.N` names; its classifier is dropped with a
-  log line) or a features_only one (`stages_N`).
+  log line) or a features_only one (`stages_N`). `backbone_kwargs` are the model's
+  (`MobileIQAConfig.backbone_kwargs`, e.g. a depth multiplier): the file must fit that backbone.
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   # 'mobilevitv2_200.cvnets_in22k_ft_in1k' (a timm hub tag) -> 'mobilevitv2_200'.
-  template = variables_template(mobileiqa.build_backbone(arch.split(".")[0]))
+  template = variables_template(mobileiqa.build_backbone(arch.split(".")[0],
+                                                         **dict(backbone_kwargs or {})))
   return torch_to_flax(load_state_dict(path), template, drop_classifier=True,
                        source=os.fspath(path))
 
 
-def fetch_timm_backbone(spec: str, arch: str) -> Variables | None:
+def fetch_timm_backbone(spec: str, arch: str,
+                        backbone_kwargs: Mapping[str, Any] | None = None) -> Variables | None:
   """`config.init.backbone` -> backbone variables {'params', 'batch_stats'}.
 
   A local file is read as it is; anything else is a timm hub name, fetched with
-  huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable. An empty
+  huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable, and read
+  into `arch` built with `backbone_kwargs` (see `load_timm_backbone`). An empty
   `spec` returns None, with a loud warning: the backbone then starts from random weights.
   """
   if not spec:
@@ -274,7 +279,7 @@ def fetch_timm_backbone(spec: str, arch: str) -> Variables | None:
           f"Hugging Face hub ({type(e).__name__}: {e}). Download it where the hub is reachable "
           "and pass the local file: --config.init.backbone=/path/model.safetensors") from e
   logging.info("backbone %s initialised from %s", arch, path)
-  return load_timm_backbone(path, arch)
+  return load_timm_backbone(path, arch, backbone_kwargs)
 
 
 def merge_backbone(variables: Variables, backbone_name: str, loaded: Variables) -> Variables:

@@ -277,9 +277,14 @@ class Steps:
   init_variables: Callable[[], PyTree]  # random init + config.init.backbone's weights
   tx: optax.GradientTransformation
 
-  def init_state(self) -> TrainState:
-    """Fresh state: `init_variables()`, optimizer init, step 0."""
-    variables = self.init_variables()
+  def init_state(self, variables: PyTree | None = None) -> TrainState:
+    """Step 0: `variables` (default `init_variables()`) and a fresh optimizer state.
+
+    `variables` ({"params", "batch_stats"}) must be laid out as `abstract_state`'s are (e.g.
+    `sharding.host_tree_to_global`), so that the train step compiles once.
+    """
+    if variables is None:
+      variables = self.init_variables()
     shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
     opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(variables["params"])
     return TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step),
@@ -332,7 +337,8 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   def init_variables() -> PyTree:
     init = jax.jit(functools.partial(init_fn, model), out_shardings=var_shardings)
     variables = init.lower(key).compile(compiler_options=INIT_COMPILER_OPTIONS)(key)
-    loaded = convert.fetch_timm_backbone(config.init.backbone, model_cfg.backbone)
+    loaded = convert.fetch_timm_backbone(config.init.backbone, model_cfg.backbone,
+                                         model_cfg.backbone_kwargs)
     if loaded is None:
       return variables
     merged = convert.merge_backbone(sharding.global_to_host(variables),

@@ -149,13 +149,19 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):
-  """config.init.backbone as a timm hub name: the download is mocked to a local file."""
+  """config.init.backbone as a timm hub name: the download is mocked to a local file.
+
+  The model has backbone_kwargs (SMALLEST's depth multiplier): the file is read into that
+  backbone, not the name's default one.
+  """
   timm = pytest.importorskip("timm")
   torch = pytest.importorskip("torch")
   safetensors_torch = pytest.importorskip("safetensors.torch")
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  net = timm.create_model("mobilenetv3_small_050", pretrained=False)
+  # SMALLEST in both: timm's builder takes the same depth multiplier as ours.
+  net = timm.create_model("mobilenetv3_small_050", pretrained=False,
+                          **SMALLEST["model.backbone_kwargs"])
   path = str(tmp_path / "model.safetensors")
   safetensors_torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
   calls = []
@@ -164,7 +170,7 @@ def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):
     calls.append((repo_id, filename))
     return path
   monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-  c = tiny_config("student")
+  c = tiny_config("student", **SMALLEST)
   c.init.backbone = "mobilenetv3_small_050.lamb_in1k"
   steps = train.build_steps(c, train.sharding.make_mesh(c.mesh), steps_per_epoch=1)
   variables = jax.device_get(steps.init_variables())

@@ -162,11 +162,12 @@ class MobileIQA(nn.Module):
     return score
 
 
-def timm_backbone(name: str) -> nn.Module:
+def timm_backbone(name: str, **kwargs) -> nn.Module:
+  """timm's feature extractor; kwargs go to its builder (e.g. depth_multiplier)."""
   import timm
 
   return timm.create_model(name, pretrained=False, features_only=True,
-                           out_indices=(0, 1, 2, 3, 4))
+                           out_indices=(0, 1, 2, 3, 4), **kwargs)
 
 
 def teacher_reference(**kw) -> MobileIQA:

@@ -62,7 +62,7 @@ _KINDS = {"H100": "h100", "H200": "h200", "A100": "a100"}
 
 def _row_flags() -> list[str]:
   names = ("size", "batch", "steps", "teacher_backbone", "student_backbone", "width", "pooled",
-           "teacher_pool")
+           "teacher_pool", "num_mals", "depth_multiplier")
   return [f"--{n}={FLAGS[n].value}" for n in names]
 
 

@@ -43,6 +43,16 @@ flags.DEFINE_string("student_backbone", "mobilenetv3_large_100", "")
 flags.DEFINE_integer("width", 256, "head width C")
 flags.DEFINE_integer("pooled", 22, "pooled side S")
 flags.DEFINE_integer("teacher_pool", 4, "teacher regressor pool")
+flags.DEFINE_integer("num_mals", 3, "opinion MALs per model")
+flags.DEFINE_float("depth_multiplier", 1.0,
+                   "timm's depth multiplier for the MobileNetV3 backbones among the two (fewer "
+                   "blocks: the tests' smallest models)")
+
+
+def _backbone_kwargs(backbone: str) -> dict[str, float]:
+  if backbone.startswith("mobilenetv3") and FLAGS.depth_multiplier != 1.0:
+    return {"depth_multiplier": FLAGS.depth_multiplier}
+  return {}
 FLAGS = flags.FLAGS
 
 
@@ -58,6 +68,8 @@ def _config(kind: str, dtype: str, remat: bool):
   c = (teacher if kind == "teacher" else student).get_config("uhd_iqa")
   c.model.backbone = FLAGS.teacher_backbone if kind == "teacher" else FLAGS.student_backbone
   c.model.width, c.model.pooled_size = FLAGS.width, FLAGS.pooled
+  c.model.num_mals = FLAGS.num_mals
+  c.model.backbone_kwargs = _backbone_kwargs(c.model.backbone)
   if kind == "teacher":
     c.model.regressor_pool = FLAGS.teacher_pool
   c.init.backbone = ""
@@ -122,9 +134,10 @@ def time_torch(kind: str) -> tuple[float, float]:
   h, w = (int(x) for x in FLAGS.size.split(","))
 
   def make(backbone, prefix, name, pool, sigmoid):
-    bb = ref.timm_backbone(backbone)
+    bb = ref.timm_backbone(backbone, **_backbone_kwargs(backbone))
     return ref.MobileIQA(bb, bb.feature_info.channels(), name, prefix, pooled_size=FLAGS.pooled,
-                         width=FLAGS.width, regressor_pool=pool, sigmoid=sigmoid).to(dev)
+                         width=FLAGS.width, regressor_pool=pool, sigmoid=sigmoid,
+                         num_mals=FLAGS.num_mals).to(dev)
   if kind == "teacher":
     model = make(FLAGS.teacher_backbone, "LGF", "global_vit", FLAGS.teacher_pool, False)
     teacher = None

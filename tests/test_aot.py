@@ -19,11 +19,16 @@ pytest.importorskip("libtpu")
 from mobileiqa_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
 from mobileiqa_jax.models import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# The tiny settings of support.tiny_config as command-line overrides.
-_TINY_FLAGS = ("--config.model.backbone=mobilenetv3_small_050", "--config.model.width=16",
-               "--config.model.pooled_size=6", "--config.model.regressor_pool=2",
-               "--config.model.num_mals=1", "--config.data.image_size=(32,32)",
-               "--config.data.train_crop=(0,0)", "--config.data.eval_batch_size=8")
+# A config file for the command: the tests' smallest teacher (support.SMALLEST, one MAL), which
+# command-line overrides cannot reach (backbone_kwargs is empty in the presets).
+_TINY_CONFIG_FILE = """
+from support import SMALLEST, tiny_config
+
+def get_config(arg=None):
+  c = tiny_config("teacher", **{"model.num_mals": 1, **SMALLEST})
+  c.depthwise_impl = ""
+  return c
+"""
 
 
 def _tiny(kind: str = "teacher", **overrides):
@@ -62,12 +67,13 @@ def test_unknown_topology_is_one_line_error():
     aot.topology_devices("v5e")
 
 
-def test_teacher_step_compiles_and_grows_with_batch():
-  # The command (its main, in this process): tiny teacher, global batch 8 on v5e:2x2, train
-  # and eval steps, JSON last.
+def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
+  # The command (its main, in this process): tiny teacher from a config file, global batch 8
+  # (a command-line override) on v5e:2x2, train and eval steps, JSON last.
+  config_file = tmp_path / "tiny_teacher.py"
+  config_file.write_text(_TINY_CONFIG_FILE)
   proc = run_launcher("launch/aot_compile.py", [
-      "--config=configs/teacher.py:demo", "--topology=v5e:2x2", "--config.batch_size=8",
-      *_TINY_FLAGS])
+      f"--config={config_file}", "--topology=v5e:2x2", "--config.batch_size=8"])
   assert proc.returncode == aot.EXIT_FITS, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   big = json.loads(lines[-1])
@@ -88,9 +94,10 @@ def test_teacher_step_compiles_and_grows_with_batch():
 
   # The API, half the batch: a smaller input batch in HBM, fewer FLOPs and bytes per chip.
   # Not the temporaries: at toy sizes XLA keeps them in the chip's on-chip VMEM as it sees fit,
-  # so their HBM share does not follow the batch (tiny teacher, 'shift' depthwise: 67, 61, 59,
+  # so their HBM share does not follow the batch (full-depth tiny teacher, 'shift': 67, 61, 59,
   # 40 MB at global batch 4, 8, 16, 32); at the paper's size it does (README pod table).
-  small = aot.compile_for_topology(_tiny(batch_size=4), "v5e:2x2", with_eval=False).to_json()
+  small = aot.compile_for_topology(_tiny(batch_size=4, **SMALLEST), "v5e:2x2",
+                                   with_eval=False).to_json()
   assert small["fits"] and small["per_chip_batch"] == 1
   image_bytes = 32 * 32 * 3 * 4  # one float32 image per chip fewer
   assert big["argument_bytes"] - small["argument_bytes"] >= image_bytes

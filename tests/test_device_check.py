@@ -31,10 +31,12 @@ def _run(tmp_path, *flags: str) -> dict:
 
 def test_teacher_row_on_cpu(tmp_path):
   # The default suite's check: one JAX row (the smallest MobileNetV3 as the teacher's backbone,
-  # 32x32) through the script's processes and JSON; the PyTorch rows, the deviceless plan, the
-  # measured/planned comparison and the distillation step are the slow test's.
+  # at support.SMALLEST's depth and one MAL, 32x32) through the script's processes and JSON;
+  # the PyTorch rows, the deviceless plan, the measured/planned comparison and the distillation
+  # step are the slow test's.
   result = _run(tmp_path, "--kinds=teacher", "--dtypes=bfloat16", "--size=32,32", "--notorch",
-                "--teacher_backbone=mobilenetv3_small_050", "--plan_topology=")
+                "--teacher_backbone=mobilenetv3_small_050", "--num_mals=1",
+                "--depth_multiplier=0.1", "--plan_topology=")
   rows = {r["row"]: r for r in result["rows"]}
   assert result["device"]["platform"] == "cpu" and result["size"] == "32,32"
   assert set(rows) == {"jax:teacher:bfloat16:1"} and result["comparisons"] == []

@@ -9,6 +9,8 @@
 - `random_variables`: random Flax variables of a model's shapes (no compile).
 - `randomize_torch`: non-trivial norms and biases for a PyTorch / timm module.
 - `tiny_config`, `tiny_data`, `SMALLEST`: the tiny training settings.
+- `IMAGENET_MEAN`, `IMAGENET_STD`: the reference's normalisation, written out here so that the
+  preprocessing tests do not read the constants of the code they test.
 """
 
 from __future__ import annotations
@@ -216,6 +218,10 @@ def randomize_torch(module, seed: int = 0, conv_bias: bool = True):
 # Fewest operations that still exercise every part (backbone stages, one MAL, the LDAs and
 # the regressor): the multi-device tests compile several steps, and XLA:CPU's compile time
 # grows with the number of operations, not with the tiny images.
+# torchvision's ImageNet statistics, as the authors' transforms.Normalize uses them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 SMALLEST = {"model.num_mals": 1, "model.backbone_kwargs": {"depth_multiplier": 0.1}}
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures
+from support import IMAGENET_MEAN, IMAGENET_STD
 from mobileiqa_jax.data import layout
 from mobileiqa_jax.data import pipeline
 from mobileiqa_jax.data import preprocess
@@ -43,7 +44,7 @@ def test_resize_normalize_matches_the_reference_formula():
   # The reference: PIL decode -> convert('RGB') -> resize((W, H)) bicubic -> /255 -> Normalize.
   ref = Image.open(io.BytesIO(data)).convert("RGB").resize((30, 24), Image.BICUBIC)
   ref = np.asarray(ref, np.float32) / np.float32(255)
-  ref = (ref - np.float32(preprocess.IMAGENET_MEAN)) / np.float32(preprocess.IMAGENET_STD)
+  ref = (ref - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
   assert got.dtype == np.float32 and got.shape == (24, 30, 3)
   np.testing.assert_array_equal(got, ref)  # bit-exact
   flipped = preprocess.resize_normalize(img, (24, 30), hflip=True, vflip=True)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import data_fixtures
-from support import REPO as ROOT, random_variables, run_launcher, run_python
+from support import IMAGENET_MEAN, IMAGENET_STD, REPO as ROOT, random_variables
+from support import run_launcher, run_python
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -118,8 +119,8 @@ def test_float32_export_runs_under_xnnpack_and_matches_jax(setup, float32_export
     side = json.load(f)
   assert side["input"]["shape"] == [1, *SIZE, 3]
   assert side["input"]["layout"] == "NHWC"
-  np.testing.assert_allclose(side["input"]["mean"], preprocess.IMAGENET_MEAN)
-  np.testing.assert_allclose(side["input"]["std"], preprocess.IMAGENET_STD)
+  np.testing.assert_allclose(side["input"]["mean"], IMAGENET_MEAN)
+  np.testing.assert_allclose(side["input"]["std"], IMAGENET_STD)
   assert side["mos_mapping"]["range"] == MOS_RANGE
   assert side["quantization"] == "none"
   assert side["output"]["range"] == [0.0, 1.0]

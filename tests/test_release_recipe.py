@@ -15,7 +15,7 @@ from mobileiqa_jax import train
 from mobileiqa_jax.data import layout
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
-from support import tiny_config
+from support import IMAGENET_MEAN, IMAGENET_STD, tiny_config
 import data_fixtures
 
 
@@ -211,7 +211,7 @@ def test_release_preprocessing_equals_pil_bicubic_then_torchvision_resize():
     pytest.skip(f"no photos under {LIVEC_JPG}/Images")
   reference = transforms.Compose([
       transforms.Resize((512, 512)), transforms.ToTensor(),
-      transforms.Normalize(mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD)])
+      transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
   for path in photos:
     img = Image.open(path).convert("RGB")
     want = reference(img.resize([1907, 1231])).numpy().transpose(1, 2, 0)

@@ -47,13 +47,13 @@ flags.DEFINE_integer("num_mals", 3, "opinion MALs per model")
 flags.DEFINE_float("depth_multiplier", 1.0,
                    "timm's depth multiplier for the MobileNetV3 backbones among the two (fewer "
                    "blocks: the tests' smallest models)")
+FLAGS = flags.FLAGS
 
 
 def _backbone_kwargs(backbone: str) -> dict[str, float]:
   if backbone.startswith("mobilenetv3") and FLAGS.depth_multiplier != 1.0:
     return {"depth_multiplier": FLAGS.depth_multiplier}
   return {}
-FLAGS = flags.FLAGS
 
 
 def _peak_bytes_jax() -> float:

@@ -6,8 +6,8 @@ The reference is `torch_reference.MobileIQA` (written from docs/model.md) around
 a tiny teacher (MobileNetV3 small backbone, teacher head: LGF, pool 2, no sigmoid) and student
 keep it to seconds. Both on support.SMALLEST (one opinion MAL, timm's depth multiplier 0.1 in
 both frameworks): the loss terms, the teacher's conversion and Adam's L2 decay are what is
-compared, and every kind of layer is still in the model. PyTorch's loss is written out as docs/model.md section 4 says:
-MSE(DOF) + MSE(x) + MSE(score, MOS).
+compared, and every kind of layer is still in the model. PyTorch's loss is written out as
+docs/model.md section 4 says: MSE(DOF) + MSE(x) + MSE(score, MOS).
 """
 
 from __future__ import annotations

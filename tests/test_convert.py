@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
-from support import REPO, randomize_torch, rel_err as _rel, run_python
+from support import randomize_torch, rel_err as _rel, run_launcher
 
 from mobileiqa_jax import convert
 from mobileiqa_jax.models import mobileiqa
@@ -162,8 +162,10 @@ def test_convert_and_predict_commands(tmp_path):
   pkl = str(tmp_path / "MobileNet_IQA.pkl")
   torch.save(ref.state_dict(), pkl)
   ckpt = str(tmp_path / "student")
-  run = run_python(["launch/convert.py", f"--torch_checkpoint={pkl}", "--model=student",
-                    f"--output={ckpt}"])
+  # The commands run in this process (support.run_launcher); test_cli_errors runs each
+  # launcher once as a real subprocess.
+  run = run_launcher("launch/convert.py", [f"--torch_checkpoint={pkl}", "--model=student",
+                                           f"--output={ckpt}"])
   assert run.returncode == 0, run.stderr[-3000:]
 
   photos = sorted(os.listdir(LIVEC))[:3]
@@ -173,8 +175,8 @@ def test_convert_and_predict_commands(tmp_path):
     os.symlink(os.path.join(LIVEC, name), folder / name)
   (folder / "broken.jpg").write_bytes(b"not a jpeg")
   (folder / "notes.txt").write_text("not an image, not an image extension: not scored")
-  run = run_python(["launch/predict.py", f"--checkpoint={ckpt}", "--image_size=96,128",
-                    "--batch_size=2", "--noprogress", str(folder)])
+  run = run_launcher("launch/predict.py", [f"--checkpoint={ckpt}", "--image_size=96,128",
+                                           "--batch_size=2", "--noprogress", str(folder)])
   assert run.returncode == 1, run.stderr
   lines = run.stdout.strip().splitlines()
   assert lines[0] == "path,score"
@@ -193,7 +195,7 @@ def test_convert_and_predict_commands(tmp_path):
 
   # And back to a PyTorch state dict the reference loads strictly.
   out = str(tmp_path / "back.pkl")
-  run = run_python(["launch/convert.py", f"--checkpoint={ckpt}", f"--output={out}"])
+  run = run_launcher("launch/convert.py", [f"--checkpoint={ckpt}", f"--output={out}"])
   assert run.returncode == 0, run.stderr[-3000:]
   fresh = ref_mod.student_reference()
   fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)

@@ -20,7 +20,7 @@ from mobileiqa_jax import inference
 from mobileiqa_jax.data import device_resize
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
-from support import random_variables
+from support import SMALLEST, random_variables
 
 PHOTOS = [os.path.join(data_fixtures.LIVEC_IMAGES, f"{n}.JPG") for n in (1000, 1001)]
 SIZE = (64, 64)
@@ -73,7 +73,11 @@ def test_device_resize_4k_to_uhd_matches_pil():
 
 @pytest.fixture(scope="module")
 def scorers():
-  config = mobileiqa.model_config("student", pooled_size=8, width=32)
+  # The smallest student (support.SMALLEST's backbone): what is checked here is the
+  # preprocessing around the model, and the full MobileNetV3-large compiles several times longer.
+  config = mobileiqa.model_config("student", pooled_size=8, width=32,
+                                  backbone="mobilenetv3_small_050",
+                                  backbone_kwargs=SMALLEST["model.backbone_kwargs"])
   model = mobileiqa.build_model(config, runtime.Runtime(depthwise_impl="conv"))
   variables = random_variables(model)
   host = inference.Scorer(model, variables, SIZE, config.to_dict())

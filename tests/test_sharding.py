@@ -128,7 +128,11 @@ if nproc > 1:
 import numpy as np
 from mobileiqa_jax import train
 from support import SMALLEST, tiny_config, tiny_data
-c = tiny_config("student", batch_size=8, num_epochs=1, max_steps=2, **SMALLEST)
+# _STEP_SCRIPT's config and 4 x 2 mesh (fsdp-sharded parameters, across the two processes
+# too): the 8-device reference compiles nothing new, its init and train step are
+# _STEP_SCRIPT's programs, read from the compilation cache.
+c = tiny_config("student", batch_size=8, fsdp_min_size=64, max_steps=2, **SMALLEST)
+c.mesh = (("data", 4), ("fsdp", 2))
 c.checkpoint.every_steps = 2
 c.optimizer.eps = 1.0  # Adam step linear in the gradient (see _STEP_SCRIPT)
 summary = train.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))

@@ -117,10 +117,13 @@ KNOWN_TOPOLOGIES = ("v4:2x2x1", "v4:2x2x2", "v5e:2x2", "v5e:2x4", "v5e:4x4",
 # The plan's executable is never run, so LLVM's optimisation of the kernels' code is work for
 # nothing: it comes after buffer assignment and changes no figure of the plan (measured, tiny
 # teacher on h100:1: the same argument, output, alias and temporary bytes and FLOPs; compile
-# 32.8 -> 29.7 s on the 2-core VM, 2026-12-03).
+# 32.8 -> 29.7 s on the 2-core VM, 2026-12-03). The same holds for ptxas's optimisation of the
+# ~500 kernels, most of the backend's time (ptxas -O0: 13.1 -> 10.3 s of it, compile 17.9 ->
+# 15.5 s, the same figures; 2-core VM, 2026-12-03, session 28).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                         "xla_backend_optimization_level": 0,
-                        "xla_llvm_disable_expensive_passes": True}
+                        "xla_llvm_disable_expensive_passes": True,
+                        "xla_gpu_disable_gpuasm_optimizations": True}
 
 # The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
 GPU_DEFAULT_MEM_FRACTION = 0.75

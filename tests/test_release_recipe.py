@@ -75,8 +75,12 @@ def test_padded_last_batch_step_equals_the_small_batch_step():
   """Padding + mask gives exactly PyTorch's smaller last batch: loss, BN statistics, update.
 
   Slow (two train-step compiles, minutes on the shared 2-core VM). The parameters agree to
-  float32 rounding of a backward pass through BatchNorm over 5 examples (about 1e-4 relative
-  on the smallest gradients); without the mask the loss itself differs at the first digit.
+  float32 rounding of a backward pass through BatchNorm over 5 examples, compared over the
+  whole tree (max abs difference / max abs value, as test_sharding does): per element, the
+  rounding of 8 rows against 5 decides the updates of near-zero gradients. Measured on the
+  2-core VM, 2026-12-03: 8.9e-6 with the mask, 0.46 without it (the bound is 1e-4); without the
+  mask the loss itself differs at the first digit. An element-wise rtol 1e-4 / atol 1e-5 failed
+  there on 1 of 144 elements of one kernel (2.0e-5 off), from rounding alone.
   """
   # No dropout (its masks depend on the batch shape). Adam with eps 1 and lr 1 makes the
   # first update g / (|g| + 1): the parameters then carry the gradients, not their signs.
@@ -97,8 +101,11 @@ def test_padded_last_batch_step_equals_the_small_batch_step():
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
   np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
-  for g, e in zip(jax.tree.leaves(got[3:]), jax.tree.leaves(want[3:])):
-    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got[3:])])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(want[3:])])
+  assert a.shape == b.shape
+  rel = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+  assert rel <= 1e-4, rel
 
 
 def test_reference_split_is_the_released_codes():

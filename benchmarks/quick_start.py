@@ -71,6 +71,42 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
   return seconds, proc.stdout.strip().splitlines()[-1]
 
 
+def cli_rows(pkl: str, photo: str, image_size: str, rounds: int, workdir: str) -> dict:
+  """Times torch, jax first and jax second as whole commands, `rounds` times; prints each run.
+
+  Returns the medians and ratios (the JSON summary `main` prints; benchmarks/scoring.py prints
+  it after its table).
+  """
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  runs: dict[str, list[float]] = {"jax_first": [], "jax_second": [], "torch": []}
+  scores = {}
+  for r in range(rounds):
+    cache = os.path.join(workdir, f"xla_cache_{r}")
+    shutil.rmtree(cache, ignore_errors=True)
+    predict = [sys.executable, "launch/predict.py", f"--checkpoint={pkl}", photo,
+               f"--image_size={image_size}", f"--compilation_cache_dir={cache}",
+               "--noprogress"]
+    for name, cmd in (("torch", [sys.executable, "-c", _TORCH_SCORE,
+                                 os.path.join(REPO, "tests"), pkl, photo, image_size]),
+                      ("jax_first", predict), ("jax_second", predict)):
+      load = os.getloadavg()[0]
+      seconds, line = timed(cmd, env)
+      runs[name].append(seconds)
+      scores[name] = float(line.rsplit(",", 1)[1])
+      print(f"round {r} {name:10} {seconds:7.2f} s  load {load:5.2f}  score "
+            f"{scores[name]:.6f}", flush=True)
+  med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+  return {
+      "median_s": {k: round(v, 2) for k, v in med.items()},
+      "first_over_torch": round(med["jax_first"] / med["torch"], 2),
+      "second_over_torch": round(med["jax_second"] / med["torch"], 2),
+      "abs_score_diff_jax_torch": abs(scores["jax_second"] - scores["torch"]),
+      "load_avg_1min_end": round(os.getloadavg()[0], 2),
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--photo", default=DEFAULT_PHOTO)
@@ -83,38 +119,10 @@ def main() -> None:
   pkl = os.path.join(args.workdir, "MobileNet_IQA_random.pkl")
   if not os.path.exists(pkl):
     write_student_pkl(pkl)
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   print(f"# {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, photo {args.photo}, "
         f"{args.image_size}", flush=True)
-  runs: dict[str, list[float]] = {"jax_first": [], "jax_second": [], "torch": []}
-  scores = {}
-  for r in range(args.rounds):
-    cache = os.path.join(args.workdir, f"xla_cache_{r}")
-    shutil.rmtree(cache, ignore_errors=True)
-    predict = [sys.executable, "launch/predict.py", f"--checkpoint={pkl}", args.photo,
-               f"--image_size={args.image_size}", f"--compilation_cache_dir={cache}",
-               "--noprogress"]
-    for name, cmd in (("torch", [sys.executable, "-c", _TORCH_SCORE,
-                                 os.path.join(REPO, "tests"), pkl, args.photo,
-                                 args.image_size]),
-                      ("jax_first", predict), ("jax_second", predict)):
-      load = os.getloadavg()[0]
-      seconds, line = timed(cmd, env)
-      runs[name].append(seconds)
-      scores[name] = float(line.rsplit(",", 1)[1])
-      print(f"round {r} {name:10} {seconds:7.2f} s  load {load:5.2f}  score "
-            f"{scores[name]:.6f}", flush=True)
-  med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
-  print(json.dumps({
-      "median_s": {k: round(v, 2) for k, v in med.items()},
-      "first_over_torch": round(med["jax_first"] / med["torch"], 2),
-      "second_over_torch": round(med["jax_second"] / med["torch"], 2),
-      "abs_score_diff_jax_torch": abs(scores["jax_second"] - scores["torch"]),
-      "load_avg_1min_end": round(os.getloadavg()[0], 2),
-  }))
+  print(json.dumps(cli_rows(pkl, args.photo, args.image_size, args.rounds, args.workdir)))
 
 
 if __name__ == "__main__":

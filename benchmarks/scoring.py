@@ -13,8 +13,10 @@ size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
   `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
 
 `--stages` also prints JAX's VmHWM/VmRSS after imports, load, first call and warm calls (where
-the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). The one-photo
-whole-command time is benchmarks/quick_start.py's.
+the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless
+`--cli_rounds=0`, the one-photo whole command (`launch/predict.py` on the student's `.pkl` at
+--cli_size, first run with an empty compilation cache, second run, and the PyTorch reference in
+a fresh process), as benchmarks/quick_start.py times it.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--photo_dir", default=PHOTOS)
   parser.add_argument("--stages", action="store_true", help="print memory per stage")
+  parser.add_argument("--cli_rounds", type=int, default=2,
+                      help="rounds of the one-photo command rows (0: none)")
+  parser.add_argument("--cli_size", default="1231,1907", help="H,W of the command rows")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--framework", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -150,6 +155,15 @@ def main() -> None:
       if j and t:
         print(f"{model:8} {size:>10} {'jax/torch':>9} {j['s_per_photo'] / t['s_per_photo']:8.2f} "
               f"{'':8} {j['peak_rss_gb'] / t['peak_rss_gb']:11.2f}", flush=True)
+  if args.cli_rounds > 0:
+    import quick_start  # pylint: disable=g-import-not-at-top  # this folder's
+    pkl = os.path.join(tmp, "student.pkl")
+    if not os.path.exists(pkl):
+      support.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), pkl)
+    photo = sorted(glob.glob(os.path.join(args.photo_dir, "*.JPG")))[0]
+    print(f"# launch/predict.py on one photo ({photo}) at {args.cli_size}, the student's .pkl, "
+          f"whole commands", flush=True)
+    print(json.dumps(quick_start.cli_rows(pkl, photo, args.cli_size, args.cli_rounds, tmp)))
 
 
 if __name__ == "__main__":

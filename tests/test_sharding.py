@@ -51,6 +51,17 @@ def test_fsdp_spec_splits_largest_divisible_dim():
   assert sharding._fsdp_spec((64, 128), 4, 10**6) == jax.sharding.PartitionSpec()  # pylint: disable=protected-access
 
 
+# The config of every run below. One config, so that the 8-device reference training run
+# compiles nothing new: its init and train step are _STEP_SCRIPT's 4 x 2 programs, read from the
+# compilation cache. The two-process run trains on the same 4 x 2 mesh (fsdp across processes).
+_CONFIG = """
+from support import SMALLEST, tiny_config, tiny_data
+c = tiny_config("student", batch_size=8, fsdp_min_size=64, max_steps=2, **SMALLEST)
+c.mesh = (("data", 4), ("fsdp", 2))
+c.checkpoint.every_steps = 2
+c.optimizer.eps = 1.0  # Adam's first step linear in the gradient (see below)
+"""
+
 # One training step on the same global batch: 1 device, and 8 devices as 4 (data) x 2 (fsdp)
 # with fsdp-sharded parameters. Prints the max relative parameter difference to the 1-device step.
 # Parameters are compared over the whole tree (max abs difference / max abs value) and the
@@ -62,10 +73,8 @@ def test_fsdp_spec_splits_largest_divisible_dim():
 _STEP_SCRIPT = """
 import jax, numpy as np
 from mobileiqa_jax import sharding, train
-from support import SMALLEST, tiny_config, tiny_data
 assert jax.device_count() == 8, jax.devices()
-c = tiny_config("student", batch_size=8, fsdp_min_size=64, **SMALLEST)
-c.optimizer.eps = 1.0
+""" + _CONFIG + """
 data = tiny_data(c, flips=False)
 batch = next(data.train_epoch(0))
 
@@ -127,14 +136,7 @@ if nproc > 1:
                              process_id=pid)
 import numpy as np
 from mobileiqa_jax import train
-from support import SMALLEST, tiny_config, tiny_data
-# _STEP_SCRIPT's config and 4 x 2 mesh (fsdp-sharded parameters, across the two processes
-# too): the 8-device reference compiles nothing new, its init and train step are
-# _STEP_SCRIPT's programs, read from the compilation cache.
-c = tiny_config("student", batch_size=8, fsdp_min_size=64, max_steps=2, **SMALLEST)
-c.mesh = (("data", 4), ("fsdp", 2))
-c.checkpoint.every_steps = 2
-c.optimizer.eps = 1.0  # Adam step linear in the gradient (see _STEP_SCRIPT)
+""" + _CONFIG + """
 summary = train.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))
 params = train.sharding.global_to_host(summary["final_params"])
 if jax.process_index() == 0:

@@ -1,7 +1,7 @@
 r"""Scoring photos, JAX `load(.pkl).score` against the authors' PyTorch, in one run.
 
   python benchmarks/scoring.py [--models=student,teacher] [--sizes=512x512,1231x1907]
-      [--frameworks=jax,torch] [--batch=8] [--photos=8] [--repeats=2] [--stages]
+      [--frameworks=jax,torch] [--batch=N] [--photos=8] [--repeats=2] [--stages]
 
 Writes an authors'-format `.pkl` per model with random weights (tests/support.py's
 `save_authors_pkl`; the time does not depend on them), then runs every (framework, model,
@@ -74,7 +74,7 @@ def _worker(args: argparse.Namespace) -> dict:
   else:
     from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
     stages["import"] = _mem()
-    scorer = inference.load(args.pkl, (h, w), batch_size=args.batch)
+    scorer = inference.load(args.pkl, (h, w), batch_size=args.batch or None)
     stages["load"] = _mem()
     stages["tensorflow imported"] = "tensorflow" in sys.modules
 
@@ -93,7 +93,7 @@ def _worker(args: argparse.Namespace) -> dict:
   stages["warm"] = _mem()
   times.sort()
   return {"framework": args.framework, "model": args.model, "size": args.size,
-          "batch": args.batch if args.framework == "jax" else 1, "photos": len(photos),
+          "batch": scorer.batch_size if args.framework == "jax" else 1, "photos": len(photos),
           "first_s": first, "s_per_photo": times[len(times) // 2] / len(photos),
           "peak_rss_gb": stages["warm"]["VmHWM"], "stages": stages}
 
@@ -103,7 +103,8 @@ def main() -> None:
   parser.add_argument("--models", default="student,teacher")
   parser.add_argument("--sizes", default="512x512,1231x1907", help="HxW,HxW,...")
   parser.add_argument("--frameworks", default="jax,torch")
-  parser.add_argument("--batch", type=int, default=8, help="JAX batch size")
+  parser.add_argument("--batch", type=int, default=0,
+                      help="JAX batch size (0: load's default for this platform)")
   parser.add_argument("--photos", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--photo_dir", default=PHOTOS)
@@ -122,7 +123,7 @@ def main() -> None:
     return
 
   print(f"# {platform.node()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, JAX batch {args.batch}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, JAX batch {args.batch or 'default'}, "
         f"{args.photos} photos")
   print(f"{'model':8} {'size':>10} {'framework':>9} {'s/photo':>8} {'first s':>8} "
         f"{'peak RSS GB':>11}")

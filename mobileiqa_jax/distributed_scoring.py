@@ -301,7 +301,7 @@ def predict_csv_distributed(
     output: str,
     err: TextIO,
     image_size: str | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     model: str | None = None,
@@ -320,7 +320,7 @@ def predict_csv_distributed(
   """
   if not paths:
     raise ValueError("no PATH given: name image files or folders to score.")
-  if batch_size < 1:
+  if batch_size is not None and batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
   if part_size < 1:
     raise ValueError(f"--part_size must be >= 1, got {part_size}.")
@@ -331,10 +331,14 @@ def predict_csv_distributed(
   if not os.path.isdir(out_dir):
     raise FileNotFoundError(f"{output}: its folder {out_dir} does not exist.")
   files = inference.expand_paths(paths)
-  batch = min(batch_size, len(files))  # as predict_csv: one compiled shape, no idle padding
-  settings = settings_key(checkpoint, image_size, model, batch, preprocessing)
 
   initialize()
+  if batch_size is None:
+    # After initialize: asking for the backend before it would start jax's backends early.
+    import jax  # pylint: disable=g-import-not-at-top
+    batch_size = inference.default_batch_size(jax.default_backend())
+  batch = min(batch_size, len(files))  # as predict_csv: one compiled shape, no idle padding
+  settings = settings_key(checkpoint, image_size, model, batch, preprocessing)
   coord = _Coordination()
   coord.set(f"host/{coord.process}", socket.gethostname())
   parts = plan_parts(len(files), coord.count, part_size, batch)

@@ -131,6 +131,17 @@ def default_preprocessing(platform: str) -> str:
   return "device" if platform in ("gpu", "cuda", "rocm", "tpu") else "host"
 
 
+def default_batch_size(platform: str) -> int:
+  """Images per forward pass when the caller gives none: 2 on CPU, 8 on gpu/tpu.
+
+  On CPU a larger batch buys no speed and costs memory in XLA's temporaries (2-core VM,
+  student at 512x512, 2026-12-03: batch 1, 2, 8 at 0.40, 0.27, 0.36 s/photo and 1.44, 1.46,
+  2.03 GB peak RSS, PyTorch one at a time 1.36 GB; docs/scoring.md). An accelerator needs
+  the batch to fill its cores.
+  """
+  return 8 if platform in ("gpu", "cuda", "rocm", "tpu") else 2
+
+
 def make_device_scorer(model: Any, variables: Any,
                        size_hw: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
   """A jitted function: uint8 (B, H, W, 3) at the photos' own size -> scores (B,).
@@ -271,8 +282,11 @@ class Scorer:
 
   def __init__(self, model: Any, variables: Any, image_size: Sequence[int],
                model_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
-               source: str | None = None, batch_size: int = 8,
+               source: str | None = None, batch_size: int | None = None,
                num_workers: int | None = None, preprocessing: str = "host"):
+    if batch_size is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      batch_size = default_batch_size(jax.default_backend())
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if preprocessing not in PREPROCESSING:
@@ -433,7 +447,7 @@ def is_state_dict_file(path: str) -> bool:
 
 
 def load(path: str, image_size: Any = None, *, model: str | None = None,
-         compute_dtype: str | None = None, batch_size: int = 8,
+         compute_dtype: str | None = None, batch_size: int | None = None,
          num_workers: int | None = None, which: str = "best", runtime: Any = None,
          preprocessing: str | None = None) -> Scorer:
   """Loads a MobileIQA model for scoring.
@@ -450,7 +464,8 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     compute_dtype: None or 'float32' (default, whatever the run trained in) or 'bfloat16'.
     runtime: a `runtime.Runtime` to run the model with; default this host's platform's
       (`Runtime.for_platform(jax.default_backend(), compute_dtype=...)`).
-    batch_size: images per forward pass.
+    batch_size: images per forward pass; default `default_batch_size` of this process's
+      backend (2 on CPU, 8 on gpu/tpu).
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
     preprocessing: 'host' (PIL resize on CPU threads, the reference exactly) or 'device'
@@ -528,7 +543,7 @@ def predict_csv(
     out: TextIO,
     err: TextIO,
     image_size: str | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     model: str | None = None,
@@ -545,12 +560,15 @@ def predict_csv(
   """
   if not paths:
     raise ValueError("no PATH given: name image files or folders to score.")
-  if batch_size < 1:
+  if batch_size is not None and batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
   preprocess.parse_image_size(image_size)
   files = expand_paths(paths)
   # Fewer files than a batch make one batch of their number, as `Scorer.score` does: one
   # photo is one forward pass of one image, not of `batch_size` with the rest padding.
+  if batch_size is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    batch_size = default_batch_size(jax.default_backend())
   scorer = load(checkpoint, image_size, model=model, batch_size=min(batch_size, len(files)),
                 num_workers=workers, preprocessing=preprocessing)
   bar = None

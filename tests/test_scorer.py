@@ -100,6 +100,11 @@ def test_scorer_attributes_and_mos_mapping(models):
   assert scorer.model_config["variant"] == "student"
   assert scorer.model_config["width"] == 32 and scorer.model_config["pooled_size"] == 8
   assert (scorer.score_min, scorer.score_max, scorer.higher_is_better) == (0.0, 1.0, True)
+  # The default batch follows the platform: 2 on CPU (as fast as 8 there, 0.6 GB less at
+  # 512x512), 8 on an accelerator.
+  assert scorer.batch_size == 2 == inference.default_batch_size("cpu")
+  assert inference.default_batch_size("gpu") == 8
+  assert inference.default_batch_size("tpu") == 8
   s = np.array([0.0, 0.25, 1.0], np.float32)
   np.testing.assert_allclose(scorer.to_mos(s), [0.0, 25.0, 100.0], rtol=1e-6)
   # Trained as bfloat16 + remat, stored as architecture + training settings, scored in float32.

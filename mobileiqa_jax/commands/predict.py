@@ -36,7 +36,8 @@ flags.DEFINE_string("image_size", None, "HEIGHT,WIDTH the photos are resized to;
                     "the checkpoint's (1231,1907 for the authors' models).")
 flags.DEFINE_enum("model", None, ["teacher", "student"], "For a state dict: insist that it "
                   "holds this model (default: read from its keys).")
-flags.DEFINE_integer("batch_size", 4, "Images per forward pass (one compiled shape).")
+flags.DEFINE_integer("batch_size", None, "Images per forward pass (one compiled shape; "
+                     "default 2 on CPU, 8 on GPU/TPU).")
 flags.DEFINE_integer("workers", None, "Decoding threads (default: min(8, cores)).")
 flags.DEFINE_boolean("progress", True, "Progress bar on stderr.")
 flags.DEFINE_string("output", None, "Write the CSV to this file (complete or not at all) "

@@ -157,12 +157,22 @@ def test_two_processes_match_one_process_with_eight_devices(eight_devices, tmp_p
   _, single = eight_devices
   port = str(_free_port())
   multi = str(tmp_path / "multi.npz")
-  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2",
-                             str(i), port], env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=900)
-    assert p.returncode == 0, stdout[-2000:] + stderr[-6000:]
+  # Output to files, not pipes: waiting on one process while the other fills its pipe (jax
+  # logs a lot to stderr) would block both.
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2", str(i), port],
+          env=_env(4), cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
+  try:
+    for p, log in zip(procs, logs):
+      p.wait(timeout=900)
+      assert p.returncode == 0, f"{log.name}:\n" + log.read_text()[-6000:]
+  finally:
+    for p in procs:
+      p.kill()  # the other one, if this one failed (it would wait for its peer for ever)
   a, b = np.load(single), np.load(multi)
   assert sorted(a.files) == sorted(b.files)
   # Whole-tree relative difference (the gloo all-reduce sums in another order than XLA:CPU's

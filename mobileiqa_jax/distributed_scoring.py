@@ -333,11 +333,14 @@ def predict_csv_distributed(
   files = inference.expand_paths(paths)
 
   initialize()
-  if batch_size is None:
+  plan_batch = batch_size
+  if plan_batch is None:
     # After initialize: asking for the backend before it would start jax's backends early.
+    # The platform's largest default; the model's own (1 for the CPU teacher on large
+    # photos, `Scorer`) divides it, so each part is still whole batches.
     import jax  # pylint: disable=g-import-not-at-top
-    batch_size = inference.default_batch_size(jax.default_backend())
-  batch = min(batch_size, len(files))  # as predict_csv: one compiled shape, no idle padding
+    plan_batch = inference.default_batch_size(jax.default_backend())
+  batch = min(plan_batch, len(files))  # as predict_csv: one compiled shape, no idle padding
   settings = settings_key(checkpoint, image_size, model, batch, preprocessing)
   coord = _Coordination()
   coord.set(f"host/{coord.process}", socket.gethostname())
@@ -348,8 +351,10 @@ def predict_csv_distributed(
 
   def score_files(part_files: Sequence[str]) -> Iterator[inference.Result]:
     if scorer[0] is None:
-      scorer[0] = inference.load(checkpoint, image_size, model=model, batch_size=batch,
+      scorer[0] = inference.load(checkpoint, image_size, model=model,
+                                 batch_size=batch if batch_size is not None else None,
                                  num_workers=workers, preprocessing=preprocessing)
+      scorer[0].batch_size = min(scorer[0].batch_size, batch)
     return scorer[0].score_files(part_files, bar.update if bar else None)
 
   scorer: list[Any] = [None]

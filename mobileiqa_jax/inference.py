@@ -131,15 +131,39 @@ def default_preprocessing(platform: str) -> str:
   return "device" if platform in ("gpu", "cuda", "rocm", "tpu") else "host"
 
 
-def default_batch_size(platform: str) -> int:
-  """Images per forward pass when the caller gives none: 2 on CPU, 8 on gpu/tpu.
+#: Above this many pixels per photo the teacher scores one photo per call on CPU.
+CPU_TEACHER_SINGLE_ABOVE_PIXELS = 1_000_000
 
-  On CPU a larger batch buys no speed and costs memory in XLA's temporaries (2-core VM,
-  student at 512x512, 2026-12-03: batch 1, 2, 8 at 0.40, 0.27, 0.36 s/photo and 1.44, 1.46,
-  2.03 GB peak RSS, PyTorch one at a time 1.36 GB; docs/scoring.md). An accelerator needs
-  the batch to fill its cores.
+
+def default_batch_size(platform: str, image_size: Sequence[int] | None = None,
+                       variant: str | None = None) -> int:
+  """Images per forward pass when the caller gives none: on gpu/tpu 8, on CPU 2 or 1.
+
+  An accelerator needs the batch to fill its cores. On CPU a larger batch buys no speed and
+  costs memory in XLA's temporaries; two photos per call beat one wherever it was measured
+  except the teacher on photos over a megapixel, where one at a time is as fast (within the
+  run-to-run noise) and holds 28% less memory (2-core VM, docs/scoring.md):
+
+  - student 512x512 (2026-12-03): batch 1, 2, 8 at 0.40, 0.27, 0.36 s/photo, 1.44, 1.46,
+    2.03 GB peak RSS (PyTorch one at a time: 1.36 GB);
+  - student 1231x1907 (2026-12-04): batch 1, 2 at 1.44, 1.30-1.35 s/photo, 1.92-1.98,
+    2.17-2.21 GB (PyTorch 3.49 GB);
+  - teacher 512x512 (2026-12-04, the forward pass alone): batch 1, 2, 4 at 0.91, 0.76,
+    0.76 s/photo;
+  - teacher 1231x1907 (2026-12-04, two runs each): batch 1 at 4.82, 4.92 s/photo and 3.23,
+    3.15 GB; batch 2 at 4.92, 4.64 s/photo and 4.42, 4.47 GB (PyTorch 4.06 GB).
+
+  Args:
+    platform: 'cpu', 'gpu' ('cuda', 'rocm') or 'tpu'.
+    image_size: (height, width) photos are scored at, if known.
+    variant: 'teacher' or 'student' (a model config's `variant`), if known.
   """
-  return 8 if platform in ("gpu", "cuda", "rocm", "tpu") else 2
+  if platform in ("gpu", "cuda", "rocm", "tpu"):
+    return 8
+  if (variant == "teacher" and image_size is not None
+      and int(image_size[0]) * int(image_size[1]) > CPU_TEACHER_SINGLE_ABOVE_PIXELS):
+    return 1
+  return 2
 
 
 def make_device_scorer(model: Any, variables: Any,
@@ -284,9 +308,12 @@ class Scorer:
                model_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
                source: str | None = None, batch_size: int | None = None,
                num_workers: int | None = None, preprocessing: str = "host"):
+    self.image_size = preprocess.parse_image_size(image_size, "image_size")
+    self.model_config = dict(model_config)
     if batch_size is None:
       import jax  # pylint: disable=g-import-not-at-top
-      batch_size = default_batch_size(jax.default_backend())
+      batch_size = default_batch_size(jax.default_backend(), self.image_size,
+                                      self.model_config.get("variant"))
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if preprocessing not in PREPROCESSING:
@@ -295,8 +322,6 @@ class Scorer:
     self.preprocessing = preprocessing
     self.model = model
     self.variables = variables
-    self.image_size = preprocess.parse_image_size(image_size, "image_size")
-    self.model_config = dict(model_config)
     self.extra = dict(extra or {})
     self.source = source
     self.batch_size = int(batch_size)
@@ -465,7 +490,8 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     runtime: a `runtime.Runtime` to run the model with; default this host's platform's
       (`Runtime.for_platform(jax.default_backend(), compute_dtype=...)`).
     batch_size: images per forward pass; default `default_batch_size` of this process's
-      backend (2 on CPU, 8 on gpu/tpu).
+      backend, the model and the size (8 on gpu/tpu; on CPU 2, 1 for the teacher above a
+      megapixel).
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
     preprocessing: 'host' (PIL resize on CPU threads, the reference exactly) or 'device'
@@ -566,11 +592,9 @@ def predict_csv(
   files = expand_paths(paths)
   # Fewer files than a batch make one batch of their number, as `Scorer.score` does: one
   # photo is one forward pass of one image, not of `batch_size` with the rest padding.
-  if batch_size is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    batch_size = default_batch_size(jax.default_backend())
-  scorer = load(checkpoint, image_size, model=model, batch_size=min(batch_size, len(files)),
+  scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
                 num_workers=workers, preprocessing=preprocessing)
+  scorer.batch_size = min(scorer.batch_size, len(files))
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top

@@ -5,6 +5,7 @@
   the repository and tests/ on PYTHONPATH, JAX_PLATFORMS=cpu and conftest's compilation cache
   inherited from this process).
 - `run_launcher`: a launch/ command's `__main__` in this process (no interpreter start).
+- `run_peers`, `free_port`: the processes of one multi-process job, started together.
 - `rel_err`: max |got - ref| / max |ref|, the parity measure of the model tests.
 - `random_variables`: random Flax variables of a model's shapes (no compile).
 - `randomize_torch`: non-trivial norms and biases for a PyTorch / timm module.
@@ -19,6 +20,7 @@ import contextlib
 import io
 import os
 import runpy
+import socket
 import subprocess
 import sys
 import traceback
@@ -57,6 +59,49 @@ def run_python(args: Sequence[str], *, timeout: float = 600, env: dict[str, str]
   """`python *args` from the repository root, output captured as text."""
   return subprocess.run([sys.executable, *args], cwd=cwd, env=env or python_env(),
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_peers(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, str]], log_dir: Any,
+              *, timeout: float = 900, cwd: str = REPO) -> list[subprocess.CompletedProcess]:
+  """Starts the processes of one job together and waits for all of them.
+
+  Each one's stdout and stderr go to files in `log_dir` (`peer{i}.out`, `peer{i}.err`), read
+  back into the results. Why files, not pipes: while a test waits on one peer, another that
+  fills its pipe (jax logs a lot to stderr) blocks, and with it the job (seen once: 36
+  minutes). Any peer still running when this returns or raises is killed: a peer whose
+  partner died would wait for it until jax's own timeout.
+  """
+  procs, files = [], []
+  try:
+    for i, (command, env) in enumerate(zip(commands, envs, strict=True)):
+      out = open(os.path.join(log_dir, f"peer{i}.out"), "w+")  # pylint: disable=consider-using-with
+      err = open(os.path.join(log_dir, f"peer{i}.err"), "w+")  # pylint: disable=consider-using-with
+      files.append((out, err))
+      procs.append(subprocess.Popen(list(command), cwd=cwd, env=env, stdout=out, stderr=err,
+                                    text=True))
+    for p in procs:
+      p.wait(timeout=timeout)
+    results = []
+    for p, (out, err) in zip(procs, files):
+      out.seek(0)
+      err.seek(0)
+      results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()))
+    return results
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for out, err in files:
+      out.close()
+      err.close()
 
 
 def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProcess:

@@ -7,17 +7,12 @@ two CPU processes (jax.distributed on 127.0.0.1) and compares their CSV with one
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-
-import numpy as np
-import pytest
 
 import data_fixtures
 from mobileiqa_jax import distributed_scoring as ds
 from mobileiqa_jax import inference
-from support import REPO, python_env, random_variables, run_launcher
+from support import free_port, python_env, random_variables, run_launcher, run_peers
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTOS = [os.path.join(LIVEC, f"{n}.JPG") for n in (1000, 1001, 1002, 1003, 1004)]
@@ -65,12 +60,6 @@ def test_share_is_written_once_reused_and_merged(tmp_path):
   assert "process 1 on hostb stopped" in msg and "rerun" in msg
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_give_the_one_process_csv(tmp_path):
   from mobileiqa_jax import checkpoint
   from mobileiqa_jax.models import mobileiqa
@@ -86,14 +75,13 @@ def test_two_processes_give_the_one_process_csv(tmp_path):
   one = run_launcher("launch/predict.py", args)
   assert one.returncode == 1, one.stderr[-2000:]
   out = str(tmp_path / "scores.csv")
-  port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, "launch/predict.py", *args, "--distributed", f"--output={out}",
-       "--part_size=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=python_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                     JAX_PROCESS_ID=str(i))) for i in range(2)]
-  results = [p.communicate(timeout=300) for p in procs]
-  assert [p.returncode for p in procs] == [1, 1], [r[1][-2000:] for r in results]
-  assert f"{bad} cannot be scored" in results[1][1]  # the process that read it says so
+  port = str(free_port())
+  results = run_peers(
+      [[sys.executable, "launch/predict.py", *args, "--distributed", f"--output={out}",
+        "--part_size=2"] for _ in range(2)],
+      [python_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                  JAX_PROCESS_ID=str(i)) for i in range(2)], tmp_path, timeout=300)
+  assert [r.returncode for r in results] == [1, 1], [r.stderr[-2000:] for r in results]
+  assert f"{bad} cannot be scored" in results[1].stderr  # the process that read it says so
   assert open(out).read() == one.stdout
   assert not os.path.exists(out + ".parts")

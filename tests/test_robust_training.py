@@ -27,7 +27,7 @@ from mobileiqa_jax import checkpoint_integrity
 from mobileiqa_jax import cli
 from mobileiqa_jax import metric_writer
 from mobileiqa_jax import workdir_lock
-from support import REPO, python_env
+from support import REPO, free_port, python_env, run_peers
 
 
 
@@ -464,21 +464,16 @@ except workdir_lock.WorkdirLockedError as e:
 
 def test_on_a_pod_process_0_decides_for_every_process(tmp_path):
   """Two processes: process 0 alone holds the lock; a refusal reaches both, none hangs."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
+  port = str(free_port())
   held = workdir_lock.WorkdirLock(str(tmp_path / "held")).acquire()  # a live holder: this test
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   try:
-    procs = [subprocess.Popen([sys.executable, "-c", _POD_SCRIPT, str(tmp_path), str(i), port],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs = run_peers([[sys.executable, "-c", _POD_SCRIPT, str(tmp_path), str(i), port]
+                       for i in range(2)], [python_env()] * 2, tmp_path, timeout=300)
   finally:
     held.release()
-  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, err[-3000:]
+  for i, p in enumerate(procs):
+    out = p.stdout
+    assert p.returncode == 0, p.stderr[-3000:]
     assert f"FREE {i == 0}" in out, out
     refused = [line for line in out.splitlines() if line.startswith("REFUSED")]
     assert len(refused) == 1 and f"pid {os.getpid()}" in refused[0], out

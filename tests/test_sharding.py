@@ -9,8 +9,6 @@ the two-process run) and two processes with 4 devices each.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 from mobileiqa_jax import sharding
-from support import REPO, python_env, run_python
+from support import free_port, python_env, run_peers, run_python
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -147,32 +145,15 @@ print("DONE", jax.process_index(), summary["step"])
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_with_eight_devices(eight_devices, tmp_path):
   _, single = eight_devices
-  port = str(_free_port())
+  port = str(free_port())
   multi = str(tmp_path / "multi.npz")
-  # Output to files, not pipes: waiting on one process while the other fills its pipe (jax
-  # logs a lot to stderr) would block both.
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  procs = []
-  for i, log in enumerate(logs):
-    with open(log, "w") as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2", str(i), port],
-          env=_env(4), cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-  try:
-    for p, log in zip(procs, logs):
-      p.wait(timeout=900)
-      assert p.returncode == 0, f"{log.name}:\n" + log.read_text()[-6000:]
-  finally:
-    for p in procs:
-      p.kill()  # the other one, if this one failed (it would wait for its peer for ever)
+  procs = run_peers(
+      [[sys.executable, "-c", textwrap.dedent(_TRAIN_SCRIPT), multi, "2", str(i), port]
+       for i in range(2)], [_env(4)] * 2, tmp_path)
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i}:\n" + p.stdout[-3000:] + p.stderr[-6000:]
   a, b = np.load(single), np.load(multi)
   assert sorted(a.files) == sorted(b.files)
   # Whole-tree relative difference (the gloo all-reduce sums in another order than XLA:CPU's

@@ -351,11 +351,10 @@ def predict_csv_distributed(
 
   def score_files(part_files: Sequence[str]) -> Iterator[inference.Result]:
     if scorer[0] is None:
-      scorer[0] = inference.load(checkpoint, image_size, model=model,
-                                 batch_size=batch if batch_size is not None else None,
+      scorer[0] = inference.load(checkpoint, image_size, model=model, batch_size=batch_size,
                                  num_workers=workers, preprocessing=preprocessing)
-      scorer[0].batch_size = min(scorer[0].batch_size, batch)
-    return scorer[0].score_files(part_files, bar.update if bar else None)
+    return scorer[0].score_files(part_files, bar.update if bar else None,
+                                 min(scorer[0].batch_size, batch))
 
   scorer: list[Any] = [None]
   bar = None

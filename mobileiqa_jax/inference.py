@@ -120,6 +120,8 @@ def _preprocess(item: Any, index: int, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 PREPROCESSING = ("host", "device")
+# `jax.default_backend()` names of the platforms that want big batches and device preprocessing.
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 
 def default_preprocessing(platform: str) -> str:
@@ -128,7 +130,7 @@ def default_preprocessing(platform: str) -> str:
   On an accelerator PIL's ~5 photos/s per core at 4K bounds throughput; the device resize
   differs from PIL by at most a grey level or two on ~0.02% of pixels (docs/scoring.md).
   """
-  return "device" if platform in ("gpu", "cuda", "rocm", "tpu") else "host"
+  return "device" if platform in _ACCELERATORS else "host"
 
 
 #: Above this many pixels per photo the teacher scores one photo per call on CPU.
@@ -158,7 +160,7 @@ def default_batch_size(platform: str, image_size: Sequence[int] | None = None,
     image_size: (height, width) photos are scored at, if known.
     variant: 'teacher' or 'student' (a model config's `variant`), if known.
   """
-  if platform in ("gpu", "cuda", "rocm", "tpu"):
+  if platform in _ACCELERATORS:
     return 8
   if (variant == "teacher" and image_size is not None
       and int(image_size[0]) * int(image_size[1]) > CPU_TEACHER_SINGLE_ABOVE_PIXELS):
@@ -443,9 +445,14 @@ class Scorer:
   __call__ = score
 
   def score_files(self, paths: Sequence[str],
-                  progress: Callable[[int], None] | None = None) -> Iterator[Result]:
-    """Scores files in order, `batch_size` at a time; unreadable ones give a `Result.error`."""
-    return self._score_items(list(paths), self.batch_size, progress,
+                  progress: Callable[[int], None] | None = None,
+                  batch_size: int | None = None) -> Iterator[Result]:
+    """Scores files in order, `batch_size` (default `self.batch_size`) at a time.
+
+    Unreadable files give a `Result.error`. Unlike `score`, a call with fewer files than a
+    batch pads the batch: callers that score a folder in parts keep one compiled shape.
+    """
+    return self._score_items(list(paths), batch_size or self.batch_size, progress,
                              [os.fspath(p) for p in paths])
 
   def to_mos(self, scores: Any) -> np.ndarray:
@@ -594,7 +601,7 @@ def predict_csv(
   # photo is one forward pass of one image, not of `batch_size` with the rest padding.
   scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
                 num_workers=workers, preprocessing=preprocessing)
-  scorer.batch_size = min(scorer.batch_size, len(files))
+  batch = min(scorer.batch_size, len(files))
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -602,7 +609,7 @@ def predict_csv(
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(["path", "score"])
   failed = 0
-  for result in scorer.score_files(files, bar.update if bar else None):
+  for result in scorer.score_files(files, bar.update if bar else None, batch):
     if result.error is None:
       writer.writerow([result.path, format_score(result.score)])
     else:

@@ -351,8 +351,10 @@ def predict_csv_distributed(
 
   def score_files(part_files: Sequence[str]) -> Iterator[inference.Result]:
     if scorer[0] is None:
-      scorer[0] = inference.load(checkpoint, image_size, model=model, batch_size=batch_size,
-                                 num_workers=workers, preprocessing=preprocessing)
+      scorer[0] = inference.load(
+          checkpoint, image_size, model=model, batch_size=batch_size, num_workers=workers,
+          preprocessing=preprocessing,
+          attention=inference.attention_for(sum(p.stop - p.start for p in mine)))
     return scorer[0].score_files(part_files, bar.update if bar else None,
                                  min(scorer[0].batch_size, batch))
 

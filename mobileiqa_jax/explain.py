@@ -199,7 +199,8 @@ def explain_command(checkpoint: str, paths: Sequence[str], output_dir: str, err:
   if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
     raise FileExistsError(f"--output={output_dir} is not empty: pass --overwrite to write "
                           "into it, or choose another folder.")
-  scorer = inference.load(checkpoint, image_size, batch_size=1)
+  scorer = inference.load(checkpoint, image_size, batch_size=1,
+                          attention=inference.attention_for(len(files)))
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top

@@ -96,7 +96,7 @@ def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
 
   from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
 
-  scorer = inference.load(checkpoint, image_size, batch_size=1)
+  scorer = inference.load(checkpoint, image_size, batch_size=1, attention="reference")
   forward = jax.jit(lambda v, x: scorer.model.apply(v, x, train=False))
   variables = jax.device_put(scorer.variables)
   images = jax.device_put(np.zeros((1, *scorer.image_size, 3), np.float32))
@@ -220,7 +220,7 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
   from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
 
   exports = check_exports(exports)
-  scorer = inference.load(checkpoint, image_size, batch_size=1)
+  scorer = inference.load(checkpoint, image_size, batch_size=1, attention="reference")
   config = scorer.model_config
   count = count_model_macs(config, scorer.image_size)
   card: dict[str, Any] = {

@@ -16,7 +16,7 @@ import pytest
 
 from mobileiqa_jax import convert
 from mobileiqa_jax.models import layers
-from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention
+from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention, fold_attention
 from mobileiqa_jax.models.mobileiqa import (
     LDA, MobileIQA, MobileIQAConfig, Regressor, model_config)
 from support import randomize_torch, rel_err
@@ -179,6 +179,13 @@ def test_attention_block_parity(r, dim):
   v = load(jm, tm, jnp.zeros((1, r, dim)))
   got = jm.apply(v, jnp.asarray(x.numpy()))
   assert rel_err(got, want) < TOL
+  # The folded form (scoring): c_q, c_k -> c_qk = (Wq Wk^T, Wk bq) scaled; c_v is not copied.
+  folded = fold_attention(v)
+  assert set(folded["params"]) == {"c_qk", "c_v"}
+  assert folded["params"]["c_v"] is v["params"]["c_v"]
+  assert folded["params"]["c_qk"]["kernel"].shape == (dim, dim)
+  got_folded = AttentionBlock(attention="folded").apply(folded, jnp.asarray(x.numpy()))
+  assert rel_err(got_folded, want) < TOL
   # The reshape is a reinterpretation: undoing it with a transpose must give other numbers.
   with torch.no_grad():
     q, k, vv = tm.c_q(x), tm.c_k(x), tm.c_v(x)
@@ -186,7 +193,7 @@ def test_attention_block_parity(r, dim):
   assert rel_err(got, naive) > 1e-2
 
 
-def _mal_case(n, size, width, batch, seed):
+def _mal_case(n, size, width, batch, seed, attention="reference"):
   torch = pytest.importorskip("torch")
   import torch_reference as ref
 
@@ -195,11 +202,12 @@ def _mal_case(n, size, width, batch, seed):
   x = torch.randn(n, batch, width, size, size)
   with torch.no_grad():
     want = tm(x).view(batch, width, size, size)
-  jm = MAL(n)
-  v = load(jm, tm, jnp.zeros((n, 1, size, size, width)))
-  got = jax.jit(jm.apply)(v, jnp.asarray(to_nhwc(x)))
+  v = load(MAL(n), tm, jnp.zeros((n, 1, size, size, width)))
+  if attention == "folded":
+    v = fold_attention(v)
+  got = jax.jit(MAL(n, attention=attention).apply)(v, jnp.asarray(to_nhwc(x)))
   err = rel_err(from_nhwc(got), want)
-  print(f"MAL n={n} S={size} C={width}: {err:.2e}")
+  print(f"MAL n={n} S={size} C={width} {attention}: {err:.2e}")
   return err
 
 
@@ -208,9 +216,10 @@ def test_mal_parity_small(n):
   assert _mal_case(n, size=6, width=32, batch=2, seed=n) < TOL
 
 
-def test_mal_parity_real_size():
+@pytest.mark.parametrize("attention", ["reference", "folded"])
+def test_mal_parity_real_size(attention):
   """n = 5, S = 22, C = 256: the 2420 x 2420 pixel branch of the paper."""
-  assert _mal_case(5, size=22, width=256, batch=1, seed=7) < TOL
+  assert _mal_case(5, size=22, width=256, batch=1, seed=7, attention=attention) < TOL
 
 
 @pytest.mark.parametrize("pool,sigmoid,size", [(4, False, 22), (2, True, 22), (2, False, 8)])
@@ -302,6 +311,13 @@ def test_head_parity(cfg, hw):
               fused=rel_err(from_nhwc(fused), fused_t), score=rel_err(score, score_t))
   print(cfg, {k: f"{e:.2e}" for k, e in errs.items()})
   assert max(errs.values()) < TOL, errs
+  # The head with its attention folded (what scoring runs) against the same reference.
+  folded = jax.jit(lambda v, i: jm.clone(attention="folded").apply(
+      v, i, return_features=True, return_fused=True))(fold_attention(v), img)
+  folded_errs = dict(dof=rel_err(from_nhwc(folded[1]), dof_t),
+                     fused=rel_err(from_nhwc(folded[3]), fused_t),
+                     score=rel_err(folded[2], score_t))
+  assert max(folded_errs.values()) < TOL, folded_errs
   # The `regress` method alone agrees with the full forward, and on the reference's fused
   # feature with the reference's regressor (the distillation monitor runs the teacher's
   # regressor on the student's fused feature this way).

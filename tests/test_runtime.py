@@ -80,6 +80,10 @@ def test_platform_forms_and_validation():
     runtime.Runtime(depthwise_impl="fast")
   with pytest.raises(ValueError, match="platform"):
     runtime.Runtime.for_platform("metal")
+  with pytest.raises(ValueError, match="attention"):
+    runtime.Runtime(attention="fast")
+  # Training never folds the attention (its variables are the checkpoint's c_q, c_k).
+  assert runtime.for_training(tiny_config("student"), "tpu").attention == "reference"
   # A runtime key in an architecture is refused with the lever, not silently kept.
   with pytest.raises(ValueError, match="runtime=Runtime"):
     mobileiqa.model_config("student", dtype="bfloat16")

@@ -94,6 +94,18 @@ def test_load_scores_paths_pil_and_arrays_alike(models):
   assert leaves and all(isinstance(x, jax.Array) for x in leaves)
 
 
+def test_scoring_folds_the_attention_from_a_few_photos(models):
+  # `models["scorer"]` (load's default) scores as the reference model in the test above.
+  block = lambda s: set(s.variables["params"]["MALs"]["0"]["feature_attention"])  # noqa: E731
+  assert block(models["scorer"]) == {"c_qk", "c_v"} and models["scorer"].model.attention == "folded"
+  as_stored = mobileiqa_jax.load(models["ckpt"], attention="reference")
+  assert block(as_stored) == {"c_q", "c_k", "c_v"} and as_stored.model.attention == "reference"
+  # One photo does not pay for the fold; a folder does (the command and --distributed ask).
+  assert inference.attention_for(1) == "reference"
+  assert inference.attention_for(inference.FOLD_MIN_PHOTOS - 1) == "reference"
+  assert inference.attention_for(inference.FOLD_MIN_PHOTOS) == "folded"
+
+
 def test_scorer_attributes_and_mos_mapping(models):
   scorer = models["scorer"]
   assert scorer.image_size == SIZE
@@ -205,7 +217,8 @@ def test_explain_writes_opinion_maps_and_similarities(models, tmp_path):
     got = json.load(f)
 
   # Independently: the opinion features straight from the model, cosine by hand.
-  model, variables = models["scorer"].model, models["variables"]
+  model = models["scorer"].model.clone(attention="reference")  # the stored variables' form
+  variables = models["variables"]
   images = np.stack([preprocess.resize_normalize(
       preprocess.decode_rgb(open(p, "rb").read(), p), SIZE) for p in PHOTOS[:2]])
   _, dof, score = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(

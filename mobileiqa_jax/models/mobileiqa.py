@@ -275,12 +275,13 @@ class _MALList(nn.Module):
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
   head_init: str = "torch"
+  attention: str = "reference"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return jnp.stack([
         MAL(self.num_views, self.dropout_rate, dtype=self.dtype, head_init=self.head_init,
-            name=str(j))(x, train)
+            attention=self.attention, name=str(j))(x, train)
         for j in range(self.num_mals)
     ])
 
@@ -306,6 +307,8 @@ class MobileIQA(nn.Module):
       defaults, weights and biases U(+-1/sqrt(fan_in)), as the authors' head starts) or
       'flax' (lecun_normal kernels, zero biases). The self-attention gammas start at 0 in
       both; the backbone keeps its own init (normally replaced by timm weights).
+    attention: the MALs' attention form ('reference' or 'folded', `runtime.Runtime`);
+      a folded model takes `mal.fold_attention` of a reference model's variables.
 
   Methods (all usable through `model.apply(variables, ..., method=...)`):
     __call__(images, train=False, return_features=False, return_fused=False)
@@ -325,6 +328,7 @@ class MobileIQA(nn.Module):
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
   head_init: str = "torch"
+  attention: str = "reference"
 
   def setup(self):
     # The backbone field is re-registered under the reference's name ('global_vit' or
@@ -334,9 +338,9 @@ class MobileIQA(nn.Module):
     for name in self._lda_names:
       setattr(self, name, LDA(self.width, self.pooled_size, self.dtype, self.head_init))
     self.MALs = _MALList(self.num_mals, self._num_views(), self.dropout_rate, self.dtype,
-                         self.head_init)
+                         self.head_init, self.attention)
     self.fusion_mal = MAL(self.num_mals, self.dropout_rate, dtype=self.dtype,
-                          head_init=self.head_init)
+                          head_init=self.head_init, attention=self.attention)
     self.regressor = Regressor(
         self.regressor_pool, self.width, self.sigmoid, self.dropout_rate, self.dtype,
         self.head_init)
@@ -501,6 +505,7 @@ def build_model(config: MobileIQAConfig | Mapping[str, Any],
       dropout_rate=config.dropout_rate,
       dtype=dtype,
       head_init=config.head_init,
+      attention=runtime.attention,
   )
 
 

@@ -3,8 +3,8 @@
 A `MobileIQAConfig` is the architecture: what a checkpoint stores and what `build_model`
 rebuilds. A `Runtime` is everything else that shapes the traced program without changing the
 function it computes (up to rounding): the platform it is compiled for, the compute dtype, the
-form of the depthwise convolutions (and, with it, of the 1x1 convolutions beside them), and
-rematerialisation. It is decided once per entry point and passed to `build_model`:
+form of the depthwise convolutions (and, with it, of the 1x1 convolutions beside them),
+rematerialisation, and, for scoring, the folded form of the head's attention logits. It is decided once per entry point and passed to `build_model`:
 
 - training: `for_training(config, platform)`, the platform of the run's mesh devices;
 - scoring and evaluation: `Runtime.for_platform(platform, compute_dtype=...)` from flags;
@@ -26,6 +26,7 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 DEPTHWISE_IMPLS = ("conv", "shift")
 REMATS = (False, "stage", "block")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_FORMS = ("reference", "folded")
 
 
 def depthwise_impl_for(platform: str) -> str:
@@ -65,6 +66,10 @@ class Runtime:
     remat: False, 'stage' or 'block': what the backbone recomputes in the backward pass.
     strided_depthwise_impl: the form of the stride-2 blocks; '' = `depthwise_impl`. A frozen
       teacher on TPU takes 'conv' there (`frozen`).
+    attention: the MALs' attention logits: 'reference' (Q K^T from `c_q`, `c_k`, the
+      checkpoints' variables) or 'folded' (X (Wq Wk^T) X^T: a third fewer of the head's
+      multiply-adds, for scoring only; its variables come from `mal.fold_attention`, see
+      there). Training and checkpoints always use 'reference'.
   """
 
   platform: str = "cpu"
@@ -72,6 +77,7 @@ class Runtime:
   depthwise_impl: str = "shift"
   remat: bool | str = False
   strided_depthwise_impl: str = ""
+  attention: str = "reference"
 
   def __post_init__(self):
     _check("platform", self.platform, PLATFORMS)
@@ -79,10 +85,12 @@ class Runtime:
     _check("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
     _check("remat", self.remat, REMATS)
     _check("strided_depthwise_impl", self.strided_depthwise_impl, ("",) + DEPTHWISE_IMPLS)
+    _check("attention", self.attention, ATTENTION_FORMS)
 
   @classmethod
   def for_platform(cls, platform: str, *, compute_dtype: str = "float32",
-                   depthwise_impl: str | None = None, remat: bool | str = False) -> "Runtime":
+                   depthwise_impl: str | None = None, remat: bool | str = False,
+                   attention: str = "reference") -> "Runtime":
     """The runtime for `platform`; an empty `depthwise_impl` takes the platform's form.
 
     `remat=True` means per stage (the backbones' historical meaning of True).
@@ -90,7 +98,8 @@ class Runtime:
     if remat is True:
       remat = "stage"
     return cls(platform=platform, compute_dtype=str(compute_dtype),
-               depthwise_impl=depthwise_impl or depthwise_impl_for(platform), remat=remat)
+               depthwise_impl=depthwise_impl or depthwise_impl_for(platform), remat=remat,
+               attention=attention)
 
   def frozen(self) -> "Runtime":
     """The runtime of a model that is only run forward (a distillation teacher).

@@ -354,7 +354,9 @@ def predict_csv_distributed(
       scorer[0] = inference.load(
           checkpoint, image_size, model=model, batch_size=batch_size, num_workers=workers,
           preprocessing=preprocessing,
-          attention=inference.attention_for(sum(p.stop - p.start for p in mine)))
+          # From the whole folder, not this process's share: every process runs one form,
+          # so the CSV does not depend on how the parts fell.
+          attention=inference.attention_for(len(files)))
     return scorer[0].score_files(part_files, bar.update if bar else None,
                                  min(scorer[0].batch_size, batch))
 

@@ -391,6 +391,13 @@ def test_bfloat16_compute_close():
   rel = float(jnp.max(jnp.abs(dof16.astype(jnp.float32) - dof32)) / jnp.max(jnp.abs(dof32)))
   assert rel < 5e-2
   np.testing.assert_allclose(s16, s32, atol=5e-2)
+  # Scoring in bfloat16 runs the folded attention: as close to float32 as the reference form.
+  _, dof16f, s16f = jax.jit(lambda v: jm16.clone(attention="folded").apply(
+      v, img, return_features=True))(fold_attention(v))
+  relf = float(jnp.max(jnp.abs(dof16f.astype(jnp.float32) - dof32)) / jnp.max(jnp.abs(dof32)))
+  print(f"bfloat16 dof error: reference form {rel:.2e}, folded {relf:.2e}")
+  assert relf < max(2 * rel, 5e-2), (relf, rel)
+  np.testing.assert_allclose(s16f, s32, atol=5e-2)
 
 
 # ------------------------------------------------------------------------------------------

@@ -552,12 +552,10 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     import jax  # pylint: disable=g-import-not-at-top
     # Scoring runs here: this process's backend decides the form, once.
     runtime = runtime_lib.Runtime.for_platform(jax.default_backend(),
-                                               compute_dtype=compute_dtype or "float32",
-                                               attention=attention or "folded")
-  elif attention is not None:
-    runtime = dataclasses.replace(runtime, attention=attention)
+                                               compute_dtype=compute_dtype or "float32")
+    attention = attention or "folded"
+  folded = (attention or runtime.attention) == "folded"
   # Checkpoints hold the reference form; the fold comes after reading them.
-  folded = runtime.attention == "folded"
   runtime = dataclasses.replace(runtime, attention="reference")
   if is_state_dict_file(path):
     from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top

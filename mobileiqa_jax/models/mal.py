@@ -18,9 +18,8 @@ Parameter names mirror the reference's state-dict keys (torch path split on '.')
 
 Scoring can run the attention blocks *folded* (`attention='folded'`, `fold_attention`): the
 logits Q K^T = (X Wq + bq)(X Wk + bk)^T become (X M + u) X^T with M = Wq Wk^T and u = Wk bq,
-scaled; the terms dropped are constant along the softmax's axis. It is the same function to
-float32 rounding and saves one (dim x dim) product per block: a third of the blocks'
-multiply-adds, 7.7 GMAC per photo of the paper's head, for a one-time 52 GMAC fold.
+scaled; the terms dropped are constant along the softmax's axis. Same function to float32
+rounding, one (dim x dim) product fewer per block; the costs are in `fold_attention`.
 """
 
 from __future__ import annotations
@@ -177,14 +176,16 @@ class AttentionBlock(nn.Module):
     dense = lambda name: nn.Dense(dim, dtype=self.dtype, kernel_init=kernel_init,  # noqa: E731
                                   bias_init=bias_init, name=name)
     if self.attention == "folded":
+      xm = _FoldedLogitParams(dim, name="c_qk")(x)
+      v = dense("c_v")(x)
       # M and u already carry the scale dim**-0.5 (fold_attention).
-      logits = jnp.einsum("brd,bsd->brs", _FoldedLogitParams(dim, name="c_qk")(x), x)
+      logits = jnp.einsum("brd,bsd->brs", xm, x)
     else:
       q = dense("c_q")(x)
       k = dense("c_k")(x)
+      v = dense("c_v")(x)
       # Reference order: (q @ k^T) * norm_fact, then softmax over the last axis.
       logits = jnp.einsum("brd,bsd->brs", q, k) * jnp.asarray(dim ** -0.5, self.dtype)
-    v = dense("c_v")(x)
     attn = _softmax_f32(logits, self.dtype)
     # (A V)^T computed directly as (B, dim, R), then the reference's row-major reinterpretation.
     y_t = jnp.einsum("brs,bsd->bdr", attn, v)

@@ -19,6 +19,8 @@ Where the cache goes, first match wins:
 The decision is made once per process (the first `enable` call); later default calls keep it.
 Entries are keyed by JAX on the program, the jax/jaxlib version and the device, so a new jax
 or another machine simply misses and compiles. The folder may be deleted at any time.
+`program_cache` keeps the traced programs and the variables' shapes in a subfolder, on and
+off with this cache.
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ def enable(choice: str | None = AUTO) -> str | None:
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   _decided, _directory = True, directory
   return directory
+
+
+def current() -> str | None:
+  """The folder `enable` chose for this process; None when it chose none or has not run."""
+  return _directory if _decided else None
 
 
 def flag_choice(directory: str | None, enabled: bool) -> str | None:

@@ -25,6 +25,8 @@ import flax
 import jax
 import numpy as np
 
+from mobileiqa_jax import program_cache
+
 Variables = dict[str, Any]
 
 # (Flax collection, Flax leaf name) -> PyTorch leaf name.
@@ -401,7 +403,9 @@ def _read_config(state_dict: Mapping[str, Any], model: str | None,
   # conversion needs anyway: one trace of the model at start-up instead of two (seconds on a
   # loaded CPU; launch/predict.py's start-up, issue 21).
   config = mobileiqa.model_config(found, **head)
-  template = variables_template(mobileiqa.build_model(config))
+  # A scoring process takes the shapes from the program cache (no trace at all), when on.
+  template = program_cache.template(
+      config.to_dict(), lambda: variables_template(mobileiqa.build_model(config)))
   want = {k[len(prefix):]: v for k, v in _torch_shapes(template).items() if k.startswith(prefix)}
   if want == have:
     return config, template

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mobileiqa_jax import compilation_cache
+from mobileiqa_jax import program_cache
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -66,8 +67,10 @@ def make_scorer(model: Any, variables: Any) -> Callable[[np.ndarray], np.ndarray
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   # Variables are an argument, not closed over: closed-over arrays become constants baked
-  # into the compiled program (hundreds of MB for the head).
-  score = jax.jit(lambda v, images: model.apply(v, images, train=False))
+  # into the compiled program (hundreds of MB for the head). The module's repr lists every
+  # field of what it is and how it runs: with the shapes it decides the traced program.
+  score = program_cache.Function(lambda v, images: model.apply(v, images, train=False),
+                                 {"module": repr(model), "function": "make_scorer"})
   variables = jax.device_put(variables)
   return lambda images: np.asarray(score(variables, jnp.asarray(images)))
 
@@ -179,8 +182,10 @@ def make_device_scorer(model: Any, variables: Any,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import device_resize  # pylint: disable=g-import-not-at-top
 
-  score = jax.jit(lambda v, images: model.apply(
-      v, device_resize.resize_normalize(images, size_hw), train=False))
+  score = program_cache.Function(
+      lambda v, images: model.apply(v, device_resize.resize_normalize(images, size_hw),
+                                    train=False),
+      {"module": repr(model), "function": "make_device_scorer", "size": list(size_hw)})
   variables = jax.device_put(variables)
   return lambda images: np.asarray(score(variables, jnp.asarray(images)))
 
@@ -522,7 +527,8 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
 
   JAX's persistent compilation cache is turned on (`compilation_cache.enable()`: a per-user
   folder; MOBILEIQA_JAX_CACHE_DIR moves it, '' or '0' turns it off), so a second process
-  scoring the same shapes compiles nothing.
+  scoring the same shapes compiles nothing; with it the program cache (`program_cache`), so
+  that process does not trace the model either.
 
   Returns:
     A `Scorer`.

@@ -1,7 +1,9 @@
 """A quick second run (issue 21): the compilation cache, the torch-free .pkl reader, batch size.
 
 - A second process scoring with the same model and sizes compiles nothing: every XLA compile
-  it asks for is a persistent-cache hit (counted with jax.monitoring events in the child).
+  it asks for is a persistent-cache hit (counted with jax.monitoring events in the child); and
+  it traces nothing: the model's __call__ and the template builder raise there, and the
+  program cache (mobileiqa_jax/program_cache.py) answers.
 - The cache goes to $XDG_CACHE_HOME/mobileiqa_jax/jax by default; --nocompilation_cache (and
   MOBILEIQA_JAX_CACHE_DIR=0) turn it off; a folder set through JAX's own variable is kept.
 - Scores do not depend on the batch size (1 vs 8) beyond 1e-6.
@@ -31,6 +33,7 @@ import support
 
 from mobileiqa_jax import compilation_cache
 from mobileiqa_jax import convert
+from mobileiqa_jax import program_cache
 from mobileiqa_jax import torch_pickle
 from mobileiqa_jax.models import mobileiqa
 
@@ -43,8 +46,16 @@ SMALL = dict(pooled_size=8, width=32)
 # Run in a fresh process: load, score the photos in batches of 8 and of 1, and report every
 # XLA compile it asked for and how many of them the persistent cache answered.
 _CHILD = r"""
-import json, sys
+import json, os, sys
 import jax
+if os.environ.get("REFUSE_TRACE"):
+  # The program cache's promise: shapes and programs come from disk, the model never runs.
+  from mobileiqa_jax import convert
+  from mobileiqa_jax.models import mobileiqa
+  def refuse(*args, **kwargs):
+    raise AssertionError("the second process traced the model")
+  mobileiqa.MobileIQA.__call__ = refuse
+  convert.variables_template = refuse
 counts = {"compiles": 0, "hits": 0}
 def on_duration(event, duration_secs, **kwargs):
   if event == "/jax/core/compile/backend_compile_duration":
@@ -86,7 +97,9 @@ def _child(checkpoint, env):
 
 
 def _entries(folder):
-  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  """Every file under `folder` (JAX's entries and the program cache's subfolder)."""
+  return sorted(os.path.relpath(os.path.join(base, f), folder)
+                for base, _, files in os.walk(folder) for f in files)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +125,11 @@ def test_second_process_compiles_nothing_and_batch_size_does_not_matter(student_
   np.testing.assert_allclose(first["s1"], first["s8"], rtol=0, atol=1e-6)
   assert np.std(first["s8"]) > 0  # the photos got different scores
 
-  second = _child(student_pkl, env)
+  programs = [n for n in written if n.startswith(program_cache.SUBFOLDER + os.sep)]
+  assert len(programs) == 3, written  # the template, the programs of batch 8 and 1
+
+  # The second process neither traces the model nor builds its template (REFUSE_TRACE).
+  second = _child(student_pkl, dict(env, REFUSE_TRACE="1"))
   assert second["compiles"] == second["hits"] >= 2, second  # every compile was a cache hit
   assert _entries(folder) == written  # nothing new written
   np.testing.assert_array_equal(second["s8"], first["s8"])

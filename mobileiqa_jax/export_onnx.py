@@ -90,13 +90,14 @@ def to_onnx(model: Any, variables: Any, image_size: Sequence[int]) -> bytes:
   except ImportError as e:
     raise ImportError("--format=onnx needs jax2onnx, onnx and onnxruntime: pip install "
                       "-e '.[onnx]' && pip install --no-deps jax2onnx") from e
+  from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
   h, w = preprocess.parse_image_size(image_size, "image_size")
   variables = {c: dict(v) for c, v in dict(variables).items()}
 
   def score(images):
     return model.apply(variables, images, train=False)
 
-  with _quiet_converter():
+  with _quiet_converter(), layers.gelu_as_one_function():
     proto = jax2onnx.to_onnx(score, [(BATCH_DIM, h, w, 3)], model_name="mobileiqa",
                              opset=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
   return proto.SerializeToString()

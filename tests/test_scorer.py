@@ -106,6 +106,23 @@ def test_scoring_folds_the_attention_from_a_few_photos(models):
   assert inference.attention_for(inference.FOLD_MIN_PHOTOS) == "folded"
 
 
+def test_views_one_photo_at_a_time_score_as_the_whole_batch(models):
+  # On CPU the Scorer runs the backbone and LDAs per photo and the MALs on the batch; the
+  # scores above (reference: one plain apply) already cover its default. Here both forms on
+  # one batch, and who chooses which.
+  scorer = models["scorer"]
+  images = np.stack([preprocess.resize_normalize(
+      preprocess.decode_rgb(open(p, "rb").read(), p), SIZE) for p in PHOTOS])
+  per_photo, whole = (np.asarray(jax.jit(
+      lambda v, x, each=each: inference.apply_for_scoring(scorer.model, v, x, each))(
+          scorer.variables, images)) for each in (True, False))
+  np.testing.assert_allclose(per_photo, whole, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(whole, models["reference"], rtol=1e-5, atol=1e-6)
+  assert scorer.views_per_photo and inference.default_views_per_photo("cpu")
+  assert not inference.default_views_per_photo("gpu")
+  assert not inference.default_views_per_photo("tpu")
+
+
 def test_scorer_attributes_and_mos_mapping(models):
   scorer = models["scorer"]
   assert scorer.image_size == SIZE

@@ -313,6 +313,7 @@ class MobileIQA(nn.Module):
   Methods (all usable through `model.apply(variables, ..., method=...)`):
     __call__(images, train=False, return_features=False, return_fused=False)
     forward_features(images, train=False) -> (x, dof, fused)
+    views(images, train=False) -> x;  opinions(x, train=False) -> (dof, fused)   (its halves)
     regress(fused, train=False) -> score   (e.g. the teacher's regressor on the student's
       fused feature: `teacher.apply(t_vars, s_fused, method='regress')`)
   """
@@ -355,14 +356,27 @@ class MobileIQA(nn.Module):
       self, images: jax.Array, train: bool = False
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """images (B, H, W, 3) -> x (V, B, S, S, C), dof (M, B, S, S, C), fused (B, S, S, C)."""
+    x = self.views(images, train)
+    dof, fused = self.opinions(x, train)
+    return x, dof, fused
+
+  def views(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """The backbone and the LDAs: images (B, H, W, 3) -> x (V, B, S, S, C).
+
+    Everything that grows with the input size; what follows works on S x S. In inference
+    mode each photo's views depend on that photo alone, so a scorer may run this part one
+    photo at a time (`inference.apply_for_scoring`); in training BatchNorm couples the batch.
+    """
     feats = getattr(self, self.backbone_name)(images, train=train)
     if len(feats) != len(self._lda_names):
       raise ValueError(
           f"backbone returned {len(feats)} features, expected {len(self._lda_names)}")
-    x = jnp.stack([getattr(self, n)(f) for n, f in zip(self._lda_names, feats)])
+    return jnp.stack([getattr(self, n)(f) for n, f in zip(self._lda_names, feats)])
+
+  def opinions(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The MALs: views x (V, B, S, S, C) -> dof (M, B, S, S, C), fused (B, S, S, C)."""
     dof = self.MALs(x, train)
-    fused = self.fusion_mal(dof, train)
-    return x, dof, fused
+    return dof, self.fusion_mal(dof, train)
 
   def regress(self, fused: jax.Array, train: bool = False) -> jax.Array:
     """The regressor alone: fused (B, S, S, C) -> score (B,) float32."""

@@ -44,6 +44,18 @@ def test_device_resize_matches_pil_down_and_up(size_hw):
     assert diff.max() <= MAX_LEVELS and (diff > 0).mean() <= MAX_FRACTION, (path, size_hw)
 
 
+def test_normalising_on_the_device_is_the_host_table_bit_for_bit():
+  # The host path resizes with PIL and normalises inside the jitted scorer (its resize a
+  # no-op at the same size): every uint8 value of every channel must give the host's float32.
+  from mobileiqa_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pixels = np.stack([rng.permutation(256).astype(np.uint8) for _ in range(3)], -1)[None]
+  want = preprocess.resize_normalize(Image.fromarray(pixels), (1, 256))
+  assert np.array_equal(preprocess.resize_uint8(Image.fromarray(pixels), (1, 256)), pixels)
+  got = jax.jit(lambda x: device_resize.resize_normalize(x, (1, 256)))(pixels[None])
+  np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
 def test_weights_are_pils_on_a_known_case():
   # 4 -> 2 (scale 2): PIL's support is 2 * 2 = 4, output 0's centre 1.0, its window
   # [trunc(1 - 4 + .5) clipped to 0, min(trunc(1 + 4 + .5), 4)) = [0, 4); 2 -> 4 (upscale):

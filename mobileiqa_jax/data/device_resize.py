@@ -80,6 +80,20 @@ def normalize(pixels: jax.Array) -> jax.Array:
   return (pixels / 255.0 - mean) / std
 
 
+def normalize_levels(levels: jax.Array) -> jax.Array:
+  """Whole grey levels 0..255 (N, H, W, 3), any dtype -> normalised float32, as the host does.
+
+  A look-up in the host's table (`preprocess.NORMALIZATION_TABLE`), so bit for bit the
+  reference's float32 (v / 255 - mean) / std: XLA computes `normalize`'s divisions as
+  multiplications by reciprocals, off by an ulp on two values in three.
+  """
+  table = jnp.asarray(preprocess.NORMALIZATION_TABLE.T.reshape(-1))  # [level * 3 + channel]
+  return table[levels.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)]
+
+
 def resize_normalize(images_uint8: jax.Array, size_hw: Sequence[int]) -> jax.Array:
-  """uint8 (N, H, W, 3) -> normalised float32 (N, h, w, 3): the device twin of the PIL path."""
-  return normalize(resize_bicubic(images_uint8, size_hw, round_uint8=True))
+  """uint8 (N, H, W, 3) -> normalised float32 (N, h, w, 3): the device twin of the PIL path.
+
+  At the same size (the host resized with PIL) it is exactly the host's normalisation.
+  """
+  return normalize_levels(resize_bicubic(images_uint8, size_hw, round_uint8=True))

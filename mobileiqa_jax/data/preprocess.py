@@ -84,7 +84,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The per-pixel map uint8 -> normalised float32 has only 256 values per channel, so it is a
 # table look-up. Built with the reference's float32 operations in its order ((v / 255 - mean)
 # / std), the table is bit-exact and the look-up is ~2x faster than the arithmetic.
-_LUT = (
+NORMALIZATION_TABLE = (
     (np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0))
     - np.asarray(IMAGENET_MEAN, np.float32)[:, None]
 ) / np.asarray(IMAGENET_STD, np.float32)[:, None]  # (3, 256) float32
@@ -185,8 +185,23 @@ def resize_normalize(
   a = _crop_flip(np.asarray(img), crop, hflip, vflip)
   out = _check_out(out, a.shape)
   for c in range(3):
-    np.take(_LUT[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
+    np.take(NORMALIZATION_TABLE[c], a[..., c], out=out[..., c], mode="clip")  # uint8 never clips
   return out
+
+
+def resize_uint8(img: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
+  """`resize_normalize`'s resize alone: PIL bicubic to (height, width), uint8 (H, W, 3).
+
+  For a scorer that normalises on the device (`device_resize.normalize`, bit-exact with
+  `resize_normalize`): a quarter of the bytes to move, and no per-pixel work left on the
+  host's threads (the table look-up costs ~0.1 s per photo at 1231x1907 on one core).
+  """
+  h, w = size_hw
+  if img.mode != "RGB":
+    raise ValueError(f"resize_uint8 expects an RGB image, got mode {img.mode!r}.")
+  if img.size != (w, h):
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+  return np.asarray(img)
 
 
 def augment_array(

@@ -336,8 +336,7 @@ def predict_csv_distributed(
   plan_batch = batch_size
   if plan_batch is None:
     # After initialize: asking for the backend before it would start jax's backends early.
-    # The platform's largest default; the model's own (1 for the CPU teacher on large
-    # photos, `Scorer`) divides it, so each part is still whole batches.
+    # The Scorer's own default is the same, so each part is whole batches.
     import jax  # pylint: disable=g-import-not-at-top
     plan_batch = inference.default_batch_size(jax.default_backend())
   batch = min(plan_batch, len(files))  # as predict_csv: one compiled shape, no idle padding

@@ -173,39 +173,23 @@ def default_views_per_photo(platform: str) -> bool:
   return platform not in _ACCELERATORS
 
 
-#: Above this many pixels per photo the teacher scores one photo per call on CPU.
-CPU_TEACHER_SINGLE_ABOVE_PIXELS = 1_000_000
+def default_batch_size(platform: str) -> int:
+  """Images per forward pass when the caller gives none: 8 on gpu/tpu, 2 on CPU.
 
-
-def default_batch_size(platform: str, image_size: Sequence[int] | None = None,
-                       variant: str | None = None) -> int:
-  """Images per forward pass when the caller gives none: on gpu/tpu 8, on CPU 2 or 1.
-
-  An accelerator needs the batch to fill its cores. On CPU a larger batch buys no speed and
-  costs memory in XLA's temporaries; two photos per call beat one wherever it was measured
-  except the teacher on photos over a megapixel, where one at a time is as fast (within the
-  run-to-run noise) and holds 28% less memory (2-core VM, docs/scoring.md):
-
-  - student 512x512 (2026-12-03): batch 1, 2, 8 at 0.40, 0.27, 0.36 s/photo, 1.44, 1.46,
-    2.03 GB peak RSS (PyTorch one at a time: 1.36 GB);
-  - student 1231x1907 (2026-12-04): batch 1, 2 at 1.44, 1.30-1.35 s/photo, 1.92-1.98,
-    2.17-2.21 GB (PyTorch 3.49 GB);
-  - teacher 512x512 (2026-12-04, the forward pass alone): batch 1, 2, 4 at 0.91, 0.76,
-    0.76 s/photo;
-  - teacher 1231x1907 (2026-12-04, two runs each): batch 1 at 4.82, 4.92 s/photo and 3.23,
-    3.15 GB; batch 2 at 4.92, 4.64 s/photo and 4.42, 4.47 GB (PyTorch 4.06 GB).
+  An accelerator needs the batch to fill its cores. On CPU two photos per call beat one and
+  eight wherever it was measured (2-core VM, docs/scoring.md and docs/performance.md): the
+  MALs read their big matrices once per call, while more photos per call only add XLA
+  temporaries. With the views one photo at a time (`default_views_per_photo`) the second
+  photo costs little memory even for the teacher at 1231x1907 (2026-12-06, 4 photos, two
+  runs each: batch 2 at 4.17, 4.22 s/photo and 2.92, 2.82 GB peak RSS; batch 1 at 4.49,
+  4.49 s/photo and 2.67, 2.68 GB; PyTorch 4.12 GB), which until then scored one at a time.
+  Earlier: student 512x512 (2026-12-03) at batch 1, 2, 8: 0.40, 0.27, 0.36 s/photo and 1.44,
+  1.46, 2.03 GB.
 
   Args:
     platform: 'cpu', 'gpu' ('cuda', 'rocm') or 'tpu'.
-    image_size: (height, width) photos are scored at, if known.
-    variant: 'teacher' or 'student' (a model config's `variant`), if known.
   """
-  if platform in _ACCELERATORS:
-    return 8
-  if (variant == "teacher" and image_size is not None
-      and int(image_size[0]) * int(image_size[1]) > CPU_TEACHER_SINGLE_ABOVE_PIXELS):
-    return 1
-  return 2
+  return 8 if platform in _ACCELERATORS else 2
 
 
 def make_device_scorer(model: Any, variables: Any, size_hw: tuple[int, int],
@@ -366,8 +350,7 @@ class Scorer:
     self.image_size = preprocess.parse_image_size(image_size, "image_size")
     self.model_config = dict(model_config)
     if batch_size is None:
-      batch_size = default_batch_size(jax.default_backend(), self.image_size,
-                                      self.model_config.get("variant"))
+      batch_size = default_batch_size(jax.default_backend())
     if views_per_photo is None:
       views_per_photo = default_views_per_photo(jax.default_backend())
     self.views_per_photo = bool(views_per_photo)
@@ -565,8 +548,7 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     runtime: a `runtime.Runtime` to run the model with; default this host's platform's
       (`Runtime.for_platform(jax.default_backend(), compute_dtype=...)`).
     batch_size: images per forward pass; default `default_batch_size` of this process's
-      backend, the model and the size (8 on gpu/tpu; on CPU 2, 1 for the teacher above a
-      megapixel).
+      backend (8 on gpu/tpu, 2 on CPU).
     num_workers: decoding threads (default min(8, cores)).
     which: for a workdir: 'best' or 'latest'.
     preprocessing: 'host' (PIL resize on CPU threads, the reference exactly) or 'device'

@@ -80,18 +80,28 @@ def apply_for_scoring(model: Any, variables: Any, images: Any,
   return model.apply(variables, fused, method="regress")
 
 
-def make_scorer(model: Any, variables: Any,
-                views_per_photo: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-  """A jitted function: normalised NHWC float32 batch -> scores (B,), in inference mode."""
+def make_scorer(model: Any, variables: Any, views_per_photo: bool = False,
+                resize_to: tuple[int, int] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+  """A jitted function: a batch of images -> scores (B,), in inference mode.
+
+  Without `resize_to` the batch is normalised NHWC float32. With it, uint8 (B, H, W, 3) at
+  the photos' own size, resized to `resize_to` (PIL's bicubic, `device_resize`) and
+  normalised inside; it compiles once per input shape, so callers group photos by size.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import device_resize  # pylint: disable=g-import-not-at-top
+
+  def prepare(images):
+    return images if resize_to is None else device_resize.resize_normalize(images, resize_to)
 
   # Variables are an argument, not closed over: closed-over arrays become constants baked
   # into the compiled program (hundreds of MB for the head). The module's repr lists every
   # field of what it is and how it runs: with the shapes it decides the traced program.
   score = program_cache.Function(
-      lambda v, images: apply_for_scoring(model, v, images, views_per_photo),
-      {"module": repr(model), "function": "make_scorer", "views_per_photo": views_per_photo})
+      lambda v, images: apply_for_scoring(model, v, prepare(images), views_per_photo),
+      {"module": repr(model), "function": "make_scorer", "views_per_photo": views_per_photo,
+       "resize_to": None if resize_to is None else list(resize_to)})
   variables = jax.device_put(variables)
   return lambda images: np.asarray(score(variables, jnp.asarray(images)))
 
@@ -190,26 +200,6 @@ def default_batch_size(platform: str) -> int:
     platform: 'cpu', 'gpu' ('cuda', 'rocm') or 'tpu'.
   """
   return 8 if platform in _ACCELERATORS else 2
-
-
-def make_device_scorer(model: Any, variables: Any, size_hw: tuple[int, int],
-                       views_per_photo: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-  """A jitted function: uint8 (B, H, W, 3) at the photos' own size -> scores (B,).
-
-  The resize (PIL's bicubic, `device_resize`) and normalisation run inside; it compiles once
-  per input shape, so callers group photos by size.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.data import device_resize  # pylint: disable=g-import-not-at-top
-
-  score = program_cache.Function(
-      lambda v, images: apply_for_scoring(
-          model, v, device_resize.resize_normalize(images, size_hw), views_per_photo),
-      {"module": repr(model), "function": "make_device_scorer", "size": list(size_hw),
-       "views_per_photo": views_per_photo})
-  variables = jax.device_put(variables)
-  return lambda images: np.asarray(score(variables, jnp.asarray(images)))
 
 
 def _decode(item: Any, index: int) -> np.ndarray:
@@ -400,8 +390,8 @@ class Scorer:
   def device_apply(self) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 (B, H, W, 3) at any size -> scores (B,), resized on the device; once per shape."""
     if self._device_apply is None:
-      self._device_apply = make_device_scorer(self.model, self._device_variables(),
-                                              self.image_size, self.views_per_photo)
+      self._device_apply = make_scorer(self.model, self._device_variables(),
+                                       self.views_per_photo, resize_to=self.image_size)
     return self._device_apply
 
   def _score_items(self, items, batch_size, progress, names) -> Iterator[Result]:

@@ -192,9 +192,9 @@ def resize_normalize(
 def resize_uint8(img: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
   """`resize_normalize`'s resize alone: PIL bicubic to (height, width), uint8 (H, W, 3).
 
-  For a scorer that normalises on the device (`device_resize.normalize`, bit-exact with
-  `resize_normalize`): a quarter of the bytes to move, and no per-pixel work left on the
-  host's threads (the table look-up costs ~0.1 s per photo at 1231x1907 on one core).
+  For a scorer that normalises on the device (`device_resize.normalize_levels`, bit-exact
+  with `resize_normalize`): a quarter of the bytes to move, and no per-pixel work left on
+  the host's threads (the table look-up costs ~0.1 s per photo at 1231x1907 on one core).
   """
   h, w = size_hw
   if img.mode != "RGB":

@@ -1,7 +1,8 @@
 r"""Scoring photos, JAX `load(.pkl).score` against the authors' PyTorch, in one run.
 
   python benchmarks/scoring.py [--models=student,teacher] [--sizes=512x512,1231x1907]
-      [--frameworks=jax,torch] [--batch=N] [--photos=8] [--repeats=2] [--stages]
+      [--frameworks=jax,torch] [--allocators=default,reuse] [--batch=N] [--photos=8]
+      [--repeats=2] [--stages]
 
 Writes an authors'-format `.pkl` per model with random weights (tests/support.py's
 `save_authors_pkl`; the time does not depend on them), then runs every (framework, model,
@@ -11,6 +12,13 @@ size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
   (compile + score) and warm seconds per photo (median of --repeats);
 - torch: the authors' model code (tests/torch_reference.py) with `load_state_dict` of the same
   `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
+
+Each framework runs under both C allocator settings (`--allocators`): 'default' (glibc as it
+comes) and 'reuse' (`mobileiqa_jax.host_allocator.reuse_freed_memory()` first in the process,
+as the mobileiqa commands do). Both matter: the commands run JAX with 'reuse', the authors'
+code runs with 'default', and PyTorch gains more from 'reuse' than JAX does. The ratio rows
+compare like with like, and 'reuse/default' is the commands against the authors' code as it
+comes.
 
 `--stages` also prints JAX's VmHWM/VmRSS after imports, load, first call and warm calls (where
 the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless
@@ -103,6 +111,8 @@ def main() -> None:
   parser.add_argument("--models", default="student,teacher")
   parser.add_argument("--sizes", default="512x512,1231x1907", help="HxW,HxW,...")
   parser.add_argument("--frameworks", default="jax,torch")
+  parser.add_argument("--allocators", default="default,reuse",
+                      help="C allocator settings to run each framework under (host_allocator)")
   parser.add_argument("--batch", type=int, default=0,
                       help="JAX batch size (0: load's default for this platform)")
   parser.add_argument("--photos", type=int, default=8)
@@ -114,19 +124,24 @@ def main() -> None:
   parser.add_argument("--cli_size", default="1231,1907", help="H,W of the command rows")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--framework", help=argparse.SUPPRESS)
+  parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   parser.add_argument("--pkl", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
+    if args.allocator == "reuse":  # Before numpy, torch or jax start any thread.
+      from mobileiqa_jax import host_allocator  # pylint: disable=g-import-not-at-top
+      if not host_allocator.reuse_freed_memory():
+        raise SystemExit("--allocators=reuse needs glibc's malloc")
     print(json.dumps(_worker(args)))
     return
 
   print(f"# {platform.node()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, JAX batch {args.batch or 'default'}, "
         f"{args.photos} photos")
-  print(f"{'model':8} {'size':>10} {'framework':>9} {'s/photo':>8} {'first s':>8} "
-        f"{'peak RSS GB':>11}")
+  print(f"{'model':8} {'size':>10} {'framework':>9} {'malloc':>13} {'s/photo':>8} "
+        f"{'first s':>8} {'peak RSS GB':>11}")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   tmp = tempfile.mkdtemp(prefix="scoring_bench_")
   sys.path.insert(0, REPO)
@@ -139,23 +154,30 @@ def main() -> None:
                                    os.path.join(tmp, f"{model}.pkl"))
     for size in args.sizes.split(","):
       for fw in args.frameworks.split(","):
-        cmd = [sys.executable, __file__, "--worker", f"--framework={fw}", f"--model={model}",
-               f"--size={size}", f"--batch={args.batch}", f"--repeats={args.repeats}",
-               f"--photos={args.photos}", f"--photo_dir={args.photo_dir}", f"--pkl={pkl}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-          print(f"{model:8} {size:>10} {fw:>9} FAILED: {out.stderr.strip()[-300:]}")
-          continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results[(model, size, fw)] = r
-        print(f"{model:8} {size:>10} {fw:>9} {r['s_per_photo']:8.3f} {r['first_s']:8.2f} "
-              f"{r['peak_rss_gb']:11.2f}", flush=True)
-        if args.stages:
-          print("  " + json.dumps(r["stages"]), flush=True)
-      j, t = results.get((model, size, "jax")), results.get((model, size, "torch"))
-      if j and t:
-        print(f"{model:8} {size:>10} {'jax/torch':>9} {j['s_per_photo'] / t['s_per_photo']:8.2f} "
-              f"{'':8} {j['peak_rss_gb'] / t['peak_rss_gb']:11.2f}", flush=True)
+        for alloc in args.allocators.split(","):
+          cmd = [sys.executable, __file__, "--worker", f"--framework={fw}", f"--model={model}",
+                 f"--size={size}", f"--batch={args.batch}", f"--repeats={args.repeats}",
+                 f"--photos={args.photos}", f"--photo_dir={args.photo_dir}", f"--pkl={pkl}",
+                 f"--allocator={alloc}"]
+          out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+          if out.returncode:
+            print(f"{model:8} {size:>10} {fw:>9} {alloc:>13} FAILED: "
+                  f"{out.stderr.strip()[-300:]}")
+            continue
+          r = json.loads(out.stdout.strip().splitlines()[-1])
+          results[(model, size, fw, alloc)] = r
+          print(f"{model:8} {size:>10} {fw:>9} {alloc:>13} {r['s_per_photo']:8.3f} "
+                f"{r['first_s']:8.2f} {r['peak_rss_gb']:11.2f}", flush=True)
+          if args.stages:
+            print("  " + json.dumps(r["stages"]), flush=True)
+      # Like with like, then the commands (reuse) against the authors' code as it comes.
+      for ja, ta in [(a, a) for a in args.allocators.split(",")] + [("reuse", "default")]:
+        j, t = results.get((model, size, "jax", ja)), results.get((model, size, "torch", ta))
+        if j and t:
+          label = ja if ja == ta else f"{ja}/{ta}"
+          print(f"{model:8} {size:>10} {'jax/torch':>9} {label:>13} "
+                f"{j['s_per_photo'] / t['s_per_photo']:8.2f} {'':8} "
+                f"{j['peak_rss_gb'] / t['peak_rss_gb']:11.2f}", flush=True)
   if args.cli_rounds > 0:
     import quick_start  # pylint: disable=g-import-not-at-top  # this folder's
     pkl = os.path.join(tmp, "student.pkl")

@@ -1,0 +1,70 @@
+"""The host's C allocator: keep the memory a call frees, so that the next call reuses it.
+
+On CPU every call of a compiled XLA program allocates its temporaries as one block (206 MB
+for the teacher's backbone and LDAs on one 512x512 photo) and frees it at the end. glibc's
+malloc serves blocks that large with a fresh `mmap` and returns them with `munmap`, so each
+call touches every page anew: ~50,000 page faults per photo there, each a trap and a zeroed
+4 KiB page. PyTorch's eager layers pay the same for each large activation. On the 2-core VM
+this measured (2026-12-06, benchmarks/scoring.py --allocators=default,reuse, 512x512):
+
+    teacher  JAX 0.669 -> 0.631 s/photo   PyTorch 1.139 -> 0.698 s/photo
+    student  JAX 0.296 -> 0.270 s/photo   PyTorch 0.508 -> 0.356 s/photo
+
+`reuse_freed_memory` tells glibc to keep freed memory in its heap instead: one arena (XLA's
+threads would otherwise get arenas of at most 64 MB, whose larger blocks always fall back to
+`mmap`), no `mmap` for large blocks, and no trimming below 2 GiB. After the first call the
+temporaries land on pages already mapped. The cost: the process keeps its peak footprint
+until it exits (peak RSS, what benchmarks report, is unchanged or lower), and all threads
+share one arena's lock, which a scoring job's few threads do not notice.
+
+It must run before any thread has allocated (glibc fixes the number of arenas when the second
+one is made), so the entry points call it first: `mobileiqa_jax.console.run_command`, which
+every launch/ script but training and the `mobileiqa` command go through. A Python program
+that scores on CPU calls it before importing jax:
+
+    from mobileiqa_jax import host_allocator
+    host_allocator.reuse_freed_memory()
+    import mobileiqa_jax
+    ...
+
+The environment variable `MOBILEIQA_REUSE_FREED_MEMORY=0` turns it off for the commands. The
+same settings from outside the process, for any program (PyTorch's included):
+GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+#: The environment variable that turns `reuse_freed_memory` off for the commands ('0').
+ENV_VAR = "MOBILEIQA_REUSE_FREED_MEMORY"
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+# mallopt takes an int: the largest top-of-heap glibc may keep without returning it.
+_TRIM_THRESHOLD = 2**31 - 1
+
+
+def enabled_by_environment() -> bool:
+  """False when MOBILEIQA_REUSE_FREED_MEMORY is '0' (or 'false', 'no', 'off')."""
+  return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def reuse_freed_memory() -> bool:
+  """Makes glibc's malloc keep freed memory for reuse; returns whether it took effect.
+
+  False, and nothing changed, where the C library is not glibc (macOS, musl).
+  """
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL(None)
+  mallopt = libc.mallopt
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt.restype = ctypes.c_int
+  # mallopt returns 1 on success, 0 on an invalid value.
+  return all(mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))

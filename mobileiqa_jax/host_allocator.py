@@ -5,17 +5,19 @@ for the teacher's backbone and LDAs on one 512x512 photo) and frees it at the en
 malloc serves blocks that large with a fresh `mmap` and returns them with `munmap`, so each
 call touches every page anew: ~50,000 page faults per photo there, each a trap and a zeroed
 4 KiB page. PyTorch's eager layers pay the same for each large activation. On the 2-core VM
-this measured (2026-12-06, benchmarks/scoring.py --allocators=default,reuse, 512x512):
+(2026-12-06 16:35 UTC, benchmarks/scoring.py; seconds per photo, default -> reuse):
 
-    teacher  JAX 0.669 -> 0.631 s/photo   PyTorch 1.139 -> 0.698 s/photo
-    student  JAX 0.296 -> 0.270 s/photo   PyTorch 0.508 -> 0.356 s/photo
+    student 512x512    JAX 0.290 -> 0.279   PyTorch 0.498 -> 0.380
+    teacher 512x512    JAX 0.694 -> 0.653   PyTorch 1.133 -> 0.721
+    teacher 1231x1907  JAX 4.161 -> 4.060   PyTorch 10.606 -> 6.051
 
 `reuse_freed_memory` tells glibc to keep freed memory in its heap instead: one arena (XLA's
 threads would otherwise get arenas of at most 64 MB, whose larger blocks always fall back to
 `mmap`), no `mmap` for large blocks, and no trimming below 2 GiB. After the first call the
 temporaries land on pages already mapped. The cost: the process keeps its peak footprint
-until it exits (peak RSS, what benchmarks report, is unchanged or lower), and all threads
-share one arena's lock, which a scoring job's few threads do not notice.
+until it exits; XLA frees a call's block asynchronously, so the heap can hold two or more
+blocks of the largest temporaries (peak RSS +0.01 to +0.50 GB in the table of docs/scoring.md);
+and all threads share one arena's lock, which a scoring job's few threads do not notice.
 
 It must run before any thread has allocated (glibc fixes the number of arenas when the second
 one is made), so the entry points call it first: `mobileiqa_jax.console.run_command`, which

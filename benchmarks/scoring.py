@@ -14,11 +14,11 @@ size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
   `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
 
 Each framework runs under both C allocator settings (`--allocators`): 'default' (glibc as it
-comes) and 'reuse' (`mobileiqa_jax.host_allocator.reuse_freed_memory()` first in the process,
-as the mobileiqa commands do). Both matter: the commands run JAX with 'reuse', the authors'
-code runs with 'default', and PyTorch gains more from 'reuse' than JAX does. The ratio rows
-compare like with like, and 'reuse/default' is the commands against the authors' code as it
-comes.
+comes, what both get unless asked) and 'reuse' (`mobileiqa_jax.host_allocator.
+reuse_freed_memory()` first in the process, as the commands do with
+MOBILEIQA_REUSE_FREED_MEMORY=1). PyTorch gains more from 'reuse' than JAX does, so the ratio
+rows compare like with like; 'reuse/default' is JAX with the setting against the authors'
+code as it comes.
 
 `--stages` also prints JAX's VmHWM/VmRSS after imports, load, first call and warm calls (where
 the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless

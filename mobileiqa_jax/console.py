@@ -43,8 +43,8 @@ PROG = "mobileiqa"
 def run_command(name: str, prog: str | None = None) -> None:
   """Runs command `name` as `__main__` with sys.argv[1:] as its flags and arguments.
 
-  First makes the C allocator keep freed memory for reuse (`host_allocator`; the environment
-  variable MOBILEIQA_REUSE_FREED_MEMORY=0 turns that off).
+  With MOBILEIQA_REUSE_FREED_MEMORY=1 it first makes the C allocator keep freed memory for
+  reuse (`host_allocator`).
 
   Args:
     name: a key of COMMANDS.

@@ -14,23 +14,30 @@ call touches every page anew: ~50,000 page faults per photo there, each a trap a
 `reuse_freed_memory` tells glibc to keep freed memory in its heap instead: one arena (XLA's
 threads would otherwise get arenas of at most 64 MB, whose larger blocks always fall back to
 `mmap`), no `mmap` for large blocks, and no trimming below 2 GiB. After the first call the
-temporaries land on pages already mapped. The cost: the process keeps its peak footprint
-until it exits; XLA frees a call's block asynchronously, so the heap can hold two or more
-blocks of the largest temporaries (peak RSS +0.01 to +0.50 GB in the table of docs/scoring.md);
-and all threads share one arena's lock, which a scoring job's few threads do not notice.
+temporaries land on pages already mapped.
 
-It must run before any thread has allocated (glibc fixes the number of arenas when the second
-one is made), so the entry points call it first: `mobileiqa_jax.console.run_command`, which
-every launch/ script but training and the `mobileiqa` command go through. A Python program
-that scores on CPU calls it before importing jax:
+It is off unless asked for, because it costs as much as it buys JAX:
+- compiles are ~50% slower (the teacher's 512x512 scoring program 3.2 -> 4.8 s, the
+  student's 3.0 -> 4.6 s): XLA's compiler threads then contend for the one arena. A run that
+  finds its programs in the compilation cache compiles nothing; a first run pays it (the
+  one-photo command's first run took 8.86 against 8.08 s);
+- the process keeps its peak footprint until it exits, and as XLA frees a call's block
+  asynchronously the heap can hold two or more blocks of the largest temporaries (peak RSS
+  +0.01 to +0.50 GB in the table of docs/scoring.md);
+- all threads share one arena's lock.
+A long CPU scoring job whose programs are cached gains the 2-6%.
+
+It must run before any thread has allocated (glibc fixes a thread's arena at its first
+allocation), so the commands do it first, in `mobileiqa_jax.console.run_command` (every
+launch/ script but training, and the `mobileiqa` command), when the environment variable
+MOBILEIQA_REUSE_FREED_MEMORY is 1. A Python program calls it before importing jax:
 
     from mobileiqa_jax import host_allocator
     host_allocator.reuse_freed_memory()
     import mobileiqa_jax
     ...
 
-The environment variable `MOBILEIQA_REUSE_FREED_MEMORY=0` turns it off for the commands. The
-same settings from outside the process, for any program (PyTorch's included):
+The same settings from outside the process, for any program (PyTorch's included):
 GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
 """
 
@@ -40,7 +47,7 @@ import ctypes
 import os
 import platform
 
-#: The environment variable that turns `reuse_freed_memory` off for the commands ('0').
+#: The environment variable that turns `reuse_freed_memory` on for the commands ('1').
 ENV_VAR = "MOBILEIQA_REUSE_FREED_MEMORY"
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -52,8 +59,8 @@ _TRIM_THRESHOLD = 2**31 - 1
 
 
 def enabled_by_environment() -> bool:
-  """False when MOBILEIQA_REUSE_FREED_MEMORY is '0' (or 'false', 'no', 'off')."""
-  return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+  """True when MOBILEIQA_REUSE_FREED_MEMORY is '1' (or 'true', 'yes', 'on')."""
+  return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def reuse_freed_memory() -> bool:

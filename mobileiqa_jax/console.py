@@ -24,7 +24,6 @@ import sys
 from typing import Sequence
 
 from mobileiqa_jax import cli
-from mobileiqa_jax import host_allocator
 
 # Command name -> module of mobileiqa_jax.commands (and the launch/ script that runs it).
 COMMANDS = {
@@ -43,18 +42,12 @@ PROG = "mobileiqa"
 def run_command(name: str, prog: str | None = None) -> None:
   """Runs command `name` as `__main__` with sys.argv[1:] as its flags and arguments.
 
-  With MOBILEIQA_REUSE_FREED_MEMORY=1 it first makes the C allocator keep freed memory for
-  reuse (`host_allocator`).
-
   Args:
     name: a key of COMMANDS.
     prog: the name its errors start with (default: the running script's file name, e.g.
       `predict.py` for launch/predict.py).
   """
   cli.program_name = prog or os.path.basename(sys.argv[0])
-  # Before the command imports anything that starts threads (host_allocator says why).
-  if host_allocator.enabled_by_environment():
-    host_allocator.reuse_freed_memory()
   try:
     # alter_sys: sys.argv[0] becomes the module's file while it runs, which is where absl
     # files the flags it defines, so `--help` lists them.

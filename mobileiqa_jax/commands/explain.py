@@ -16,6 +16,7 @@ from absl import flags
 
 from mobileiqa_jax import cli
 from mobileiqa_jax import compilation_cache
+from mobileiqa_jax import host_allocator
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict.", required=True)
@@ -30,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   compilation_cache.enable_from_flags()
+  host_allocator.reuse_freed_memory_unless_disabled()
   from mobileiqa_jax import explain  # pylint: disable=g-import-not-at-top
   return explain.explain_command(FLAGS.checkpoint, argv[1:], FLAGS.output, sys.stderr,
                                  FLAGS.image_size, FLAGS.overwrite, FLAGS.progress)

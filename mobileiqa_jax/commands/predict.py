@@ -27,6 +27,7 @@ from absl import flags
 
 from mobileiqa_jax import cli
 from mobileiqa_jax import compilation_cache
+from mobileiqa_jax import host_allocator
 from mobileiqa_jax import distributed_scoring
 from mobileiqa_jax import inference
 
@@ -55,6 +56,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   compilation_cache.enable_from_flags()
+  host_allocator.reuse_freed_memory_unless_disabled()
   settings = dict(checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
                   model=FLAGS.model, preprocessing=FLAGS.preprocessing, err=sys.stderr)

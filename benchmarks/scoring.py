@@ -13,12 +13,11 @@ size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
 - torch: the authors' model code (tests/torch_reference.py) with `load_state_dict` of the same
   `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
 
-Each framework runs under both C allocator settings (`--allocators`): 'default' (glibc as it
-comes, what both get unless asked) and 'reuse' (`mobileiqa_jax.host_allocator.
-reuse_freed_memory()` first in the process, as the commands do with
-MOBILEIQA_REUSE_FREED_MEMORY=1). PyTorch gains more from 'reuse' than JAX does, so the ratio
-rows compare like with like; 'reuse/default' is JAX with the setting against the authors'
-code as it comes.
+Each framework runs under both allocator settings (`--allocators`): 'default' (glibc and jax
+as they come) and 'reuse' (`mobileiqa_jax.host_allocator`: for JAX `reuse_freed_memory()`, as
+the scoring commands apply it; for PyTorch its glibc half, `keep_freed_blocks()`). PyTorch
+gains more from 'reuse' than JAX does, so the ratio rows compare like with like;
+'reuse/default' is JAX as the commands run it against the authors' code as it comes.
 
 `--stages` also prints JAX's VmHWM/VmRSS after imports, load, first call and warm calls (where
 the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless
@@ -130,9 +129,12 @@ def main() -> None:
   parser.add_argument("--pkl", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    if args.allocator == "reuse":  # Before numpy, torch or jax start any thread.
+    if args.allocator == "reuse":
       from mobileiqa_jax import host_allocator  # pylint: disable=g-import-not-at-top
-      if not host_allocator.reuse_freed_memory():
+      # PyTorch runs its layers on the calling thread already: glibc's half only (no jax).
+      apply = (host_allocator.reuse_freed_memory if args.framework == "jax"
+               else host_allocator.keep_freed_blocks)
+      if not apply():
         raise SystemExit("--allocators=reuse needs glibc's malloc")
     print(json.dumps(_worker(args)))
     return

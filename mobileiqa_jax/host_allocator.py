@@ -46,24 +46,29 @@ _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2**31 - 1
 
 
-def reuse_freed_memory() -> bool:
-  """Keeps XLA:CPU's per-call temporaries on reused pages; returns whether it took effect.
-
-  Sets glibc's M_MMAP_MAX to 0 and M_TRIM_THRESHOLD to 2 GiB - 1, and jax's
-  `jax_cpu_enable_async_dispatch` to False. False, and nothing changed, where the C library
-  is not glibc (macOS, musl).
-  """
+def keep_freed_blocks() -> bool:
+  """glibc's half: M_MMAP_MAX 0 and M_TRIM_THRESHOLD 2 GiB - 1, so that the main arena serves
+  large blocks from its heap and keeps them when freed. Returns whether it took effect (False,
+  and nothing changed, where the C library is not glibc: macOS, musl)."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
-  import jax  # pylint: disable=g-import-not-at-top
-  libc = ctypes.CDLL(None)
-  mallopt = libc.mallopt
+  mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
   # mallopt returns 1 on success, 0 on an invalid value.
-  if not all(mallopt(param, value) == 1
-             for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))):
+  return all(mallopt(param, value) == 1
+             for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+
+
+def reuse_freed_memory() -> bool:
+  """Keeps XLA:CPU's per-call temporaries on reused pages; returns whether it took effect.
+
+  `keep_freed_blocks`, then jax's `jax_cpu_enable_async_dispatch` False (calls run on the
+  calling thread, whose arena is the main one in a program's main thread).
+  """
+  if not keep_freed_blocks():
     return False
+  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   return True
 

@@ -73,6 +73,18 @@ def reuse_freed_memory() -> bool:
   return True
 
 
+def release_freed_memory() -> None:
+  """Returns the heap's free pages to the system (glibc's `malloc_trim(0)`; elsewhere nothing).
+
+  With `keep_freed_blocks` in force nothing else does: what loading a checkpoint allocated
+  and freed (the .pkl's arrays, the conversion) would stay resident under the scoring's own
+  temporaries (peak RSS of the teacher at 512x512: 1.56 GB against 1.33 without the setting).
+  `Scorer` calls it once its weights are on the device, before its first call.
+  """
+  if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 def reuse_freed_memory_unless_disabled() -> bool:
   """`reuse_freed_memory`, unless MOBILEIQA_REUSE_FREED_MEMORY is '0' (or 'false', 'no',
   'off'); what the scoring commands call. Returns whether it took effect."""

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mobileiqa_jax import compilation_cache
+from mobileiqa_jax import host_allocator
 from mobileiqa_jax import program_cache
 from mobileiqa_jax.data import preprocess
 
@@ -384,6 +385,8 @@ class Scorer:
     """
     import jax  # pylint: disable=g-import-not-at-top
     self.variables = jax.device_put(self.variables)
+    # What loading freed goes back to the system before the scoring's temporaries come.
+    host_allocator.release_freed_memory()
     return self.variables
 
   @property

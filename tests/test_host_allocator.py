@@ -31,24 +31,36 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):
   f(x).block_until_ready()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# What is freed stays resident under reuse, until release_freed_memory.
+import numpy as np
+def rss_mb():
+  return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+a = np.ones(2**26, np.float32)
+del a
+kept = rss_mb()
+host_allocator.release_freed_memory()
+print(kept - rss_mb())
 """
 
 
-def _faults_of_eight_calls(mode: str) -> int:
+def _probe(mode: str) -> tuple[int, int]:
+  """(page faults of eight warm calls, MB that release_freed_memory gave back)."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   for name in ("GLIBC_TUNABLES", "JAX_CPU_ENABLE_ASYNC_DISPATCH"):  # glibc's and jax's defaults
     env.pop(name, None)
   out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
                        env=env, timeout=120, check=True)
-  return int(out.stdout.strip().splitlines()[-1])
+  faults, released = out.stdout.strip().splitlines()[-2:]
+  return int(faults), int(released)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_freed_memory_is_reused_without_page_faults():
-  default, reuse = _faults_of_eight_calls("default"), _faults_of_eight_calls("reuse")
+def test_freed_memory_is_reused_without_page_faults_and_released_on_demand():
+  (default, _), (reuse, released) = _probe("default"), _probe("reuse")
   # The premise first, so the test can fail: every call faults its 32,768 pages in.
   assert default > 8 * 30_000, default
   assert reuse < 40_000, (default, reuse)  # at most one block's growth in eight calls
+  assert released >= 200, released  # the 256 MB array freed under reuse
 
 
 def test_the_environment_can_turn_it_off(monkeypatch):

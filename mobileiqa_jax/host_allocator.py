@@ -18,7 +18,7 @@ synchronous, the block freed by one call is free when the next allocates. What l
 checkpoint freed is given back before scoring (`release_freed_memory`, which `Scorer` calls).
 On the 2-core VM (2026-12-06 17:39 UTC, benchmarks/scoring.py, seconds per photo and peak RSS,
 without -> with): the teacher at 512x512 0.708 -> 0.667 s, 1.33 -> 1.40 GB; the student at
-1231x1907 0.937 -> 0.909 s, 1.69 -> 2.17 GB; compiles no slower.
+1231x1907 0.937 -> 0.909 s, 1.69 -> 2.17 GB; compiles within 4%.
 
 The scoring commands (predict, evaluate, explain; launch/ or `mobileiqa`) apply it when they
 start, unless MOBILEIQA_REUSE_FREED_MEMORY=0. A Python program that scores on CPU may call it

@@ -27,8 +27,8 @@ from absl import flags
 
 from mobileiqa_jax import cli
 from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import host_allocator
 from mobileiqa_jax import distributed_scoring
+from mobileiqa_jax import host_allocator
 from mobileiqa_jax import inference
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "

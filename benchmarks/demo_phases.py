@@ -3,7 +3,7 @@ r"""Where the demo's time goes: each phase of `configs/<teacher|student>.py:demo
   python benchmarks/demo_phases.py [--config=configs/teacher.py:demo] [--steps=30] \
       [--loader_batches=30] [--config.<field>=...]
 
-Builds the run the way `train.train_and_evaluate` does and times, one after the other (wall
+Builds the run the way `trainer.train_and_evaluate` does and times, one after the other (wall
 and process CPU seconds; CPU time counts every thread, so it is what a phase costs on a
 shared machine): imports, the demo data set, the model and jitted steps, initialisation,
 the train and eval step compiles, steady train steps on a batch already on the device (no
@@ -28,11 +28,11 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mobileiqa_jax import checkpoint as ckpt_lib  # noqa: E402
-from mobileiqa_jax import evaluate  # noqa: E402
+from mobileiqa_jax.weights import checkpoint as ckpt_lib  # noqa: E402
+from mobileiqa_jax.training import evaluation  # noqa: E402
 from mobileiqa_jax import sharding  # noqa: E402
-from mobileiqa_jax import train  # noqa: E402
-from mobileiqa_jax.data import feed  # noqa: E402
+from mobileiqa_jax.training import trainer  # noqa: E402
+from mobileiqa_jax.data import train_data  # noqa: E402
 from mobileiqa_jax.models import runtime as runtime_lib  # noqa: E402
 
 _IMPORT_S, _IMPORT_CPU = time.perf_counter() - _T0, time.process_time() - _C0
@@ -68,11 +68,11 @@ def main(argv):
         f"(load average {os.getloadavg()[0]:.2f})", flush=True)
   mesh = sharding.make_mesh(config.mesh)
   rt = runtime_lib.for_training(config, runtime_lib.platform_of(mesh.devices.flat[0]))
-  data = clock("demo data set (from_config)", feed.from_config, config)
+  data = clock("demo data set (from_config)", train_data.from_config, config)
   teacher = teacher_host = None
   if config.teacher_checkpoint:
-    teacher, teacher_host = clock("load teacher", train.load_teacher, config, rt.frozen())
-  steps = clock("build_steps", train.build_steps, config, mesh, data.steps_per_epoch, teacher,
+    teacher, teacher_host = clock("load teacher", trainer.load_teacher, config, rt.frozen())
+  steps = clock("build_steps", trainer.build_steps, config, mesh, data.steps_per_epoch, teacher,
                 rt)
   teacher_vars = (None if teacher is None else
                   sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
@@ -103,7 +103,7 @@ def main(argv):
         break
   clock(f"{_LOADER.value} loader batches (no step)", run_loader)
 
-  clock("one eval pass (with its input)", lambda: evaluate.score_batches(
+  clock("one eval pass (with its input)", lambda: evaluation.score_batches(
       steps.eval_step, state.variables, data.eval_batches(), mesh)[0])
 
   with tempfile.TemporaryDirectory() as tmp:

@@ -56,7 +56,7 @@ TOY = {"size": "64,64", "batch": "2", "steps": "1", "teacher_backbone": "mobilev
        "student_backbone": "mobilenetv3_small_050", "width": "16", "pooled": "6",
        "teacher_pool": "2"}
 
-# jax Device.device_kind -> the chip name in aot.CHIPS.
+# jax Device.device_kind -> the chip name in aot_compile.CHIPS.
 _KINDS = {"H100": "h100", "H200": "h200", "A100": "a100"}
 
 
@@ -76,14 +76,14 @@ def _child(spec: str) -> dict:
     ips, peak = train_step.time_torch(rest[0])
     return {"images_per_s": ips, "peak_bytes": peak}
   if what == "plan":
-    from mobileiqa_jax import aot  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.training import aot_compile  # pylint: disable=g-import-not-at-top
     kind, dtype, remat, topology = rest[0], rest[1], rest[2], ":".join(rest[3:])
     c = train_step._config("teacher" if kind == "teacher" else "student", dtype,  # pylint: disable=protected-access
                            remat == "1")
     c.depthwise_impl = ""
     if kind == "distill":
       c.teacher_checkpoint = "no/such/teacher"  # the preset teacher at this head size
-    report = aot.compile_for_topology(c, topology, with_eval=False,
+    report = aot_compile.compile_for_topology(c, topology, with_eval=False,
                                       teacher_backbone=FLAGS.teacher_backbone)
     return report.to_json()
   raise ValueError(f"unknown row {spec!r}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mobileiqa_jax import inference
+from mobileiqa_jax.scoring import scorer
 from mobileiqa_jax.data import device_resize
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
@@ -48,7 +48,7 @@ def main() -> None:
   sys.path.insert(0, os.path.join(HERE, "..", "tests"))
   import support  # pylint: disable=import-outside-toplevel
   variables = support.random_variables(model)
-  host = inference.Scorer(model, variables, (64, 64), config.to_dict(), batch_size=1)
+  host = scorer.Scorer(model, variables, (64, 64), config.to_dict(), batch_size=1)
   # Spread the scores over the sigmoid (as tests/test_scorer.py): standardise the logits.
   s = host.score(photos)
   logits = np.log(s) - np.log1p(-s)
@@ -68,8 +68,8 @@ def main() -> None:
       out = np.asarray(resize(np.asarray(im)[None]))[0].astype(np.int32)
       d = np.abs(out - ref)
       worst, differ = max(worst, int(d.max())), differ + [float((d > 0).mean())]
-    h = inference.Scorer(model, variables, size, config.to_dict(), batch_size=1)
-    dv = inference.Scorer(model, variables, size, config.to_dict(), batch_size=1,
+    h = scorer.Scorer(model, variables, size, config.to_dict(), batch_size=1)
+    dv = scorer.Scorer(model, variables, size, config.to_dict(), batch_size=1,
                           preprocessing="device")
     arrays = [np.asarray(im) for im in inputs]
     sh, sd = h.score(arrays), dv.score(arrays)

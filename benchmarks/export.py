@@ -11,7 +11,7 @@ process, weights included) belongs to that step alone:
 
 - JAX: the jitted scorer, batch 1, the project's default depthwise implementation for this
   backend; latency after a warm-up call (which includes compilation).
-- export: `mobileiqa_jax.export.export` per quantisation (conversion time and file size).
+- export: `mobileiqa_jax.export.tflite.export` per quantisation (conversion time and file size).
 - interpreter: `ai_edge_litert` alone (no TensorFlow, no JAX imported, as in an app) loads the
   file, allocates, invokes once to warm up, then `--repeats` timed invokes; `xnnpack` is
   LiteRT's default XNNPACK delegate, `builtin` its reference CPU kernels.
@@ -131,7 +131,7 @@ def _worker_jax(args) -> dict:
 
 
 def _worker_export(args) -> dict:
-  from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in args.size.split("x"))
@@ -140,7 +140,7 @@ def _worker_export(args) -> dict:
   variables = _random_variables(model, (h, w))
   fmt = "onnx" if args.model_file.endswith(".onnx") else "tflite"
   t = time.perf_counter()
-  meta = export.export(model, variables, args.model_file, (h, w), args.quantize,
+  meta = tflite.export(model, variables, args.model_file, (h, w), args.quantize,
                        mobileiqa.model_config("student", **small).to_dict(), fmt=fmt,
                        measure=False)
   return {"convert_s": time.perf_counter() - t, "mib": meta["file_bytes"] / 2**20,

@@ -32,8 +32,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from mobileiqa_jax import aot  # noqa: E402
-from mobileiqa_jax.models import mobileiqa, mobilevitv2 as mv, runtime  # noqa: E402
+from mobileiqa_jax.training import aot_compile  # noqa: E402
+from mobileiqa_jax.models import mobileiqa  # noqa: E402
+from mobileiqa_jax.models import mobilevitv2 as mv  # noqa: E402
+from mobileiqa_jax.models import runtime  # noqa: E402
 
 flags.DEFINE_string("chip", "v5e:2x2", "a TPU topology; one of its chips is compiled for")
 flags.DEFINE_integer("per_chip_batch", 2, "images per chip (the paper's 8 on 4 chips is 2)")
@@ -100,11 +102,11 @@ def main(argv: list[str]) -> None:
   unknown = sorted(set(flags_.layers) - set(known))
   if unknown:
     sys.exit(f"--layers: unknown {unknown}; known: {', '.join(known)}")
-  device = aot.topology_devices(flags_.chip)[0]
+  device = aot_compile.topology_devices(flags_.chip)[0]
   sharding = NamedSharding(Mesh([device], ("d",)), PartitionSpec())
   b = flags_.per_chip_batch
   dw = flags_.depthwise_impl or runtime.depthwise_impl_for("tpu")
-  print(f"{aot.chip_of(flags_.chip).name}, one chip, {b} images, bfloat16, depthwise "
+  print(f"{aot_compile.chip_of(flags_.chip).name}, one chip, {b} images, bfloat16, depthwise "
         f"'{dw}'; GB per image")
   print(f"{'layer':16s} {'mode':8s} {'bytes':>8s} {'input map':>10s} {'ratio':>6s} "
         f"{'temp GiB':>9s} {'compile':>8s}")
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> None:
     for mode in flags_.modes:
       t = time.time()
       compiled = _compile(make(dw), (b,) + hwc, bn, mode, sharding)
-      _, accessed = aot._cost(compiled)  # pylint: disable=protected-access
+      _, accessed = aot_compile._cost(compiled)  # pylint: disable=protected-access
       temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
       in_map = functools.reduce(lambda a, c: a * c, hwc) * 2  # bfloat16 bytes per image
       print(f"{name:16s} {mode:8s} {accessed / b / 1e9:8.3f} {in_map / 1e9:10.3f} "

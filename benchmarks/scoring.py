@@ -8,13 +8,13 @@ Writes an authors'-format `.pkl` per model with random weights (tests/support.py
 `save_authors_pkl`; the time does not depend on them), then runs every (framework, model,
 size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
 
-- jax: `mobileiqa_jax.inference.load(pkl, size, batch_size=--batch).score(photos)`; first call
+- jax: `mobileiqa_jax.scoring.scorer.load(pkl, size, batch_size=--batch).score(photos)`; first call
   (compile + score) and warm seconds per photo (median of --repeats);
 - torch: the authors' model code (tests/torch_reference.py) with `load_state_dict` of the same
   `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
 
 Each framework runs under both allocator settings (`--allocators`): 'default' (glibc and jax
-as they come) and 'reuse' (`mobileiqa_jax.host_allocator`: for JAX `reuse_freed_memory()`, as
+as they come) and 'reuse' (`mobileiqa_jax.scoring.host_allocator`: for JAX `reuse_freed_memory()`, as
 the scoring commands apply it; for PyTorch its glibc half, `keep_freed_blocks()`). PyTorch
 gains more from 'reuse' than JAX does, so the ratio rows compare like with like;
 'reuse/default' is JAX as the commands run it against the authors' code as it comes.
@@ -79,9 +79,9 @@ def _worker(args: argparse.Namespace) -> dict:
           out.append(float(model(x)[0]))
       return out
   else:
-    from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
     stages["import"] = _mem()
-    scorer = inference.load(args.pkl, (h, w), batch_size=args.batch or None)
+    scorer = scorer_lib.load(args.pkl, (h, w), batch_size=args.batch or None)
     stages["load"] = _mem()
     stages["tensorflow imported"] = "tensorflow" in sys.modules
 
@@ -130,7 +130,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.worker:
     if args.allocator == "reuse":
-      from mobileiqa_jax import host_allocator  # pylint: disable=g-import-not-at-top
+      from mobileiqa_jax.scoring import host_allocator  # pylint: disable=g-import-not-at-top
       # PyTorch runs its layers on the calling thread already: glibc's half only (no jax).
       apply = (host_allocator.reuse_freed_memory if args.framework == "jax"
                else host_allocator.keep_freed_blocks)

@@ -86,8 +86,10 @@ def time_jax(kind: str, dtype: str, remat: bool) -> dict[str, float]:
   A distillation step gets a randomly initialised frozen teacher (the preset at this run's
   head size), built with the run's runtime as the trainer builds it (`Runtime.frozen`).
   """
-  from mobileiqa_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.models import mobileiqa, runtime  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
   c = _config("teacher" if kind == "teacher" else "student", dtype, remat)
   mesh = sharding.make_mesh(c.mesh)
   rt = runtime.for_training(c, runtime.platform_of(mesh.devices.flat[0]))
@@ -98,7 +100,7 @@ def time_jax(kind: str, dtype: str, remat: bool) -> dict[str, float]:
     teacher = mobileiqa.build_model(t_cfg, rt.frozen())
     t_init = jax.jit(lambda k: teacher.init(k, jax.numpy.zeros((1, h, w, 3))))
     teacher_vars = dict(t_init(jax.random.PRNGKey(1)))
-  steps = train.build_steps(c, mesh, steps_per_epoch=100, teacher=teacher, runtime=rt)
+  steps = trainer.build_steps(c, mesh, steps_per_epoch=100, teacher=teacher, runtime=rt)
   if teacher is not None:
     teacher_vars = sharding.host_tree_to_global(
         {"params": teacher_vars["params"], "batch_stats": teacher_vars.get("batch_stats", {})},

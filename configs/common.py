@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mobileiqa_jax import optim
+from mobileiqa_jax.training import optim
 from mobileiqa_jax.models import mobileiqa
 
 # Data sets and their reference input size (H, W) and held-out split. UHD-IQA and KonIQ-10k

@@ -1,6 +1,6 @@
 """Compiles a config's train and eval steps for a TPU or GPU topology on this host (none needed).
 
-The command is mobileiqa_jax/commands/aot.py (also `mobileiqa aot` after pip install); --help
+The command is mobileiqa_jax/commands/aot_compile.py (also `mobileiqa aot` after pip install); --help
 lists its flags.
 """
 
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobileiqa_jax.commands import dispatch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  console.run_command("aot")
+  dispatch.run_command("aot")

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mobileiqa_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobileiqa_jax.commands import dispatch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  console.run_command("export")
+  dispatch.run_command("export")

@@ -1,4 +1,4 @@
-r"""Trains the teacher or distils the student: a thin wrapper of `train.train_and_evaluate`.
+r"""Trains the teacher or distils the student: a thin wrapper of `trainer.train_and_evaluate`.
 
   python launch/train.py --config=configs/teacher.py:demo
   python launch/train.py --config=configs/student.py:demo --config.teacher_checkpoint=runs/teacher_demo
@@ -24,7 +24,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mobileiqa_jax import cli  # noqa: E402
+from mobileiqa_jax.commands import errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant], e.g. configs/teacher.py:demo.",
@@ -43,8 +43,8 @@ def main(argv):
     with config.unlocked():
       config.distributed = True
   workdir = _WORKDIR.value or os.path.join("runs", config.name or "run")
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
-  summary = train.train_and_evaluate(config, workdir)
+  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  summary = trainer.train_and_evaluate(config, workdir)
   best = summary.get("best_eval") or summary.get("best") or {}
   logging.info("done at step %d%s; best: %s", summary["step"],
                " (preempted: rerun the same command to resume)" if summary["preempted"] else "",
@@ -58,5 +58,5 @@ if __name__ == "__main__":
   # Training keeps its own INFO log (the run's record) without the libraries' (--verbose
   # brings them back). User errors, a non-finite loss, a held workdir, a damaged checkpoint
   # and a full disk are one line each.
-  from mobileiqa_jax import metric_writer  # noqa: E402  pylint: disable=g-import-not-at-top
-  cli.run(main, quiet="libraries", user_errors=(metric_writer.NonFiniteLossError,))
+  from mobileiqa_jax.training import metric_writer  # noqa: E402  pylint: disable=g-import-not-at-top
+  errors.run(main, quiet="libraries", user_errors=(metric_writer.NonFiniteLossError,))

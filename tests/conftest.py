@@ -35,7 +35,7 @@ def pytest_configure(config):
     cache_dir = tempfile.mkdtemp(prefix="mobileiqa_jax_xla_cache_")
   # Environment variables reach the subprocesses; jax reads them when it is imported.
   os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  # Scoring's own cache (mobileiqa_jax/compilation_cache.py) goes there too, not to ~/.cache.
+  # Scoring's own cache (mobileiqa_jax/commands/compilation_cache.py) goes there too, not to ~/.cache.
   os.environ["MOBILEIQA_JAX_CACHE_DIR"] = cache_dir
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
@@ -64,8 +64,8 @@ def fast_compile():
 def shared_train_steps(monkeypatch):
   """train.build_steps memoised for the session (support.memoized_build_steps)."""
   import support  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(train, "build_steps", support.memoized_build_steps(train.build_steps))
+  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(trainer, "build_steps", support.memoized_build_steps(trainer.build_steps))
 
 
 # The heaviest test files first (seconds on the 2-core VM, 2026-12-03, one process, under

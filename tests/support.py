@@ -120,7 +120,7 @@ def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProces
   from absl import logging  # pylint: disable=g-import-not-at-top
   path = os.path.join(REPO, script)
   argv, environ, out, err = sys.argv, dict(os.environ), io.StringIO(), io.StringIO()
-  # What the commands' quiet mode (mobileiqa_jax.cli.quiet_logs) changes for the process.
+  # What the commands' quiet mode (mobileiqa_jax.commands.errors.quiet_logs) changes for the process.
   verbosity, root_level = logging.get_verbosity(), std_logging.getLogger().level
   code: Any = 0
   flags_before = set(flags.FLAGS)
@@ -217,7 +217,7 @@ def save_authors_pkl(model, path: str, seed: int = 0) -> str:
   The last layer is scaled down so the student's scores stay off the sigmoid's ends.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import convert  # pylint: disable=g-import-not-at-top
   variables = random_variables(model, seed=seed)
   variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
@@ -307,7 +307,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
 
 def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwargs):
   """In-memory random images whose MOS is a smooth function of them (learnable, not constant)."""
-  from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   h, w = config.data.image_size
   x = rng.normal(size=(n_train + n_eval, h, w, 3)).astype(np.float32)
@@ -315,7 +315,7 @@ def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwar
   rng.shuffle(blur)
   x = x * (1.0 - 0.8 * blur[:, None, None, None])
   mos = (1.0 - blur).astype(np.float32)
-  return feed.from_arrays(x[:n_train], mos[:n_train], x[n_train:], mos[n_train:], config,
+  return train_data.from_arrays(x[:n_train], mos[:n_train], x[n_train:], mos[n_train:], config,
                          **kwargs)
 
 

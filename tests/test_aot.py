@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles for TPU topologies (mobileiqa_jax/aot.py, launch/aot_compile.py).
+"""Ahead-of-time compiles for TPU topologies (mobileiqa_jax/training/aot_compile.py, launch/aot_compile.py).
 
 Need libtpu (`pip install -e ".[tpu-aot]"`); skipped without it. No TPU is used: the compiler
 runs on this host for devices described by `jax.experimental.topologies` (also under
@@ -16,7 +16,7 @@ from support import SMALLEST, run_launcher, run_python, tiny_config
 
 pytest.importorskip("libtpu")
 
-from mobileiqa_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
+from mobileiqa_jax.training import aot_compile  # noqa: E402  pylint: disable=g-import-not-at-top
 from mobileiqa_jax.models import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # A config file for the command: the tests' smallest teacher (support.SMALLEST, one MAL), which
@@ -42,12 +42,12 @@ def _cli(*args: str, timeout: int = 600):
 
 
 def test_chip_table_and_target_platform_choice():
-  for name, chip in aot.CHIPS.items():
+  for name, chip in aot_compile.CHIPS.items():
     assert chip.name == name and chip.source.startswith("https://")
     assert chip.peak_bf16_flops > chip.peak_fp32_flops > 0
     assert chip.hbm_bytes > 0 and chip.hbm_bytes_per_s > 0
-  assert aot.chip_of("v5e:4x4").hbm_bytes == 16 * aot.GiB
-  assert aot.chip_of("h100:8").platform == "gpu" and aot.chip_of("v5e:2x2").platform == "tpu"
+  assert aot_compile.chip_of("v5e:4x4").hbm_bytes == 16 * aot_compile.GiB
+  assert aot_compile.chip_of("h100:8").platform == "gpu" and aot_compile.chip_of("v5e:2x2").platform == "tpu"
   # The depthwise form follows the platform compiled for, not the (CPU) host: 'shift' on TPU
   # (measured fewer bytes, runtime.depthwise_impl_for), XLA's grouped conv on GPU.
   c = _tiny()
@@ -59,12 +59,12 @@ def test_chip_table_and_target_platform_choice():
 
 def test_unknown_topology_is_one_line_error():
   proc = _cli("--config=configs/teacher.py:demo", "--topology=v9x:2x2", timeout=120)
-  assert proc.returncode == aot.EXIT_USAGE, proc.stderr[-2000:]
+  assert proc.returncode == aot_compile.EXIT_USAGE, proc.stderr[-2000:]
   line = [l for l in proc.stderr.splitlines() if l.startswith("aot_compile.py: error:")]
   assert len(line) == 1 and "unknown topology 'v9x:2x2'" in line[0], proc.stderr[-2000:]
   assert "v5e:2x2" in line[0] and "Traceback" not in proc.stderr
-  with pytest.raises(aot.AotUsageError, match="unknown topology"):
-    aot.topology_devices("v5e")
+  with pytest.raises(aot_compile.AotUsageError, match="unknown topology"):
+    aot_compile.topology_devices("v5e")
 
 
 def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
@@ -74,7 +74,7 @@ def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
   config_file.write_text(_TINY_CONFIG_FILE)
   proc = run_launcher("launch/aot_compile.py", [
       f"--config={config_file}", "--topology=v5e:2x2", "--config.batch_size=8"])
-  assert proc.returncode == aot.EXIT_FITS, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.returncode == aot_compile.EXIT_FITS, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   big = json.loads(lines[-1])
   for key in ("fits", "topology", "chips", "global_batch", "per_chip_bytes", "hbm_bytes",
@@ -82,11 +82,11 @@ def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
               "roofline_images_per_s"):
     assert key in big, key
   assert big["fits"] and big["topology"] == "v5e:2x2" and big["chips"] == 4
-  assert big["global_batch"] == 8 and big["hbm_bytes"] == 16 * aot.GiB
+  assert big["global_batch"] == 8 and big["hbm_bytes"] == 16 * aot_compile.GiB
   assert big["eval"]["fits"] and big["eval"]["flops_per_step"] > 0
   assert any("memory per chip" in l for l in lines) and any("roofline" in l for l in lines)
   # Roofline = max(flops / peak, bytes / bandwidth) of v5e (float32 compute: fp32 peak).
-  chip = aot.CHIPS["v5e"]
+  chip = aot_compile.CHIPS["v5e"]
   want = max(big["flops_per_step"] / chip.peak_fp32_flops,
              big["bytes_accessed_per_step"] / chip.hbm_bytes_per_s)
   assert big["roofline_step_s"] == pytest.approx(want, rel=1e-6)
@@ -96,7 +96,7 @@ def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
   # Not the temporaries: at toy sizes XLA keeps them in the chip's on-chip VMEM as it sees fit,
   # so their HBM share does not follow the batch (full-depth tiny teacher, 'shift': 67, 61, 59,
   # 40 MB at global batch 4, 8, 16, 32); at the paper's size it does (README pod table).
-  small = aot.compile_for_topology(_tiny(batch_size=4, **SMALLEST), "v5e:2x2",
+  small = aot_compile.compile_for_topology(_tiny(batch_size=4, **SMALLEST), "v5e:2x2",
                                    with_eval=False).to_json()
   assert small["fits"] and small["per_chip_batch"] == 1
   image_bytes = 32 * 32 * 3 * 4  # one float32 image per chip fewer
@@ -110,12 +110,12 @@ def test_oversized_setting_exits_3_with_levers():
   # SMALLEST): far beyond a v5e's 16 GiB. The exit code and report are the command's
   # (`main_report` is what launch/aot_compile.py prints); the flags path is tested above.
   c = _tiny(batch_size=4 * 65536, **SMALLEST)
-  report = aot.compile_for_topology(c, "v5e:2x2", with_eval=False)
-  lines, json_line, code = aot.main_report(report)
-  assert code == aot.EXIT_DOES_NOT_FIT, "\n".join(lines)
+  report = aot_compile.compile_for_topology(c, "v5e:2x2", with_eval=False)
+  lines, json_line, code = aot_compile.main_report(report)
+  assert code == aot_compile.EXIT_DOES_NOT_FIT, "\n".join(lines)
   out = json.loads(json_line)
   assert out["fits"] is False and out["roofline_images_per_s"] is None
-  assert out["temp_bytes"] > 16 * aot.GiB
+  assert out["temp_bytes"] > 16 * aot_compile.GiB
   assert any("DOES NOT FIT" in l for l in lines), lines
   levers = " ".join(out["levers"])
   assert "bfloat16" in levers and "remat" in levers and "fsdp" in levers
@@ -126,7 +126,7 @@ def test_distillation_step_on_multihost_topology():
   # v5e:4x4 is 16 chips on 4 hosts; the teacher comes from the preset (no checkpoint).
   c = _tiny("student", batch_size=16, teacher_checkpoint="runs/no_such_teacher", **SMALLEST)
   c.data.eval_batch_size = 16
-  report = aot.compile_for_topology(c, "v5e:4x4", with_eval=False,
+  report = aot_compile.compile_for_topology(c, "v5e:4x4", with_eval=False,
                                     teacher_backbone="mobilenetv3_small_050")
   out = report.to_json()
   assert out["fits"] and out["kind"] == "distillation" and out["chips"] == 16
@@ -140,15 +140,15 @@ def test_out_of_memory_message_parsing():
   for verb in ("exceeds", "exceed"):
     msg = (f"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
            f"temporaries (27.89G) {verb} available HBM (15.75G).")
-    temps, available = aot._parse_oom(msg)  # pylint: disable=protected-access
-    assert temps == pytest.approx(27.89 * aot.GiB) and available == pytest.approx(15.75 * aot.GiB)
+    temps, available = aot_compile._parse_oom(msg)  # pylint: disable=protected-access
+    assert temps == pytest.approx(27.89 * aot_compile.GiB) and available == pytest.approx(15.75 * aot_compile.GiB)
 
 
 def test_batch_sizes_must_split_over_the_devices():
   # Checked before anything compiles (the eval batch only when the eval step is compiled: the
   # v5e:4x4 rows of the README pod table were run with --noeval and eval_batch_size 8 first).
-  with pytest.raises(aot.AotUsageError, match="eval_batch_size=6 must be divisible by the 4"):
-    aot.compile_for_topology(_tiny(batch_size=8, **{"data.eval_batch_size": 6}), "v5e:2x2")
-  with pytest.raises(aot.AotUsageError, match=r"config\.batch_size=6 must be divisible"):
-    aot.compile_for_topology(_tiny(batch_size=6, **{"data.eval_batch_size": 6}), "v5e:2x2",
+  with pytest.raises(aot_compile.AotUsageError, match="eval_batch_size=6 must be divisible by the 4"):
+    aot_compile.compile_for_topology(_tiny(batch_size=8, **{"data.eval_batch_size": 6}), "v5e:2x2")
+  with pytest.raises(aot_compile.AotUsageError, match=r"config\.batch_size=6 must be divisible"):
+    aot_compile.compile_for_topology(_tiny(batch_size=6, **{"data.eval_batch_size": 6}), "v5e:2x2",
                              with_eval=False)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles for NVIDIA GPUs without a GPU (mobileiqa_jax/aot.py).
+"""Ahead-of-time compiles for NVIDIA GPUs without a GPU (mobileiqa_jax/training/aot_compile.py).
 
 Need jax's CUDA plugin (`pip install -e ".[gpu-aot]"`: jax-cuda13-plugin and
 jax-cuda13-pjrt, no NVIDIA wheels); skipped, naming it, without. Tiny configs keep each GPU
@@ -13,7 +13,7 @@ import os
 import jax
 import pytest
 
-from mobileiqa_jax import aot
+from mobileiqa_jax.training import aot_compile
 from support import SMALLEST, tiny_config
 
 pytest.importorskip(
@@ -29,14 +29,14 @@ def _tiny(kind: str = "teacher", **overrides):
 
 
 def test_gpu_topologies_and_usage_errors():
-  assert len(aot.topology_devices("h100:1")) == 1
-  devices = aot.topology_devices("h100:2x8")  # 2 hosts of 8
+  assert len(aot_compile.topology_devices("h100:1")) == 1
+  devices = aot_compile.topology_devices("h100:2x8")  # 2 hosts of 8
   assert len(devices) == 16 and {d.process_index for d in devices} == {0, 1}
-  assert devices[0].device_kind == aot.CHIPS["h100"].device_kind
-  assert aot.topology_devices("a100:8")[0].device_kind == "NVIDIA A100-SXM4-80GB"
+  assert devices[0].device_kind == aot_compile.CHIPS["h100"].device_kind
+  assert aot_compile.topology_devices("a100:8")[0].device_kind == "NVIDIA A100-SXM4-80GB"
   for bad in ("h100:0", "h100:eight", "h100:2x2x2"):
-    with pytest.raises(aot.AotUsageError, match="<gpu>:<GPUs>"):
-      aot.topology_devices(bad)
+    with pytest.raises(aot_compile.AotUsageError, match="<gpu>:<GPUs>"):
+      aot_compile.topology_devices(bad)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def memoized_compiles():
 
   JAX's persistent cache does not serve deviceless GPU executables, and the oversized test
   plans the same step as `reports`' one-GPU compile under another memory share: the share is
-  applied after compiling (`aot._compile_step`), so the memo changes nothing it checks.
+  applied after compiling (`aot_compile._compile_step`), so the memo changes nothing it checks.
   """
   memo = {}
   compile_ = jax.stages.Lowered.compile
@@ -65,18 +65,18 @@ def memoized_compiles():
 def reports(memoized_compiles):
   """Two compiles shared by the tests below: global batch 8 on one H100 and on eight."""
   del memoized_compiles
-  return {"one": aot.compile_for_topology(_tiny(batch_size=8), "h100:1"),
-          "eight": aot.compile_for_topology(_tiny(batch_size=8), "h100:8", with_eval=False)}
+  return {"one": aot_compile.compile_for_topology(_tiny(batch_size=8), "h100:1"),
+          "eight": aot_compile.compile_for_topology(_tiny(batch_size=8), "h100:8", with_eval=False)}
 
 
 def test_teacher_step_on_one_and_eight_gpus_grows_with_the_batch(reports):
   # The target's runtime: XLA's grouped convolution on GPU, whatever this CPU host would use.
   for r in reports.values():
-    lines, json_line, code = aot.main_report(r)
-    assert code == aot.EXIT_FITS, "\n".join(lines)
+    lines, json_line, code = aot_compile.main_report(r)
+    assert code == aot_compile.EXIT_FITS, "\n".join(lines)
     out = json.loads(json_line)
     assert out["runtime"]["platform"] == "gpu" and out["runtime"]["depthwise_impl"] == "conv"
-    assert out["usable_bytes"] == pytest.approx(0.75 * aot.CHIPS["h100"].hbm_bytes)
+    assert out["usable_bytes"] == pytest.approx(0.75 * aot_compile.CHIPS["h100"].hbm_bytes)
     # FLOPs from the HLO cost analysis; bytes after fusion unknown, never made up.
     assert out["flops_per_step"] > 0 and out["bytes_accessed_per_step"] is None
     assert "before partitioning" in out["cost_source"]
@@ -95,10 +95,10 @@ def test_oversized_gpu_step_exits_3_with_levers(monkeypatch, reports, memoized_c
   # allocator may take. Allowed 0.01% of the GPU (8.5 MB), the batch-8 step does not fit.
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0001")
   compiled = len(memoized_compiles)
-  report = aot.compile_for_topology(_tiny(batch_size=8), "h100:1", with_eval=False)
+  report = aot_compile.compile_for_topology(_tiny(batch_size=8), "h100:1", with_eval=False)
   assert len(memoized_compiles) == compiled  # the same program as reports["one"]'s
-  lines, json_line, code = aot.main_report(report)
-  assert code == aot.EXIT_DOES_NOT_FIT, "\n".join(lines)
+  lines, json_line, code = aot_compile.main_report(report)
+  assert code == aot_compile.EXIT_DOES_NOT_FIT, "\n".join(lines)
   out = json.loads(json_line)
   assert out["fits"] is False and out["per_chip_bytes"] > out["usable_bytes"]
   assert out["per_chip_bytes"] == reports["one"].train.per_chip_bytes
@@ -118,7 +118,7 @@ def test_missing_plugin_is_one_line_naming_the_package(monkeypatch):
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr(builtins, "__import__", no_plugin)
-  with pytest.raises(aot.AotUsageError, match=r"jax-cuda13-plugin.*\.\[gpu-aot\]"):
-    aot.topology_devices("h100:1")
-  assert os.path.isfile(os.path.join(os.path.dirname(aot.__file__), "gpu_targets",
-                                     aot.CHIPS["h200"].target_file))
+  with pytest.raises(aot_compile.AotUsageError, match=r"jax-cuda13-plugin.*\.\[gpu-aot\]"):
+    aot_compile.topology_devices("h100:1")
+  assert os.path.isfile(os.path.join(os.path.dirname(aot_compile.__file__), "gpu_targets",
+                                     aot_compile.CHIPS["h200"].target_file))

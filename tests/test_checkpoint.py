@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mobileiqa_jax import checkpoint
+from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.models import runtime
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import data_fixtures
 
-from mobileiqa_jax import checkpoint
+from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.models import mobileiqa
 from support import REPO, run_launcher, run_python as _launch
 
@@ -169,14 +169,14 @@ def test_verbose_shows_the_traceback(tmp_path):
 @pytest.mark.slow
 def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
   """In-process: a tiny run, resumed with more epochs and other logging; then a wider model."""
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from support import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   c = tiny_config("student", num_epochs=1)
-  first = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  first = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   c2 = tiny_config("student", num_epochs=2)
   c2.log_every_steps, c2.eval_every_epochs, c2.checkpoint.keep = 2, 2, 3
-  resumed = train.train_and_evaluate(c2, workdir, data=tiny_data(c2))
+  resumed = trainer.train_and_evaluate(c2, workdir, data=tiny_data(c2))
   assert resumed["step"] == 2 * first["step"] and not resumed["preempted"]
   with open(os.path.join(workdir, "config.json"), "rb") as f:
     stored = f.read()
@@ -184,6 +184,6 @@ def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
   wide = tiny_config("student", num_epochs=3)
   wide.model.width = 32
   with pytest.raises(checkpoint.ResumeConfigError, match=r"model\.width: 16 -> 32"):
-    train.train_and_evaluate(wide, workdir, data=tiny_data(wide))
+    trainer.train_and_evaluate(wide, workdir, data=tiny_data(wide))
   with open(os.path.join(workdir, "config.json"), "rb") as f:
     assert f.read() == stored

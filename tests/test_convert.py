@@ -10,7 +10,7 @@ import pytest
 import data_fixtures
 from support import randomize_torch, rel_err as _rel, run_launcher
 
-from mobileiqa_jax import convert
+from mobileiqa_jax.weights import convert
 from mobileiqa_jax.models import mobileiqa
 
 LIVEC = data_fixtures.LIVEC_IMAGES

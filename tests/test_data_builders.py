@@ -20,8 +20,8 @@ import support
 
 tf = pytest.importorskip("tensorflow")
 
-from mobileiqa_jax.data import builders  # pylint: disable=g-import-not-at-top
-from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
+from mobileiqa_jax.data import datasets  # pylint: disable=g-import-not-at-top
+from mobileiqa_jax.data import releases  # pylint: disable=g-import-not-at-top
 from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from mobileiqa_jax.data import preprocess  # pylint: disable=g-import-not-at-top
 
@@ -37,7 +37,7 @@ def _prepare(name, tmp_path, **kwargs):
   manual = tmp_path / "manual" / name
   manual.mkdir(parents=True)
   expected = data_fixtures.MAKERS[name](manual)
-  directory = builders.prepare(name, manual_dir=manual, data_dir=tmp_path / "tfds", **kwargs)
+  directory = datasets.prepare(name, manual_dir=manual, data_dir=tmp_path / "tfds", **kwargs)
   return manual, expected, directory
 
 
@@ -104,7 +104,7 @@ def test_prepare_twice_is_a_noop(tmp_path):
   manual, _, directory = _prepare("bid", tmp_path)
   stamp = (directory / "dataset_info.json").stat().st_mtime_ns
   shutil.rmtree(manual)  # would fail if it looked at the download again
-  assert builders.prepare("bid", manual_dir=manual, data_dir=tmp_path / "tfds") == directory
+  assert datasets.prepare("bid", manual_dir=manual, data_dir=tmp_path / "tfds") == directory
   assert (directory / "dataset_info.json").stat().st_mtime_ns == stamp
 
 
@@ -120,13 +120,13 @@ def test_uhd_iqa_challenge_layout_without_test_labels(tmp_path):
         (manual / "challenge" / s).mkdir(parents=True, exist_ok=True)
         (manual / "challenge" / s / name).write_bytes(data_fixtures.image_bytes(i))
         w.writerow([name, 0.5] if s != "test" else [name])
-  d = builders.prepare("uhd_iqa", manual_dir=manual, data_dir=tmp_path / "tfds")
+  d = datasets.prepare("uhd_iqa", manual_dir=manual, data_dir=tmp_path / "tfds")
   assert {s: len(r) for s, r in _read_all(d).items()} == {"train": 3, "validation": 2}
 
 
 def test_missing_download_lists_what_and_where(tmp_path):
-  with pytest.raises(layout.MissingDataError) as e:
-    builders.prepare("livec", manual_dir=tmp_path / "nowhere", data_dir=tmp_path / "tfds")
+  with pytest.raises(releases.MissingDataError) as e:
+    datasets.prepare("livec", manual_dir=tmp_path / "nowhere", data_dir=tmp_path / "tfds")
   msg = str(e.value)
   assert "nowhere" in msg and "AllMOS_release.mat" in msg and "prepare_data.py --dataset=livec" in msg
 
@@ -135,14 +135,14 @@ def test_missing_download_lists_what_and_where(tmp_path):
   data_fixtures.make_koniq10k(manual)
   first = sorted((manual / "1024x768").iterdir())[0]
   first.unlink()
-  with pytest.raises(layout.MissingDataError) as e:
-    builders.prepare("koniq10k", manual_dir=manual, data_dir=tmp_path / "tfds")
+  with pytest.raises(releases.MissingDataError) as e:
+    datasets.prepare("koniq10k", manual_dir=manual, data_dir=tmp_path / "tfds")
   assert first.name in str(e.value) and "1024x768" in str(e.value)
   assert "1 of 11 images" in str(e.value)
 
   (manual / "koniq10k_distributions_sets.csv").unlink()
-  with pytest.raises(layout.MissingDataError, match="koniq10k_distributions_sets.csv"):
-    builders.prepare("koniq10k", manual_dir=manual, data_dir=tmp_path / "tfds")
+  with pytest.raises(releases.MissingDataError, match="koniq10k_distributions_sets.csv"):
+    datasets.prepare("koniq10k", manual_dir=manual, data_dir=tmp_path / "tfds")
 
 
 def _cmyk_jpeg():
@@ -166,7 +166,7 @@ def test_corrupt_image_is_an_error_naming_it(bad, tmp_path):
   with open(manual / "labels.csv", "a", newline="") as f:
     csv.writer(f).writerow([bad, 3.0, 0.1])
   with pytest.raises(preprocess.ImageDecodeError) as e:
-    builders.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds")
+    datasets.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds")
   assert bad in str(e.value) and reason in str(e.value)
   # And nothing half-written is left to be reused.
   assert not list((tmp_path / "tfds").rglob("dataset_info.json"))
@@ -187,7 +187,7 @@ def test_odd_modes_are_stored_as_is_and_decode_like_convert_rgb(tmp_path):
     for i, (n, data) in enumerate(odd.items()):
       (manual / "images" / n).write_bytes(data)
       csv.writer(f).writerow([n, 2.0 + i * 0.1, 0.2])
-  d = builders.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds",
+  d = datasets.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds",
                        mos_range=(1, 5))
   recs = {r["image_name"].decode(): r for rs in _read_all(d).values() for r in rs}
   for n, data in odd.items():
@@ -203,7 +203,7 @@ def test_missing_csv_column(tmp_path):
   data_fixtures.make_folder(manual)
   (manual / "labels.csv").write_text("image_name,score\nphoto_0.jpg,3\n")
   with pytest.raises(ValueError, match=r"labels.csv: missing column\(s\) \['mos'\]"):
-    builders.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds")
+    datasets.prepare("iqa_folder", manual_dir=manual, data_dir=tmp_path / "tfds")
 
 
 def test_iqa_folder_on_real_livec_photos(tmp_path):
@@ -217,7 +217,7 @@ def test_iqa_folder_on_real_livec_photos(tmp_path):
     w = csv.DictWriter(f, ["image_name", "mos", "mos_std"])
     w.writeheader()
     w.writerows(rows)
-  d = builders.prepare("iqa_folder", manual_dir=root, data_dir=tmp_path / "tfds",
+  d = datasets.prepare("iqa_folder", manual_dir=root, data_dir=tmp_path / "tfds",
                        labels_csv=str(sub), config_name="livec_subset", mos_range=(0, 100))
   recs = _read_all(d)
   assert {s: len(r) for s, r in recs.items()} == {"train": 8, "test": 2}
@@ -262,7 +262,7 @@ def test_resplit_at_read_time(tmp_path):
 
 
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
-  with pytest.raises(layout.MissingDataError, match="prepare_data.py --dataset=spaq"):
+  with pytest.raises(releases.MissingDataError, match="prepare_data.py --dataset=spaq"):
     pipeline.tfds_source("spaq", "train", data_dir=tmp_path)
 
 
@@ -285,12 +285,12 @@ def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_p
   with pytest.raises(ValueError, match="'train' and 'test'"):
     pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")
   if name == "uhd_iqa":  # the release config reaches it, and guards the row count
-    from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
     c = support.teacher_config.get_config("uhd_iqa_release")
     c.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(ValueError, match="reference_count.*4269.*has 6"):
-      feed.sources_from_config(c)
+      train_data.sources_from_config(c)
     c.data.reference_count = 0
-    tr, te = feed.sources_from_config(c)
+    tr, te = train_data.sources_from_config(c)
     assert [tr[i]["name"] for i in range(len(tr))] == [rows[j] for j in order[:cut]]
     assert len(te) == len(rows) - cut

@@ -13,7 +13,7 @@ from PIL import Image
 
 import data_fixtures
 from support import IMAGENET_MEAN, IMAGENET_STD
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import pipeline
 from mobileiqa_jax.data import preprocess
 
@@ -255,7 +255,7 @@ def test_folder_source(tmp_path):
 def test_folder_source_errors(tmp_path):
   data_fixtures.make_folder(tmp_path, n=3)
   (tmp_path / "images" / "photo_1.jpg").unlink()
-  with pytest.raises(layout.MissingDataError, match="photo_1.jpg"):
+  with pytest.raises(releases.MissingDataError, match="photo_1.jpg"):
     pipeline.folder_source(tmp_path)
   (tmp_path / "labels.csv").write_text("name,mos\nphoto_0.jpg,1\n")
   with pytest.raises(ValueError, match="image_name"):
@@ -264,7 +264,7 @@ def test_folder_source_errors(tmp_path):
 
 def test_split_by_group_is_order_independent():
   groups = [f"r{i % 7}" for i in range(35)]
-  a = layout.split_by_group(groups, 4)
-  b = layout.split_by_group(groups[::-1], 4)[::-1]
+  a = releases.split_by_group(groups, 4)
+  b = releases.split_by_group(groups[::-1], 4)[::-1]
   assert a == b
   assert len({g for g, s in zip(groups, a) if s == "train"}) == round(0.8 * 7)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from mobileiqa_jax import inference
+from mobileiqa_jax.scoring import scorer
 from mobileiqa_jax.data import device_resize
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
@@ -92,8 +92,8 @@ def scorers():
                                   backbone_kwargs=SMALLEST["model.backbone_kwargs"])
   model = mobileiqa.build_model(config, runtime.Runtime(depthwise_impl="conv"))
   variables = random_variables(model)
-  host = inference.Scorer(model, variables, SIZE, config.to_dict())
-  device = inference.Scorer(model, variables, SIZE, config.to_dict(), preprocessing="device")
+  host = scorer.Scorer(model, variables, SIZE, config.to_dict())
+  device = scorer.Scorer(model, variables, SIZE, config.to_dict(), preprocessing="device")
   return host, device
 
 
@@ -106,7 +106,7 @@ def test_device_preprocessing_scores_like_pil_and_groups_sizes(scorers):
   np.testing.assert_allclose(d, h, atol=1e-4)  # docs/scoring.md
   assert np.ptp(h) > 1e-3  # distinct photos score distinctly: the order check can fail
   with pytest.raises(ValueError, match="preprocessing"):
-    inference.Scorer(host.model, host.variables, SIZE, host.model_config, preprocessing="gpu")
+    scorer.Scorer(host.model, host.variables, SIZE, host.model_config, preprocessing="gpu")
 
 
 def test_quality_fn_jits_differentiates_and_agrees_with_score(scorers):
@@ -131,7 +131,7 @@ def test_quality_fn_jits_differentiates_and_agrees_with_score(scorers):
 
 
 def test_predict_cli_preprocessing_device_scores_and_skips_a_bad_file(scorers, tmp_path):
-  from mobileiqa_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from mobileiqa_jax.weights import checkpoint  # pylint: disable=import-outside-toplevel
   from support import run_launcher  # pylint: disable=import-outside-toplevel
   host, _ = scorers
   ckpt = checkpoint.save_model(str(tmp_path / "ckpt"), host.variables, host.model_config,

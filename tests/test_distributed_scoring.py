@@ -1,4 +1,4 @@
-"""`predict --distributed`: shares, parts, merge and resume (mobileiqa_jax/distributed_scoring.py).
+"""`predict --distributed`: shares, parts, merge and resume (mobileiqa_jax/scoring/distributed.py).
 
 The cheap tests drive the share/merge logic in this process with a fake scorer; one test starts
 two CPU processes (jax.distributed on 127.0.0.1) and compares their CSV with one process's.
@@ -10,8 +10,8 @@ import os
 import sys
 
 import data_fixtures
-from mobileiqa_jax import distributed_scoring as ds
-from mobileiqa_jax import inference
+from mobileiqa_jax.scoring import distributed as ds
+from mobileiqa_jax.scoring import scorer
 from support import free_port, python_env, random_variables, run_launcher, run_peers
 
 LIVEC = data_fixtures.LIVEC_IMAGES
@@ -36,8 +36,8 @@ def test_share_is_written_once_reused_and_merged(tmp_path):
 
   def fake_score(chunk):
     calls.append(list(chunk))
-    return [inference.Result(f, error=f"{f} cannot be scored") if f == "f3.jpg"
-            else inference.Result(f, float(files.index(f)) / 10) for f in chunk]
+    return [scorer.Result(f, error=f"{f} cannot be scored") if f == "f3.jpg"
+            else scorer.Result(f, float(files.index(f)) / 10) for f in chunk]
 
   parts = ds.plan_parts(len(files), 2, 2, 2)
   parts_dir = str(tmp_path / "s.csv.parts")
@@ -61,7 +61,7 @@ def test_share_is_written_once_reused_and_merged(tmp_path):
 
 
 def test_two_processes_give_the_one_process_csv(tmp_path):
-  from mobileiqa_jax import checkpoint
+  from mobileiqa_jax.weights import checkpoint
   from mobileiqa_jax.models import mobileiqa
   config = mobileiqa.model_config(
       "student", backbone="mobilenetv3_small_050", num_mals=1, width=16, pooled_size=6,

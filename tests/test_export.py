@@ -3,7 +3,7 @@
 Needs `tensorflow` (or `tensorflow-cpu`) for the converter and `ai-edge-litert` for the
 interpreter; skipped without them. Uses a small student (pooled side 8, width 64) at a
 mid-size 328x488 input, so that the first LDA's hidden activation (164x244x128) is above
-`export.LDA_STRIP_ELEMENTS` and is exported in row bands (with overlapping windows: 164 and
+`tflite.LDA_STRIP_ELEMENTS` and is exported in row bands (with overlapping windows: 164 and
 244 are not multiples of 8) while the others are exported whole. Weights are non-trivial: every
 parameter and BN statistic is drawn at random (the self-attention gammas are non-zero) and the
 last layer is standardised so that the photos' scores spread over the sigmoid rather than
@@ -29,8 +29,8 @@ pytest.importorskip("ai_edge_litert")
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import export
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.export import tflite
 from mobileiqa_jax import metrics
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
@@ -105,7 +105,7 @@ def smallest(tmp_path_factory):
 def float32_export(setup):
   out = str(setup["tmp"] / "student.tflite")
   # Exported in `runtime.FOR_EXPORT`'s form ('conv'), whatever form this host would score in.
-  meta = export.export_checkpoint(setup["ckpt"], out, quantize="none")
+  meta = tflite.export_checkpoint(setup["ckpt"], out, quantize="none")
   return out, meta
 
 
@@ -115,7 +115,7 @@ def test_float32_export_runs_under_xnnpack_and_matches_jax(setup, float32_export
   assert not meta["requires_flex"], meta["ops"]
   assert not any(op.startswith("Flex") for op in meta["ops"])
 
-  with open(export.sidecar_path(out)) as f:
+  with open(tflite.sidecar_path(out)) as f:
     side = json.load(f)
   assert side["input"]["shape"] == [1, *SIZE, 3]
   assert side["input"]["layout"] == "NHWC"
@@ -130,7 +130,7 @@ def test_float32_export_runs_under_xnnpack_and_matches_jax(setup, float32_export
   assert 10 * 2**20 < runtime["expected_peak_rss_bytes"] < 4 * 2**30, runtime
   assert runtime["measured_invoke_ms"] > 0
 
-  scorer = export.TFLiteScorer(out, xnnpack=True)
+  scorer = tflite.TFLiteScorer(out, xnnpack=True)
   assert scorer.image_size == SIZE
   tfl = scorer(setup["photos"])
   err = np.abs(tfl - setup["jax_scores"])
@@ -154,7 +154,7 @@ def test_lda_hidden_activation_has_no_full_size_elementwise_chain(setup, float32
   assert meta["ops"].get("GELU", 0) >= 1 and "EXP" not in meta["ops"], meta["ops"]
   h1, w1 = -(-SIZE[0] // 2), -(-SIZE[1] // 2)
   hidden = 2 * SMALL["width"]
-  it = export.make_interpreter(model_path=out, delegate=False)
+  it = tflite.make_interpreter(model_path=out, delegate=False)
   producer = {}
   for op in it._get_ops_details():  # pylint: disable=protected-access
     for t in op["outputs"]:
@@ -177,7 +177,7 @@ def test_lda_hidden_activation_has_no_full_size_elementwise_chain(setup, float32
 @pytest.mark.parametrize("shape", [(1, 37, 29, 6), (1, 16, 24, 5), (1, 5, 7, 3)])
 def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
   """The TF-ops LDA against the Flax LDA: overlapping windows, windows of repeated rows."""
-  monkeypatch.setattr(export, "LDA_STRIP_ELEMENTS", 0 if banded else 2**40)
+  monkeypatch.setattr(tflite, "LDA_STRIP_ELEMENTS", 0 if banded else 2**40)
   lda = mobileiqa.LDA(width=4, pooled_size=8)
   x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
   variables = lda.init(jax.random.PRNGKey(0), x)
@@ -185,7 +185,7 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
       lambda a: np.random.default_rng(a.size).standard_normal(a.shape).astype(np.float32),
       variables["params"])
   want = np.asarray(lda.apply({"params": params}, x))
-  got = export._lda_tf(tf.constant(x), params, 8).numpy()  # pylint: disable=protected-access
+  got = tflite._lda_tf(tf.constant(x), params, 8).numpy()  # pylint: disable=protected-access
   assert got.shape == want.shape == (1, 8, 8, 4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -193,10 +193,10 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
 @pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
 def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize):
   out = str(smallest["tmp"] / f"student_{quantize}.tflite")
-  meta = export.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
+  meta = tflite.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
                        smallest["config"].to_dict(), {"mos_range": MOS_RANGE}, measure=False)
   assert meta["quantization"] == quantize and not meta["requires_flex"]
-  tfl = export.TFLiteScorer(out, xnnpack=True)(smallest["photos"])
+  tfl = tflite.TFLiteScorer(out, xnnpack=True)(smallest["photos"])
   ref = smallest["jax_scores"]
   srocc = metrics.srocc(tfl, ref)
   print(f"\n{quantize} (XNNPACK): SROCC vs float {srocc:.4f}, max |diff| "
@@ -209,15 +209,15 @@ def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quan
                                   "big,64"])
 def test_bad_image_size_is_a_clear_error(setup, size):
   with pytest.raises(ValueError, match=r"--image_size must be HEIGHT,WIDTH"):
-    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "bad.tflite"), image_size=size)
+    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "bad.tflite"), image_size=size)
   assert not os.path.exists(setup["tmp"] / "bad.tflite")
 
 
 def test_bad_settings_direct_api():
   with pytest.raises(ValueError, match="image_size"):
-    export.to_tflite(None, None, (31, 64))
+    tflite.to_tflite(None, None, (31, 64))
   with pytest.raises(ValueError, match="--quantize"):
-    export.check_quantize("int4")
+    tflite.check_quantize("int4")
 
 
 def test_launcher_reports_bad_image_size(tmp_path):
@@ -231,7 +231,7 @@ def test_launcher_reports_bad_image_size(tmp_path):
 def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   """The full student at 1231x1907 under XNNPACK: <= 1.5 GB peak RSS, JAX's score on a photo.
 
-  Peak RSS is the sidecar's `runtime`, measured by `export.probe` in a fresh LiteRT process.
+  Peak RSS is the sidecar's `runtime`, measured by `tflite.probe` in a fresh LiteRT process.
   Needs ~5 GB for the conversion.
   """
   size = (1231, 1907)
@@ -253,13 +253,13 @@ def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   jax_score = float(np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, photo[None]))[0])
   out = str(tmp_path / "student.tflite")
-  meta = export.export(model, variables, out, size, "none",
+  meta = tflite.export(model, variables, out, size, "none",
                        mobileiqa.model_config("student").to_dict())
   rss = meta["runtime"]["expected_peak_rss_bytes"]
   print(f"\n1231x1907 XNNPACK: peak RSS {rss / 2**30:.2f} GB, "
         f"{meta['runtime']['measured_invoke_ms']:.0f} ms")
   assert rss <= 1.5 * 2**30, meta["runtime"]
-  tfl = export.TFLiteScorer(out, xnnpack=True)(photo)
+  tfl = tflite.TFLiteScorer(out, xnnpack=True)(photo)
   assert abs(float(tfl[0]) - jax_score) < 1e-3, (tfl, jax_score)
 
 
@@ -273,28 +273,28 @@ def onnx_export(setup):
   pytest.importorskip("onnx")
   pytest.importorskip("jax2onnx")
   out = str(setup["tmp"] / "student.onnx")
-  meta = export.export_checkpoint(setup["ckpt"], out, fmt="onnx")
+  meta = tflite.export_checkpoint(setup["ckpt"], out, fmt="onnx")
   return out, meta
 
 
 def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_export):
-  from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import onnx  # pylint: disable=g-import-not-at-top
   out, meta = onnx_export
   assert os.path.getsize(out) == meta["file_bytes"]
-  with open(export.sidecar_path(out)) as f:
+  with open(tflite.sidecar_path(out)) as f:
     side = json.load(f)
-  assert side["format"] == export.ONNX_SIDECAR_FORMAT and side["model_file"] == "student.onnx"
+  assert side["format"] == tflite.ONNX_SIDECAR_FORMAT and side["model_file"] == "student.onnx"
   assert side["input"]["shape"] == ["batch", *SIZE, 3] and side["input"]["dynamic_batch"]
   assert side["output"]["shape"] == ["batch"]
   assert side["mos_mapping"]["range"] == MOS_RANGE and side["quantization"] == "none"
-  assert side["exported_with"]["opset"] == export_onnx.OPSET
+  assert side["exported_with"]["opset"] == onnx.OPSET
   assert side["ops"].get("Loop", 0) >= 1 and side["ops"].get("Gelu", 0) >= 1, side["ops"]
   runtime = side["runtime"]  # measured in a fresh onnxruntime process
   assert runtime["execution_provider"] == "CPUExecutionProvider"
   assert 10 * 2**20 < runtime["expected_peak_rss_bytes"] < 4 * 2**30, runtime
   assert runtime["measured_invoke_ms"] > 0
 
-  scorer = export_onnx.OnnxScorer(out)
+  scorer = onnx.OnnxScorer(out)
   assert scorer.image_size == SIZE and scorer.input_shape[0] == "batch"
   photos, want = setup["photos"], setup["jax_scores"]
   got = scorer(photos)  # all 8 photos in one run
@@ -302,7 +302,7 @@ def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_expo
   print("\nONNX Runtime (CPU): max |onnx - jax| =", err.max(), "scores", np.round(got, 4))
   assert err.max() < 1e-5, (got, want)
   # Batches of 1 and 3 give the same scores as the batch of 8.
-  np.testing.assert_allclose(export_onnx.OnnxScorer(out, batch_size=3)(photos), got,
+  np.testing.assert_allclose(onnx.OnnxScorer(out, batch_size=3)(photos), got,
                              rtol=0, atol=1e-6)
   np.testing.assert_allclose(scorer(photos[:1]), got[:1], rtol=0, atol=1e-6)
 
@@ -314,11 +314,11 @@ def test_onnx_lda_hidden_activation_is_never_whole(setup, onnx_export, tmp_path)
   included): the projection, bias and GELU exist only per pooled row band (a Loop
   iteration), each fewer rows than H/2; no tensor of the full (H/2, W/2, 2C) is produced.
   """
-  from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import onnx  # pylint: disable=g-import-not-at-top
   out, _ = onnx_export
   h1, w1 = -(-SIZE[0] // 2), -(-SIZE[1] // 2)
   hidden = 2 * SMALL["width"]
-  session = export_onnx.make_session(out, enable_profiling=True,
+  session = onnx.make_session(out, enable_profiling=True,
                                      profile_prefix=str(tmp_path / "ort"))
   session.run(None, {"image": setup["photos"][:2]})
   with open(session.end_profiling()) as f:
@@ -341,12 +341,12 @@ def test_onnx_lda_hidden_activation_is_never_whole(setup, onnx_export, tmp_path)
 
 def test_onnx_settings_are_clear_errors(setup):
   with pytest.raises(ValueError, match=r"--quantize=float16 applies to --format=tflite"):
-    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "q.onnx"), quantize="float16",
+    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "q.onnx"), quantize="float16",
                              fmt="onnx")
   with pytest.raises(ValueError, match=r"--output must name a \.onnx file"):
-    export.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
+    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
   with pytest.raises(ValueError, match=r"--format must be one of tflite, onnx"):
-    export.check_format("coreml", "m.mlmodel")
+    tflite.check_format("coreml", "m.mlmodel")
 
 
 def test_launcher_reports_onnx_settings_in_one_line(tmp_path):

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobileiqa_jax import convert
+from mobileiqa_jax.weights import convert
 from mobileiqa_jax.models import layers
-from mobileiqa_jax.models.mal import MAL, AttentionBlock, SelfAttention, fold_attention
+from mobileiqa_jax.models.mal import MAL
+from mobileiqa_jax.models.mal import AttentionBlock
+from mobileiqa_jax.models.mal import SelfAttention
+from mobileiqa_jax.models.mal import fold_attention
 from mobileiqa_jax.models.mobileiqa import (
     LDA, MobileIQA, MobileIQAConfig, Regressor, model_config)
 from support import randomize_torch, rel_err

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mobileiqa_jax import inference
+from mobileiqa_jax.scoring import scorer as scorer_lib
 from mobileiqa_jax.data import preprocess
 
 
@@ -15,14 +15,14 @@ def test_expand_paths_keeps_order_recurses_and_sorts_folders(tmp_path):
   (tmp_path / "b" / "labels.csv").write_text("not an image")
   single = tmp_path / "single.txt"
   single.write_text("named explicitly: always taken")
-  got = inference.expand_paths([str(single), str(tmp_path / "b")])
+  got = scorer_lib.expand_paths([str(single), str(tmp_path / "b")])
   assert got == [str(single), str(tmp_path / "b" / "sub" / "a.png"),
                  str(tmp_path / "b" / "z.JPG")]
 
 
 def test_expand_paths_missing_path_is_an_error_naming_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.jpg"):
-    inference.expand_paths([str(tmp_path / "nope.jpg")])
+    scorer_lib.expand_paths([str(tmp_path / "nope.jpg")])
 
 
 @pytest.mark.parametrize("text", ["512", "16,512", "a,b", "1,2,3"])
@@ -47,7 +47,7 @@ def test_score_files_pads_batches_and_reports_bad_files_in_order(tmp_path):
     shapes.append(batch.shape)
     return batch[:, 0, 0, 0].astype(np.float32)  # the normalised red value of each image
 
-  results = list(inference.score_files(paths, scorer, (32, 32), batch_size=3))
+  results = list(scorer_lib.score_files(paths, scorer, (32, 32), batch_size=3))
   assert [r.path for r in results] == paths
   assert shapes == [(3, 32, 32, 3), (3, 32, 32, 3)]  # one compiled shape, last batch padded
   assert results[1].score is None and "bad.jpg" in results[1].error

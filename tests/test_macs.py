@@ -1,4 +1,4 @@
-"""The MAC counter (mobileiqa_jax/macs.py) on layers whose MACs are computed by hand, through
+"""The MAC counter (mobileiqa_jax/profiling/macs.py) on layers whose MACs are computed by hand, through
 the control flow a model's jaxpr holds, and on whole (small) models against PyTorch's own
 FLOP counter."""
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobileiqa_jax import macs
-from mobileiqa_jax import model_card
+from mobileiqa_jax.profiling import macs
+from mobileiqa_jax.profiling import model_card
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mobileiqa_jax import convert
+from mobileiqa_jax.weights import convert
 from mobileiqa_jax.models import mobilenetv3
 import support
 

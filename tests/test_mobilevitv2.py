@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mobileiqa_jax import convert
+from mobileiqa_jax.weights import convert
 from mobileiqa_jax.models import mobilevitv2
 import support
 

@@ -1,4 +1,4 @@
-"""The model card (mobileiqa_jax/model_card.py, launch/profile.py) on small checkpoints."""
+"""The model card (mobileiqa_jax/profiling/model_card.py, launch/profile.py) on small checkpoints."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import model_card
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.profiling import model_card
 from mobileiqa_jax.models import mobileiqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,11 @@
-"""Tests for mobileiqa_jax.objectives against numpy computations."""
+"""Tests for mobileiqa_jax.training.objectives against numpy computations."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobileiqa_jax import objectives
+from mobileiqa_jax.training import objectives
 
 
 def _rng_arrays(seed=0, b=4):

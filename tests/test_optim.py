@@ -1,4 +1,4 @@
-"""Tests for mobileiqa_jax.optim, against PyTorch's Adam and CosineAnnealingLR."""
+"""Tests for mobileiqa_jax.training.optim, against PyTorch's Adam and CosineAnnealingLR."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mobileiqa_jax import optim
+from mobileiqa_jax.training import optim
 
 _STEPS_PER_EPOCH = 3
 _EPOCHS = 5

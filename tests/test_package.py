@@ -83,18 +83,18 @@ def test_version_is_importable_without_jax():
 def test_wheel_installs_the_mobileiqa_command(wheel):
   name = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
   text = wheel.read(name).decode()
-  assert "[console_scripts]" in text and "mobileiqa = mobileiqa_jax.console:main" in text
+  assert "[console_scripts]" in text and "mobileiqa = mobileiqa_jax.commands.dispatch:main" in text
 
 
 def test_console_lists_commands_and_rejects_unknown_ones(capsys):
-  from mobileiqa_jax import console  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.commands import dispatch  # pylint: disable=g-import-not-at-top
   with pytest.raises(SystemExit) as e:
-    console.main(["mobileiqa", "--help"])
+    dispatch.main(["mobileiqa", "--help"])
   assert e.value.code == 0
   out = capsys.readouterr().out
   assert all(f"  {n}" in out for n in ("predict", "convert", "export", "explain", "evaluate",
                                        "aot"))
   with pytest.raises(SystemExit) as e:
-    console.main(["mobileiqa", "nope"])
+    dispatch.main(["mobileiqa", "nope"])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and "unknown command 'nope'" in err

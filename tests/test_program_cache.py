@@ -1,4 +1,4 @@
-"""The program cache (mobileiqa_jax/program_cache.py): what it keeps, when it misses.
+"""The program cache (mobileiqa_jax/commands/program_cache.py): what it keeps, when it misses.
 
 - A `Function` writes one exported program per input signature; a new `Function` (as in a new
   process) runs it without exporting again, with the same result as plain `jax.jit`.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobileiqa_jax import program_cache
+from mobileiqa_jax.commands import program_cache
 
 
 def _fn(v, x):

@@ -3,7 +3,7 @@
 - A second process scoring with the same model and sizes compiles nothing: every XLA compile
   it asks for is a persistent-cache hit (counted with jax.monitoring events in the child); and
   it traces nothing: the model's __call__ and the template builder raise there, and the
-  program cache (mobileiqa_jax/program_cache.py) answers.
+  program cache (mobileiqa_jax/commands/program_cache.py) answers.
 - The cache goes to $XDG_CACHE_HOME/mobileiqa_jax/jax by default; --nocompilation_cache (and
   MOBILEIQA_JAX_CACHE_DIR=0) turn it off; a folder set through JAX's own variable is kept.
 - Scores do not depend on the batch size (1 vs 8) beyond 1e-6.
@@ -31,10 +31,10 @@ import pytest
 import data_fixtures
 import support
 
-from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import convert
-from mobileiqa_jax import program_cache
-from mobileiqa_jax import torch_pickle
+from mobileiqa_jax.commands import compilation_cache
+from mobileiqa_jax.weights import convert
+from mobileiqa_jax.commands import program_cache
+from mobileiqa_jax.weights import torch_pickle
 from mobileiqa_jax.models import mobileiqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ import json, os, sys
 import jax
 if os.environ.get("REFUSE_TRACE"):
   # The program cache's promise: shapes and programs come from disk, the model never runs.
-  from mobileiqa_jax import convert
+  from mobileiqa_jax.weights import convert
   from mobileiqa_jax.models import mobileiqa
   def refuse(*args, **kwargs):
     raise AssertionError("the second process traced the model")

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from mobileiqa_jax import sharding
-from mobileiqa_jax import train
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.training import trainer
+from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
 from support import IMAGENET_MEAN, IMAGENET_STD, rel_err, tiny_config
@@ -22,7 +22,7 @@ import data_fixtures
 def _step_results(config, batch):
   """(loss, params, batch_stats) after one jitted train step from the seeded init."""
   mesh = sharding.make_mesh(config.mesh)
-  steps = train.build_steps(config, mesh, steps_per_epoch=2)
+  steps = trainer.build_steps(config, mesh, steps_per_epoch=2)
   state = steps.init_state()
   state, m = steps.train_step(state, sharding.host_to_global(batch, mesh), None)
   return jax.device_get((m["loss"], m["score_mse"], m["grad_norm"], state.params,
@@ -107,7 +107,7 @@ def test_padded_last_batch_step_equals_the_small_batch_step():
 
 
 def test_reference_split_is_the_released_codes():
-  train_idx, test_idx = layout.reference_split(4269)
+  train_idx, test_idx = releases.reference_split(4269)
   assert (len(train_idx), len(test_idx)) == (3415, 854)
   # The first ten train indices the released code's training log prints.
   assert train_idx[:10] == [3361, 3322, 485, 1182, 1743, 136, 3641, 702, 2429, 2448]
@@ -120,10 +120,10 @@ def test_reference_split_is_the_released_codes():
       order = list(range(n))
       random.shuffle(order)
       cut = int(round(0.8 * n))
-      assert layout.reference_split(n) == (order[:cut], order[cut:])
+      assert releases.reference_split(n) == (order[:cut], order[cut:])
   finally:
     random.setstate(state)
-  assert layout.reference_split(10, seed=1) != layout.reference_split(10)
+  assert releases.reference_split(10, seed=1) != releases.reference_split(10)
 
 
 def _head_leaves(head_init, only_lda=False):
@@ -134,7 +134,8 @@ def _head_leaves(head_init, only_lda=False):
   pixel-branch and 1280-wide channel-branch Linear layers.
   """
   from mobileiqa_jax.models.mal import MAL  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.models.mobileiqa import LDA, Regressor  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models.mobileiqa import LDA  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models.mobileiqa import Regressor  # pylint: disable=g-import-not-at-top
   modules = [(LDA(256, 22, head_init=head_init), np.zeros((1, 23, 23, 1024), np.float32))]
   if not only_lda:
     modules += [
@@ -261,7 +262,7 @@ def test_release_configs_select_the_released_protocol():
 
 def test_release_variant_loader_fixed_order_and_last_partial_batch():
   from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.data import feed  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = teacher_config.get_config("uhd_iqa_release")
   c.data.image_size, c.data.pre_resize = (12, 16), (24, 32)  # small; the logic is the same
@@ -269,7 +270,7 @@ def test_release_variant_loader_fixed_order_and_last_partial_batch():
   n = 21  # 2 full batches of 8 and a last one of 5
   images = [data_fixtures.image_bytes(i, (40, 30)) for i in range(n)]
   src = pipeline.memory_source(images, [i / n for i in range(n)])
-  data = feed.loaders(src, src, c)
+  data = train_data.loaders(src, src, c)
   assert data.steps_per_epoch == 3
   epochs = [list(data.train_epoch(e)) for e in (0, 1)]
   for batches in epochs:

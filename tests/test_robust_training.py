@@ -22,11 +22,11 @@ import numpy as np
 import optax
 import pytest
 
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import checkpoint_integrity
-from mobileiqa_jax import cli
-from mobileiqa_jax import metric_writer
-from mobileiqa_jax import workdir_lock
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.weights import integrity
+from mobileiqa_jax.commands import errors as errors_lib
+from mobileiqa_jax.training import metric_writer
+from mobileiqa_jax.training import workdir_lock
 from support import REPO, free_port, python_env, run_peers
 
 
@@ -175,9 +175,9 @@ def _targets():
 def test_resume_falls_back_from_a_truncated_latest_step(tmp_path, caplog, sealed):
   saved = _save_steps(tmp_path, [10, 20])
   latest = os.path.join(tmp_path, "checkpoints", "20")
-  assert checkpoint_integrity.is_sealed(latest)
+  assert integrity.is_sealed(latest)
   if not sealed:  # a step killed between orbax's commit and the seal: found by the restore
-    os.remove(os.path.join(latest, checkpoint_integrity.MANIFEST))
+    os.remove(os.path.join(latest, integrity.MANIFEST))
   _truncate(_largest_file(latest))
   ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
   with caplog.at_level(std_logging.WARNING):
@@ -234,7 +234,7 @@ def test_scoring_needs_only_the_weights_to_be_intact(tmp_path):
   variables, _ = checkpoint.load_variables(step)  # predict, evaluate, export read these
   np.testing.assert_array_equal(variables["params"]["w"], saved[10])
   with pytest.raises(checkpoint.CheckpointDamagedError, match="opt_state"):
-    checkpoint_integrity.verify(step)  # a resume needs the optimizer state too
+    integrity.verify(step)  # a resume needs the optimizer state too
 
 
 def test_predict_on_a_damaged_checkpoint_is_one_line(tmp_path):
@@ -242,7 +242,7 @@ def test_predict_on_a_damaged_checkpoint_is_one_line(tmp_path):
   sealed = os.path.join(tmp_path, "run", "checkpoints", "10")
   unsealed = str(tmp_path / "unsealed")
   shutil.copytree(sealed, unsealed)
-  os.remove(os.path.join(unsealed, checkpoint_integrity.MANIFEST))
+  os.remove(os.path.join(unsealed, integrity.MANIFEST))
   for path in (sealed, unsealed):
     _truncate(_largest_file(path))
   # A readable photo of the test's own, so only the checkpoint can be at fault.
@@ -275,7 +275,7 @@ def test_a_save_that_cannot_fit_is_refused_and_earlier_steps_stay(tmp_path, monk
                       lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
   with pytest.raises(checkpoint.CheckpointDiskFullError) as err:
     ck.save(2, v, opt, {"model_config": {}}, {"step": 2})
-  message = cli._message(err.value)
+  message = errors_lib._message(err.value)
   assert message.startswith(str(tmp_path)) and "100 are free" in message
   assert "step 1 is the newest checkpoint" in message and "bytes" in message
   ck.close()
@@ -327,7 +327,7 @@ def _record(pathname, level, exc_info=None):
 
 def test_the_training_log_keeps_the_projects_lines_only():
   package = os.path.dirname(checkpoint.__file__)
-  only = cli._ProjectLogsOnly([package, os.path.join(REPO, "launch")])
+  only = errors_lib._ProjectLogsOnly([package, os.path.join(REPO, "launch")])
   orbax = os.path.join(os.path.dirname(optax.__file__), "..", "orbax", "checkpoint",
                        "checkpoint_manager.py")
   assert only.filter(_record(os.path.join(package, "train.py"), std_logging.INFO))
@@ -391,11 +391,12 @@ def test_cli_log_is_the_projects_and_divergence_is_one_line(tmp_path):
 KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[2])
-from mobileiqa_jax import checkpoint, train
-from mobileiqa_jax.data import feed
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.training import trainer
+from mobileiqa_jax.data import train_data
 from support import tiny_config, tiny_data
 
-class KillAfterTwoCheckpoints(feed.Data):
+class KillAfterTwoCheckpoints(train_data.Data):
   def __init__(self, data, root):
     self._data, self._root = data, root
     self.num_train, self.num_eval = data.num_train, data.num_eval
@@ -411,24 +412,24 @@ class KillAfterTwoCheckpoints(feed.Data):
 c = tiny_config("student", num_epochs=3)
 c.checkpoint.async_save = True
 workdir = sys.argv[1]
-train.train_and_evaluate(c, workdir, data=KillAfterTwoCheckpoints(
+trainer.train_and_evaluate(c, workdir, data=KillAfterTwoCheckpoints(
     tiny_data(c), os.path.join(workdir, "checkpoints")))
 """
 
 
 @pytest.mark.slow
 def test_kill_9_after_two_checkpoints_then_resume_is_exact(tmp_path):
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from support import tiny_config, tiny_data  # pylint: disable=g-import-not-at-top
   c = tiny_config("student", num_epochs=3)
   c.checkpoint.async_save = True
-  ref = train.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
+  ref = trainer.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
   workdir = str(tmp_path / "killed")
   proc = _launch(["-c", KILL_SCRIPT, workdir, os.path.join(REPO, "tests")])
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   steps = checkpoint.list_steps(os.path.join(workdir, "checkpoints"))
   assert len(steps) >= 2 and max(steps) < ref["step"], steps
-  resumed = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  resumed = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   assert resumed["step"] == ref["step"]
   for a, b in zip(jax.tree.leaves(resumed["final_params"]), jax.tree.leaves(ref["final_params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
@@ -449,7 +450,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 workdir, pid, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=pid)
-from mobileiqa_jax import workdir_lock
+from mobileiqa_jax.training import workdir_lock
 lock = workdir_lock.acquire_for_job(workdir + "/free", jax.process_index() == 0, 2)
 print("FREE", lock is not None, flush=True)
 if lock is not None:

@@ -15,7 +15,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import pytest
 
-from mobileiqa_jax import train
+from mobileiqa_jax.training import trainer
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
 from mobileiqa_jax import sharding
@@ -122,7 +122,7 @@ def test_same_config_traced_as_tpu_and_as_gpu_on_this_cpu_host():
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
   forms = {}
   for platform in ("tpu", "gpu"):
-    steps = train.build_steps(c, mesh, 10, runtime=runtime.for_training(c, platform))
+    steps = trainer.build_steps(c, mesh, 10, runtime=runtime.for_training(c, platform))
     assert steps.runtime.platform == platform
     variables = jax.eval_shape(lambda s=steps: s.init_variables())
     forms[platform] = _grouped_convs(

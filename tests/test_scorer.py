@@ -20,9 +20,9 @@ import data_fixtures
 from PIL import Image
 
 import mobileiqa_jax
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import convert
-from mobileiqa_jax import inference
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.weights import convert
+from mobileiqa_jax.scoring import scorer as scorer_lib
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
@@ -52,7 +52,7 @@ def models(tmp_path_factory):
   model = mobileiqa.build_model(config, runtime.Runtime(depthwise_impl="conv"))
   variables = random_variables(model)
   # Spread the scores over the sigmoid: standardise the last layer's logits over the photos.
-  s = inference.Scorer(model, variables, SIZE, config.to_dict()).score(PHOTOS)
+  s = scorer_lib.Scorer(model, variables, SIZE, config.to_dict()).score(PHOTOS)
   logits = np.log(s) - np.log1p(-s)
   fc = variables["params"]["fc_score"]["3"]
   fc["kernel"] = (fc["kernel"] / (logits.std() + 1e-6)).astype(np.float32)
@@ -101,9 +101,9 @@ def test_scoring_folds_the_attention_from_a_few_photos(models):
   as_stored = mobileiqa_jax.load(models["ckpt"], attention="reference")
   assert block(as_stored) == {"c_q", "c_k", "c_v"} and as_stored.model.attention == "reference"
   # One photo does not pay for the fold; a folder does (the command and --distributed ask).
-  assert inference.attention_for(1) == "reference"
-  assert inference.attention_for(inference.FOLD_MIN_PHOTOS - 1) == "reference"
-  assert inference.attention_for(inference.FOLD_MIN_PHOTOS) == "folded"
+  assert scorer_lib.attention_for(1) == "reference"
+  assert scorer_lib.attention_for(scorer_lib.FOLD_MIN_PHOTOS - 1) == "reference"
+  assert scorer_lib.attention_for(scorer_lib.FOLD_MIN_PHOTOS) == "folded"
 
 
 def test_views_one_photo_at_a_time_score_as_the_whole_batch(models):
@@ -114,13 +114,13 @@ def test_views_one_photo_at_a_time_score_as_the_whole_batch(models):
   images = np.stack([preprocess.resize_normalize(
       preprocess.decode_rgb(open(p, "rb").read(), p), SIZE) for p in PHOTOS])
   per_photo, whole = (np.asarray(jax.jit(
-      lambda v, x, each=each: inference.apply_for_scoring(scorer.model, v, x, each))(
+      lambda v, x, each=each: scorer_lib.apply_for_scoring(scorer.model, v, x, each))(
           scorer.variables, images)) for each in (True, False))
   np.testing.assert_allclose(per_photo, whole, rtol=0, atol=1e-6)
   np.testing.assert_allclose(whole, models["reference"], rtol=1e-5, atol=1e-6)
-  assert scorer.views_per_photo and inference.default_views_per_photo("cpu")
-  assert not inference.default_views_per_photo("gpu")
-  assert not inference.default_views_per_photo("tpu")
+  assert scorer.views_per_photo and scorer_lib.default_views_per_photo("cpu")
+  assert not scorer_lib.default_views_per_photo("gpu")
+  assert not scorer_lib.default_views_per_photo("tpu")
 
 
 def test_scorer_attributes_and_mos_mapping(models):
@@ -131,13 +131,13 @@ def test_scorer_attributes_and_mos_mapping(models):
   assert (scorer.score_min, scorer.score_max, scorer.higher_is_better) == (0.0, 1.0, True)
   # The default batch follows the platform: 2 on CPU (as fast as 8 there, 0.6 GB less at
   # 512x512), 8 on an accelerator.
-  assert scorer.batch_size == 2 == inference.default_batch_size("cpu")
-  assert inference.default_batch_size("gpu") == 8
-  assert inference.default_batch_size("tpu") == 8
+  assert scorer.batch_size == 2 == scorer_lib.default_batch_size("cpu")
+  assert scorer_lib.default_batch_size("gpu") == 8
+  assert scorer_lib.default_batch_size("tpu") == 8
   # The teacher on large photos too (it scored one at a time before its views ran per photo
   # on CPU); the Scorer decides from its backend alone (nothing compiles here).
   big = (1231, 1907)
-  assert inference.Scorer(scorer.model, scorer.variables, big,
+  assert scorer_lib.Scorer(scorer.model, scorer.variables, big,
                           dict(scorer.model_config, variant="teacher")).batch_size == 2
   s = np.array([0.0, 0.25, 1.0], np.float32)
   np.testing.assert_allclose(scorer.to_mos(s), [0.0, 25.0, 100.0], rtol=1e-6)
@@ -185,7 +185,7 @@ def test_detect_model_from_keys():
 def test_unreadable_photo_speaks_of_scoring(models, tmp_path):
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(open(PHOTOS[0], "rb").read()[:200])
-  with pytest.raises(inference.UnreadableImageError) as err:
+  with pytest.raises(scorer_lib.UnreadableImageError) as err:
     models["scorer"].score([PHOTOS[0], str(bad)])
   assert str(bad) in str(err.value) and "cannot be scored" in str(err.value)
   assert "label file" not in str(err.value)
@@ -256,7 +256,8 @@ def test_evaluate_and_export_take_the_pkl_as_load_does(models, tmp_path):
   """launch/evaluate.py and launch/export.py accept the .pkl; both compute in float32."""
   pytest.importorskip("tensorflow")
   from configs import student  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import evaluate, export  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import evaluate  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
   config = student.get_config("demo")
   config.data.eval_batch_size = 16
   by_pkl = evaluate.evaluate_checkpoint(models["pkl"], config, "test",
@@ -268,7 +269,7 @@ def test_evaluate_and_export_take_the_pkl_as_load_does(models, tmp_path):
     assert by_pkl[k] == pytest.approx(by_ckpt[k], abs=1e-6), k
 
   out = str(tmp_path / "student.tflite")
-  export.export_checkpoint(models["pkl"], out, image_size="64,64")
-  tflite = export.TFLiteScorer(out)
+  tflite_lib.export_checkpoint(models["pkl"], out, image_size="64,64")
+  tflite = tflite_lib.TFLiteScorer(out)
   np.testing.assert_allclose([tflite.score_file(p) for p in PHOTOS], models["reference"],
                              atol=1e-4)

@@ -70,14 +70,15 @@ c.optimizer.eps = 1.0  # Adam's first step linear in the gradient (see below)
 # noise into +-lr).
 _STEP_SCRIPT = """
 import jax, numpy as np
-from mobileiqa_jax import sharding, train
+from mobileiqa_jax import sharding
+from mobileiqa_jax.training import trainer
 assert jax.device_count() == 8, jax.devices()
 """ + _CONFIG + """
 data = tiny_data(c, flips=False)
 batch = next(data.train_epoch(0))
 
 def one_step(mesh):
-  steps = train.build_steps(c, mesh, data.steps_per_epoch)
+  steps = trainer.build_steps(c, mesh, data.steps_per_epoch)
   state = steps.init_state()
   p0 = jax.device_get(state.params)
   state, m = steps.train_step(state, sharding.host_to_global(batch, mesh), None)
@@ -133,10 +134,10 @@ if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                              process_id=pid)
 import numpy as np
-from mobileiqa_jax import train
+from mobileiqa_jax.training import trainer
 """ + _CONFIG + """
-summary = train.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))
-params = train.sharding.global_to_host(summary["final_params"])
+summary = trainer.train_and_evaluate(c, out + "_workdir", data=tiny_data(c, flips=True))
+params = trainer.sharding.global_to_host(summary["final_params"])
 if jax.process_index() == 0:
   flat = {"/".join(str(k.key) for k in p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}

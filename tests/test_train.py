@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import metric_writer
-from mobileiqa_jax import train
-from mobileiqa_jax.data import feed
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.training import metric_writer
+from mobileiqa_jax.training import trainer
+from mobileiqa_jax.data import train_data
 from support import SMALLEST, tiny_config, tiny_data
 
 # Runs of the same model and optimizer share their compiled steps, compiled with XLA's
@@ -47,7 +47,7 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
   c = tiny_config("teacher", backbone=backbone, num_epochs=1, max_steps=3, **smallest)
   c.scatter_plot = True
   workdir = str(tmp_path / "teacher")
-  summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  summary = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   assert summary["step"] == 3 and not summary["preempted"]
   rows = _read_jsonl(workdir)
   train_rows = [r for r in rows if r["kind"] == "train"]
@@ -76,7 +76,7 @@ def _teacher_checkpoint(tmp_path):
   """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
   t = tiny_config("teacher", **SMALLEST)
   # 3 steps per epoch as the teacher test's data: its steps (and init) are reused.
-  steps = train.build_steps(t, train.sharding.make_mesh(t.mesh), steps_per_epoch=3)
+  steps = trainer.build_steps(t, trainer.sharding.make_mesh(t.mesh), steps_per_epoch=3)
   variables = jax.device_get(steps.init_variables())
   return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
                                steps.model_config.to_dict(), extra={"image_size": [32, 32]})
@@ -86,7 +86,7 @@ def test_distillation_logs_three_terms_and_monitor(tmp_path):
   c = tiny_config("student", num_epochs=1, max_steps=2, **SMALLEST)
   c.teacher_checkpoint = _teacher_checkpoint(tmp_path)
   workdir = str(tmp_path / "student")
-  summary = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  summary = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   assert summary["step"] == 2
   train_rows = [r for r in _read_jsonl(workdir) if r["kind"] == "train"]
   assert len(train_rows) == 2
@@ -113,7 +113,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
   data.train.source.mos[8:16] = np.nan  # the second batch of epoch 0
   workdir = str(tmp_path / "nan")
   with pytest.raises(metric_writer.NonFiniteLossError, match="at step 2") as err:
-    train.train_and_evaluate(c, workdir, data=data)
+    trainer.train_and_evaluate(c, workdir, data=data)
   # The step, that there is nothing to resume from, and the lever.
   assert "No checkpoint yet" in str(err.value), err.value
   assert "--config.optimizer.lr=0.0001 (now 0.001)" in str(err.value), err.value
@@ -121,7 +121,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path):
   assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == []
 
 
-class _SigtermAt(feed.Data):
+class _SigtermAt(train_data.Data):
   """Wraps data; sends SIGTERM to this process while batch `at` of the first epoch is in use."""
 
   def __init__(self, data, at):
@@ -143,12 +143,12 @@ class _SigtermAt(feed.Data):
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
   c = tiny_config("teacher", num_epochs=2, **SMALLEST)
   c.checkpoint.every_steps = 100  # only the preemption and epoch-end saves
-  ref = train.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
+  ref = trainer.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
   workdir = str(tmp_path / "pre")
-  first = train.train_and_evaluate(c, workdir, data=_SigtermAt(tiny_data(c), at=1))
+  first = trainer.train_and_evaluate(c, workdir, data=_SigtermAt(tiny_data(c), at=1))
   assert first["preempted"] and first["step"] == 2  # batch 1 is the second step
   assert checkpoint.list_steps(os.path.join(workdir, "checkpoints")) == [2]
-  resumed = train.train_and_evaluate(c, workdir, data=tiny_data(c))
+  resumed = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   assert resumed["step"] == ref["step"] == 6 and not resumed["preempted"]
   _assert_trees_close(resumed["final_params"], ref["final_params"], rtol=1e-6, atol=1e-8)
   assert resumed["best"]["selection"] == pytest.approx(ref["best"]["selection"])
@@ -178,7 +178,7 @@ def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
   c = tiny_config("student", **SMALLEST)
   c.init.backbone = "mobilenetv3_small_050.lamb_in1k"
-  steps = train.build_steps(c, train.sharding.make_mesh(c.mesh), steps_per_epoch=1)
+  steps = trainer.build_steps(c, trainer.sharding.make_mesh(c.mesh), steps_per_epoch=1)
   variables = jax.device_get(steps.init_variables())
   assert calls == [("timm/mobilenetv3_small_050.lamb_in1k", "model.safetensors")]
   want = net.state_dict()["conv_stem.weight"].numpy().transpose(2, 3, 1, 0)

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from mobileiqa_jax import checkpoint
-from mobileiqa_jax import convert
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.weights import convert
 from mobileiqa_jax import sharding
-from mobileiqa_jax import train
+from mobileiqa_jax.training import trainer
 from mobileiqa_jax.models import runtime
 from support import SMALLEST, randomize_torch, tiny_config, tiny_data
 
@@ -63,7 +63,7 @@ def test_distillation_tracks_pytorch(tmp_path, fast_compile):
 
   # Teacher: torch weights -> a standalone checkpoint, as launch/convert.py would write it.
   t_torch = _torch_model("global_vit", "LGF", 2, False, 1, c).eval()
-  t_steps = train.build_steps(t_cfg, mesh, 1)
+  t_steps = trainer.build_steps(t_cfg, mesh, 1)
   t_vars = _to_flax(t_torch, t_steps.abstract_state.variables)
   c.teacher_checkpoint = checkpoint.save_model(str(tmp_path / "teacher"), t_vars,
                                                t_steps.model_config.to_dict())
@@ -72,8 +72,8 @@ def test_distillation_tracks_pytorch(tmp_path, fast_compile):
   data = tiny_data(c, n_train=8 * STEPS, flips=False, shuffle=False)
   # The trainer's runtime for this config on this host, the teacher's without remat.
   rt = runtime.for_training(c, runtime.platform_of(mesh.devices.flat[0]))
-  teacher, teacher_host = train.load_teacher(c, rt.frozen())
-  steps = train.build_steps(c, mesh, data.steps_per_epoch, teacher)
+  teacher, teacher_host = trainer.load_teacher(c, rt.frozen())
+  steps = trainer.build_steps(c, mesh, data.steps_per_epoch, teacher)
   teacher_vars = sharding.host_tree_to_global(teacher_host, steps.teacher_shardings)
   s_vars = _to_flax(s_torch, steps.abstract_state.variables)
   state = steps.init_state(sharding.host_tree_to_global(

@@ -18,8 +18,8 @@ files, never).
 from absl import app
 from absl import flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax import convert
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.weights import convert
 
 flags.DEFINE_string("torch_checkpoint", None, "The authors' .pkl/.pth state dict to convert.")
 flags.DEFINE_enum("model", None, ["teacher", "student"], "Which MobileIQA model the "
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  errors.run(main)

@@ -15,9 +15,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import host_allocator
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.commands import compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant] naming the "
                                           "data set (default: the checkpoint's workdir config).")
@@ -34,8 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   compilation_cache.enable_from_flags()
-  host_allocator.reuse_freed_memory_unless_disabled()
-  from mobileiqa_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import evaluate  # pylint: disable=g-import-not-at-top
   result = evaluate.evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _SPLIT.value,
                                         _OUTPUT.value, _WHICH.value, _BATCH.value)
   print(" ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
@@ -43,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  errors.run(main)

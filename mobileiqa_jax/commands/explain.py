@@ -6,7 +6,7 @@ MODEL: what launch/predict.py takes (checkpoint folder, training workdir, the au
 PATH: image files or folders (recursed). Writes to DIR, per photo, one PNG with the photo, each
 MAL's opinion map (the channel norm of its opinion feature over the S x S grid, upsampled and
 overlaid) and the MALs' pairwise cosine-similarity heat map; then `similarity_mean.png` (the
-mean over the photos) and `similarity.json` (all numbers). mobileiqa_jax/explain.py defines
+mean over the photos) and `similarity.json` (all numbers). mobileiqa_jax/scoring/explain.py defines
 the drawn quantities. An existing non-empty DIR needs --overwrite.
 """
 
@@ -14,9 +14,8 @@ import sys
 
 from absl import flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import host_allocator
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.commands import compilation_cache
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict.", required=True)
@@ -31,11 +30,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   compilation_cache.enable_from_flags()
-  host_allocator.reuse_freed_memory_unless_disabled()
-  from mobileiqa_jax import explain  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import explain  # pylint: disable=g-import-not-at-top
   return explain.explain_command(FLAGS.checkpoint, argv[1:], FLAGS.output, sys.stderr,
                                  FLAGS.image_size, FLAGS.overwrite, FLAGS.progress)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  errors.run(main)

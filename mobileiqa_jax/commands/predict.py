@@ -7,7 +7,7 @@ r"""Scores photos with a MobileIQA model; prints CSV `path,score` on stdout (or 
 training (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or discovered on TPU
 pods and SLURM). Each process scores its share into parts beside --output, process 0 merges
 them into --output in input order; a rerun reuses the parts already written (a process that
-stopped is named; see mobileiqa_jax/distributed_scoring.py).
+stopped is named; see mobileiqa_jax/scoring/distributed.py).
 
 MODEL: a checkpoint folder (launch/convert.py output), a training workdir (its best step), or
 the authors' .pkl / a .pth state dict (teacher or student is read from its keys; converted in
@@ -25,11 +25,10 @@ import sys
 from absl import app
 from absl import flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import distributed_scoring
-from mobileiqa_jax import host_allocator
-from mobileiqa_jax import inference
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.commands import compilation_cache
+from mobileiqa_jax.scoring import distributed as distributed_lib
+from mobileiqa_jax.scoring import scorer
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict (the authors' weights).", required=True)
@@ -45,7 +44,7 @@ flags.DEFINE_string("output", None, "Write the CSV to this file (complete or not
                     "instead of stdout; needed with --distributed.")
 flags.DEFINE_boolean("distributed", False, "Score on every process of a jax.distributed job, "
                      "each its share; process 0 writes --output.")
-flags.DEFINE_integer("part_size", distributed_scoring.DEFAULT_PART_SIZE, "--distributed: "
+flags.DEFINE_integer("part_size", distributed_lib.DEFAULT_PART_SIZE, "--distributed: "
                      "files per part, the unit a rerun does not score again.")
 flags.DEFINE_enum("preprocessing", None, ["host", "device"], "Where photos are resized: "
                   "'host' (PIL on CPU threads, the reference exactly) or 'device' (inside the "
@@ -56,20 +55,19 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   compilation_cache.enable_from_flags()
-  host_allocator.reuse_freed_memory_unless_disabled()
   settings = dict(checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
                   model=FLAGS.model, preprocessing=FLAGS.preprocessing, err=sys.stderr)
   if FLAGS.distributed:
     if not FLAGS.output:
       raise app.UsageError("--distributed needs --output=FILE.csv (process 0 writes it).")
-    return distributed_scoring.predict_csv_distributed(
+    return distributed_lib.predict_csv_distributed(
         output=FLAGS.output, part_size=FLAGS.part_size, **settings)
   if FLAGS.output:
-    with distributed_scoring.atomic_file(FLAGS.output) as out:
-      return inference.predict_csv(out=out, **settings)
-  return inference.predict_csv(out=sys.stdout, **settings)
+    with distributed_lib.atomic_file(FLAGS.output) as out:
+      return scorer.predict_csv(out=out, **settings)
+  return scorer.predict_csv(out=sys.stdout, **settings)
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(distributed_scoring.ScoringProcessError,))
+  errors.run(main, user_errors=(distributed_lib.ScoringProcessError,))

@@ -13,10 +13,10 @@ training reads them without it.
 from absl import app
 from absl import flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax.data import builders
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.data import datasets
 
-_DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Data set to prepare.")
+_DATASET = flags.DEFINE_enum("dataset", None, sorted(datasets.BUILDERS), "Data set to prepare.")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder holding the downloaded release (default "
     "<data_dir>/downloads/manual/<dataset>/).")
@@ -44,11 +44,11 @@ def main(argv):
       raise app.UsageError(f"--mos_range takes two numbers: low,high; got "
                            f"{','.join(_MOS_RANGE.value)}.") from None
   # A missing download (MissingDataError) or a corrupt image is one line naming what to do.
-  path = builders.prepare(
+  path = datasets.prepare(
       _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
       config_name=_CONFIG_NAME.value, labels_csv=_LABELS_CSV.value, mos_range=mos_range)
   print(f"Prepared: {path}")
 
 
 if __name__ == "__main__":
-  cli.run(main, quiet=False)
+  errors.run(main, quiet=False)

@@ -5,7 +5,7 @@ r"""Prints the model card of a MobileIQA checkpoint: parameters, MACs, FLOPs, la
 
 MODEL: anything `mobileiqa_jax.load` takes (a checkpoint folder, a training workdir, the
 authors' .pkl or a .pth state dict). A table, then one JSON line (the last stdout line). MACs
-are counted as fvcore/ptflops count them (mobileiqa_jax/macs.py says what); latency and peak
+are counted as fvcore/ptflops count them (mobileiqa_jax/profiling/macs.py says what); latency and peak
 memory come from a fresh child process on this machine. --nomeasure skips the compile and
 timing (counts only; seconds even at 1231x1907, where the teacher compiles for minutes).
 --exports also exports the model to each format and prints its latency, peak memory and file
@@ -17,8 +17,8 @@ import json
 from absl import app
 from absl import flags
 
-from mobileiqa_jax import cli
-from mobileiqa_jax import model_card
+from mobileiqa_jax.commands import errors
+from mobileiqa_jax.profiling import model_card
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict (the authors' weights).", required=True)
@@ -42,5 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
-  cli.run(main, user_errors=(model_card.MeasurementError, export.ExportError))
+  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
+  errors.run(main, user_errors=(model_card.MeasurementError, tflite.ExportError))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pathlib
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 
-class Bid(base.IQABuilder):
+class Bid(tfds_builder.IQABuilder):
   """BID: blurred image database."""
 
   DESCRIPTION = __doc__
@@ -35,20 +35,20 @@ class Bid(base.IQABuilder):
   <manual_dir>/DatabaseImage0001.JPG ... DatabaseImage0586.JPG   (or under ImageDatabase/)
   """
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     xlsx = self.require_file(root, "DatabaseGrades.xlsx")
-    rows = layout.read_xlsx_rows(xlsx)
+    rows = releases.read_xlsx_rows(xlsx)
     header = [str(h).lower() if h is not None else "" for h in (rows[0] if rows else [])]
     has_std = len(header) > 2 and ("std" in header[2] or "deviation" in header[2])
     names, mos, std = [], [], []
     for r, row in enumerate(rows[1:], start=2):
       if not row or row[0] is None or str(row[0]).strip() == "":
         continue
-      number = int(layout.parse_float(row[0], f"bid: {xlsx} row {r} image number"))
+      number = int(releases.parse_float(row[0], f"bid: {xlsx} row {r} image number"))
       names.append(f"DatabaseImage{number:04d}.JPG")
-      mos.append(layout.parse_float(row[1] if len(row) > 1 else None, f"bid: {xlsx} row {r} MOS"))
-      std.append(layout.parse_float(row[2], f"bid: {xlsx} row {r} std") if has_std else float("nan"))
+      mos.append(releases.parse_float(row[1] if len(row) > 1 else None, f"bid: {xlsx} row {r} MOS"))
+      std.append(releases.parse_float(row[2], f"bid: {xlsx} row {r} std") if has_std else float("nan"))
     if not names:
       raise ValueError(f"bid: {xlsx} lists no images (expected rows: image number, MOS).")
     paths = self.locate(root, names, ("", "ImageDatabase"))
-    return base.seeded_entries(names, paths, mos, std)
+    return tfds_builder.seeded_entries(names, paths, mos, std)

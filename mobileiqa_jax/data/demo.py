@@ -62,7 +62,7 @@ Recipe (all deterministic; no random numbers except the seeded noise):
    train = astronaut, rocket, motorcycle, grace_hopper (300 references, 9,300 images);
    test  = chelsea, coffee (50 references, 1,550 images).
 
-Records follow the IQA builders' features (`mobileiqa_jax.data.base`): `image`
+Records follow the IQA builders' features (`mobileiqa_jax.data.tfds_builder`): `image`
 (encoded bytes), `image_name` (`<photo>_p<patch>_<distortion>_<level>.<png|jpg>`),
 `mos` (the label, already in [0, 1]), `mos_std` (NaN: no raters), `mos_norm`
 (= mos; the scale is the documented [0, 1]), `width`, `height`, `group`
@@ -369,14 +369,14 @@ def examples(split: str | None = None,
 
 def source(split: str):
   """The demo split as a `pipeline.MemorySource` (what `configs/*:demo` train on)."""
-  from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import releases  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   exs = examples(split)
   return pipeline.memory_source(
       [e['image'] for e in exs], [float(e['mos']) for e in exs],
       [e['image_name'] for e in exs],
-      scale=layout.MosScale(low=0.0, high=1.0, source='documented'))
+      scale=releases.MosScale(low=0.0, high=1.0, source='documented'))
 
 
 # ------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def source(split: str):
 def _tfds_builder_class():
   """Defines (once) the tfds builder; tfds is imported only when it is asked for."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.data import base  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
 
   class IqaDemo(tfds.core.GeneratorBasedBuilder):
     """The built-in demo IQA data set (see `mobileiqa_jax.data.demo`); downloads nothing."""
@@ -403,7 +403,7 @@ def _tfds_builder_class():
           description=__doc__,
           # The IQA builders' features (mos = the SSIM label, mos_std NaN, group = source
           # photo), plus the distortion and its level.
-          features=base.iqa_features(
+          features=tfds_builder.iqa_features(
               distortion=tfds.features.Text(),
               level=tfds.features.Scalar(np.int32, doc='0 pristine, 1-5 graded.'),
               ms_ssim=tfds.features.Scalar(
@@ -454,8 +454,8 @@ def prepare(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   Returns:
     The prepared folder.
   """
-  from mobileiqa_jax.data import layout  # pylint: disable=g-import-not-at-top
-  data_dir = layout.data_dir(data_dir)
+  from mobileiqa_jax.data import releases  # pylint: disable=g-import-not-at-top
+  data_dir = releases.data_dir(data_dir)
   builder = builder_class()(data_dir=str(data_dir), file_format='array_record')
   builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)

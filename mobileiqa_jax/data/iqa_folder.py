@@ -19,8 +19,8 @@ import dataclasses
 import pathlib
 import re
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 import tensorflow_datasets as tfds
 
@@ -45,7 +45,7 @@ def config_for(folder: str | pathlib.Path, name: str | None = None, **kwargs) ->
   return IqaFolderConfig(name=name, description=f"Images and scores from {folder}", **kwargs)
 
 
-class IqaFolder(base.IQABuilder):
+class IqaFolder(tfds_builder.IQABuilder):
   """A folder of images with a CSV of mean opinion scores."""
 
   DESCRIPTION = __doc__
@@ -58,14 +58,14 @@ class IqaFolder(base.IQABuilder):
   """
 
   def fix_hint(self, root: pathlib.Path) -> str:
-    return layout.folder_fix_hint(root)
+    return releases.folder_fix_hint(root)
 
   def _split_kind(self) -> str:
     return self._kind
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
-    csv_path = layout.find_labels_csv(root, self.builder_config.labels_csv)
-    entries = layout.read_folder_labels(root, str(csv_path))
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
+    csv_path = releases.find_labels_csv(root, self.builder_config.labels_csv)
+    entries = releases.read_folder_labels(root, str(csv_path))
     with open(csv_path, encoding="utf-8-sig") as f:
       header = {h.strip() for h in f.readline().split(",")}
     self._kind = "official" if header & {"set", "split"} else "seeded"
@@ -74,5 +74,5 @@ class IqaFolder(base.IQABuilder):
   def _mos_scale(self, entries):
     if self.builder_config.mos_range is not None:
       lo, hi = self.builder_config.mos_range
-      return layout.MosScale(low=float(lo), high=float(hi), source="documented")
-    return layout.train_range_scale(entries)
+      return releases.MosScale(low=float(lo), high=float(hi), source="documented")
+    return releases.train_range_scale(entries)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 import pathlib
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 
-class Kadid10k(base.IQABuilder):
+class Kadid10k(tfds_builder.IQABuilder):
   """KADID-10k: Konstanz artificially distorted image quality database."""
 
   DESCRIPTION = __doc__
@@ -36,12 +36,12 @@ class Kadid10k(base.IQABuilder):
   <manual_dir>/images/*.png
   """
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     csv_path = self.require_file(root, "dmos.csv")
-    rows = layout.read_csv_rows(csv_path, ["dist_img", "ref_img", "dmos"])
+    rows = releases.read_csv_rows(csv_path, ["dist_img", "ref_img", "dmos"])
     names = [r["dist_img"] for r in rows]
     paths = self.locate(root, names, ("images", ""))
-    mos = [layout.parse_float(r["dmos"], f"kadid10k: {r['dist_img']} dmos") for r in rows]
-    std = [math.sqrt(layout.parse_float(r["var"], f"kadid10k: {r['dist_img']} var"))
+    mos = [releases.parse_float(r["dmos"], f"kadid10k: {r['dist_img']} dmos") for r in rows]
+    std = [math.sqrt(releases.parse_float(r["var"], f"kadid10k: {r['dist_img']} var"))
            if r.get("var") else float("nan") for r in rows]
-    return base.seeded_entries(names, paths, mos, std, groups=[r["ref_img"] for r in rows])
+    return tfds_builder.seeded_entries(names, paths, mos, std, groups=[r["ref_img"] for r in rows])

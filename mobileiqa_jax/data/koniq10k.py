@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import pathlib
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 
 
-class Koniq10k(base.IQABuilder):
+class Koniq10k(tfds_builder.IQABuilder):
   """KonIQ-10k in-the-wild image quality database."""
 
   DESCRIPTION = __doc__
@@ -42,14 +42,14 @@ class Koniq10k(base.IQABuilder):
   def _split_kind(self) -> str:
     return "official"
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     sets_csv = self.require_file(root, "koniq10k_distributions_sets.csv")
-    rows = layout.read_csv_rows(sets_csv, ["image_name", "MOS", "set"])
+    rows = releases.read_csv_rows(sets_csv, ["image_name", "MOS", "set"])
     zscore: dict[str, str] = {}
     scores_csv = root / "koniq10k_scores_and_distributions.csv"
     if scores_csv.is_file():
       zscore = {r["image_name"]: r["MOS_zscore"]
-                for r in layout.read_csv_rows(scores_csv, ["image_name", "MOS_zscore"])}
+                for r in releases.read_csv_rows(scores_csv, ["image_name", "MOS_zscore"])}
     if rows and "MOS_zscore" in rows[0]:
       zscore = {r["image_name"]: r["MOS_zscore"] for r in rows}
     use_z = bool(zscore)
@@ -63,15 +63,15 @@ class Koniq10k(base.IQABuilder):
     entries = []
     for i, (n, p, r) in enumerate(zip(names, paths, rows)):
       s = r["set"].lower()
-      if s not in layout.SET_TO_SPLIT:
+      if s not in releases.SET_TO_SPLIT:
         raise ValueError(f"koniq10k: {sets_csv} row {i + 2}: unknown set {r['set']!r}.")
       mos = zscore[n] if use_z else r["MOS"]
-      entries.append(layout.Entry(
-          name=n, path=p, mos=layout.parse_float(mos, f"koniq10k: {n} MOS"),
+      entries.append(releases.Entry(
+          name=n, path=p, mos=releases.parse_float(mos, f"koniq10k: {n} MOS"),
           mos_std=float(r["SD"]) if r.get("SD") else float("nan"),
-          split=layout.SET_TO_SPLIT[s], group=n))
+          split=releases.SET_TO_SPLIT[s], group=n))
     return entries
 
   def _mos_scale(self, entries):
     lo, hi = self._scale
-    return layout.MosScale(low=lo, high=hi, source="documented")
+    return releases.MosScale(low=lo, high=hi, source="documented")

@@ -19,13 +19,13 @@ import pathlib
 
 import numpy as np
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 _NUM_TRAINING_IMAGES = 7
 
 
-class Livec(base.IQABuilder):
+class Livec(tfds_builder.IQABuilder):
   """LIVE In the Wild Image Quality Challenge database."""
 
   DESCRIPTION = __doc__
@@ -42,13 +42,13 @@ class Livec(base.IQABuilder):
   <manual_dir>/Images/*.bmp, *.JPG   (Images/trainingImages/ for the 7 excluded ones)
   """
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     names_mat = self.require_file(root, "Data/AllImages_release.mat")
     mos_mat = self.require_file(root, "Data/AllMOS_release.mat")
     std_mat = self.require_file(root, "Data/AllStdDev_release.mat")
-    names = layout.read_mat_vector(names_mat, "AllImages_release")
-    mos = layout.read_mat_vector(mos_mat, "AllMOS_release").astype(np.float64)
-    std = layout.read_mat_vector(std_mat, "AllStdDev_release").astype(np.float64)
+    names = releases.read_mat_vector(names_mat, "AllImages_release")
+    mos = releases.read_mat_vector(mos_mat, "AllMOS_release").astype(np.float64)
+    std = releases.read_mat_vector(std_mat, "AllStdDev_release").astype(np.float64)
     if not len(names) == len(mos) == len(std):
       raise ValueError(
           f"livec: {names_mat}, {mos_mat} and {std_mat} disagree in length "
@@ -56,4 +56,4 @@ class Livec(base.IQABuilder):
     names = [str(n) for n in names[_NUM_TRAINING_IMAGES:]]
     mos, std = mos[_NUM_TRAINING_IMAGES:], std[_NUM_TRAINING_IMAGES:]
     paths = self.locate(root, names, ("Images",))
-    return base.seeded_entries(names, paths, mos, std)
+    return tfds_builder.seeded_entries(names, paths, mos, std)

@@ -6,7 +6,7 @@ Sources are random-access sequences of records `{'image': bytes, 'mos': float, '
 - `tfds_source(name, split, data_dir)`: a prepared tfds split (array_record via
   `tfds.data_source`; reading needs no TensorFlow), optionally re-split with `split_seed`.
 - `reference_split_source(name, split, data_dir)`: the authors' released-code split of a
-  prepared data set (`layout.reference_split`; docs/reproducing.md).
+  prepared data set (`releases.reference_split`; docs/reproducing.md).
 - `folder_source(folder, split)`: a folder of images + CSV, without tfds.
 - `memory_source(images, mos, names)`: lists in memory (tests, demos).
 
@@ -58,7 +58,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import preprocess
 
 Record = dict  # {'image': bytes, 'mos': float, 'name': str}
@@ -67,7 +67,7 @@ Record = dict  # {'image': bytes, 'mos': float, 'name': str}
 class Source(Protocol):
   """A random-access sequence of records, with the MOS scale of its `mos`."""
 
-  scale: layout.MosScale | None
+  scale: releases.MosScale | None
 
   def __len__(self) -> int:
     ...
@@ -87,7 +87,7 @@ class MemorySource:
   images: Sequence[bytes]
   mos: Sequence[float]
   names: Sequence[str]
-  scale: layout.MosScale | None = None
+  scale: releases.MosScale | None = None
 
   def __post_init__(self):
     if not len(self.images) == len(self.mos) == len(self.names):
@@ -107,7 +107,7 @@ def memory_source(
     images: Sequence[bytes],
     mos: Sequence[float],
     names: Sequence[str] | None = None,
-    scale: layout.MosScale | None = None,
+    scale: releases.MosScale | None = None,
 ) -> MemorySource:
   """A source from encoded images and their normalised scores (names default to indices)."""
   names = list(names) if names is not None else [f"image_{i:06d}" for i in range(len(images))]
@@ -116,10 +116,10 @@ def memory_source(
 
 @dataclasses.dataclass
 class FolderSource:
-  """Images read from disk on access; `entries` from `layout.read_folder_labels`."""
+  """Images read from disk on access; `entries` from `releases.read_folder_labels`."""
 
-  entries: Sequence[layout.Entry]
-  scale: layout.MosScale
+  entries: Sequence[releases.Entry]
+  scale: releases.MosScale
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -140,7 +140,7 @@ def folder_source(
   """A folder of images + CSV `image_name,mos[,mos_std][,set][,group]`, without tfds.
 
   Args:
-    folder: The folder (see `layout.read_folder_labels` for where images may be).
+    folder: The folder (see `releases.read_folder_labels` for where images may be).
     split: 'train', 'validation', 'test', or None for every image.
     labels_csv: The CSV (default labels.csv or the folder's only .csv).
     mos_range: The scores' documented (low, high); default: the training split's range.
@@ -149,14 +149,14 @@ def folder_source(
   Returns:
     A source with the same labels, split and scale as the prepared `iqa_folder` data set.
   """
-  entries = layout.read_folder_labels(folder, labels_csv)
+  entries = releases.read_folder_labels(folder, labels_csv)
   if split_seed is not None:
-    assign = layout.split_by_group([e.group for e in entries], split_seed)
+    assign = releases.split_by_group([e.group for e in entries], split_seed)
     entries = [dataclasses.replace(e, split=s) for e, s in zip(entries, assign)]
   if mos_range is not None:
-    scale = layout.MosScale(float(mos_range[0]), float(mos_range[1]), "documented")
+    scale = releases.MosScale(float(mos_range[0]), float(mos_range[1]), "documented")
   else:
-    scale = layout.train_range_scale(entries)
+    scale = releases.train_range_scale(entries)
   if split is not None:
     chosen = [e for e in entries if e.split == split]
     if not chosen:
@@ -171,7 +171,7 @@ class TfdsSource:
   """Records of a prepared tfds data set, over one split or a re-split of all of them."""
 
   def __init__(self, data_sources: dict[str, Any], keys: Sequence[tuple[str, int]],
-               scale: layout.MosScale, metadata: dict, directory: pathlib.Path):
+               scale: releases.MosScale, metadata: dict, directory: pathlib.Path):
     self._sources = data_sources
     self._keys = list(keys)
     self.scale = scale
@@ -193,7 +193,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathl
   """The folder of a prepared data set: `name` ('livec', 'iqa_folder/<config>') or a path."""
   if os.path.isfile(os.path.join(name, "dataset_info.json")):
     return pathlib.Path(name)
-  root = layout.data_dir(data_dir)
+  root = releases.data_dir(data_dir)
   base_dir = root / name
   versions = sorted(
       (d for d in base_dir.glob("*") if (d / "dataset_info.json").is_file()),
@@ -202,7 +202,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathl
     return find_prepared(f"{name}/default", data_dir)
   if not versions:
     dataset = name.split("/")[0]
-    raise layout.MissingDataError(
+    raise releases.MissingDataError(
         f"Data set {name!r} is not prepared under {root} (looked for "
         f"{base_dir}/<version>/dataset_info.json). Prepare it with: python "
         f"launch/prepare_data.py --dataset={dataset} --data_dir={root} "
@@ -234,17 +234,17 @@ def tfds_source(
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if "tensorflow" in sys.modules:  # Someone imported TF: keep it off the accelerator.
-    from mobileiqa_jax.data import builders  # pylint: disable=g-import-not-at-top
-    builders.hide_gpus_from_tensorflow()
+    from mobileiqa_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    datasets.hide_gpus_from_tensorflow()
   directory = find_prepared(name, data_dir)
   # Read the metadata file directly: the same on every tfds version and needs no builder.
   meta_path = directory / "metadata.json"
   if not meta_path.is_file():
-    raise layout.MissingDataError(
+    raise releases.MissingDataError(
         f"{meta_path} is missing: {directory} was not prepared by mobileiqa_jax's builders. "
         "Prepare it again with launch/prepare_data.py.")
   metadata = json.loads(meta_path.read_text())
-  scale = layout.MosScale.from_dict(metadata["mos_scale"])
+  scale = releases.MosScale.from_dict(metadata["mos_scale"])
   builder = tfds.builder_from_directory(str(directory))
   sources = builder.as_data_source()
   sources = {str(k): v for k, v in sources.items()}
@@ -259,8 +259,8 @@ def tfds_source(
     # Order-independent: sort by group then stored position, so the same seed gives the
     # same split whatever the stored splits were.
     pooled.sort(key=lambda t: (t[2], t[0], t[1]))
-    assign = layout.split_by_group([g for _, _, g in pooled], split_seed,
-                                   metadata.get("train_fraction", layout.TRAIN_FRACTION))
+    assign = releases.split_by_group([g for _, _, g in pooled], split_seed,
+                                   metadata.get("train_fraction", releases.TRAIN_FRACTION))
     keys = [(s, i) for (s, i, _), a in zip(pooled, assign) if a == split]
   return TfdsSource(sources, keys, scale, metadata, directory)
 
@@ -270,12 +270,12 @@ def reference_split_source(
     split: str,
     data_dir: str | os.PathLike | None = None,
     rows_from: str | None = None,
-    seed: int = layout.REFERENCE_SPLIT_SEED,
+    seed: int = releases.REFERENCE_SPLIT_SEED,
 ) -> TfdsSource:
   """The authors' released-code split of a prepared data set (docs/reproducing.md).
 
   The released code numbers the rows of the data set's label file in file order, shuffles
-  those numbers with Python's `random` (`layout.reference_split`) and trains on the first
+  those numbers with Python's `random` (`releases.reference_split`) and trains on the first
   80%, testing (and picking its best epoch) on the rest.
 
   Args:
@@ -297,12 +297,12 @@ def reference_split_source(
   stored = tfds_source(name, rows_from or "train", data_dir)
   order = stored.metadata.get("label_file_order")
   if order is None:
-    raise layout.MissingDataError(
+    raise releases.MissingDataError(
         f"{stored.directory}/metadata.json has no label_file_order (prepared before it was "
         "recorded): prepare the data set again with launch/prepare_data.py to use the "
         "reference split.")
   rows = [(str(s), int(i)) for s, i in order if rows_from is None or s == rows_from]
-  train, test = layout.reference_split(len(rows), seed)
+  train, test = releases.reference_split(len(rows), seed)
   keys = [rows[j] for j in (train if split == "train" else test)]
   # pylint: disable-next=protected-access
   return TfdsSource(stored._sources, keys, stored.scale, stored.metadata, stored.directory)

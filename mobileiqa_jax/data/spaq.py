@@ -6,7 +6,7 @@ Release layout (manual download, e.g. `~/tensorflow_datasets/downloads/manual/sp
     TestImage/*.jpg                                   (also accepted: images/ or the root)
 
 There is no official split: the stored one is a seeded 80/20 split by image
-(`layout.split_by_group`, seed 0). Scale: the documented [0, 100].
+(`releases.split_by_group`, seed 0). Scale: the documented [0, 100].
 Reading .xlsx needs openpyxl.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pathlib
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 _XLSX = "Annotations/MOS and Image attribute scores.xlsx"
 
 
-class Spaq(base.IQABuilder):
+class Spaq(tfds_builder.IQABuilder):
   """SPAQ: smartphone photography attribute and quality database."""
 
   DESCRIPTION = __doc__
@@ -37,9 +37,9 @@ class Spaq(base.IQABuilder):
   <manual_dir>/TestImage/*.jpg   (or images/, or the root)
   """
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     xlsx = self.require_file(root, _XLSX)
-    rows = layout.read_xlsx_rows(xlsx)
+    rows = releases.read_xlsx_rows(xlsx)
     if not rows:
       raise ValueError(f"spaq: {xlsx} is empty.")
     header = [str(h).strip().lower() if h is not None else "" for h in rows[0]]
@@ -55,6 +55,6 @@ class Spaq(base.IQABuilder):
       if row[i_name] is None or str(row[i_name]).strip() == "":
         continue
       names.append(str(row[i_name]).strip())
-      mos.append(layout.parse_float(row[i_mos], f"spaq: {xlsx} row {r} MOS"))
+      mos.append(releases.parse_float(row[i_mos], f"spaq: {xlsx} row {r} MOS"))
     paths = self.locate(root, names, ("TestImage", "images", ""))
-    return base.seeded_entries(names, paths, mos)
+    return tfds_builder.seeded_entries(names, paths, mos)

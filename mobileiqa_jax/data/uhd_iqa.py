@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import pathlib
 
-from mobileiqa_jax.data import base
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import tfds_builder
+from mobileiqa_jax.data import releases
 
 _STD_COLUMNS = ("quality_std", "quality_sd", "quality_mos_std", "mos_std")
 
 
-class UhdIqa(base.IQABuilder):
+class UhdIqa(tfds_builder.IQABuilder):
   """UHD-IQA: ultra-high-definition photos with expert quality ratings."""
 
   DESCRIPTION = __doc__
@@ -42,11 +42,11 @@ class UhdIqa(base.IQABuilder):
   def _split_kind(self) -> str:
     return "official"
 
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases.Entry]:
     rows: list[dict[str, str]] = []
     full = root / "uhd-iqa-metadata.csv"
     if full.is_file():
-      rows = layout.read_csv_rows(full, ["image_name", "quality_mos", "set"])
+      rows = releases.read_csv_rows(full, ["image_name", "quality_mos", "set"])
     else:
       per_set = [root / f"uhd-iqa-{s}-metadata.csv" for s in ("training", "validation", "test")]
       if not any(p.is_file() for p in per_set):
@@ -54,7 +54,7 @@ class UhdIqa(base.IQABuilder):
       for p, s in zip(per_set, ("training", "validation", "test")):
         if not p.is_file():
           continue
-        part = layout.read_csv_rows(p, ["image_name"])
+        part = releases.read_csv_rows(p, ["image_name"])
         if part and "quality_mos" not in part[0]:
           # The challenge withholds test labels: that split cannot be prepared.
           print(f"Note: {p} has no quality_mos column; the {s} split is left out.")
@@ -63,7 +63,7 @@ class UhdIqa(base.IQABuilder):
     sets = []
     for i, r in enumerate(rows):
       s = r["set"].lower()
-      if s not in layout.SET_TO_SPLIT:
+      if s not in releases.SET_TO_SPLIT:
         raise ValueError(f"uhd_iqa: row {i + 2}: unknown set {r['set']!r} (want training/validation/test).")
       sets.append(s)
     names = [r["image_name"] for r in rows]
@@ -73,10 +73,10 @@ class UhdIqa(base.IQABuilder):
         recursive_fallback=True)
     std_col = next((c for c in _STD_COLUMNS if rows and c in rows[0]), None)
     return [
-        layout.Entry(
+        releases.Entry(
             name=n, path=p,
-            mos=layout.parse_float(r["quality_mos"], f"uhd_iqa: {n} quality_mos"),
+            mos=releases.parse_float(r["quality_mos"], f"uhd_iqa: {n} quality_mos"),
             mos_std=float(r[std_col]) if std_col and r[std_col] else float("nan"),
-            split=layout.SET_TO_SPLIT[s], group=n)
+            split=releases.SET_TO_SPLIT[s], group=n)
         for n, p, r, s in zip(names, paths, rows, sets)
     ]

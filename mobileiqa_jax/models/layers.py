@@ -17,10 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobileiqa_jax import macs
 from mobileiqa_jax.models import runtime
 
 Dtype = Any
+
+# Named scopes around the operations a MAC counter counts per element rather than per
+# multiply (normalisation, pooling, resizing); `profiling/macs.py` reads them. The colon keeps
+# them apart from Flax module names such as `norm`.
+NORM_SCOPE = "mac:norm"
+RESIZE_SCOPE = "mac:resize"
+POOL_SCOPE = "mac:pool"
 
 
 #: Initialisations of the head's Conv/Linear layers: 'torch' (PyTorch's defaults, what the
@@ -341,8 +347,8 @@ def _scale_shift(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array
                  bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias as one multiply-add per element in `dtype`,
   as PyTorch's CPU kernel does (alpha, beta from the float32 statistics)."""
-  # The marker lets the MAC counter (mobileiqa_jax/macs.py) count a norm per element.
-  with jax.named_scope(macs.NORM_SCOPE):
+  # The marker lets the MAC counter (profiling/macs.py) count a norm per element.
+  with jax.named_scope(NORM_SCOPE):
     alpha = scale * jax.lax.rsqrt(var + epsilon)
     beta = bias - mean * alpha
     return x.astype(dtype) * alpha.astype(dtype) + beta.astype(dtype)
@@ -386,28 +392,7 @@ def hard_swish(x: jax.Array) -> jax.Array:
   return x * hard_sigmoid(x)
 
 
-# Whether `gelu` is written as `jax.nn.gelu`, for a converter that maps that one function to
-# one op (jax2onnx: ONNX Gelu); see `gelu_as_one_function`.
-_GELU_AS_JAX_NN: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "gelu_as_jax_nn", default=False)
-
-
-@contextlib.contextmanager
-def gelu_as_one_function() -> Iterator[None]:
-  """Within this block, `gelu` calls `jax.nn.gelu(approximate=False)` (the same function).
-
-  For the ONNX exporter: jax2onnx replaces `jax.nn.gelu` with ONNX's one Gelu op while it
-  traces, but would spell the erf form below out as Erf, Mul and Add over the LDAs' largest
-  arrays.
-  """
-  token = _GELU_AS_JAX_NN.set(True)
-  try:
-    yield
-  finally:
-    _GELU_AS_JAX_NN.reset(token)
-
-
-def gelu(x: jax.Array) -> jax.Array:
+def gelu(x: jax.Array, form: str = "erf") -> jax.Array:
   """`torch.nn.GELU()` default: the exact erf form, not Flax's tanh approximation.
 
   Written as PyTorch's CPU and CUDA kernels write it, x / 2 * (1 + erf(x / sqrt 2)), not as
@@ -415,8 +400,11 @@ def gelu(x: jax.Array) -> jax.Array:
   in the far negative tail (where GELU is below 1e-6 anyway) but XLA expands it into an
   exp and two rational polynomials: 5.8x the time of erf on a 2-core CPU (168 against 29 ms
   for 67 M values; the LDAs' hidden activations are the largest arrays of the model).
+  `form='jax_nn'` writes the same function as `jax.nn.gelu`, for the ONNX converter, which
+  maps that one function to one Gelu op but would spell the erf form out as Erf, Mul and Add
+  (`runtime.Runtime.gelu`).
   """
-  if _GELU_AS_JAX_NN.get():
+  if form == "jax_nn":
     return nn.gelu(x, approximate=False)
   return x * (0.5 * (1 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype))))
 
@@ -477,7 +465,7 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int]) -> jax.A
   if isinstance(output_size, int):
     output_size = (output_size, output_size)
   # Marked for the MAC counter: a pool, even where it is a matmul with 0/1 windows.
-  with jax.named_scope(macs.POOL_SCOPE):
+  with jax.named_scope(POOL_SCOPE):
     x = _pool_axis(x, 1, output_size[0])
     return _pool_axis(x, 2, output_size[1])
 
@@ -485,7 +473,7 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int]) -> jax.A
 def avg_pool2d(x: jax.Array, kernel_size: int) -> jax.Array:
   """`torch.nn.AvgPool2d(k)` (stride k, no padding, floor mode) on NHWC input."""
   k = kernel_size
-  with jax.named_scope(macs.POOL_SCOPE):  # Marked for the MAC counter.
+  with jax.named_scope(POOL_SCOPE):  # Marked for the MAC counter.
     # window_shape by keyword: jax2onnx (the ONNX export) swaps in a keyword-only nn.avg_pool.
     return nn.avg_pool(x, window_shape=(k, k), strides=(k, k), padding="VALID")
 
@@ -530,7 +518,7 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
 
   `jax.image.resize` implements half-pixel (align_corners=False) sampling and does not match.
   """
-  with jax.named_scope(macs.RESIZE_SCOPE):  # Marked for the MAC counter.
+  with jax.named_scope(RESIZE_SCOPE):  # Marked for the MAC counter.
     x = _align_corners_axis(x, 1, size_hw[0])
     return _align_corners_axis(x, 2, size_hw[1])
 

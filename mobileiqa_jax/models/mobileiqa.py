@@ -22,8 +22,6 @@ Use `mobileiqa_teacher()` / `mobileiqa_student()` or `build_model(config_dict)`;
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping
 
@@ -38,26 +36,6 @@ from mobileiqa_jax.models.mal import MAL
 
 Dtype = Any
 
-# Whether LDAs on large features run in row bands (`_PointwiseGeluPool`); see `unbanded_lda`.
-_BANDED_LDA: contextvars.ContextVar[bool] = contextvars.ContextVar("banded_lda", default=True)
-
-
-@contextlib.contextmanager
-def unbanded_lda() -> Iterator[None]:
-  """Within this block, LDAs run conv -> GELU -> pool over the whole map, as the reference.
-
-  Same numbers, far more memory. For counting the architecture's MACs
-  (`model_card.count_model_macs`): where PyTorch's pooling windows overlap (a side that is not
-  a multiple of 22) the row bands compute the shared rows twice, which is this
-  implementation's work, not the model's.
-  """
-  token = _BANDED_LDA.set(False)
-  try:
-    yield
-  finally:
-    _BANDED_LDA.reset(token)
-
-
 def _gelu_grad(z: jax.Array) -> jax.Array:
   """d/dz of the exact GELU z * Phi(z): Phi(z) + z * phi(z)."""
   cdf = 0.5 * (1.0 + jax.lax.erf(z * (2.0 ** -0.5)))
@@ -66,7 +44,7 @@ def _gelu_grad(z: jax.Array) -> jax.Array:
 
 
 def _banded_gelu_pool_rows(x: jax.Array, w: jax.Array, b: jax.Array, idx: np.ndarray,
-                           weights: np.ndarray) -> jax.Array:
+                           weights: np.ndarray, gelu_form: str = "erf") -> jax.Array:
   """sum_k weights[i, k] * GELU(x[:, idx[i, k]] @ w + b) for every pooled row band i.
 
   x (B, H, W, C), w (C, D), b (D,); idx and weights (S, K) are PyTorch's adaptive-pool row
@@ -103,7 +81,7 @@ def _banded_gelu_pool_rows(x: jax.Array, w: jax.Array, b: jax.Array, idx: np.nda
   def forward(xx, ww, bb):
     def band_fn(_, band_and_wt):
       band, wt = band_and_wt
-      y = layers.gelu(jnp.einsum("bkwc,cd->bkwd", band, ww) + bb)
+      y = layers.gelu(jnp.einsum("bkwc,cd->bkwd", band, ww) + bb, gelu_form)
       acc = y[:, 0] * wt[0]
       for j in range(1, k):  # Unrolled: XLA:CPU reduces a middle axis slowly.
         acc = acc + y[:, j] * wt[j]
@@ -147,13 +125,15 @@ class _PointwiseGeluPool(nn.Module):
   (`_banded_gelu_pool_rows`), it never exists whole, in the forward or the backward pass.
   Same windows and numbers as conv -> GELU -> `layers.adaptive_avg_pool2d` (float32
   rounding); on 2 CPU cores it is also ~2.7x faster, as XLA:CPU no longer writes and re-reads
-  the whole activation.
+  the whole activation. `banded=False` is the reference's form (`runtime.Runtime.lda`).
   """
 
   features: int
   pooled_size: int
   dtype: Dtype = jnp.float32
   head_init: str = "torch"
+  banded: bool = True
+  gelu_form: str = "erf"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,11 +142,11 @@ class _PointwiseGeluPool(nn.Module):
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     w, b = kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)
     s, h = self.pooled_size, x.shape[1]
-    if h <= 2 * s or not _BANDED_LDA.get():  # Small features: the plain form is as cheap.
+    if h <= 2 * s or not self.banded:  # Small features: the plain form is as cheap.
       return layers.adaptive_avg_pool2d(
-          layers.gelu(jnp.einsum("bhwc,cd->bhwd", x, w) + b), s)
+          layers.gelu(jnp.einsum("bhwc,cd->bhwd", x, w) + b, self.gelu_form), s)
     idx, weights = layers.adaptive_windows(h, s)
-    pooled_rows = _banded_gelu_pool_rows(x, w, b, idx, weights)
+    pooled_rows = _banded_gelu_pool_rows(x, w, b, idx, weights, self.gelu_form)
     return layers.adaptive_avg_pool2d(pooled_rows, (s, s))
 
 
@@ -181,12 +161,14 @@ class LDA(nn.Module):
   pooled_size: int = 22
   dtype: Dtype = jnp.float32
   head_init: str = "torch"  # layers.HEAD_INITS
+  banded: bool = True  # runtime.Runtime.lda
+  gelu_form: str = "erf"  # runtime.Runtime.gelu
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     x = _PointwiseGeluPool(2 * self.width, self.pooled_size, self.dtype, self.head_init,
-                           name="cnn1")(x)
+                           self.banded, self.gelu_form, name="cnn1")(x)
     kernel_init, bias_init = layers.dense_initializers(self.head_init, 2 * self.width)
     return nn.Conv(self.width, (1, 1), padding="VALID", dtype=self.dtype,
                    kernel_init=kernel_init, bias_init=bias_init, name="cnn2")(x)
@@ -309,6 +291,7 @@ class MobileIQA(nn.Module):
       both; the backbone keeps its own init (normally replaced by timm weights).
     attention: the MALs' attention form ('reference' or 'folded', `runtime.Runtime`);
       a folded model takes `mal.fold_attention` of a reference model's variables.
+    lda_banded, gelu_form: the LDAs' forms (`runtime.Runtime.lda`, `.gelu`).
 
   Methods (all usable through `model.apply(variables, ..., method=...)`):
     __call__(images, train=False, return_features=False, return_fused=False)
@@ -330,6 +313,8 @@ class MobileIQA(nn.Module):
   dtype: Dtype = jnp.float32
   head_init: str = "torch"
   attention: str = "reference"
+  lda_banded: bool = True
+  gelu_form: str = "erf"
 
   def setup(self):
     # The backbone field is re-registered under the reference's name ('global_vit' or
@@ -337,7 +322,8 @@ class MobileIQA(nn.Module):
     setattr(self, self.backbone_name, self.backbone.clone(name=None, parent=None))
     self._lda_names = tuple(f"{self.lda_prefix}{i + 1}" for i in range(self._num_views()))
     for name in self._lda_names:
-      setattr(self, name, LDA(self.width, self.pooled_size, self.dtype, self.head_init))
+      setattr(self, name, LDA(self.width, self.pooled_size, self.dtype, self.head_init,
+                                  self.lda_banded, self.gelu_form))
     self.MALs = _MALList(self.num_mals, self._num_views(), self.dropout_rate, self.dtype,
                          self.head_init, self.attention)
     self.fusion_mal = MAL(self.num_mals, self.dropout_rate, dtype=self.dtype,
@@ -520,6 +506,8 @@ def build_model(config: MobileIQAConfig | Mapping[str, Any],
       dtype=dtype,
       head_init=config.head_init,
       attention=runtime.attention,
+      lda_banded=runtime.lda == "banded",
+      gelu_form=runtime.gelu,
   )
 
 

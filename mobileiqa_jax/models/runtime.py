@@ -4,7 +4,8 @@ A `MobileIQAConfig` is the architecture: what a checkpoint stores and what `buil
 rebuilds. A `Runtime` is everything else that shapes the traced program without changing the
 function it computes (up to rounding): the platform it is compiled for, the compute dtype, the
 form of the depthwise convolutions (and, with it, of the 1x1 convolutions beside them),
-rematerialisation, and, for scoring, the folded form of the head's attention logits. It is decided once per entry point and passed to `build_model`:
+rematerialisation, for scoring the folded form of the head's attention logits, and the
+forms of the LDAs and of GELU. It is decided once per entry point and passed to `build_model`:
 
 - training: `for_training(config, platform)`, the platform of the run's mesh devices;
 - scoring and evaluation: `Runtime.for_platform(platform, compute_dtype=...)` from flags;
@@ -27,6 +28,8 @@ DEPTHWISE_IMPLS = ("conv", "shift")
 REMATS = (False, "stage", "block")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_FORMS = ("reference", "folded")
+LDA_FORMS = ("banded", "whole")
+GELU_FORMS = ("erf", "jax_nn")
 
 
 def depthwise_impl_for(platform: str) -> str:
@@ -70,6 +73,13 @@ class Runtime:
       checkpoints' variables) or 'folded' (X (Wq Wk^T) X^T: a third fewer of the head's
       multiply-adds, for scoring only; its variables come from `mal.fold_attention`, see
       there). Training and checkpoints always use 'reference'.
+    lda: how the LDAs' first 1x1 conv -> GELU -> pool runs on large maps: 'banded' (row bands,
+      the hidden activation never exists whole) or 'whole' (the reference's form: the same
+      numbers, far more memory; for counting the architecture's MACs, where overlapping
+      pooling windows make the bands compute shared rows twice).
+    gelu: 'erf' (x/2 (1 + erf(x/sqrt2)), PyTorch's kernels' form and the fast one in XLA) or
+      'jax_nn' (`jax.nn.gelu(approximate=False)`, the same function, which the ONNX
+      converter maps to one Gelu op).
   """
 
   platform: str = "cpu"
@@ -78,6 +88,8 @@ class Runtime:
   remat: bool | str = False
   strided_depthwise_impl: str = ""
   attention: str = "reference"
+  lda: str = "banded"
+  gelu: str = "erf"
 
   def __post_init__(self):
     _check("platform", self.platform, PLATFORMS)
@@ -86,6 +98,8 @@ class Runtime:
     _check("remat", self.remat, REMATS)
     _check("strided_depthwise_impl", self.strided_depthwise_impl, ("",) + DEPTHWISE_IMPLS)
     _check("attention", self.attention, ATTENTION_FORMS)
+    _check("lda", self.lda, LDA_FORMS)
+    _check("gelu", self.gelu, GELU_FORMS)
 
   @classmethod
   def for_platform(cls, platform: str, *, compute_dtype: str = "float32",
@@ -126,7 +140,7 @@ class Runtime:
 DEFAULT = Runtime()
 
 #: TFLite/LiteRT export: float32 and XLA's grouped convolution, which jax2tf turns into one
-#: DEPTHWISE_CONV_2D op per layer (mobileiqa_jax/export.py).
+#: DEPTHWISE_CONV_2D op per layer (mobileiqa_jax/export/tflite.py).
 FOR_EXPORT = Runtime(platform="cpu", compute_dtype="float32", depthwise_impl="conv")
 
 

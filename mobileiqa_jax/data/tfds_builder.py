@@ -1,6 +1,6 @@
 """The shared tfds builder for IQA releases: features, splits, labels, metadata.
 
-Each data set's module only says how to read its release into `layout.Entry` items; this
+Each data set's module only says how to read its release into `releases_lib.Entry` items; this
 base turns them into tfds splits. Records keep the image file's bytes exactly as released:
 decoding and re-encoding would change the quality that the MOS describes.
 
@@ -19,7 +19,7 @@ Metadata (`builder.info.metadata`, `metadata.json` next to the records):
   split_seed, train_fraction, groups: {split: [group per record index]} — lets the
                pipeline re-split with another seed without reading any image.
   label_file_order: [[split, record index] per label-file row, in file order] — the row
-               numbering of the authors' released split (`layout.reference_split`).
+               numbering of the authors' released split (`releases_lib.reference_split`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import releases as releases_lib
 
 _SPLIT_ORDER = ("train", "validation", "test")
 
@@ -86,14 +86,14 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # What each data set provides.
 
   @abc.abstractmethod
-  def _read_entries(self, root: pathlib.Path) -> list[layout.Entry]:
+  def _read_entries(self, root: pathlib.Path) -> list[releases_lib.Entry]:
     """Reads the release under `root` into entries; raises MissingDataError if incomplete."""
 
-  def _mos_scale(self, entries: Sequence[layout.Entry]) -> layout.MosScale:
+  def _mos_scale(self, entries: Sequence[releases_lib.Entry]) -> releases_lib.MosScale:
     if self.DOCUMENTED_SCALE is not None:
       lo, hi = self.DOCUMENTED_SCALE
-      return layout.MosScale(low=lo, high=hi, source="documented")
-    return layout.train_range_scale(entries)
+      return releases_lib.MosScale(low=lo, high=hi, source="documented")
+    return releases_lib.train_range_scale(entries)
 
   # ---------------------------------------------------------------------------------------
   # Shared helpers for the data set modules.
@@ -109,7 +109,7 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def require_file(self, root: pathlib.Path, relative: str) -> pathlib.Path:
     path = root / relative
     if not path.is_file():
-      raise layout.MissingDataError(
+      raise releases_lib.MissingDataError(
           f"{self.name}: {path} is missing (the manual download folder is {root}). "
           + self.fix_hint(root)
       )
@@ -118,8 +118,8 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def locate(
       self, root: pathlib.Path, names: Sequence[str], subdirs, recursive_fallback=False
   ) -> list[pathlib.Path]:
-    found, tried = layout.locate_images(root, names, subdirs, recursive_fallback)
-    layout.missing_report(self.name, root, names, found, tried, self.fix_hint(root))
+    found, tried = releases_lib.locate_images(root, names, subdirs, recursive_fallback)
+    releases_lib.missing_report(self.name, root, names, found, tried, self.fix_hint(root))
     return found  # type: ignore[return-value]
 
   # ---------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     except AssertionError:
       # tfds says only "does not exist or is empty"; say what belongs there.
       root = pathlib.Path(getattr(dl_manager, "_manual_dir", None) or "<manual_dir>")
-      raise layout.MissingDataError(
+      raise releases_lib.MissingDataError(
           f"{self.name}: the manual download folder {root} does not exist or is empty. "
           + self.fix_hint(root)
       ) from None
@@ -161,8 +161,8 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata.update({
         "mos_scale": scale.as_dict(),
         "split_kind": self._split_kind(),
-        "split_seed": layout.DEFAULT_SPLIT_SEED,
-        "train_fraction": layout.TRAIN_FRACTION,
+        "split_seed": releases_lib.DEFAULT_SPLIT_SEED,
+        "train_fraction": releases_lib.TRAIN_FRACTION,
         "groups": {s: [e.group for e in by_split[s]] for s in splits},
         # (split, record index) of each label-file row in file order: the row numbering
         # the authors' released code splits (`pipeline.reference_split_source`).
@@ -174,8 +174,8 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_kind(self) -> str:
     return "seeded"
 
-  def _generate_examples(self, entries: Sequence[layout.Entry], scale: layout.MosScale):
-    for e, data, w, h in layout.check_images(entries):
+  def _generate_examples(self, entries: Sequence[releases_lib.Entry], scale: releases_lib.MosScale):
+    for e, data, w, h in releases_lib.check_images(entries):
       yield e.name, {
           "image": data,
           "image_name": e.name,
@@ -188,8 +188,8 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       }
 
 
-def _label_file_order(entries: Sequence[layout.Entry],
-                      by_split: dict[str, list[layout.Entry]]) -> list[list]:
+def _label_file_order(entries: Sequence[releases_lib.Entry],
+                      by_split: dict[str, list[releases_lib.Entry]]) -> list[list]:
   position = {id(e): [s, i] for s, es in by_split.items() for i, e in enumerate(es)}
   return [position[id(e)] for e in entries]
 
@@ -200,12 +200,12 @@ def seeded_entries(
     mos: Sequence[float],
     std: Sequence[float] | None = None,
     groups: Sequence[str] | None = None,
-) -> list[layout.Entry]:
+) -> list[releases_lib.Entry]:
   """Entries with the stored seeded 80/20 split (by group; group defaults to the name)."""
   groups = list(groups) if groups is not None else list(names)
-  split = layout.split_by_group(groups, layout.DEFAULT_SPLIT_SEED)
+  split = releases_lib.split_by_group(groups, releases_lib.DEFAULT_SPLIT_SEED)
   std = list(std) if std is not None else [float("nan")] * len(names)
   return [
-      layout.Entry(name=n, path=p, mos=float(m), mos_std=float(s), split=sp, group=g)
+      releases_lib.Entry(name=n, path=p, mos=float(m), mos_std=float(s), split=sp, group=g)
       for n, p, m, s, sp, g in zip(names, paths, mos, std, split, groups)
   ]

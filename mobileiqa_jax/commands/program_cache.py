@@ -34,7 +34,7 @@ import os
 import tempfile
 from typing import Any, Callable, Mapping
 
-from mobileiqa_jax import compilation_cache
+from mobileiqa_jax.commands import compilation_cache
 
 SUBFOLDER = "mobileiqa_programs"
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

@@ -137,14 +137,14 @@ def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
   Returns:
     {'images': [{'path', 'png', 'score', 'similarity'}...], 'mean_similarity', 'files'}.
   """
-  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
   forward = make_forward(scorer)
   images, sims, files = [], [], []
   for k, path in enumerate(paths):
     try:
-      photo = inference.read_image(path)
-    except inference.UnreadableImageError as e:
+      photo = scorer_lib.read_image(path)
+    except scorer_lib.UnreadableImageError as e:
       if on_error is None:
         raise
       on_error(str(e))
@@ -189,18 +189,18 @@ def explain_command(checkpoint: str, paths: Sequence[str], output_dir: str, err:
     ValueError, OSError: a bad setting, a missing path, a folder without images, a non-empty
       output folder without `overwrite`, or a checkpoint that cannot be loaded.
   """
-  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
   if not paths:
     raise ValueError("no PATH given: name image files or folders to explain.")
   preprocess.parse_image_size(image_size)
-  files = inference.expand_paths(paths)
+  files = scorer_lib.expand_paths(paths)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise NotADirectoryError(f"--output={output_dir} is a file, not a folder.")
   if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
     raise FileExistsError(f"--output={output_dir} is not empty: pass --overwrite to write "
                           "into it, or choose another folder.")
-  scorer = inference.load(checkpoint, image_size, batch_size=1,
-                          attention=inference.attention_for(len(files)))
+  scorer = scorer_lib.load(checkpoint, image_size, batch_size=1,
+                          attention=scorer_lib.attention_for(len(files)))
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top

@@ -25,15 +25,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
-from mobileiqa_jax import compilation_cache
-from mobileiqa_jax import host_allocator
-from mobileiqa_jax import program_cache
+from mobileiqa_jax.commands import program_cache
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-# PyTorch/timm state-dict files (the authors' release is a .pkl); anything else is read as an
-# orbax checkpoint folder or a training workdir.
-STATE_DICT_EXTENSIONS = (".pkl", ".pth", ".pt", ".bin", ".safetensors")
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -385,8 +380,6 @@ class Scorer:
     """
     import jax  # pylint: disable=g-import-not-at-top
     self.variables = jax.device_put(self.variables)
-    # What loading freed goes back to the system before the scoring's temporaries come.
-    host_allocator.release_freed_memory()
     return self.variables
 
   @property
@@ -507,11 +500,6 @@ class Scorer:
     return (lo + scores * (hi - lo)).astype(np.float32)
 
 
-def is_state_dict_file(path: str) -> bool:
-  """Whether `path` names a PyTorch/timm state-dict file rather than an orbax checkpoint."""
-  return os.path.isfile(path) and path.lower().endswith(STATE_DICT_EXTENSIONS)
-
-
 #: From this many photos on, folding the head's attention (`mal.fold_attention`, 52 GMAC
 #: once) costs less than it saves (7.7 GMAC a photo); below it, scoring keeps the reference.
 FOLD_MIN_PHOTOS = 8
@@ -553,10 +541,9 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
       'reference' (the checkpoint's own variables, e.g. to count or export them). The two
       agree to float32 rounding.
 
-  JAX's persistent compilation cache is turned on (`compilation_cache.enable()`: a per-user
-  folder; MOBILEIQA_JAX_CACHE_DIR moves it, '' or '0' turns it off), so a second process
-  scoring the same shapes compiles nothing; with it the program cache (`program_cache`), so
-  that process does not trace the model either.
+  Nothing process-wide changes: JAX's compilation cache is the caller's to turn on (the
+  scoring commands do; from Python, `jax.config.update("jax_compilation_cache_dir", ...)`),
+  and then a second process scoring the same shapes compiles nothing.
 
   Returns:
     A `Scorer`.
@@ -568,54 +555,32 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
       scores = scorer.score(["a.jpg", "b.jpg"])                 # float32 (2,), in [0, 1]
   """
   size = preprocess.parse_image_size(image_size, "image_size")
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
-                            "workdir or a .pkl/.pth state dict).")
-  # Before anything compiles: a second process then reuses this one's compiled programs. A
-  # launcher has already decided from its flags; from Python this takes the environment's.
-  compilation_cache.enable()
   if preprocessing is not None and preprocessing not in PREPROCESSING:
     raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSING)}, got "
                      f"{preprocessing!r}.")
-  if preprocessing is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    preprocessing = default_preprocessing(jax.default_backend())
+  import jax  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import loader  # pylint: disable=g-import-not-at-top
+  if preprocessing is None:
+    preprocessing = default_preprocessing(jax.default_backend())
   if runtime is None:
-    import jax  # pylint: disable=g-import-not-at-top
     # Scoring runs here: this process's backend decides the form, once.
     runtime = runtime_lib.Runtime.for_platform(jax.default_backend(),
                                                compute_dtype=compute_dtype or "float32")
     attention = attention or "folded"
   folded = (attention or runtime.attention) == "folded"
-  # Checkpoints hold the reference form; the fold comes after reading them.
-  runtime = dataclasses.replace(runtime, attention="reference")
-  if is_state_dict_file(path):
-    from mobileiqa_jax import convert  # pylint: disable=g-import-not-at-top
-    # No copy: the state dict was read for this Scorer alone, and the scorer's device_put
-    # makes the one copy the device needs.
-    module, variables, config = convert.mobileiqa_from_state_dict(
-        convert.load_state_dict(path), model, source=path, runtime=runtime, copy=False)
-    extra = {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}
-    source = os.path.abspath(path)
-  else:
-    if os.path.isfile(path):
-      raise ValueError(f"{path} is a file but not a state dict ({', '.join(STATE_DICT_EXTENSIONS)})"
-                       ": pass a checkpoint folder, a training workdir or a state dict.")
-    from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    module, variables, meta = checkpoint.load_model(path, which=which, runtime=runtime)
-    config = dict(meta["model_config"])
-    if model is not None and config.get("variant") != model:
-      raise ValueError(f"{path} holds a {config.get('variant')} model, not a {model}.")
-    extra, source = dict(meta.get("extra") or {}), meta["path"]
+  # Checkpoints hold the reference form; the fold comes after reading them. A state dict is
+  # read for this Scorer alone: no copy, the scorer's device_put makes the one the device needs.
+  module, variables, meta = loader.load_model(
+      path, which=which, model=model, copy=False,
+      runtime=dataclasses.replace(runtime, attention="reference"))
+  config, extra, source = dict(meta["model_config"]), meta["extra"], meta["path"]
   if size is None:
     stored = extra.get("image_size")
     if not stored:
       raise ValueError(f"{path} stores no input size: pass image_size=(HEIGHT, WIDTH).")
     size = preprocess.parse_image_size(stored, f"the checkpoint's image_size ({source})")
   if folded:
-    import jax  # pylint: disable=g-import-not-at-top
     from mobileiqa_jax.models import mal  # pylint: disable=g-import-not-at-top
     # On the device first, so the fold runs there and only the folded tree is kept.
     variables = mal.fold_attention(jax.device_put(variables))

@@ -40,16 +40,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from mobileiqa_jax import checkpoint as ckpt_lib
-from mobileiqa_jax import convert
-from mobileiqa_jax import evaluate
-from mobileiqa_jax import metric_writer
-from mobileiqa_jax import objectives
-from mobileiqa_jax import optim
-from mobileiqa_jax import preemption
+from mobileiqa_jax.weights import checkpoint as ckpt_lib
+from mobileiqa_jax.weights import convert
+from mobileiqa_jax.training import evaluation
+from mobileiqa_jax.training import metric_writer
+from mobileiqa_jax.training import objectives
+from mobileiqa_jax.training import optim
+from mobileiqa_jax.training import preemption
 from mobileiqa_jax import sharding
-from mobileiqa_jax import workdir_lock
-from mobileiqa_jax.data import feed
+from mobileiqa_jax.training import workdir_lock
+from mobileiqa_jax.data import train_data
 from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime as runtime_lib
@@ -58,13 +58,13 @@ PyTree = Any
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data: feed.Data | None = None) -> dict[str, Any]:
+                       data: train_data.Data | None = None) -> dict[str, Any]:
   """Trains (or distils) and evaluates.
 
   Args:
     config: an experiment config (configs/teacher.py, configs/student.py).
     workdir: where config, metrics, checkpoints and plots go; resumes from its checkpoints.
-    data: optional `feed.Data` to use instead of `feed.from_config(config)` (tests).
+    data: optional `train_data.Data` to use instead of `train_data.from_config(config)` (tests).
 
   Returns:
     A summary: final step, whether preempted, best and last eval metrics, final params.
@@ -88,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        data: feed.Data | None, cleanup: contextlib.ExitStack
+                        data: train_data.Data | None, cleanup: contextlib.ExitStack
                         ) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir is this run's; `cleanup` closes what it opens."""
   # ------------------------------------------------------------------ setup
@@ -113,7 +113,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ------------------------------------------------------------------ data
   # Each process reads only its slice (process_index of process_count) of every global batch.
-  data = data or feed.from_config(config)
+  data = data or train_data.from_config(config)
   steps_per_epoch = data.steps_per_epoch
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
@@ -201,7 +201,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics = None
       if step >= total_steps or (at_epoch_end and
                                  (step // steps_per_epoch) % config.eval_every_epochs == 0):
-        metrics, _, _ = evaluate.score_batches(steps.eval_step, state.variables,
+        metrics, _, _ = evaluation.score_batches(steps.eval_step, state.variables,
                                                data.eval_batches(), mesh)
         metrics["epoch"] = float(step // steps_per_epoch)
         last_eval = metrics
@@ -225,13 +225,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     best_vars = sharding.host_tree_to_global(
         {k: host_vars[k] for k in ("params", "batch_stats")},
         jax.tree.map(lambda a: a.sharding, steps.abstract_state.variables))
-    metrics, pred, mos = evaluate.score_batches(steps.eval_step, best_vars, data.eval_batches(),
+    metrics, pred, mos = evaluation.score_batches(steps.eval_step, best_vars, data.eval_batches(),
                                                 mesh)
     summary["best_eval"] = metrics
     if is_main:
       title = (f"{config.name or 'model'} step {os.path.basename(best_path)}: "
                f"SROCC {metrics['srocc']:.3f} PLCC {metrics['plcc']:.3f}")
-      summary["scatter"] = evaluate.write_outputs(workdir, pred, mos, title, prefix="best_",
+      summary["scatter"] = evaluation.write_outputs(workdir, pred, mos, title, prefix="best_",
                                                   scatter=config.scatter_plot)
       with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(ckpt_lib.to_plain(summary), f, indent=2)
@@ -357,7 +357,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       in_shardings=(shardings, sharding.batch_sharding(mesh), teacher_shardings),
       out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
-  eval_step = jax.jit(evaluate.make_eval_step(model),
+  eval_step = jax.jit(evaluation.make_eval_step(model),
                       in_shardings=(var_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.batch_sharding(mesh))
   return Steps(model=model, model_config=model_cfg, runtime=runtime,

@@ -26,7 +26,7 @@ can possibly be:
 Without a device, XLA:GPU cannot autotune and picks default kernels and scratch sizes: real
 memory may differ somewhat from the plan.
 
-The step compiled is exactly the trainer's (`train.build_steps`), built with the TARGET's
+The step compiled is exactly the trainer's (`trainer_lib.build_steps`), built with the TARGET's
 runtime (`runtime.for_training(config, <target platform>)`: on TPU the 'shift' depthwise form,
 on GPU XLA's grouped convolution), never this host's. A distillation config compiles the
 student step with the frozen teacher, whose architecture comes from the teacher checkpoint's
@@ -597,7 +597,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
     The report. Raises `AotUsageError` for a setting the user must change.
   """
   from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import train  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   chip = chip_of(topology)
   devices = topology_devices(topology)
@@ -616,7 +616,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
                           f"{topology}")
 
   teacher = _teacher_model(config, teacher_backbone, rt.frozen()) if distill else None
-  steps = train.build_steps(config, mesh, steps_per_epoch, teacher, rt)
+  steps = trainer_lib.build_steps(config, mesh, steps_per_epoch, teacher, rt)
   state = steps.abstract_state
   h, w = config.data.image_size
   bs = sharding.batch_sharding(mesh)
@@ -665,7 +665,7 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str,
   compares x and DOF element by element, so the two must agree; the student's regressor pool
   too when the preset's does not fit that size).
   """
-  from mobileiqa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   path = config.teacher_checkpoint
   if path and os.path.exists(path):

@@ -9,7 +9,7 @@
   is the `global_vit` / `local_cnn` subtree, the head everything else (LDAs, MALs, fusion
   MAL, regressor). They do not depend on the weights or the input size.
 - gmacs: multiply-accumulates of one forward pass, counted from the jaxpr as fvcore and
-  ptflops count them (`mobileiqa_jax/macs.py` says exactly what is counted), with
+  ptflops count them (`mobileiqa_jax/profiling/macs.py` says exactly what is counted), with
   `macs_by_kind` beside it. The model is traced in its reference form: depthwise convolutions
   as grouped convolutions and the LDAs unbanded (`count_model_macs`).
 - gflops: floating-point operations of the compiled forward pass by XLA's own cost
@@ -21,7 +21,7 @@
   average beside them says how busy the machine was.
 
 - exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/profile.py): per
-  format, the checkpoint exported at the card's size (`export.export_checkpoint`, float32,
+  format, the checkpoint exported at the card's size (`tflite.export_checkpoint`, float32,
   in a child process) into a temporary folder and run once in a fresh process, as an app would (LiteRT with
   XNNPACK; ONNX Runtime's CPU provider; 2 threads): latency, that process's peak RSS and the
   file size, from the sidecar's `runtime`. Conversion takes minutes at full size.
@@ -30,6 +30,8 @@
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import datetime
 import json
@@ -70,22 +72,24 @@ def count_model_macs(model_config: Mapping[str, Any], image_size: Sequence[int],
                      batch: int = 1) -> Any:
   """`macs.MacCount` of one inference forward pass of the model `model_config` describes.
 
-  Traced in the reference form (see `mobileiqa_jax/macs.py`): grouped-conv depthwise layers
+  Traced in the reference form (see `mobileiqa_jax/profiling/macs.py`): grouped-conv depthwise layers
   and unbanded LDAs, in float32. Nothing is computed; no weights are needed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from mobileiqa_jax import macs  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.profiling import macs  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
 
   # Float32 and grouped-conv depthwise layers: the form whose convolutions the counter sees.
-  model = mobileiqa.build_model(model_config, runtime.FOR_EXPORT)
+  # The LDAs whole: where PyTorch's pooling windows overlap, the row bands compute the shared
+  # rows twice, which is this implementation's work, not the model's.
+  model = mobileiqa.build_model(model_config, dataclasses.replace(runtime.FOR_EXPORT,
+                                                                  lda="whole"))
   images = jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-  with mobileiqa.unbanded_lda():
-    return macs.count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
+  return macs.count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
 
 
 def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
@@ -94,9 +98,9 @@ def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
 
-  scorer = inference.load(checkpoint, image_size, batch_size=1, attention="reference")
+  scorer = scorer_lib.load(checkpoint, image_size, batch_size=1, attention="reference")
   forward = jax.jit(lambda v, x: scorer.model.apply(v, x, train=False))
   variables = jax.device_put(scorer.variables)
   images = jax.device_put(np.zeros((1, *scorer.image_size, 3), np.float32))
@@ -167,9 +171,9 @@ def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict
   """
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
-    meta = export.export_checkpoint(checkpoint, os.path.join(tmp, f"model.{fmt}"),
+    meta = tflite.export_checkpoint(checkpoint, os.path.join(tmp, f"model.{fmt}"),
                                     list(image_size), fmt=fmt)
   runtime = meta["runtime"] or {}
   if not runtime:
@@ -217,10 +221,10 @@ def profile(checkpoint: str, image_size: Any = None, *, measure: bool = True,
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
 
   exports = check_exports(exports)
-  scorer = inference.load(checkpoint, image_size, batch_size=1, attention="reference")
+  scorer = scorer_lib.load(checkpoint, image_size, batch_size=1, attention="reference")
   config = scorer.model_config
   count = count_model_macs(config, scorer.image_size)
   card: dict[str, Any] = {

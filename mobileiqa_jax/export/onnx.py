@@ -2,9 +2,9 @@
 
     python launch/export.py --format=onnx --checkpoint=DIR --output=model.onnx [--image_size=H,W]
 
-What is exported is the whole scorer, as for TFLite (`mobileiqa_jax/export.py`), but with a
+What is exported is the whole scorer, as for TFLite (`mobileiqa_jax/export/tflite.py`), but with a
 dynamic batch: normalised RGB images, NHWC float32 of shape (batch, H, W, 3), in ('image');
-scores, float32 (batch,), out ('score'). The sidecar (`model.json`) is `export.sidecar`'s.
+scores, float32 (batch,), out ('score'). The sidecar (`model.json`) is `tflite.sidecar`'s.
 
 ## The route, and why this one (measured 2026-12-03; jax 0.10.2, TF 2.21, onnx 1.23.2,
 ## onnxruntime 1.32.0; docs/performance.md has the numbers)
@@ -78,7 +78,8 @@ def to_onnx(model: Any, variables: Any, image_size: Sequence[int]) -> bytes:
 
   Args:
     model: a `mobileiqa.MobileIQA`, built with `models.runtime.FOR_EXPORT` (float32,
-      depthwise impl 'conv': one grouped Conv per layer).
+      depthwise impl 'conv': one grouped Conv per layer). Its GELU is written as
+      `jax.nn.gelu` here, which jax2onnx maps to one Gelu op (`runtime.Runtime.gelu`).
     variables: its variables ({'params', 'batch_stats'}); embedded as initializers.
     image_size: (H, W), validated by `parse_image_size`.
 
@@ -90,14 +91,14 @@ def to_onnx(model: Any, variables: Any, image_size: Sequence[int]) -> bytes:
   except ImportError as e:
     raise ImportError("--format=onnx needs jax2onnx, onnx and onnxruntime: pip install "
                       "-e '.[onnx]' && pip install --no-deps jax2onnx") from e
-  from mobileiqa_jax.models import layers  # pylint: disable=g-import-not-at-top
   h, w = preprocess.parse_image_size(image_size, "image_size")
   variables = {c: dict(v) for c, v in dict(variables).items()}
+  model = model.clone(gelu_form="jax_nn")
 
   def score(images):
     return model.apply(variables, images, train=False)
 
-  with _quiet_converter(), layers.gelu_as_one_function():
+  with _quiet_converter():
     proto = jax2onnx.to_onnx(score, [(BATCH_DIM, h, w, 3)], model_name="mobileiqa",
                              opset=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
   return proto.SerializeToString()
@@ -166,7 +167,7 @@ def probe(model_path: str, num_threads: int = 2, timeout_s: float = 600.0) -> di
   """
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, "-m", "mobileiqa_jax.export_onnx", "--probe", model_path,
+  cmd = [sys.executable, "-m", "mobileiqa_jax.export.onnx", "--probe", model_path,
          str(int(num_threads))]
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,8 +209,8 @@ class OnnxScorer:
     inp = self.session.get_inputs()[0]
     self.input_name = inp.name
     self.input_shape = tuple(inp.shape)
-    from mobileiqa_jax import export  # pylint: disable=g-import-not-at-top
-    self.meta = export.read_sidecar(model_path)
+    from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
+    self.meta = tflite.read_sidecar(model_path)
 
   @property
   def image_size(self) -> tuple[int, int]:
@@ -239,5 +240,5 @@ if __name__ == "__main__":
   if len(sys.argv) == 4 and sys.argv[1] == "--probe":
     _probe_main(*sys.argv[2:])
   else:
-    sys.exit("usage: python -m mobileiqa_jax.export_onnx --probe MODEL.onnx THREADS"
+    sys.exit("usage: python -m mobileiqa_jax.export.onnx --probe MODEL.onnx THREADS"
              " (the export command is launch/export.py --format=onnx)")

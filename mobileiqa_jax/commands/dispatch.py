@@ -23,7 +23,7 @@ import runpy
 import sys
 from typing import Sequence
 
-from mobileiqa_jax import cli
+from mobileiqa_jax.commands import errors
 
 # Command name -> module of mobileiqa_jax.commands (and the launch/ script that runs it).
 COMMANDS = {
@@ -32,7 +32,7 @@ COMMANDS = {
     "export": "export",              # launch/export.py
     "explain": "explain",            # launch/explain.py
     "evaluate": "evaluate",          # launch/evaluate.py
-    "aot": "aot",                    # launch/aot_compile.py
+    "aot": "aot_compile",            # launch/aot_compile.py
     "profile": "profile",            # launch/profile.py
     "prepare_data": "prepare_data",  # launch/prepare_data.py
 }
@@ -47,14 +47,14 @@ def run_command(name: str, prog: str | None = None) -> None:
     prog: the name its errors start with (default: the running script's file name, e.g.
       `predict.py` for launch/predict.py).
   """
-  cli.program_name = prog or os.path.basename(sys.argv[0])
+  errors.program_name = prog or os.path.basename(sys.argv[0])
   try:
     # alter_sys: sys.argv[0] becomes the module's file while it runs, which is where absl
     # files the flags it defines, so `--help` lists them.
     runpy.run_module(f"mobileiqa_jax.commands.{COMMANDS[name]}", run_name="__main__",
                      alter_sys=True)
   finally:
-    cli.program_name = None
+    errors.program_name = None
 
 
 def summary(name: str) -> str:
@@ -95,12 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(0 if len(argv) >= 2 else 2)
   name = argv[1]
   if name not in COMMANDS:
-    cli.program_name = PROG
+    errors.program_name = PROG
     try:
-      cli.fail(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)} "
+      errors.fail(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)} "
                f"({PROG} --help says what each does).", status=2)
     finally:
-      cli.program_name = None
+      errors.program_name = None
   saved = sys.argv
   sys.argv = [f"{PROG} {name}", *argv[2:]]
   _make_configs_importable(argv[2:])

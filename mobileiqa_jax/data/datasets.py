@@ -11,17 +11,17 @@ import os
 import pathlib
 import sys
 
-from mobileiqa_jax.data import base
+from mobileiqa_jax.data import tfds_builder
 from mobileiqa_jax.data import bid
 from mobileiqa_jax.data import iqa_folder
 from mobileiqa_jax.data import kadid10k
-from mobileiqa_jax.data import layout
+from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import koniq10k
 from mobileiqa_jax.data import livec
 from mobileiqa_jax.data import spaq
 from mobileiqa_jax.data import uhd_iqa
 
-BUILDERS: dict[str, type[base.IQABuilder]] = {
+BUILDERS: dict[str, type[tfds_builder.IQABuilder]] = {
     "uhd_iqa": uhd_iqa.UhdIqa,
     "koniq10k": koniq10k.Koniq10k,
     "spaq": spaq.Spaq,
@@ -46,7 +46,7 @@ def hide_gpus_from_tensorflow() -> None:
 
 def default_manual_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """<data_dir>/downloads/manual/<name>/, where a download is expected by default."""
-  return layout.data_dir(data_dir) / "downloads" / "manual" / name
+  return releases.data_dir(data_dir) / "downloads" / "manual" / name
 
 
 def make_builder(
@@ -56,11 +56,11 @@ def make_builder(
     config_name: str | None = None,
     labels_csv: str | None = None,
     mos_range: tuple[float, float] | None = None,
-) -> base.IQABuilder:
+) -> tfds_builder.IQABuilder:
   """The tfds builder of data set `name` (array_record files under data_dir)."""
   if name not in BUILDERS:
     raise ValueError(f"Unknown data set {name!r}; choose one of {sorted(BUILDERS)}.")
-  data_dir = layout.data_dir(data_dir)
+  data_dir = releases.data_dir(data_dir)
   kwargs = {}
   if name == "iqa_folder":
     folder = manual_dir or default_manual_dir(name, data_dir)
@@ -94,7 +94,7 @@ def prepare(
     The prepared data set's folder (pass it, or name + data_dir, to `pipeline.tfds_source`).
 
   Raises:
-    layout.MissingDataError: the download is absent or incomplete (lists what is missing).
+    releases.MissingDataError: the download is absent or incomplete (lists what is missing).
     preprocess.ImageDecodeError: an image does not decode (names the file).
   """
   try:

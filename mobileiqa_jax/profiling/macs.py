@@ -34,7 +34,7 @@ What the jaxpr holds is what the implementation computes. Two forms in this proj
 the same numbers with other work and must be switched off for a count that describes the
 architecture: the 'shift' depthwise form (k*k elementwise multiply-adds, invisible as
 convolutions; count with `depthwise_impl='conv'`) and the LDAs' row bands (which recompute
-rows where the pooling windows overlap; `mobileiqa.unbanded_lda()`). `model_card.count_model_macs`
+rows where the pooling windows overlap; `runtime.Runtime(lda='whole')`). `model_card.count_model_macs`
 does both.
 """
 
@@ -47,11 +47,8 @@ from typing import Any, Callable
 import jax
 from jax.extend import core as jex_core
 
-# Named scopes the layers put around operations counted per element (see the module
-# docstring). The colon keeps them apart from Flax module names such as `norm`.
-NORM_SCOPE = "mac:norm"
-RESIZE_SCOPE = "mac:resize"
-POOL_SCOPE = "mac:pool"
+from mobileiqa_jax.models.layers import NORM_SCOPE, POOL_SCOPE, RESIZE_SCOPE
+
 _SCOPES = (NORM_SCOPE, RESIZE_SCOPE, POOL_SCOPE)
 
 

@@ -13,7 +13,7 @@ per image and a roofline bound, then one JSON line. Exit status: 0 fits, 3 does 
 report names the levers), 1 another compile error, 2 a usage error (e.g. unknown topology).
 A distillation config compiles with the frozen teacher: from `config.teacher_checkpoint`'s
 stored model config when it exists, else from the teacher preset (no weights are read).
-See mobileiqa_jax/aot.py.
+See mobileiqa_jax/training/aot_compile.py.
 """
 
 import os
@@ -26,7 +26,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mobileiqa_jax import cli  # noqa: E402
+from mobileiqa_jax.commands import errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant], e.g. configs/teacher.py.",
@@ -42,17 +42,17 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mobileiqa_jax import aot  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import aot_compile  # pylint: disable=g-import-not-at-top
   try:
-    report = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, with_eval=_EVAL.value,
+    report = aot_compile.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, with_eval=_EVAL.value,
                                       teacher_backbone=_TEACHER_BACKBONE.value)
-  except aot.AotUsageError as e:
-    cli.fail(e, status=aot.EXIT_USAGE)
-  lines, json_line, code = aot.main_report(report)
+  except aot_compile.AotUsageError as e:
+    errors.fail(e, status=aot_compile.EXIT_USAGE)
+  lines, json_line, code = aot_compile.main_report(report)
   print("\n".join(lines))
   print(json_line, flush=True)
   return code
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  errors.run(main)

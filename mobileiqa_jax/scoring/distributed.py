@@ -2,7 +2,7 @@
 
 Every process runs the same command (`jax.distributed` set up as training does:
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or discovered on TPU pods and
-SLURM/Open MPI). The expanded, ordered file list (`inference.expand_paths`) is cut into
+SLURM/Open MPI). The expanded, ordered file list (`scorer_lib.expand_paths`) is cut into
 *parts*: contiguous runs of files, each a whole number of batches and at most `part_size`
 files, so a part's batches are the very batches a one-process run scores (same numbers,
 bit for bit). Process p takes the p-th contiguous block of parts and, part by part, scores
@@ -43,7 +43,7 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
-from mobileiqa_jax import inference
+from mobileiqa_jax.scoring import scorer as scorer_lib
 from mobileiqa_jax.data import preprocess
 
 # Files per part (the unit a rerun reuses); smaller when that leaves a process without work.
@@ -148,13 +148,13 @@ def atomic_file(path: str) -> Iterator[TextIO]:
       os.remove(tmp)
 
 
-def write_part(path: str, results: Iterable[inference.Result]) -> None:
+def write_part(path: str, results: Iterable[scorer_lib.Result]) -> None:
   with atomic_file(path) as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(_PART_HEADER)
     for r in results:
       if r.error is None:
-        writer.writerow([r.path, inference.format_score(r.score), ""])
+        writer.writerow([r.path, scorer_lib.format_score(r.score), ""])
       else:
         writer.writerow([r.path, "", r.error])
 
@@ -173,7 +173,7 @@ def score_share(mine: Sequence[Part], paths_of: Callable[[Part], str],
                 err: TextIO) -> int:
   """Scores the parts of `mine` whose file is missing; returns how many files failed.
 
-  `score_files(files)` yields `inference.Result`s in order (it is called only when there is
+  `score_files(files)` yields `scorer_lib.Result`s in order (it is called only when there is
   work, so a rerun with every part written loads no model). Errors are written to `err`,
   also those a reused part recorded.
   """
@@ -330,7 +330,7 @@ def predict_csv_distributed(
   out_dir = os.path.dirname(os.path.abspath(output))
   if not os.path.isdir(out_dir):
     raise FileNotFoundError(f"{output}: its folder {out_dir} does not exist.")
-  files = inference.expand_paths(paths)
+  files = scorer_lib.expand_paths(paths)
 
   initialize()
   plan_batch = batch_size
@@ -338,7 +338,7 @@ def predict_csv_distributed(
     # After initialize: asking for the backend before it would start jax's backends early.
     # The Scorer's own default is the same, so each part is whole batches.
     import jax  # pylint: disable=g-import-not-at-top
-    plan_batch = inference.default_batch_size(jax.default_backend())
+    plan_batch = scorer_lib.default_batch_size(jax.default_backend())
   batch = min(plan_batch, len(files))  # as predict_csv: one compiled shape, no idle padding
   settings = settings_key(checkpoint, image_size, model, batch, preprocessing)
   coord = _Coordination()
@@ -348,14 +348,14 @@ def predict_csv_distributed(
   paths_of = lambda part: part_path(parts_dir, part, len(parts), files, settings)
   mine = share(parts, coord.process, coord.count)
 
-  def score_files(part_files: Sequence[str]) -> Iterator[inference.Result]:
+  def score_files(part_files: Sequence[str]) -> Iterator[scorer_lib.Result]:
     if scorer[0] is None:
-      scorer[0] = inference.load(
+      scorer[0] = scorer_lib.load(
           checkpoint, image_size, model=model, batch_size=batch_size, num_workers=workers,
           preprocessing=preprocessing,
           # From the whole folder, not this process's share: every process runs one form,
           # so the CSV does not depend on how the parts fell.
-          attention=inference.attention_for(len(files)))
+          attention=scorer_lib.attention_for(len(files)))
     return scorer[0].score_files(part_files, bar.update if bar else None,
                                  min(scorer[0].batch_size, batch))
 

@@ -376,9 +376,9 @@ def sidecar(image_size: Sequence[int], quantize: str, model_config: Mapping[str,
       "source_checkpoint": source,
   }
   if onnx:
-    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.export import onnx as onnx_lib  # pylint: disable=g-import-not-at-top
     del meta["requires_flex"]
-    meta["exported_with"] = export_onnx.versions()
+    meta["exported_with"] = onnx_lib.versions()
   else:
     import jax  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -392,7 +392,7 @@ def _runtime_entry(runtime: Mapping[str, Any] | None, fmt: str = "tflite"
     return None
   import platform  # pylint: disable=g-import-not-at-top
   if fmt == "onnx":
-    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.export import onnx as onnx_lib  # pylint: disable=g-import-not-at-top
     return {
         "execution_provider": runtime["provider"],
         "num_threads": runtime["num_threads"],
@@ -400,7 +400,7 @@ def _runtime_entry(runtime: Mapping[str, Any] | None, fmt: str = "tflite"
         "measured_invoke_ms": runtime["invoke_ms"],
         "measured_batch": 1,
         "measured_on": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime "
-                       f"{export_onnx.runtime_version()}",
+                       f"{onnx_lib.runtime_version()}",
         "note": ("peak resident memory of a process that loaded the model and scored one "
                  "image with this execution provider (weights included); latency of that "
                  "run on the exporting machine"),
@@ -434,16 +434,16 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   """Writes `output` (.tflite, or .onnx with `fmt='onnx'`) and its sidecar JSON.
 
   Returns the sidecar dict. With `measure`, the written model is run once in a fresh process
-  (`probe`: LiteRT with XNNPACK, or `export_onnx.probe`: ONNX Runtime's CPU provider;
+  (`probe`: LiteRT with XNNPACK, or `onnx_lib.probe`: ONNX Runtime's CPU provider;
   `num_threads`) and the sidecar records its peak memory and latency.
   """
   size = preprocess.parse_image_size(image_size, "image_size")
   check_quantize(quantize)
   check_format(fmt, output, quantize, select_tf_ops)
   if fmt == "onnx":
-    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
-    data = export_onnx.to_onnx(model, variables, size)
-    ops = export_onnx.op_counts(data)
+    from mobileiqa_jax.export import onnx as onnx_lib  # pylint: disable=g-import-not-at-top
+    data = onnx_lib.to_onnx(model, variables, size)
+    ops = onnx_lib.op_counts(data)
   else:
     data = to_tflite(model, variables, size, quantize, select_tf_ops)
     ops = op_counts(data)
@@ -461,9 +461,9 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
 
   write_sidecar()
   if measure and fmt == "onnx":
-    from mobileiqa_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.export import onnx as onnx_lib  # pylint: disable=g-import-not-at-top
     try:
-      meta["runtime"] = _runtime_entry(export_onnx.probe(output, num_threads), fmt)
+      meta["runtime"] = _runtime_entry(onnx_lib.probe(output, num_threads), fmt)
     except (RuntimeError, OSError, ValueError) as e:
       raise ExportError(f"{output} was written, but ONNX Runtime could not run it: {e}") from e
     write_sidecar()
@@ -484,13 +484,13 @@ def export_checkpoint(checkpoint: str, output: str, image_size: Any = None,
   `checkpoint` is anything `mobileiqa_jax.load` takes (a checkpoint folder, a workdir, a
   state dict); the default input size is the checkpoint's.
   """
-  from mobileiqa_jax import inference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   check_quantize(quantize)
   preprocess.parse_image_size(image_size, "--image_size")
   check_format(fmt, output, quantize, select_tf_ops)
   # What `load` accepts (checkpoint, workdir, the authors' .pkl), in float32 as predict scores.
-  scorer = inference.load(checkpoint, image_size, runtime=runtime_lib.FOR_EXPORT)
+  scorer = scorer_lib.load(checkpoint, image_size, runtime=runtime_lib.FOR_EXPORT)
   return export(scorer.model, scorer.variables, output, scorer.image_size, quantize,
                 scorer.model_config, scorer.extra, select_tf_ops, source=scorer.source,
                 fmt=fmt)
@@ -530,7 +530,7 @@ def probe(model_path: str, num_threads: int = 2, xnnpack: bool = True,
   """
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, "-m", "mobileiqa_jax.export", "--probe", model_path,
+  cmd = [sys.executable, "-m", "mobileiqa_jax.export.tflite", "--probe", model_path,
          str(int(num_threads)), "xnnpack" if xnnpack else "builtin"]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -629,5 +629,5 @@ if __name__ == "__main__":
   if len(sys.argv) == 5 and sys.argv[1] == "--probe":
     _probe_main(*sys.argv[2:])
   else:
-    sys.exit("usage: python -m mobileiqa_jax.export --probe MODEL.tflite THREADS xnnpack|builtin"
+    sys.exit("usage: python -m mobileiqa_jax.export.tflite --probe MODEL.tflite THREADS xnnpack|builtin"
              " (the export command is launch/export.py)")

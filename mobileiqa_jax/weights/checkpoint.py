@@ -44,8 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mobileiqa_jax import checkpoint_integrity
-from mobileiqa_jax.checkpoint_integrity import CheckpointDamagedError  # re-exported
+from mobileiqa_jax.weights import integrity
+from mobileiqa_jax.weights.integrity import CheckpointDamagedError  # re-exported
 
 FORMAT = "mobileiqa_jax/1"
 _STEP_RE = re.compile(r"^\d+$")
@@ -138,7 +138,7 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
                force=force)
   if jax.process_index() == 0:
-    checkpoint_integrity.seal(directory)  # so a damaged copy is named when it is read
+    integrity.seal(directory)  # so a damaged copy is named when it is read
   return directory
 
 
@@ -221,7 +221,7 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
   Raises:
     CheckpointDamagedError: the checkpoint's files fail their checksums, or cannot be read.
   """
-  sealed = checkpoint_integrity.verify(path, items=("variables", "meta"))
+  sealed = integrity.verify(path, items=("variables", "meta"))
   try:
     tree = _item_tree_metadata(path, "variables")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -316,7 +316,7 @@ class TrainCheckpointer:
   All processes must call `save`/`restore_latest_good`/`wait` (orbax coordinates multi-host
   saves; each process writes the shards it owns). Besides orbax's own atomic commit (an
   unfinished save never becomes a step), a finished step gets a checksum record
-  (`checkpoint_integrity.seal`, process 0) once its save is known to be complete, so a
+  (`integrity.seal`, process 0) once its save is known to be complete, so a
   resume can tell a damaged step from a good one and fall back.
   """
 
@@ -426,7 +426,7 @@ class TrainCheckpointer:
     """
     for step in reversed(self.manager.all_steps()):
       try:
-        sealed = checkpoint_integrity.verify(self.step_dir(step))
+        sealed = integrity.verify(self.step_dir(step))
       except CheckpointDamagedError as e:
         sealed, problem = False, e.problem
       else:
@@ -487,7 +487,7 @@ class TrainCheckpointer:
     finished = set(self.manager.all_steps())
     for step in self._unsealed:
       if self._is_main and step in finished:
-        checkpoint_integrity.seal(self.step_dir(step))
+        integrity.seal(self.step_dir(step))
     self._unsealed = []
 
   def close(self) -> None:

@@ -25,7 +25,7 @@ import flax
 import jax
 import numpy as np
 
-from mobileiqa_jax import program_cache
+from mobileiqa_jax.commands import program_cache
 
 Variables = dict[str, Any]
 
@@ -207,7 +207,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     # numpy, not torch.load: scoring the authors' weights needs no PyTorch, and the reader
     # admits only what torch.load(weights_only=True) admits for a state dict.
     import pickle  # pylint: disable=g-import-not-at-top
-    from mobileiqa_jax import torch_pickle  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.weights import torch_pickle  # pylint: disable=g-import-not-at-top
     try:
       state = torch_pickle.load(path)
     except torch_pickle.UnsafePickleError as e:
@@ -328,7 +328,8 @@ def detect_model(state_dict: Mapping[str, Any], source: str = "checkpoint") -> s
 
 def _backbone_candidates(default: str) -> list[str]:
   """Backbone names of the default's family, the default first (the authors' files use it)."""
-  from mobileiqa_jax.models import mobilenetv3, mobilevitv2  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobilenetv3  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.models import mobilevitv2  # pylint: disable=g-import-not-at-top
   module = mobilevitv2 if default.startswith("mobilevitv2") else mobilenetv3
   return [default] + [n for n in module.BACKBONES if n != default]
 
@@ -454,7 +455,7 @@ def load_mobileiqa(path: str | os.PathLike, model: str | None = None, runtime: A
 
 def _refuse_overwrite(output: str, overwrite: bool) -> None:
   """Nothing already written is lost: an existing output is replaced only when asked."""
-  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
   if not os.path.lexists(output):
     return
   if os.path.isdir(output) and not os.listdir(output):
@@ -482,7 +483,7 @@ def torch_file_to_checkpoint(path: str, model: str | None, output: str,
   Returns:
     'teacher' or 'student': what was converted.
   """
-  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   size_hw = preprocess.parse_image_size(image_size, "--image_size")
   _refuse_overwrite(output, overwrite)
@@ -497,7 +498,7 @@ def torch_file_to_checkpoint(path: str, model: str | None, output: str,
 def checkpoint_to_torch_file(directory: str, output: str, overwrite: bool = False) -> None:
   """`launch/convert.py` JAX -> PyTorch: a state dict the authors' model loads strictly."""
   import torch  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
   _refuse_overwrite(output, overwrite)
   _, variables, _ = checkpoint.load_model(directory)
   state = {k: torch.from_numpy(np.ascontiguousarray(v))

@@ -1,5 +1,7 @@
 """The scoring command's input handling (no model needed)."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,8 @@ def test_score_files_pads_batches_and_reports_bad_files_in_order(tmp_path):
     shapes.append(batch.shape)
     return batch[:, 0, 0, 0].astype(np.float32)  # the normalised red value of each image
 
-  results = list(scorer_lib.score_files(paths, scorer, (32, 32), batch_size=3))
+  pixels = functools.partial(scorer_lib.photo_pixels, size_hw=(32, 32), normalise=True)
+  results = list(scorer_lib.score_in_batches(paths, scorer, pixels, batch_size=3))
   assert [r.path for r in results] == paths
   assert shapes == [(3, 32, 32, 3), (3, 32, 32, 3)]  # one compiled shape, last batch padded
   assert results[1].score is None and "bad.jpg" in results[1].error

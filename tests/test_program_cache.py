@@ -36,10 +36,8 @@ def _inputs(batch=3):
 
 
 @pytest.fixture
-def folder(tmp_path, monkeypatch):
-  where = str(tmp_path / program_cache.SUBFOLDER)
-  monkeypatch.setattr(program_cache, "folder", lambda: where)
-  return where
+def folder(tmp_path):
+  return str(tmp_path / program_cache.SUBFOLDER)
 
 
 def _entries(where):
@@ -49,7 +47,7 @@ def _entries(where):
 def test_a_new_function_runs_the_written_program_without_exporting(folder, monkeypatch):
   v, x = _inputs()
   want = np.asarray(jax.jit(_fn)(v, x))
-  first = program_cache.Function(_fn, {"function": "test"})
+  first = program_cache.Function(_fn, {"function": "test"}, folder)
   np.testing.assert_array_equal(np.asarray(first(v, x)), want)
   np.testing.assert_array_equal(np.asarray(first(v, _inputs(2)[1])).shape, (2,))
   written = _entries(folder)
@@ -59,20 +57,20 @@ def test_a_new_function_runs_the_written_program_without_exporting(folder, monke
     raise AssertionError("exported again although the entry was on disk")
 
   monkeypatch.setattr(jax.export, "export", refuse)
-  again = program_cache.Function(_fn, {"function": "test"})
+  again = program_cache.Function(_fn, {"function": "test"}, folder)
   np.testing.assert_array_equal(np.asarray(again(v, x)), want)
   assert _entries(folder) == written
 
 
 def test_a_corrupt_entry_is_exported_again(folder, caplog):
   v, x = _inputs()
-  program_cache.Function(_fn, {"function": "corrupt"})(v, x)
+  program_cache.Function(_fn, {"function": "corrupt"}, folder)(v, x)
   (name,) = _entries(folder)
   path = os.path.join(folder, name)
   with open(path, "wb") as f:
     f.write(b"not a program")
   with caplog.at_level(logging.WARNING):
-    got = program_cache.Function(_fn, {"function": "corrupt"})(v, x)
+    got = program_cache.Function(_fn, {"function": "corrupt"}, folder)(v, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(_fn)(v, x)), rtol=1e-6)
   assert any(name in r.getMessage() for r in caplog.records), caplog.text
   assert os.path.getsize(path) > len(b"not a program")  # written again, whole
@@ -80,12 +78,12 @@ def test_a_corrupt_entry_is_exported_again(folder, caplog):
 
 def test_uncacheable_descriptions_and_the_cache_off_write_nothing(folder, monkeypatch):
   v, x = _inputs()
-  program_cache.Function(_fn, {"module": f"<object at {hex(id(v))}>"})(v, x)
-  program_cache.Function(_fn, None)(v, x)
+  program_cache.Function(_fn, {"module": f"<object at {hex(id(v))}>"}, folder)(v, x)
+  program_cache.Function(_fn, None, folder)(v, x)
   assert _entries(folder) == []
-  monkeypatch.setattr(program_cache, "folder", lambda: None)
-  program_cache.Function(_fn, {"function": "off"})(v, x)
-  assert not os.path.exists(folder)
+  # With JAX's compilation cache off, the commands get no program cache at all.
+  monkeypatch.setattr(program_cache.compilation_cache, "current", lambda: None)
+  assert program_cache.for_this_process() is None
 
 
 def test_template_is_built_once_per_config(folder):
@@ -97,12 +95,12 @@ def test_template_is_built_once_per_config(folder):
     built.append(1)
     return shapes
 
-  assert program_cache.template({"width": 8}, build) is shapes
-  again = program_cache.template({"width": 8}, build)
+  assert program_cache.template(folder, {"width": 8}, build) is shapes
+  again = program_cache.template(folder, {"width": 8}, build)
   assert len(built) == 1
   assert jax.tree.structure(again) == jax.tree.structure(shapes)
   assert jax.tree.leaves(again) == jax.tree.leaves(shapes)
-  program_cache.template({"width": 16}, build)  # another config: its own entry
+  program_cache.template(folder, {"width": 16}, build)  # another config: its own entry
   assert len(built) == 2
 
 

@@ -1,9 +1,11 @@
-"""A quick second run (issue 21): the compilation cache, the torch-free .pkl reader, batch size.
+"""A quick second run: the compilation cache, the torch-free .pkl reader, batch size.
 
-- A second process scoring with the same model and sizes compiles nothing: every XLA compile
-  it asks for is a persistent-cache hit (counted with jax.monitoring events in the child); and
-  it traces nothing: the model's __call__ and the template builder raise there, and the
-  program cache (mobileiqa_jax/commands/program_cache.py) answers.
+- A second process scoring as the commands do (JAX's compilation cache on, the program cache
+  handed to `load`) compiles nothing: every XLA compile it asks for is a persistent-cache hit
+  (counted with jax.monitoring events in the child); and it traces nothing: the model's
+  __call__ and the template builder raise there, and the program cache
+  (mobileiqa_jax/commands/program_cache.py) answers.
+- `load` and `Scorer` change nothing process-wide: every jax.config value is as it was.
 - The cache goes to $XDG_CACHE_HOME/mobileiqa_jax/jax by default; --nocompilation_cache (and
   MOBILEIQA_JAX_CACHE_DIR=0) turn it off; a folder set through JAX's own variable is kept.
 - Scores do not depend on the batch size (1 vs 8) beyond 1e-6.
@@ -66,7 +68,10 @@ def on_event(event, **kwargs):
 jax.monitoring.register_event_duration_secs_listener(on_duration)
 jax.monitoring.register_event_listener(on_event)
 import mobileiqa_jax
-scorer = mobileiqa_jax.load(sys.argv[1], image_size=sys.argv[2])
+from mobileiqa_jax.commands import compilation_cache, program_cache
+compilation_cache.enable()  # what the scoring commands do
+scorer = mobileiqa_jax.load(sys.argv[1], image_size=sys.argv[2],
+                            programs=program_cache.for_this_process())
 s8 = scorer.score(sys.argv[3:], batch_size=8)
 s1 = scorer.score(sys.argv[3:], batch_size=1)
 print(json.dumps(dict(counts, s8=s8.tolist(), s1=s1.tolist(), torch="torch" in sys.modules,
@@ -133,6 +138,30 @@ def test_second_process_compiles_nothing_and_batch_size_does_not_matter(student_
   assert second["compiles"] == second["hits"] >= 2, second  # every compile was a cache hit
   assert _entries(folder) == written  # nothing new written
   np.testing.assert_array_equal(second["s8"], first["s8"])
+
+
+_UNCHANGED_CHILD = r"""
+import json, sys
+import jax
+before = {k: repr(v) for k, v in jax.config.values.items()}
+import mobileiqa_jax
+scorer = mobileiqa_jax.load(sys.argv[1], image_size=sys.argv[2])
+scores = scorer.score(sys.argv[3:])
+after = {k: repr(v) for k, v in jax.config.values.items()}
+print(json.dumps({"changed": {k: [before.get(k), after.get(k)] for k in set(before) | set(after)
+                              if before.get(k) != after.get(k)},
+                  "scores": scores.tolist()}))
+"""
+
+
+def test_load_and_score_change_no_jax_setting(student_pkl, tmp_path):
+  proc = _run(["-c", _UNCHANGED_CHILD, student_pkl, SIZE, *PHOTOS[:2]], _env(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Neither the compilation cache nor CPU dispatch nor anything else of jax's config.
+  assert got["changed"] == {}, got["changed"]
+  assert len(got["scores"]) == 2
+  assert not os.path.exists(tmp_path / "xdg")  # and no cache folder written
 
 
 def test_nocompilation_cache_flag_writes_no_cache(student_pkl, tmp_path):

@@ -28,7 +28,8 @@ from absl import flags
 from mobileiqa_jax.commands import errors
 from mobileiqa_jax.commands import compilation_cache
 from mobileiqa_jax.scoring import distributed as distributed_lib
-from mobileiqa_jax.scoring import scorer
+from mobileiqa_jax.commands import program_cache
+from mobileiqa_jax.scoring import predict
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict (the authors' weights).", required=True)
@@ -57,7 +58,8 @@ def main(argv):
   compilation_cache.enable_from_flags()
   settings = dict(checkpoint=FLAGS.checkpoint, paths=argv[1:], image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, workers=FLAGS.workers, progress=FLAGS.progress,
-                  model=FLAGS.model, preprocessing=FLAGS.preprocessing, err=sys.stderr)
+                  model=FLAGS.model, preprocessing=FLAGS.preprocessing, err=sys.stderr,
+                  programs=program_cache.for_this_process())
   if FLAGS.distributed:
     if not FLAGS.output:
       raise app.UsageError("--distributed needs --output=FILE.csv (process 0 writes it).")
@@ -65,8 +67,8 @@ def main(argv):
         output=FLAGS.output, part_size=FLAGS.part_size, **settings)
   if FLAGS.output:
     with distributed_lib.atomic_file(FLAGS.output) as out:
-      return scorer.predict_csv(out=out, **settings)
-  return scorer.predict_csv(out=sys.stdout, **settings)
+      return predict.predict_csv(out=out, **settings)
+  return predict.predict_csv(out=sys.stdout, **settings)
 
 
 if __name__ == "__main__":

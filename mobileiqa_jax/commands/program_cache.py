@@ -1,16 +1,16 @@
-"""Scoring programs kept on disk: a second process neither traces the model nor shapes it.
+"""Scoring programs kept on disk, so that a second scoring command neither traces nor shapes.
 
 JAX's compilation cache (`compilation_cache.py`) spares a second process XLA's compile, but
-the process still runs the Flax model in Python twice before its first score: once through
-`jax.eval_shape` to learn the variables' shapes for converting a state dict (0.85 s for the
-student on a 2-core CPU), once to trace the scoring function (0.5 s at 1231x1907, plus 0.2 s
-lowering it). On the command line that is a quarter of scoring one photo. This module keeps
+that process still runs the Flax model in Python twice before its first score: once through
+`jax.eval_shape` to learn the variables' shapes for converting a state dict, once to trace and
+lower the scoring function. For the one-photo command that is over a third of a second run.
+`ProgramCache` (a `scoring.scorer.Programs`, handed to `load` by the scoring commands) keeps
 both results in the compilation cache's folder, under `mobileiqa_programs/`:
 
-- `template(config, build)`: the variables' shapes of a model config, as JSON;
-- `Function(fn, description)`: a jitted `fn(variables, x)` whose traced and lowered form is
-  kept as a serialized `jax.export.Exported`, one per input shape; a later process
-  deserialises it (20 ms) and JAX compiles it, from the compilation cache.
+- `variables_template(config, build)`: the variables' shapes of a model config, as JSON;
+- `jit(fn, description)`: a jitted `fn(variables, x)` whose traced and lowered form is kept
+  as a serialized `jax.export.Exported`, one per input shape; a later process deserialises
+  it and JAX compiles it, from the compilation cache.
 
 An entry's key is everything that decides it: what the caller describes (the module's
 `repr`, which lists every field of the architecture and of how it runs, and what the function
@@ -19,9 +19,9 @@ flax versions and a hash of this package's source files. An edited model, a new 
 platform misses and writes a new entry; nothing stale is ever run. An entry that cannot be
 read is a miss, logged, and written again.
 
-The cache is on exactly when the compilation cache is (`compilation_cache.enable`, which
-the scoring entry points and `mobileiqa_jax.load` call): one folder, one switch. Elsewhere
-(training, conversion) these functions build and jit as if it did not exist.
+Only the commands use it, and only while they have JAX's compilation cache on
+(`for_this_process`): one folder, one switch. A Python program calling `load` gets plain
+`jax.jit` unless it passes a `ProgramCache` itself.
 """
 
 from __future__ import annotations
@@ -35,15 +35,31 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 from mobileiqa_jax.commands import compilation_cache
+from mobileiqa_jax.scoring import scorer
 
 SUBFOLDER = "mobileiqa_programs"
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# The package's root folder: its sources decide what a cached program computes.
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def folder() -> str | None:
-  """Where entries go: `<compilation cache>/mobileiqa_programs`, or None when the cache is off."""
+class ProgramCache(scorer.Programs):
+  """`scorer.Programs` whose results live in `directory` (module docstring)."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+
+  def variables_template(self, config: Mapping[str, Any], build: Callable[[], Any]) -> Any:
+    return template(self.directory, config, build)
+
+  def jit(self, fn: Callable[[Any, Any], Any],
+          description: Mapping[str, Any]) -> Callable[[Any, Any], Any]:
+    return Function(fn, description, self.directory)
+
+
+def for_this_process() -> ProgramCache | None:
+  """The cache in `<compilation cache>/mobileiqa_programs`; None while that cache is off."""
   directory = compilation_cache.current()
-  return None if directory is None else os.path.join(directory, SUBFOLDER)
+  return None if directory is None else ProgramCache(os.path.join(directory, SUBFOLDER))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,17 +122,15 @@ def _write(path: str, data: bytes) -> None:
                     path, e)
 
 
-def template(config: Mapping[str, Any], build: Callable[[], Any]) -> Any:
+def template(directory: str, config: Mapping[str, Any], build: Callable[[], Any]) -> Any:
   """The variables' shapes (`jax.ShapeDtypeStruct` leaves) of the model of `config`.
 
   Args:
+    directory: the cache's folder.
     config: the model's architecture (`MobileIQAConfig.to_dict()`); a runtime never changes
       the variables' shapes.
     build: computes the template when it is not cached (`convert.variables_template`).
   """
-  directory = folder()
-  if directory is None:
-    return build()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -161,16 +175,19 @@ class Function:
   Each new (variables, x) signature is looked up on disk; a hit is deserialised and called
   (`jax.jit(exported.call)`), a miss is exported (`jax.export`: the trace and lowering `jit`
   would do anyway), written, and called the same way, so a first and a second process run
-  the same program. With the cache off, or without a `description`, it is plain `jax.jit`.
+  the same program. Without a usable `description` it is plain `jax.jit`.
 
   Args:
     fn: a pure function of (a pytree of arrays, an array).
     description: what decides `fn`'s program besides the package's code and the shapes:
       e.g. the module's repr and the name of the method. None: never cached.
+    directory: the cache's folder.
   """
 
-  def __init__(self, fn: Callable[[Any, Any], Any], description: Mapping[str, Any] | None):
+  def __init__(self, fn: Callable[[Any, Any], Any], description: Mapping[str, Any] | None,
+               directory: str):
     self._fn = fn
+    self._directory = directory
     # A repr that holds an object's address differs in every process: it can never hit.
     self._description = (None if description is None or "0x" in json.dumps(
         dict(description), sort_keys=True, default=str) else dict(description))
@@ -180,8 +197,8 @@ class Function:
   def __call__(self, variables: Any, x: Any) -> Any:
     import jax  # pylint: disable=g-import-not-at-top
 
-    directory = folder()
-    if directory is None or self._description is None:
+    directory = self._directory
+    if self._description is None:
       if self._jitted is None:
         self._jitted = jax.jit(self._fn)
       return self._jitted(variables, x)

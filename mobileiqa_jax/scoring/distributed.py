@@ -43,6 +43,7 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
+from mobileiqa_jax.scoring import predict
 from mobileiqa_jax.scoring import scorer as scorer_lib
 from mobileiqa_jax.data import preprocess
 
@@ -154,7 +155,7 @@ def write_part(path: str, results: Iterable[scorer_lib.Result]) -> None:
     writer.writerow(_PART_HEADER)
     for r in results:
       if r.error is None:
-        writer.writerow([r.path, scorer_lib.format_score(r.score), ""])
+        writer.writerow([r.path, predict.format_score(r.score), ""])
       else:
         writer.writerow([r.path, "", r.error])
 
@@ -307,6 +308,7 @@ def predict_csv_distributed(
     model: str | None = None,
     part_size: int = DEFAULT_PART_SIZE,
     preprocessing: str | None = None,
+    programs: scorer_lib.Programs | None = None,
 ) -> int:
   """`predict --distributed`: this process's share, then (process 0) the merged `output`.
 
@@ -355,7 +357,7 @@ def predict_csv_distributed(
           preprocessing=preprocessing,
           # From the whole folder, not this process's share: every process runs one form,
           # so the CSV does not depend on how the parts fell.
-          attention=scorer_lib.attention_for(len(files)))
+          attention=scorer_lib.attention_for(len(files)), programs=programs)
     return scorer[0].score_files(part_files, bar.update if bar else None,
                                  min(scorer[0].batch_size, batch))
 

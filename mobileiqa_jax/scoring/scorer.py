@@ -17,15 +17,14 @@ parsing stay fast.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
+import functools
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from mobileiqa_jax.commands import program_cache
 from mobileiqa_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -76,8 +75,31 @@ def apply_for_scoring(model: Any, variables: Any, images: Any,
   return model.apply(variables, fused, method="regress")
 
 
+class Programs:
+  """Where scoring gets its compiled programs and the shapes of the variables it converts.
+
+  This default builds both in the process: `jax.jit` traces and compiles the scoring
+  function, and a state dict's conversion traces the model for its variables' shapes. The
+  scoring commands pass `commands.program_cache.ProgramCache` instead, which keeps both on
+  disk so that a second process does neither.
+  """
+
+  def variables_template(self, config: Mapping[str, Any], build: Callable[[], Any]) -> Any:
+    """The variables' shapes of the model of architecture `config`; `build` computes them."""
+    del config
+    return build()
+
+  def jit(self, fn: Callable[[Any, Any], Any],
+          description: Mapping[str, Any]) -> Callable[[Any, Any], Any]:
+    """`jax.jit(fn)` for `fn(variables, x)`; `description` says what decides its program."""
+    del description
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.jit(fn)
+
+
 def make_scorer(model: Any, variables: Any, views_per_photo: bool = False,
-                resize_to: tuple[int, int] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+                resize_to: tuple[int, int] | None = None,
+                programs: Programs | None = None) -> Callable[[np.ndarray], np.ndarray]:
   """A jitted function: a batch of images -> scores (B,), in inference mode.
 
   Without `resize_to` the batch is normalised NHWC float32. With it, uint8 (B, H, W, 3) at
@@ -94,7 +116,7 @@ def make_scorer(model: Any, variables: Any, views_per_photo: bool = False,
   # Variables are an argument, not closed over: closed-over arrays become constants baked
   # into the compiled program (hundreds of MB for the head). The module's repr lists every
   # field of what it is and how it runs: with the shapes it decides the traced program.
-  score = program_cache.Function(
+  score = (programs or Programs()).jit(
       lambda v, images: apply_for_scoring(model, v, prepare(images), views_per_photo),
       {"module": repr(model), "function": "make_scorer", "views_per_photo": views_per_photo,
        "resize_to": None if resize_to is None else list(resize_to)})
@@ -145,11 +167,17 @@ def _as_pil(item: Any, index: int) -> Image.Image:
                   f"{type(item).__name__}.")
 
 
-def _preprocess(item: Any, index: int, size_hw: tuple[int, int],
-                normalise: bool = True) -> np.ndarray:
+def photo_pixels(item: Any, index: int, size_hw: tuple[int, int] | None = None,
+                 normalise: bool = False) -> np.ndarray:
+  """One input as the scorer takes it: uint8 (H, W, 3) at its own size (`size_hw` None),
+  resized to `size_hw` the reference's way, or resized and normalised (float32).
+  """
+  photo = _as_pil(item, index)
+  if size_hw is None:
+    return np.asarray(photo)
   if normalise:
-    return preprocess.resize_normalize(_as_pil(item, index), size_hw)
-  return preprocess.resize_uint8(_as_pil(item, index), size_hw)
+    return preprocess.resize_normalize(photo, size_hw)
+  return preprocess.resize_uint8(photo, size_hw)
 
 
 PREPROCESSING = ("host", "device")
@@ -198,23 +226,27 @@ def default_batch_size(platform: str) -> int:
   return 8 if platform in _ACCELERATORS else 2
 
 
-def _decode(item: Any, index: int) -> np.ndarray:
-  return np.asarray(_as_pil(item, index))
+def score_in_batches(items: Sequence[Any], scorer: Callable[[np.ndarray], np.ndarray],
+                     pixels: Callable[[Any, int], np.ndarray], batch_size: int,
+                     num_workers: int | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     names: Sequence[str] | None = None) -> Iterator[Result]:
+  """Scores `items` in order, `batch_size` at a time; one `Result` per item.
 
-
-def _scored_device(items: Sequence[Any], scorer: Callable[[np.ndarray], np.ndarray],
-                   batch_size: int, num_workers: int | None,
-                   progress: Callable[[int], None] | None,
-                   names: Sequence[str]) -> Iterator[Result]:
-  """`_scored` for device preprocessing: uint8 photos at their own size, grouped by size.
-
-  Within each window of `batch_size` inputs, photos of one (H, W) make one padded batch of
-  `batch_size`, so the program compiles once per photo size (a camera's folder: one or two).
+  `pixels(item, index)` (e.g. `photo_pixels`) runs on `num_workers` threads (PIL releases
+  the GIL), one batch ahead of the scorer, so at most two batches of decoded photos are held
+  whatever the number of items. Within each window of `batch_size` items, photos of one
+  shape make one batch padded to `batch_size`: the scorer compiles once per photo shape (one,
+  when `pixels` resizes). An item that cannot be read (`UnreadableImageError`) gives a
+  `Result` with `error` set; the others are still scored.
   """
+  items = list(items)
+  names = names or [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
+                    for i, x in enumerate(items)]
   num_workers = num_workers or min(8, os.cpu_count() or 1)
   chunks = [range(i, min(i + batch_size, len(items))) for i in range(0, len(items), batch_size)]
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-    submit = lambda chunk: [pool.submit(_decode, items[i], i) for i in chunk]
+    submit = lambda chunk: [pool.submit(pixels, items[i], i) for i in chunk]
     pending = submit(chunks[0]) if chunks else []
     for c, chunk in enumerate(chunks):
       futures = pending
@@ -223,74 +255,18 @@ def _scored_device(items: Sequence[Any], scorer: Callable[[np.ndarray], np.ndarr
       for i, fut in zip(chunk, futures):
         try:
           image = fut.result()
-          groups.setdefault(image.shape, []).append((len(results), image))
+          groups.setdefault((image.shape, image.dtype), []).append((len(results), image))
           results.append(Result(names[i]))
         except UnreadableImageError as e:
           results.append(Result(names[i], error=str(e)))
-      for shape, members in groups.items():
-        batch = np.zeros((batch_size, *shape), np.uint8)
+      for (shape, dtype), members in groups.items():
+        batch = np.zeros((batch_size, *shape), dtype)
         batch[: len(members)] = np.stack([m[1] for m in members])
-        for (r, _), s in zip(members, scorer(batch)[: len(members)].tolist()):
-          results[r].score = s
+        for (r, _), score in zip(members, scorer(batch)[: len(members)].tolist()):
+          results[r].score = score
       if progress:
         progress(len(chunk))
       yield from results
-
-
-def _scored(items: Sequence[Any], scorer: Callable[[np.ndarray], np.ndarray],
-            size_hw: tuple[int, int], batch_size: int, num_workers: int | None,
-            progress: Callable[[int], None] | None,
-            names: Sequence[str], normalise: bool = True) -> Iterator[Result]:
-  """Scores `items` in order, `batch_size` at a time (the last batch padded: one shape).
-
-  `scorer` takes normalised float32 batches, or with `normalise=False` the resized uint8
-  pixels (and normalises them itself).
-  """
-  num_workers = num_workers or min(8, os.cpu_count() or 1)
-  chunks = [range(i, min(i + batch_size, len(items))) for i in range(0, len(items), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-    submit = lambda chunk: [pool.submit(_preprocess, items[i], i, size_hw, normalise)
-                            for i in chunk]
-    pending = submit(chunks[0]) if chunks else []
-    for c, chunk in enumerate(chunks):
-      futures = pending
-      # Decode the next batch while this one is scored.
-      pending = submit(chunks[c + 1]) if c + 1 < len(chunks) else []
-      results, images = [], []
-      for i, fut in zip(chunk, futures):
-        try:
-          images.append(fut.result())
-          results.append(Result(names[i]))
-        except UnreadableImageError as e:
-          results.append(Result(names[i], error=str(e)))
-      if images:
-        batch = np.zeros((batch_size, *size_hw, 3), np.float32 if normalise else np.uint8)
-        batch[: len(images)] = np.stack(images)
-        scores = iter(scorer(batch)[: len(images)].tolist())
-        for r in results:
-          if r.error is None:
-            r.score = next(scores)
-      if progress:
-        progress(len(chunk))
-      yield from results
-
-
-def score_files(
-    paths: Sequence[str],
-    scorer: Callable[[np.ndarray], np.ndarray],
-    size_hw: tuple[int, int],
-    batch_size: int = 8,
-    num_workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[Result]:
-  """Scores `paths` in order, `batch_size` at a time (the last batch padded, so one shape).
-
-  Decoding runs `num_workers` threads ahead of the scorer, holding at most a few batches of
-  decoded images in memory whatever the number of files. A file that cannot be read gives a
-  `Result` with `error` set; the others are still scored.
-  """
-  return _scored(list(paths), scorer, size_hw, batch_size, num_workers, progress,
-                 [os.fspath(p) for p in paths])
 
 
 class Scorer:
@@ -331,7 +307,7 @@ class Scorer:
                model_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
                source: str | None = None, batch_size: int | None = None,
                num_workers: int | None = None, preprocessing: str = "host",
-               views_per_photo: bool | None = None):
+               views_per_photo: bool | None = None, programs: Programs | None = None):
     import jax  # pylint: disable=g-import-not-at-top
     self.image_size = preprocess.parse_image_size(image_size, "image_size")
     self.model_config = dict(model_config)
@@ -358,19 +334,12 @@ class Scorer:
       self.score_min, self.score_max = 0.0, 1.0
     else:
       self.score_min = self.score_max = None
-    self._apply = None
+    self.programs = programs or Programs()
     self._device_apply = None
 
   def __repr__(self) -> str:
     return (f"Scorer({self.model_config.get('variant')} {self.model_config.get('backbone')}, "
             f"image_size={self.image_size}, source={self.source!r})")
-
-  @property
-  def apply(self) -> Callable[[np.ndarray], np.ndarray]:
-    """normalised (B, H, W, 3) float32 -> scores (B,): jitted, compiled once per shape."""
-    if self._apply is None:
-      self._apply = make_scorer(self.model, self._device_variables(), self.views_per_photo)
-    return self._apply
 
   def _device_variables(self) -> Any:
     """The weights on the device, the only copy kept.
@@ -387,18 +356,19 @@ class Scorer:
     """uint8 (B, H, W, 3) at any size -> scores (B,), resized on the device; once per shape."""
     if self._device_apply is None:
       self._device_apply = make_scorer(self.model, self._device_variables(),
-                                       self.views_per_photo, resize_to=self.image_size)
+                                       self.views_per_photo, resize_to=self.image_size,
+                                       programs=self.programs)
     return self._device_apply
 
   def _score_items(self, items, batch_size, progress, names) -> Iterator[Result]:
-    if self.preprocessing == "device":
-      return _scored_device(items, self.device_apply, batch_size, self.num_workers, progress,
-                            names)
-    # PIL resizes on the host threads (the reference's filter and rounding); the uint8
-    # pixels are normalised inside the jitted function (`device_apply`, whose resize is
-    # then a no-op), bit-exact with the host's table and cheaper there.
-    return _scored(items, self.device_apply, self.image_size, batch_size, self.num_workers,
-                   progress, names, normalise=False)
+    # 'host': PIL resizes on the host threads (the reference's filter and rounding) and the
+    # uint8 pixels are normalised inside the jitted function (`device_apply`, whose resize is
+    # then a no-op), bit-exact with the host's table and cheaper there. 'device': photos at
+    # their own size, grouped by size, resized inside.
+    size = self.image_size if self.preprocessing == "host" else None
+    return score_in_batches(items, self.device_apply,
+                            functools.partial(photo_pixels, size_hw=size), batch_size,
+                            self.num_workers, progress, names)
 
   def quality_fn(self, pass_variables: bool = False) -> Callable[..., Any]:
     """A pure, jittable, differentiable quality function (the JAX twin of pyiqa's `as_loss`).
@@ -513,7 +483,8 @@ def attention_for(num_photos: int) -> str:
 def load(path: str, image_size: Any = None, *, model: str | None = None,
          compute_dtype: str | None = None, batch_size: int | None = None,
          num_workers: int | None = None, which: str = "best", runtime: Any = None,
-         preprocessing: str | None = None, attention: str | None = None) -> Scorer:
+         preprocessing: str | None = None, attention: str | None = None,
+         programs: Programs | None = None) -> Scorer:
   """Loads a MobileIQA model for scoring.
 
   Args:
@@ -540,6 +511,8 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
       variables, `mal.fold_attention`; it pays from about `FOLD_MIN_PHOTOS` photos) or
       'reference' (the checkpoint's own variables, e.g. to count or export them). The two
       agree to float32 rounding.
+    programs: where the scoring programs and a state dict's variables' shapes come from
+      (`Programs`); default built in this process.
 
   Nothing process-wide changes: JAX's compilation cache is the caller's to turn on (the
   scoring commands do; from Python, `jax.config.update("jax_compilation_cache_dir", ...)`),
@@ -571,9 +544,11 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
   folded = (attention or runtime.attention) == "folded"
   # Checkpoints hold the reference form; the fold comes after reading them. A state dict is
   # read for this Scorer alone: no copy, the scorer's device_put makes the one the device needs.
+  programs = programs or Programs()
   module, variables, meta = loader.load_model(
       path, which=which, model=model, copy=False,
-      runtime=dataclasses.replace(runtime, attention="reference"))
+      runtime=dataclasses.replace(runtime, attention="reference"),
+      variables_template=programs.variables_template)
   config, extra, source = dict(meta["model_config"]), meta["extra"], meta["path"]
   if size is None:
     stored = extra.get("image_size")
@@ -586,62 +561,4 @@ def load(path: str, image_size: Any = None, *, model: str | None = None,
     variables = mal.fold_attention(jax.device_put(variables))
     module = module.clone(attention="folded")
   return Scorer(module, variables, size, config, extra, source, batch_size, num_workers,
-                preprocessing)
-
-
-def format_score(score: float) -> str:
-  """A score as the CSVs of the scoring command write it."""
-  return f"{score:.6f}"
-
-
-def predict_csv(
-    checkpoint: str,
-    paths: Sequence[str],
-    out: TextIO,
-    err: TextIO,
-    image_size: str | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-    model: str | None = None,
-    preprocessing: str | None = None,
-) -> int:
-  """The scoring command: CSV `path,score` to `out`, one row per readable image in input order.
-
-  Settings and paths are checked before the model is loaded. Returns the exit status: 0, or 1
-  when any file could not be scored (each named on `err`).
-
-  Raises:
-    ValueError, FileNotFoundError: a bad setting, a missing path, a folder without images, or
-      a checkpoint that cannot be loaded (the command line prints the message).
-  """
-  if not paths:
-    raise ValueError("no PATH given: name image files or folders to score.")
-  if batch_size is not None and batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
-  preprocess.parse_image_size(image_size)
-  files = expand_paths(paths)
-  # Fewer files than a batch make one batch of their number, as `Scorer.score` does: one
-  # photo is one forward pass of one image, not of `batch_size` with the rest padding.
-  scorer = load(checkpoint, image_size, model=model, batch_size=batch_size,
-                num_workers=workers, preprocessing=preprocessing,
-                attention=attention_for(len(files)))
-  batch = min(scorer.batch_size, len(files))
-  bar = None
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=len(files), unit="img", file=err, dynamic_ncols=True)
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["path", "score"])
-  failed = 0
-  for result in scorer.score_files(files, bar.update if bar else None, batch):
-    if result.error is None:
-      writer.writerow([result.path, format_score(result.score)])
-    else:
-      failed += 1
-      err.write(result.error + "\n")
-  if bar:
-    bar.close()
-  if failed:
-    err.write(f"{failed} of {len(files)} files could not be scored.\n")
-  return 1 if failed else 0
+                preprocessing, programs=programs)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
 import numpy as np
 
-from mobileiqa_jax.commands import program_cache
 
 Variables = dict[str, Any]
 
@@ -372,9 +371,14 @@ def _torch_shapes(template: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _read_config(state_dict: Mapping[str, Any], model: str | None,
-                 source: str) -> tuple[Any, Variables | None]:
-  """(`model_config_for_state_dict`, the model's variables template or None)."""
+def _read_config(state_dict: Mapping[str, Any], model: str | None, source: str,
+                 variables_template_of: Callable[..., Any] | None = None
+                 ) -> tuple[Any, Variables | None]:
+  """(`model_config_for_state_dict`, the model's variables template or None).
+
+  `variables_template_of(architecture, build)` gives the preset's variables' shapes (a cache
+  may keep them); default `build()`.
+  """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   found = detect_model(state_dict, source)
   if model is not None and model != found:
@@ -404,9 +408,9 @@ def _read_config(state_dict: Mapping[str, Any], model: str | None,
   # conversion needs anyway: one trace of the model at start-up instead of two (seconds on a
   # loaded CPU; launch/predict.py's start-up, issue 21).
   config = mobileiqa.model_config(found, **head)
-  # A scoring process takes the shapes from the program cache (no trace at all), when on.
-  template = program_cache.template(
-      config.to_dict(), lambda: variables_template(mobileiqa.build_model(config)))
+  build = lambda: variables_template(mobileiqa.build_model(config))
+  template = (build() if variables_template_of is None
+              else variables_template_of(config.to_dict(), build))
   want = {k[len(prefix):]: v for k, v in _torch_shapes(template).items() if k.startswith(prefix)}
   if want == have:
     return config, template
@@ -420,15 +424,17 @@ def _read_config(state_dict: Mapping[str, Any], model: str | None,
 def mobileiqa_from_state_dict(state_dict: Mapping[str, Any], model: str | None = None,
                               source: str = "checkpoint", runtime: Any = None,
                               copy: bool = True,
+                              template_of: Callable[..., Any] | None = None,
                               **overrides: Any) -> tuple[Any, Variables, dict[str, Any]]:
   """A MobileIQA state dict -> (module, variables, model config dict), strictly, in memory.
 
   `overrides` replace fields of the config read from the keys (`model_config_for_state_dict`);
   `runtime` (a `runtime.Runtime`, default `runtime.DEFAULT`) is how the module runs; `copy`
-  as in `torch_to_flax`.
+  as in `torch_to_flax`; `template_of(architecture, build)` gives the variables' shapes
+  (default `build()`; a cache may keep them).
   """
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  config, template = _read_config(state_dict, model, source)
+  config, template = _read_config(state_dict, model, source, template_of)
   if overrides:
     config = mobileiqa.MobileIQAConfig.from_dict(dict(config.to_dict(), **overrides))
     template = None

@@ -15,7 +15,7 @@ teacher all come through here, so each accepts the same paths.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.weights import checkpoint
@@ -31,8 +31,9 @@ def is_state_dict_file(path: str) -> bool:
 
 
 def load_model(path: str | os.PathLike, *, which: str = "best", step: int | None = None,
-               model: str | None = None, runtime: Any = None,
-               copy: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+               model: str | None = None, runtime: Any = None, copy: bool = True,
+               variables_template: Callable[[Mapping[str, Any], Callable[[], Any]], Any]
+               | None = None) -> tuple[Any, Any, dict[str, Any]]:
   """(module, host variables, meta) of any checkpoint, workdir or state dict.
 
   Args:
@@ -43,6 +44,8 @@ def load_model(path: str | os.PathLike, *, which: str = "best", step: int | None
     runtime: how the module runs (`runtime.Runtime`); None: `runtime.DEFAULT` (float32).
     copy: for a state dict, whether its arrays are copied (False when it was read for this
       call alone).
+    variables_template: for a state dict, `f(architecture, build)` -> the model's variables'
+      shapes, which `build()` computes (a cache may keep them); default `build()`.
 
   Returns:
     The Flax module, its variables ({'params', 'batch_stats'} as host numpy arrays) and a meta
@@ -60,7 +63,8 @@ def load_model(path: str | os.PathLike, *, which: str = "best", step: int | None
                             "workdir or a .pkl/.pth state dict).")
   if is_state_dict_file(path):
     module, variables, config = convert.mobileiqa_from_state_dict(
-        convert.load_state_dict(path), model, source=path, runtime=runtime, copy=copy)
+        convert.load_state_dict(path), model, source=path, runtime=runtime, copy=copy,
+        template_of=variables_template)
     meta = {"path": os.path.abspath(path), "model_config": config,
             "extra": {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}}
     return module, variables, meta

@@ -1,4 +1,4 @@
-r"""TFLite export figures: file size, interpreter latency and peak memory per configuration.
+r"""Export figures: file size, runtime latency and peak memory per configuration.
 
   python benchmarks/export.py [--sizes=512x512,1231x1907] [--quantize=none,float16,dynamic_int8]
       [--kernels=xnnpack,builtin] [--formats=tflite,onnx] [--repeats=3] [--threads=2]
@@ -6,32 +6,29 @@ r"""TFLite export figures: file size, interpreter latency and peak memory per co
 
 The full-size student (MobileNet-IQA: mobilenetv3_large_100 + the paper's head, S=22, C=256)
 with random weights (drawn, not initialised, so nothing compiles before the timed parts).
-Every step runs in its own subprocess, so each peak RSS (the child's VmHWM: the whole
-process, weights included) belongs to that step alone:
+Every step runs in its own subprocess, so each peak RSS (the child's own peak,
+`process.peak_rss_bytes`: the whole process, weights included) belongs to that step alone:
 
 - JAX: the jitted scorer, batch 1, the project's default depthwise implementation for this
   backend; latency after a warm-up call (which includes compilation).
-- export: `mobileiqa_jax.export.tflite.export` per quantisation (conversion time and file size).
-- interpreter: `ai_edge_litert` alone (no TensorFlow, no JAX imported, as in an app) loads the
-  file, allocates, invokes once to warm up, then `--repeats` timed invokes; `xnnpack` is
-  LiteRT's default XNNPACK delegate, `builtin` its reference CPU kernels.
+- export: `mobileiqa_jax.export.exporter.export` per quantisation (conversion time and file
+  size).
+- runtime: `runtime_scorer.ExportedScorer` alone (no TensorFlow, no JAX imported, as in an
+  app) loads the file, allocates, runs once to warm up, then `--repeats` timed runs. For a
+  .tflite file, `xnnpack` is LiteRT's default XNNPACK delegate, `builtin` its reference CPU
+  kernels.
 - `--formats=onnx` adds the ONNX export (float32 only; `--format=onnx`, jax2onnx) and its
   ONNX Runtime rows (kernels `ort-cpu`: the CPU execution provider, `--threads` intra-op
-  threads, onnxruntime and numpy alone in the process), batch 1, the same input.
-
-ONNX rows, measured 2026-12-03 on the same 2-core VM (load average in the table's notes in
-docs/performance.md), full student, jax2onnx 0.17.1, onnxruntime 1.32.0: see
-docs/performance.md ("The ONNX export").
+  threads), batch 1, the same input. docs/performance.md ("The ONNX export") has its figures.
 
 A watchdog polls each child's resident memory and kills it above `--max_rss_gb` (the row then
 says so: that is a figure too); on a shared machine nothing else is protected. Latencies are
-medians and carry the machine's load (printed). 'abs diff' is the interpreter's score against
+medians and carry the machine's load (printed). 'abs diff' is the runtime's score against
 JAX's on the same random input.
 
-Measured 2026-12-01 on this project's 2-core x86_64 VM, shared with four other engineers' jobs
-(load average 8-13 throughout, so every latency carries that load and varies by 2x between
-rows measured minutes apart), full student (81.5M parameters), jax 0.10.2, TF-cpu 2.21,
-ai-edge-litert 2.3. After (this export: the LDAs as TF ops with TFLite's exact GELU, row bands):
+The TFLite figures of the full student (81.5M parameters; jax 0.10.2, TF-cpu 2.21,
+ai-edge-litert 2.3) on a 2-core x86_64 VM shared with other jobs (load average 8-13, so every
+latency carries that load and varies by 2x between rows):
 
 | input HxW | quantisation | kernels | .tflite MiB | LiteRT ms (2 threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |
 |---|---|---|---|---|---|---|---|---|---|
@@ -50,28 +47,11 @@ ai-edge-litert 2.3. After (this export: the LDAs as TF ops with TFLite's exact G
 
 Back to back at 1231x1907 (XNNPACK, same input, load 9-12): JAX 5830 ms, float32 3979 ms
 (1.11 GB), float16 4779 ms (0.97 GB), dynamic_int8 4475 ms (0.66 GB), JAX again 7874 ms.
-
-Before (the previous export: the StableHLO-legalised erf polynomial in strips; this script run
-on that code; the 1231x1907 builtin float16 and dynamic_int8 rows were not run for time, and
-an earlier, quieter run of the old script had them at 23.6 s and 15.6 s):
-
-| input HxW | quantisation | kernels | .tflite MiB | LiteRT ms (2 threads) | LiteRT peak RSS GB | JAX ms | JAX peak RSS GB | abs diff vs JAX | convert s |
-|---|---|---|---|---|---|---|---|---|---|
-| 512x512 | none | xnnpack | 314.3 | 3433 | 2.13 | 5988 | 1.22 | 0.0e+00 | 205 |
-| 512x512 | none | builtin | 314.3 | 21100 | 0.47 | 5988 | 1.22 | 6.0e-08 | 205 |
-| 512x512 | float16 | xnnpack | 157.6 | 10596 | 2.32 | 5988 | 1.22 | 8.3e-07 | 249 |
-| 512x512 | float16 | builtin | 157.6 | 40012 | 0.61 | 5988 | 1.22 | 8.3e-07 | 249 |
-| 512x512 | dynamic_int8 | xnnpack | 82.1 | 7819 | 1.65 | 5988 | 1.22 | 1.9e-04 | 201 |
-| 512x512 | dynamic_int8 | builtin | 82.1 | 38680 | 0.21 | 5988 | 1.22 | 2.3e-04 | 201 |
-| 1231x1907 | none | xnnpack | 312.1 | killed above 8 GB RSS | > 8.0 | 12360 | 1.66 | | 186 |
-| 1231x1907 | none | builtin | 312.1 | 113772 | 1.01 | 12360 | 1.66 | 6.0e-08 | 186 |
-| 1231x1907 | float16 | xnnpack | 156.8 | killed above 8 GB RSS | > 8.0 | 12360 | 1.66 | | 353 |
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -89,12 +69,8 @@ def _random_variables(model, size_hw, seed=0):
 
 
 def _peak_rss_gb() -> float:
-  # VmHWM is this process image's own peak; ru_maxrss would also carry the parent's at fork.
-  try:
-    with open("/proc/self/status") as f:
-      return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20
-  except (OSError, StopIteration):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  from mobileiqa_jax.profiling import process  # pylint: disable=g-import-not-at-top
+  return process.peak_rss_bytes() / 2**30
 
 
 def _median_time(fn, repeats):
@@ -131,7 +107,7 @@ def _worker_jax(args) -> dict:
 
 
 def _worker_export(args) -> dict:
-  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import exporter  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in args.size.split("x"))
@@ -140,53 +116,27 @@ def _worker_export(args) -> dict:
   variables = _random_variables(model, (h, w))
   fmt = "onnx" if args.model_file.endswith(".onnx") else "tflite"
   t = time.perf_counter()
-  meta = tflite.export(model, variables, args.model_file, (h, w), args.quantize,
-                       mobileiqa.model_config("student", **small).to_dict(), fmt=fmt,
-                       measure=False)
+  # The files are this script's own scratch output (a rerun with --keep replaces them).
+  meta = exporter.export(model, variables, args.model_file, (h, w), args.quantize,
+                         mobileiqa.model_config("student", **small).to_dict(), fmt=fmt,
+                         measure=False, overwrite=True)
   return {"convert_s": time.perf_counter() - t, "mib": meta["file_bytes"] / 2**20,
           "requires_flex": meta.get("requires_flex", False), "peak_rss_gb": _peak_rss_gb()}
 
 
-def _worker_ort(args) -> dict:
+def _worker_runtime(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
-  opts = ort.SessionOptions()
-  opts.log_severity_level = 3
-  opts.intra_op_num_threads = args.threads
+  from mobileiqa_jax.export import runtime_scorer  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
-  session = ort.InferenceSession(args.model_file, opts, providers=["CPUExecutionProvider"])
+  scorer = runtime_scorer.ExportedScorer(args.model_file, args.threads,
+                                         xnnpack=args.kernels != "builtin")
   load_s = time.perf_counter() - t
   rss_loaded = _peak_rss_gb()
   x = np.load(args.input)
-  feed = {session.get_inputs()[0].name: x}
   t = time.perf_counter()
-  score = float(np.asarray(session.run(None, feed)[0]).reshape(-1)[0])
+  score = float(scorer(x)[0])
   first = time.perf_counter() - t
-  ms = 1e3 * _median_time(lambda: session.run(None, feed), args.repeats)
-  return {"ms": ms, "first_s": first, "load_s": load_s, "score": score,
-          "peak_rss_loaded_gb": rss_loaded, "peak_rss_gb": _peak_rss_gb()}
-
-
-def _worker_interpreter(args) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
-  kwargs = {}
-  if args.kernels == "builtin":
-    kwargs["experimental_op_resolver_type"] = (
-        litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-  t = time.perf_counter()
-  it = litert.Interpreter(model_path=args.model_file, num_threads=args.threads, **kwargs)
-  it.allocate_tensors()
-  load_s = time.perf_counter() - t
-  rss_loaded = _peak_rss_gb()
-  x = np.load(args.input)
-  inp, out = it.get_input_details()[0], it.get_output_details()[0]
-  it.set_tensor(inp["index"], x)
-  t = time.perf_counter()
-  it.invoke()
-  first = time.perf_counter() - t
-  score = float(np.asarray(it.get_tensor(out["index"])).reshape(-1)[0])
-  ms = 1e3 * _median_time(it.invoke, args.repeats)
+  ms = 1e3 * scorer.time_invoke(repeats=args.repeats, warmup=0)
   return {"ms": ms, "first_s": first, "load_s": load_s, "score": score,
           "peak_rss_loaded_gb": rss_loaded, "peak_rss_gb": _peak_rss_gb()}
 
@@ -240,14 +190,14 @@ def main() -> None:
   parser.add_argument("--kernels", default="xnnpack,builtin", help="xnnpack and/or builtin")
   parser.add_argument("--formats", default="tflite", help="tflite and/or onnx")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--threads", type=int, default=2, help="interpreter threads")
+  parser.add_argument("--threads", type=int, default=2, help="runtime threads")
   parser.add_argument("--max_rss_gb", type=float, default=8.0, help="watchdog limit per child")
   parser.add_argument("--timeout_s", type=float, default=900.0, help="watchdog time per child")
   parser.add_argument("--pooled_size", type=int, default=22, help="head's pooled side S")
   parser.add_argument("--width", type=int, default=256, help="head's width C")
   parser.add_argument("--no_jax", action="store_true", help="skip the JAX reference")
   parser.add_argument("--keep", default=None, help="folder to keep the .tflite files in")
-  parser.add_argument("--worker", choices=["jax", "export", "interpreter", "ort"],
+  parser.add_argument("--worker", choices=["jax", "export", "runtime"],
                       help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -258,11 +208,11 @@ def main() -> None:
     if args.worker == "export":
       args.quantize = args.quantize_one
     print(json.dumps({"jax": _worker_jax, "export": _worker_export,
-                      "interpreter": _worker_interpreter, "ort": _worker_ort}[args.worker](args)))
+                      "runtime": _worker_runtime}[args.worker](args)))
     return
 
   import numpy as np  # pylint: disable=g-import-not-at-top
-  print(f"# {os.cpu_count()} cores, load average {os.getloadavg()}, interpreter threads "
+  print(f"# {os.cpu_count()} cores, load average {os.getloadavg()}, runtime threads "
         f"{args.threads}, watchdog {args.max_rss_gb:g} GB", flush=True)
   common = [f"--repeats={args.repeats}", f"--threads={args.threads}",
             f"--pooled_size={args.pooled_size}", f"--width={args.width}"]
@@ -291,9 +241,8 @@ def main() -> None:
                           f"--model_file={path}", *common], args.max_rss_gb, args.timeout_s)
         print(f"{size} {fmt} {q} export: {json.dumps(exp)}", flush=True)
         for kernels in kernel_list:
-          worker = "ort" if fmt == "onnx" else "interpreter"
           r = ({"error": "export failed"} if "error" in exp else _run_child(
-              [f"--worker={worker}", f"--kernels={kernels}", f"--model_file={path}",
+              ["--worker=runtime", f"--kernels={kernels}", f"--model_file={path}",
                f"--input={inp}", *common], args.max_rss_gb, args.timeout_s))
           print(f"{size} {fmt} {q} {kernels}: {json.dumps(r)}", flush=True)
           rows.append((size, fmt, q, kernels, exp, r, jax_r))

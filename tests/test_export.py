@@ -30,6 +30,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.export import exporter
+from mobileiqa_jax.export import runtime_scorer
+from mobileiqa_jax.export import sidecar
 from mobileiqa_jax.export import tflite
 from mobileiqa_jax import metrics
 from mobileiqa_jax.data import preprocess
@@ -105,7 +108,7 @@ def smallest(tmp_path_factory):
 def float32_export(setup):
   out = str(setup["tmp"] / "student.tflite")
   # Exported in `runtime.FOR_EXPORT`'s form ('conv'), whatever form this host would score in.
-  meta = tflite.export_checkpoint(setup["ckpt"], out, quantize="none")
+  meta = exporter.export_checkpoint(setup["ckpt"], out, quantize="none")
   return out, meta
 
 
@@ -115,7 +118,7 @@ def test_float32_export_runs_under_xnnpack_and_matches_jax(setup, float32_export
   assert not meta["requires_flex"], meta["ops"]
   assert not any(op.startswith("Flex") for op in meta["ops"])
 
-  with open(tflite.sidecar_path(out)) as f:
+  with open(sidecar.sidecar_path(out)) as f:
     side = json.load(f)
   assert side["input"]["shape"] == [1, *SIZE, 3]
   assert side["input"]["layout"] == "NHWC"
@@ -130,7 +133,7 @@ def test_float32_export_runs_under_xnnpack_and_matches_jax(setup, float32_export
   assert 10 * 2**20 < runtime["expected_peak_rss_bytes"] < 4 * 2**30, runtime
   assert runtime["measured_invoke_ms"] > 0
 
-  scorer = tflite.TFLiteScorer(out, xnnpack=True)
+  scorer = runtime_scorer.ExportedScorer(out, xnnpack=True)
   assert scorer.image_size == SIZE
   tfl = scorer(setup["photos"])
   err = np.abs(tfl - setup["jax_scores"])
@@ -193,10 +196,10 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
 @pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
 def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize):
   out = str(smallest["tmp"] / f"student_{quantize}.tflite")
-  meta = tflite.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
+  meta = exporter.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
                        smallest["config"].to_dict(), {"mos_range": MOS_RANGE}, measure=False)
   assert meta["quantization"] == quantize and not meta["requires_flex"]
-  tfl = tflite.TFLiteScorer(out, xnnpack=True)(smallest["photos"])
+  tfl = runtime_scorer.ExportedScorer(out, xnnpack=True)(smallest["photos"])
   ref = smallest["jax_scores"]
   srocc = metrics.srocc(tfl, ref)
   print(f"\n{quantize} (XNNPACK): SROCC vs float {srocc:.4f}, max |diff| "
@@ -209,7 +212,8 @@ def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quan
                                   "big,64"])
 def test_bad_image_size_is_a_clear_error(setup, size):
   with pytest.raises(ValueError, match=r"--image_size must be HEIGHT,WIDTH"):
-    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "bad.tflite"), image_size=size)
+    exporter.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "bad.tflite"),
+                               image_size=size)
   assert not os.path.exists(setup["tmp"] / "bad.tflite")
 
 
@@ -217,7 +221,7 @@ def test_bad_settings_direct_api():
   with pytest.raises(ValueError, match="image_size"):
     tflite.to_tflite(None, None, (31, 64))
   with pytest.raises(ValueError, match="--quantize"):
-    tflite.check_quantize("int4")
+    exporter.check_quantize("int4")
 
 
 def test_launcher_reports_bad_image_size(tmp_path):
@@ -231,7 +235,8 @@ def test_launcher_reports_bad_image_size(tmp_path):
 def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   """The full student at 1231x1907 under XNNPACK: <= 1.5 GB peak RSS, JAX's score on a photo.
 
-  Peak RSS is the sidecar's `runtime`, measured by `tflite.probe` in a fresh LiteRT process.
+  Peak RSS is the sidecar's `runtime`, measured by `runtime_scorer.probe` in a fresh LiteRT
+  process.
   Needs ~5 GB for the conversion.
   """
   size = (1231, 1907)
@@ -253,13 +258,13 @@ def test_full_student_at_paper_resolution_fits_a_phone(tmp_path):
   jax_score = float(np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, photo[None]))[0])
   out = str(tmp_path / "student.tflite")
-  meta = tflite.export(model, variables, out, size, "none",
-                       mobileiqa.model_config("student").to_dict())
+  meta = exporter.export(model, variables, out, size, "none",
+                         mobileiqa.model_config("student").to_dict())
   rss = meta["runtime"]["expected_peak_rss_bytes"]
   print(f"\n1231x1907 XNNPACK: peak RSS {rss / 2**30:.2f} GB, "
         f"{meta['runtime']['measured_invoke_ms']:.0f} ms")
   assert rss <= 1.5 * 2**30, meta["runtime"]
-  tfl = tflite.TFLiteScorer(out, xnnpack=True)(photo)
+  tfl = runtime_scorer.ExportedScorer(out, xnnpack=True)(photo)
   assert abs(float(tfl[0]) - jax_score) < 1e-3, (tfl, jax_score)
 
 
@@ -273,7 +278,7 @@ def onnx_export(setup):
   pytest.importorskip("onnx")
   pytest.importorskip("jax2onnx")
   out = str(setup["tmp"] / "student.onnx")
-  meta = tflite.export_checkpoint(setup["ckpt"], out, fmt="onnx")
+  meta = exporter.export_checkpoint(setup["ckpt"], out, fmt="onnx")
   return out, meta
 
 
@@ -281,9 +286,9 @@ def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_expo
   from mobileiqa_jax.export import onnx  # pylint: disable=g-import-not-at-top
   out, meta = onnx_export
   assert os.path.getsize(out) == meta["file_bytes"]
-  with open(tflite.sidecar_path(out)) as f:
+  with open(sidecar.sidecar_path(out)) as f:
     side = json.load(f)
-  assert side["format"] == tflite.ONNX_SIDECAR_FORMAT and side["model_file"] == "student.onnx"
+  assert side["format"] == sidecar.ONNX_SIDECAR_FORMAT and side["model_file"] == "student.onnx"
   assert side["input"]["shape"] == ["batch", *SIZE, 3] and side["input"]["dynamic_batch"]
   assert side["output"]["shape"] == ["batch"]
   assert side["mos_mapping"]["range"] == MOS_RANGE and side["quantization"] == "none"
@@ -294,7 +299,7 @@ def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_expo
   assert 10 * 2**20 < runtime["expected_peak_rss_bytes"] < 4 * 2**30, runtime
   assert runtime["measured_invoke_ms"] > 0
 
-  scorer = onnx.OnnxScorer(out)
+  scorer = runtime_scorer.ExportedScorer(out)
   assert scorer.image_size == SIZE and scorer.input_shape[0] == "batch"
   photos, want = setup["photos"], setup["jax_scores"]
   got = scorer(photos)  # all 8 photos in one run
@@ -302,7 +307,7 @@ def test_onnx_export_matches_jax_on_photos_with_a_dynamic_batch(setup, onnx_expo
   print("\nONNX Runtime (CPU): max |onnx - jax| =", err.max(), "scores", np.round(got, 4))
   assert err.max() < 1e-5, (got, want)
   # Batches of 1 and 3 give the same scores as the batch of 8.
-  np.testing.assert_allclose(onnx.OnnxScorer(out, batch_size=3)(photos), got,
+  np.testing.assert_allclose(runtime_scorer.ExportedScorer(out, batch_size=3)(photos), got,
                              rtol=0, atol=1e-6)
   np.testing.assert_allclose(scorer(photos[:1]), got[:1], rtol=0, atol=1e-6)
 
@@ -319,7 +324,7 @@ def test_onnx_lda_hidden_activation_is_never_whole(setup, onnx_export, tmp_path)
   h1, w1 = -(-SIZE[0] // 2), -(-SIZE[1] // 2)
   hidden = 2 * SMALL["width"]
   session = onnx.make_session(out, enable_profiling=True,
-                                     profile_prefix=str(tmp_path / "ort"))
+                              profile_prefix=str(tmp_path / "ort"))
   session.run(None, {"image": setup["photos"][:2]})
   with open(session.end_profiling()) as f:
     events = json.load(f)
@@ -341,12 +346,12 @@ def test_onnx_lda_hidden_activation_is_never_whole(setup, onnx_export, tmp_path)
 
 def test_onnx_settings_are_clear_errors(setup):
   with pytest.raises(ValueError, match=r"--quantize=float16 applies to --format=tflite"):
-    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "q.onnx"), quantize="float16",
-                             fmt="onnx")
+    exporter.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "q.onnx"),
+                               quantize="float16", fmt="onnx")
   with pytest.raises(ValueError, match=r"--output must name a \.onnx file"):
-    tflite.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
+    exporter.export_checkpoint(setup["ckpt"], str(setup["tmp"] / "m.tflite"), fmt="onnx")
   with pytest.raises(ValueError, match=r"--format must be one of tflite, onnx"):
-    tflite.check_format("coreml", "m.mlmodel")
+    exporter.check_format("coreml", "m.mlmodel")
 
 
 def test_launcher_reports_onnx_settings_in_one_line(tmp_path):
@@ -355,3 +360,54 @@ def test_launcher_reports_onnx_settings_in_one_line(tmp_path):
                                            "--quantize=dynamic_int8"])
   assert proc.returncode == 1, proc.stderr
   assert proc.stderr.count("\n") == 1 and "applies to --format=tflite only" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- sidecars
+
+
+def test_each_export_keeps_its_own_sidecar(float32_export, onnx_export):
+  """student.tflite and student.onnx in one folder: two sidecars, neither replacing the other."""
+  for (out, _), fmt in ((float32_export, "tflite"), (onnx_export, "onnx")):
+    path = sidecar.sidecar_path(out)
+    assert path == out + ".json"
+    with open(path) as f:
+      side = json.load(f)
+    assert side["format"] == sidecar.SIDECAR_FORMATS[fmt], (path, side["format"])
+    assert side["model_file"] == os.path.basename(out)
+    assert runtime_scorer.ExportedScorer(out).format == fmt
+  assert not os.path.exists(os.path.join(os.path.dirname(float32_export[0]), "student.json"))
+
+
+def _contents(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def test_export_refuses_to_replace_a_model_without_overwrite(setup, float32_export):
+  out, _ = float32_export
+  before = _contents(out), _contents(sidecar.sidecar_path(out))
+  proc = run_launcher("launch/export.py", [f"--checkpoint={setup['ckpt']}", f"--output={out}"])
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.count("\n") == 1, proc.stderr
+  assert out in proc.stderr and "pass --overwrite" in proc.stderr, proc.stderr
+  assert (_contents(out), _contents(sidecar.sidecar_path(out))) == before
+
+
+def test_export_refuses_to_replace_a_sidecar_without_overwrite(setup, tmp_path):
+  out = str(tmp_path / "m.tflite")
+  side = sidecar.sidecar_path(out)
+  with open(side, "w") as f:
+    f.write("{}\n")
+  with pytest.raises(FileExistsError, match=r"m\.tflite\.json .*pass --overwrite"):
+    exporter.export_checkpoint(setup["ckpt"], out)
+  assert not os.path.exists(out) and _contents(side) == b"{}\n"
+  exporter.check_overwrite(out, overwrite=True)  # asked to: nothing refused
+
+
+def test_model_format_from_sidecar_or_extension(tmp_path):
+  assert sidecar.model_format("a/m.tflite") == "tflite"
+  assert sidecar.model_format("a/m.onnx") == "onnx"
+  assert sidecar.model_format("m.bin", {"format": sidecar.ONNX_SIDECAR_FORMAT}) == "onnx"
+  with pytest.raises(ValueError, match=r"m\.bin is not a \.tflite or \.onnx file"):
+    sidecar.model_format(str(tmp_path / "m.bin"))
+

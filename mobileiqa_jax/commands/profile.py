@@ -4,10 +4,11 @@ r"""Prints the model card of a MobileIQA checkpoint: parameters, MACs, FLOPs, la
       [--exports=tflite,onnx]
 
 MODEL: anything `mobileiqa_jax.load` takes (a checkpoint folder, a training workdir, the
-authors' .pkl or a .pth state dict). A table, then one JSON line (the last stdout line). MACs
-are counted as fvcore/ptflops count them (mobileiqa_jax/profiling/macs.py says what); latency and peak
-memory come from a fresh child process on this machine. --nomeasure skips the compile and
-timing (counts only; seconds even at 1231x1907, where the teacher compiles for minutes).
+authors' .pkl or a .pth state dict). A table, then one JSON line (the last stdout line).
+MACs are counted as fvcore/ptflops count them (mobileiqa_jax/profiling/macs.py says what);
+latency and peak memory come from a fresh child process on this machine. --nomeasure skips
+the compile and timing (counts only; seconds even at 1231x1907, where the teacher compiles
+for minutes).
 --exports also exports the model to each format and prints its latency, peak memory and file
 size on this machine (opt-in: conversion takes minutes at full size).
 """
@@ -19,6 +20,7 @@ from absl import flags
 
 from mobileiqa_jax.commands import errors
 from mobileiqa_jax.profiling import model_card
+from mobileiqa_jax.profiling import process
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint folder, training workdir, or a .pkl/.pth "
                     "state dict (the authors' weights).", required=True)
@@ -42,5 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
-  errors.run(main, user_errors=(model_card.MeasurementError, tflite.ExportError))
+  from mobileiqa_jax.export import exporter  # pylint: disable=g-import-not-at-top
+  errors.run(main, user_errors=(process.MeasurementError, exporter.ExportError))

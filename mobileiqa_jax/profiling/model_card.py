@@ -21,10 +21,17 @@
   average beside them says how busy the machine was.
 
 - exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/profile.py): per
-  format, the checkpoint exported at the card's size (`tflite.export_checkpoint`, float32,
-  in a child process) into a temporary folder and run once in a fresh process, as an app would (LiteRT with
-  XNNPACK; ONNX Runtime's CPU provider; 2 threads): latency, that process's peak RSS and the
-  file size, from the sidecar's `runtime`. Conversion takes minutes at full size.
+  format, the checkpoint exported at the card's size (`exporter.export_checkpoint`, float32,
+  in a child process) into a temporary folder and run once in a fresh process, as an app
+  would (`runtime_scorer.probe`: LiteRT with XNNPACK; ONNX Runtime's CPU provider; 2
+  threads): latency, that process's peak RSS and the file size, from the sidecar's
+  `runtime`. Conversion takes minutes at full size.
+
+Every measurement runs in a fresh process (`process.call_in_child`): there, the peak memory
+(`process.peak_rss_bytes`) is the model's alone, a conversion's memory stays out of the
+caller, and the caller's sys.path stays away from the converters' imports (run as
+`launch/profile.py`, launch/ is on it, and its `profile.py` shadows the standard library's
+`profile`, which TensorFlow's import pulls in).
 
 `AIM2024_UHD_IQA_BUDGET_GMACS` is the AIM 2024 UHD-IQA challenge's cap per image.
 """
@@ -32,27 +39,18 @@
 from __future__ import annotations
 
 import dataclasses
-
 import datetime
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Mapping, Sequence
+
+from mobileiqa_jax.profiling import process
 
 # The AIM 2024 UHD-IQA challenge capped entries at 50 GMACs per image; MobileIQA scores its
 # photos at 1231x1907, the size the card is checked at in the README.
 AIM2024_UHD_IQA_BUDGET_GMACS = 50.0
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class MeasurementError(RuntimeError):
-  """The child process that compiles and times the forward pass failed (e.g. out of memory)."""
 
 
 def param_counts(variables: Mapping[str, Any], backbone_name: str) -> dict[str, int]:
@@ -72,8 +70,8 @@ def count_model_macs(model_config: Mapping[str, Any], image_size: Sequence[int],
                      batch: int = 1) -> Any:
   """`macs.MacCount` of one inference forward pass of the model `model_config` describes.
 
-  Traced in the reference form (see `mobileiqa_jax/profiling/macs.py`): grouped-conv depthwise layers
-  and unbanded LDAs, in float32. Nothing is computed; no weights are needed.
+  Traced in the reference form (see `mobileiqa_jax/profiling/macs.py`): grouped-conv
+  depthwise layers and unbanded LDAs, in float32. Nothing is computed; no weights are needed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -119,37 +117,20 @@ def measure_forward(checkpoint: str, image_size: Sequence[int], repeats: int = 3
       "gflops": float(cost.get("flops", float("nan"))) / 1e9,
       "jax_compile_s": compile_s,
       "jax_latency_s": statistics.median(times[1:]),
-      "jax_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+      "jax_peak_rss_gb": process.peak_rss_bytes() / 1e9,
   }
-
-
-def _call_in_child(function: str, args: Sequence[Any], what: str) -> dict[str, Any]:
-  """`model_card.<function>(*args)` in a fresh Python process; its JSON result.
-
-  A fresh process keeps the measured peak memory the model's alone, keeps a conversion's
-  memory out of this one, and keeps the caller's sys.path away from the converters' imports
-  (run as `launch/profile.py`, launch/ is on it, and its `profile.py` shadows the standard
-  library's `profile`, which TensorFlow's import pulls in).
-  """
-  code = ("import json, sys; from mobileiqa_jax import model_card; "
-          f"print(json.dumps(model_card.{function}(*json.loads(sys.argv[1]))))")
-  env = dict(os.environ)
-  # The child imports this very package, whatever is installed.
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  out = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))],
-                       capture_output=True, text=True, env=env)
-  if out.returncode:
-    tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    raise MeasurementError(f"{what} failed (status {out.returncode}): {tail[0]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_in_child(checkpoint: str, image_size: Sequence[int], repeats: int = 3
                      ) -> dict[str, Any]:
-  """`measure_forward` in a fresh Python process, so its peak memory is the model's alone."""
-  return _call_in_child("measure_forward", [checkpoint, list(image_size), repeats],
-                        "the timing process")
+  """`measure_forward` in a fresh Python process, so its peak memory is the model's alone.
+
+  Raises:
+    process.MeasurementError: the child failed (e.g. out of memory).
+  """
+  return process.call_in_child("mobileiqa_jax.profiling.model_card:measure_forward",
+                               [checkpoint, list(image_size), repeats],
+                               what="the timing process")
 
 
 EXPORT_NAMES = {"tflite": "TFLite (LiteRT XNNPACK)", "onnx": "ONNX (ONNX Runtime CPU)"}
@@ -171,13 +152,13 @@ def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict
   """
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from mobileiqa_jax.export import tflite  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import exporter  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
-    meta = tflite.export_checkpoint(checkpoint, os.path.join(tmp, f"model.{fmt}"),
-                                    list(image_size), fmt=fmt)
+    meta = exporter.export_checkpoint(checkpoint, os.path.join(tmp, f"model.{fmt}"),
+                                      list(image_size), fmt=fmt)
   runtime = meta["runtime"] or {}
   if not runtime:
-    raise MeasurementError(f"the {fmt} export could not be run (requires_flex)")
+    raise process.MeasurementError(f"the {fmt} export could not be run (requires_flex)")
   return {
       "latency_s": runtime["measured_invoke_ms"] / 1e3,
       "peak_rss_gb": runtime["expected_peak_rss_bytes"] / 1e9,
@@ -189,9 +170,9 @@ def measure_export(checkpoint: str, image_size: Sequence[int], fmt: str) -> dict
 
 def measure_export_in_child(checkpoint: str, image_size: Sequence[int], fmt: str
                             ) -> dict[str, Any]:
-  """`measure_export` in a fresh Python process (see `_call_in_child`)."""
-  return _call_in_child("measure_export", [checkpoint, list(image_size), fmt],
-                        f"the {fmt} export")
+  """`measure_export` in a fresh Python process (see the module docstring)."""
+  return process.call_in_child("mobileiqa_jax.profiling.model_card:measure_export",
+                               [checkpoint, list(image_size), fmt], what=f"the {fmt} export")
 
 
 def machine() -> str:

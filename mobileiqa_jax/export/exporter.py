@@ -144,11 +144,10 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   del data
   sidecar.write_sidecar(output, meta)
   if measure and not meta.get("requires_flex", False):
-    runtime = "ONNX Runtime" if fmt == "onnx" else "LiteRT"
     try:
       measured = runtime_scorer.probe(output, num_threads)
-    except (RuntimeError, OSError, ValueError) as e:
-      raise ExportError(f"{output} was written, but {runtime} could not run it: {e}") from e
+    except (RuntimeError, OSError, ValueError) as e:  # the probe's message names the runtime
+      raise ExportError(f"{output} was written; {e}") from e
     meta["runtime"] = sidecar.runtime_entry(measured)
     sidecar.write_sidecar(output, meta)
   return meta

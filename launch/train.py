@@ -7,7 +7,7 @@ r"""Trains the teacher or distils the student: a thin wrapper of `trainer.train_
 
 --workdir defaults to runs/<config.name> (e.g. runs/teacher_demo); an existing workdir with
 checkpoints resumes, and refuses (before writing anything) a config that differs from its
-config.json except in the fields of `checkpoint.SAFE_TO_CHANGE_ON_RESUME` (num_epochs,
+config.json except in the fields of `training/checkpointer.SAFE_TO_CHANGE_ON_RESUME` (num_epochs,
 max_steps, eval_every_epochs, log_every_steps, progress_bar, checkpoint.*, mesh, ...).
 Any config field can be overridden (--config.optimizer.lr=3e-5); an unknown field is an error. Multi-host (TPU pods, clusters): add --distributed (or set
 MOBILEIQA_DISTRIBUTED=1) and run the same command on every host; see launch/pod_distill.sh.

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from mobileiqa_jax.training import checkpointer
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.models import runtime
 
@@ -32,7 +33,7 @@ def test_save_model_roundtrip(tmp_path):
 
 def test_train_checkpointer_keeps_last_and_best(tmp_path):
   tx = optax.adam(1e-3)
-  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
+  ck = checkpointer.TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
   selections = {2: 1.0, 4: 2.5, 6: 0.5}  # steps with epoch-end metrics; 4 is best
   for step in range(1, 9):
     v = _variables(float(step))
@@ -121,13 +122,13 @@ def test_resume_check_allows_safe_fields_and_lists_the_others(tmp_path):
   _write_workdir(str(tmp_path / "run"), stored)
   safe = {**stored, "num_epochs": 20, "max_steps": 5, "mesh": [["data", 1], ["fsdp", -1]],
           "checkpoint": {"keep": 5}, "data": {"image_size": (32, 32), "num_workers": 1}}
-  checkpoint.check_resume_config(str(tmp_path / "run"), safe)  # no error
+  checkpointer.check_resume_config(str(tmp_path / "run"), safe)  # no error
   bad = {**safe, "model": {"width": 64, "pooled_size": 6}, "optimizer": {"lr": 1e-3, "wd": 1}}
-  with pytest.raises(checkpoint.ResumeConfigError) as err:
-    checkpoint.check_resume_config(str(tmp_path / "run"), bad)
+  with pytest.raises(checkpointer.ResumeConfigError) as err:
+    checkpointer.check_resume_config(str(tmp_path / "run"), bad)
   msg = str(err.value)
   assert "model.width: 32 -> 64" in msg and "optimizer.wd: (absent) -> 1" in msg
   assert "num_epochs" not in msg.split("refusing to resume with")[1].split(". Use")[0]
   # No checkpoints yet: a new run, anything goes.
   os.makedirs(tmp_path / "fresh")
-  checkpoint.check_resume_config(str(tmp_path / "fresh"), bad)
+  checkpointer.check_resume_config(str(tmp_path / "fresh"), bad)

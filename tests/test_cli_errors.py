@@ -21,6 +21,7 @@ import pytest
 
 import data_fixtures
 
+from mobileiqa_jax.training import checkpointer
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.models import mobileiqa
 from support import REPO, run_launcher, run_python as _launch
@@ -183,7 +184,7 @@ def test_safe_override_resumes_and_a_changed_model_is_refused(tmp_path):
   assert json.loads(stored)["num_epochs"] == 2
   wide = tiny_config("student", num_epochs=3)
   wide.model.width = 32
-  with pytest.raises(checkpoint.ResumeConfigError, match=r"model\.width: 16 -> 32"):
+  with pytest.raises(checkpointer.ResumeConfigError, match=r"model\.width: 16 -> 32"):
     trainer.train_and_evaluate(wide, workdir, data=tiny_data(wide))
   with open(os.path.join(workdir, "config.json"), "rb") as f:
     assert f.read() == stored

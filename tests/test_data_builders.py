@@ -285,7 +285,7 @@ def test_reference_split_source_follows_the_released_code(name, rows_from, tmp_p
   with pytest.raises(ValueError, match="'train' and 'test'"):
     pipeline.reference_split_source(name, "validation", data_dir=tmp_path / "tfds")
   if name == "uhd_iqa":  # the release config reaches it, and guards the row count
-    from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.training import train_data  # pylint: disable=g-import-not-at-top
     c = support.teacher_config.get_config("uhd_iqa_release")
     c.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(ValueError, match="reference_count.*4269.*has 6"):

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 
+from mobileiqa_jax.training import checkpointer
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.weights import integrity
 from mobileiqa_jax.commands import errors as errors_lib
@@ -141,7 +142,7 @@ def test_a_second_trainer_exits_before_writing_anything(tmp_path):
 
 def _save_steps(workdir, steps, size=1000, async_save=False):
   tx = optax.adam(1e-3)
-  ck = checkpoint.TrainCheckpointer(str(workdir), keep=5, async_save=async_save)
+  ck = checkpointer.TrainCheckpointer(str(workdir), keep=5, async_save=async_save)
   saved = {}
   for step in steps:
     w = np.random.default_rng(step).random(size).astype(np.float32)
@@ -179,7 +180,7 @@ def test_resume_falls_back_from_a_truncated_latest_step(tmp_path, caplog, sealed
   if not sealed:  # a step killed between orbax's commit and the seal: found by the restore
     os.remove(os.path.join(latest, integrity.MANIFEST))
   _truncate(_largest_file(latest))
-  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
+  ck = checkpointer.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
   with caplog.at_level(std_logging.WARNING):
     step, variables, _, train = ck.restore_latest_good(*_targets())
   ck.close()
@@ -195,7 +196,7 @@ def test_resume_falls_back_from_a_truncated_latest_step(tmp_path, caplog, sealed
 
 def test_an_intact_step_that_does_not_fit_the_target_is_an_error_not_damage(tmp_path):
   _save_steps(tmp_path, [10, 20])
-  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
+  ck = checkpointer.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
   variables, opt = _targets()
   wrong = {"params": {"w": jax.ShapeDtypeStruct((7,), np.float32,
                                                  sharding=variables["params"]["w"].sharding)},
@@ -268,12 +269,12 @@ def _state(size, seed=0):
 
 
 def test_a_save_that_cannot_fit_is_refused_and_earlier_steps_stay(tmp_path, monkeypatch):
-  ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
+  ck = checkpointer.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
   v, opt = _state(1000)
   ck.save(1, v, opt, {"model_config": {}}, {"step": 1})
   monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                       lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
-  with pytest.raises(checkpoint.CheckpointDiskFullError) as err:
+  with pytest.raises(checkpointer.CheckpointDiskFullError) as err:
     ck.save(2, v, opt, {"model_config": {}}, {"step": 2})
   message = errors_lib._message(err.value)
   assert message.startswith(str(tmp_path)) and "100 are free" in message
@@ -301,13 +302,13 @@ def small_tmpfs(tmp_path):
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_full_disk_during_a_save_is_one_error(small_tmpfs, monkeypatch, async_save):
   """The disk fills inside orbax's write (the free-space check is fooled)."""
-  ck = checkpoint.TrainCheckpointer(small_tmpfs, keep=5, async_save=async_save)
+  ck = checkpointer.TrainCheckpointer(small_tmpfs, keep=5, async_save=async_save)
   v, opt = _state(300_000)  # 1.2 MB: the second does not fit in 2 MB
   ck.save(1, v, opt, {"model_config": {}}, {"step": 1})
   ck.wait()
   monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                       lambda _: shutil._ntuple_diskusage(10**12, 0, 10**12))
-  with pytest.raises(checkpoint.CheckpointDiskFullError, match="out of disk space saving "
+  with pytest.raises(checkpointer.CheckpointDiskFullError, match="out of disk space saving "
                      "checkpoint step 2"):
     ck.save(2, v, opt, {"model_config": {}}, {"step": 2})
     ck.wait()
@@ -393,7 +394,7 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[2])
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.training import trainer
-from mobileiqa_jax.data import train_data
+from mobileiqa_jax.training import train_data
 from support import tiny_config, tiny_data
 
 class KillAfterTwoCheckpoints(train_data.Data):

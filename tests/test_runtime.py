@@ -18,7 +18,7 @@ import pytest
 from mobileiqa_jax.training import trainer
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 from support import REPO, SMALLEST, tiny_config
 
 _TINY = dict(backbone="mobilevitv2_050", width=16, pooled_size=6, num_mals=1, regressor_pool=2)
@@ -57,6 +57,22 @@ def test_models_never_read_the_host():
     for node in ast.walk(tree):
       if isinstance(node, ast.Attribute) and node.attr in banned:
         offenders.append(f"{name}:{node.lineno} .{node.attr}")
+  assert not offenders, offenders
+
+
+def test_models_take_no_context_variables():
+  # How a model runs is its Runtime or an explicit argument (e.g. BatchNorm's example_mask),
+  # never state set around a call: nothing under mobileiqa_jax/models/ imports contextvars.
+  models_dir = os.path.join(REPO, "mobileiqa_jax", "models")
+  offenders = []
+  for name in sorted(os.listdir(models_dir)):
+    if not name.endswith(".py"):
+      continue
+    tree = ast.parse(open(os.path.join(models_dir, name), encoding="utf-8").read())
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      offenders += [f"{name}:{node.lineno}" for n in names if n.split(".")[0] == "contextvars"]
   assert not offenders, offenders
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 from support import free_port, python_env, run_peers, run_python
 
 
@@ -70,7 +70,7 @@ c.optimizer.eps = 1.0  # Adam's first step linear in the gradient (see below)
 # noise into +-lr).
 _STEP_SCRIPT = """
 import jax, numpy as np
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 from mobileiqa_jax.training import trainer
 assert jax.device_count() == 8, jax.devices()
 """ + _CONFIG + """

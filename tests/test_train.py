@@ -14,7 +14,7 @@ import pytest
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.training import metric_writer
 from mobileiqa_jax.training import trainer
-from mobileiqa_jax.data import train_data
+from mobileiqa_jax.training import train_data
 from support import SMALLEST, tiny_config, tiny_data
 
 # Runs of the same model and optimizer share their compiled steps, compiled with XLA's

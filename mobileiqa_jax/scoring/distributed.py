@@ -276,7 +276,7 @@ class _Coordination:
 def initialize() -> None:
   """`jax.distributed` as training sets it up, with tasks that may stop without aborting all."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import sharding  # pylint: disable=g-import-not-at-top
   if not jax.distributed.is_initialized():
     jax.config.update("jax_enable_recoverability", True)
   sharding.maybe_initialize_distributed(True)

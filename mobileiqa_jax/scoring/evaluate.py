@@ -25,8 +25,8 @@ import jax
 import ml_collections
 
 from mobileiqa_jax import metrics as metrics_lib
-from mobileiqa_jax import sharding
-from mobileiqa_jax.data import train_data
+from mobileiqa_jax.training import sharding
+from mobileiqa_jax.training import train_data
 from mobileiqa_jax.models import runtime as runtime_lib
 from mobileiqa_jax.training import evaluation
 from mobileiqa_jax.weights import loader

@@ -536,7 +536,7 @@ def _oom_summary(msg: str) -> str:
 def _levers(config: ml_collections.ConfigDict, report: StepReport, hbm: float,
             state_args: PyTree, devices: Sequence[jax.Device], chips: int) -> list[str]:
   """What each memory lever would save, where that can be computed without compiling."""
-  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import sharding  # pylint: disable=g-import-not-at-top
   out = []
   b = report.per_chip_batch
   temp = report.temp_bytes
@@ -596,7 +596,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
   Returns:
     The report. Raises `AotUsageError` for a setting the user must change.
   """
-  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   chip = chip_of(topology)

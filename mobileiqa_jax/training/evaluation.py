@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from mobileiqa_jax import metrics as metrics_lib
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 
 PyTree = Any
 

@@ -40,19 +40,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from mobileiqa_jax.weights import checkpoint as ckpt_lib
-from mobileiqa_jax.weights import convert
+from mobileiqa_jax.models import mobileiqa
+from mobileiqa_jax.models import runtime as runtime_lib
+from mobileiqa_jax.training import checkpointer
 from mobileiqa_jax.training import evaluation
 from mobileiqa_jax.training import metric_writer
 from mobileiqa_jax.training import objectives
 from mobileiqa_jax.training import optim
 from mobileiqa_jax.training import preemption
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
+from mobileiqa_jax.training import train_data
 from mobileiqa_jax.training import workdir_lock
-from mobileiqa_jax.data import train_data
-from mobileiqa_jax.models import layers
-from mobileiqa_jax.models import mobileiqa
-from mobileiqa_jax.models import runtime as runtime_lib
+from mobileiqa_jax.weights import checkpoint as ckpt_lib
+from mobileiqa_jax.weights import convert
 
 PyTree = Any
 
@@ -72,7 +72,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     workdir_lock.WorkdirLockedError: another live run holds `workdir` (nothing was written).
     metric_writer.NonFiniteLossError: the loss became NaN/inf (names the step and the lever).
-    checkpoint.CheckpointDiskFullError: a checkpoint did not fit (earlier ones are intact).
+    checkpointer.CheckpointDiskFullError: a checkpoint did not fit (earlier ones are intact).
   """
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(workdir)
@@ -91,15 +91,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         data: train_data.Data | None, cleanup: contextlib.ExitStack
                         ) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir is this run's; `cleanup` closes what it opens."""
-  # ------------------------------------------------------------------ setup
+  # ------------------------------------------------------------------ resume check
   is_main = jax.process_index() == 0
-  ckpt_lib.check_resume_config(workdir, config)  # before anything is written
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(ckpt_lib.to_plain(config), f, indent=2, sort_keys=True)
-  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
-  cleanup.callback(writer.close)
+  checkpointer.check_resume_config(workdir, config)  # before anything is written
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -107,9 +101,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.data.eval_batch_size, mesh)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
-  # How the models run, decided once from the config and the mesh's devices.
-  rt = runtime_lib.for_training(config, runtime_lib.platform_of(mesh.devices.flat[0]))
-  logging.info("runtime %s", rt)
 
   # ------------------------------------------------------------------ data
   # Each process reads only its slice (process_index of process_count) of every global batch.
@@ -122,14 +113,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                data.num_train, steps_per_epoch, data.num_eval)
 
   # ------------------------------------------------------------------ model (+ teacher), steps
-  teacher, teacher_host = (load_teacher(config, rt.frozen()) if config.teacher_checkpoint
+  # How the models run, decided once from the config and the mesh's devices.
+  rt = runtime_lib.for_training(config, runtime_lib.platform_of(mesh.devices.flat[0]))
+  logging.info("runtime %s", rt)
+  teacher, teacher_host = (load_teacher(config, rt) if config.teacher_checkpoint
                            else (None, None))
   steps = build_steps(config, mesh, steps_per_epoch, teacher, rt)
   teacher_vars = (None if teacher is None else
                   sharding.host_tree_to_global(teacher_host, steps.teacher_shardings))
 
+  # ------------------------------------------------------------------ run record
+  # Written only now: a run that cannot start (data not prepared, no teacher, a bad setting)
+  # leaves no config.json, metrics or events behind.
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  cleanup.callback(writer.close)
+
   # ------------------------------------------------------------------ checkpoint / resume
-  ckpt = cleanup.enter_context(ckpt_lib.TrainCheckpointer(
+  ckpt = cleanup.enter_context(checkpointer.TrainCheckpointer(
       workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save))
   ckpt_meta = {"format": ckpt_lib.FORMAT, "model_config": steps.model_config.to_dict(),
                "training": steps.runtime.to_dict(),  # how it was trained, not what it is
@@ -370,8 +374,10 @@ def load_teacher(config: ml_collections.ConfigDict, runtime: runtime_lib.Runtime
                  ) -> tuple[mobileiqa.MobileIQA, PyTree]:
   """The frozen teacher of `config.teacher_checkpoint`: (module, host variables).
 
-  `runtime` is the run's (the teacher computes in the run's dtype too; its weights stay as
-  stored), without remat: the teacher is never differentiated.
+  The teacher may be anything `weights.loader` reads: a checkpoint, a teacher run's workdir
+  (its best step), or the authors' `.pkl`. `runtime` is the run's (the teacher computes in
+  the run's dtype too; its weights stay as stored), without remat: the teacher is never
+  differentiated.
   """
   teacher, host_vars, meta = ckpt_lib.load_model(config.teacher_checkpoint,
                                                  runtime=runtime.frozen())
@@ -403,10 +409,9 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: ml_col
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      with layers.batch_norm_example_mask(mask):
-        out, new_model_state = model.apply(
-            variables, images, train=True, return_features=True, return_fused=True,
-            rngs={"dropout": rng}, mutable=["batch_stats"])
+      out, new_model_state = model.apply(
+          variables, images, train=True, return_features=True, return_fused=True,
+          example_mask=mask, rngs={"dropout": rng}, mutable=["batch_stats"])
       x, dof, score, fused = out
       if teacher is None:
         loss = objectives.regression_loss(score, mos, config.loss, weights)

@@ -19,10 +19,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from mobileiqa_jax import sharding
 from mobileiqa_jax.data import pipeline
 
 Batch = dict[str, np.ndarray]
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """The slice of the global batch that this process reads."""
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()
 
 
 class Data:
@@ -83,13 +90,13 @@ def loaders(train_source: pipeline.Source, eval_source: pipeline.Source,
                 pre_resize_size=tuple(config.data.pre_resize) if all(config.data.pre_resize)
                 else None)
   crop = tuple(config.data.train_crop)
-  train = pipeline.Loader(train_source, sharding.local_batch_size(config.batch_size),
+  train = pipeline.Loader(train_source, local_batch_size(config.batch_size),
                           train=True,
                           shuffle=config.data.shuffle if shuffle is None else shuffle,
                           flips=config.data.flips if flips is None else flips,
                           drop_remainder=config.data.drop_remainder,
                           crop_size=crop if all(crop) else None, **common)
-  held_out = pipeline.Loader(eval_source, sharding.local_batch_size(config.data.eval_batch_size),
+  held_out = pipeline.Loader(eval_source, local_batch_size(config.data.eval_batch_size),
                              train=False, **common)
   return LoaderData(train, held_out)
 

@@ -125,14 +125,6 @@ def param_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
       lambda x: NamedSharding(mesh, _fsdp_spec(tuple(np.shape(x)), n, min_size)), tree)
 
 
-def local_batch_size(global_batch_size: int) -> int:
-  """The slice of the global batch that this process reads."""
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  return global_batch_size // jax.process_count()
-
-
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % mesh.size:
     raise ValueError(f"global batch size {global_batch_size} must be divisible by the "

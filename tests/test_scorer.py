@@ -257,7 +257,8 @@ def test_evaluate_and_export_take_the_pkl_as_load_does(models, tmp_path):
   pytest.importorskip("tensorflow")
   from configs import student  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.scoring import evaluate  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.export import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import exporter  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.export import runtime_scorer  # pylint: disable=g-import-not-at-top
   config = student.get_config("demo")
   config.data.eval_batch_size = 16
   by_pkl = evaluate.evaluate_checkpoint(models["pkl"], config, "test",
@@ -269,7 +270,7 @@ def test_evaluate_and_export_take_the_pkl_as_load_does(models, tmp_path):
     assert by_pkl[k] == pytest.approx(by_ckpt[k], abs=1e-6), k
 
   out = str(tmp_path / "student.tflite")
-  tflite_lib.export_checkpoint(models["pkl"], out, image_size="64,64")
-  tflite = tflite_lib.TFLiteScorer(out)
+  exporter.export_checkpoint(models["pkl"], out, image_size="64,64")
+  tflite = runtime_scorer.ExportedScorer(out)
   np.testing.assert_allclose([tflite.score_file(p) for p in PHOTOS], models["reference"],
                              atol=1e-4)

@@ -4,8 +4,8 @@ The frozen teacher (read from its own orbax checkpoint: a training workdir, one 
 or `launch/convert.py` output) runs in inference mode; the student in training mode on the
 same batch. Loss = w_dof MSE(DOF) + w_x MSE(x) + w_score MSE(score, MOS), weights 1.
 
-Demo (after the teacher demo; distils from its best epoch; measured on the 2-core VM on
-2026-12-03: 9 min 6 s, held-out SROCC 0.79 from the 0.83 teacher, its best at epoch 6):
+Demo (after the teacher demo; distils from its best epoch, under 10 minutes on 2 CPU cores;
+docs/performance.md gives its held-out SROCC):
 
   python launch/train.py --config=configs/teacher.py:demo --workdir=runs/teacher_demo
   python launch/train.py --config=configs/student.py:demo \

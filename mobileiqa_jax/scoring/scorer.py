@@ -200,9 +200,9 @@ def default_views_per_photo(platform: str) -> bool:
   On CPU the views (`MobileIQA.views`: everything that grows with the input size) cost the
   same per photo at any batch while their temporaries grow with it, and the MALs gain from
   the batch (their big weights are read once per call). Mapping the views over the photos
-  and running the MALs on the whole batch was, for the teacher at 512x512 and batch 2, 4%
-  faster with 46% of XLA's temporaries (0.208 against 0.384 GB); the student was as fast
-  with 70% (2-core VM, 2026-12-06). An accelerator wants the batch everywhere.
+  and running the MALs on the whole batch is, for the teacher at 512x512 and batch 2 on a
+  2-core CPU, 4% faster with 46% of XLA's temporaries (0.208 against 0.384 GB); the student
+  is as fast with 70%. An accelerator wants the batch everywhere.
   """
   return platform not in _ACCELERATORS
 
@@ -211,14 +211,11 @@ def default_batch_size(platform: str) -> int:
   """Images per forward pass when the caller gives none: 8 on gpu/tpu, 2 on CPU.
 
   An accelerator needs the batch to fill its cores. On CPU two photos per call beat one and
-  eight wherever it was measured (2-core VM, docs/scoring.md and docs/performance.md): the
-  MALs read their big matrices once per call, while more photos per call only add XLA
-  temporaries. With the views one photo at a time (`default_views_per_photo`) the second
-  photo costs little memory even for the teacher at 1231x1907 (2026-12-06, 4 photos, two
-  runs each: batch 2 at 4.17, 4.22 s/photo and 2.92, 2.82 GB peak RSS; batch 1 at 4.49,
-  4.49 s/photo and 2.67, 2.68 GB; PyTorch 4.12 GB), which until then scored one at a time.
-  Earlier: student 512x512 (2026-12-03) at batch 1, 2, 8: 0.40, 0.27, 0.36 s/photo and 1.44,
-  1.46, 2.03 GB.
+  eight (docs/scoring.md): the MALs read their big matrices once per call, while more photos
+  per call only add XLA temporaries. With the views one photo at a time
+  (`default_views_per_photo`) the second photo costs little memory even for the teacher at
+  1231x1907 (2-core CPU: batch 2 at 4.2 s/photo and 2.9 GB peak RSS against 4.5 s/photo and
+  2.7 GB at batch 1).
 
   Args:
     platform: 'cpu', 'gpu' ('cuda', 'rocm') or 'tpu'.

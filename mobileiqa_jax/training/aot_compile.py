@@ -67,8 +67,8 @@ class ChipSpec:
   target_file: str = ""  # GPUs: the target description in mobileiqa_jax/gpu_targets/
 
 
-# Google Cloud's published per-chip figures (bf16 peak, HBM capacity and bandwidth), read
-# 2026-12 from the pages named in `source`. Google publishes no fp32 peak for its TPUs: the MXU
+# Google Cloud's published per-chip figures (bf16 peak, HBM capacity and bandwidth), from the
+# pages named in `source`. Google publishes no fp32 peak for its TPUs: the MXU
 # multiplies bf16, and an fp32 matmul at Precision.HIGHEST (the float32-exact result) takes six
 # bf16 passes, so fp32 peak = bf16 peak / 6 here. HBM "GB" in those tables are GiB (XLA's
 # out-of-memory message reports v5e's usable HBM as 15.75G of 16).
@@ -83,8 +83,7 @@ CHIPS: dict[str, ChipSpec] = {
                     "https://cloud.google.com/tpu/docs/v6e (918 TFLOPs bf16, 32 GB, 1638 GBps)"),
 }
 
-# NVIDIA's published dense (no sparsity) SXM figures, read 2026-12 from the datasheets named in
-# `source`: bf16 tensor-core peak and FP32 (non-tensor) peak. HBM is the target description's
+# NVIDIA's published dense (no sparsity) SXM figures, from the datasheets named in `source`: bf16 tensor-core peak and FP32 (non-tensor) peak. HBM is the target description's
 # `device_memory_size` (what XLA sees), bandwidth its `memory_bandwidth`.
 CHIPS.update({
     "a100": ChipSpec("a100", "NVIDIA A100-SXM4-80GB", 312e12, 19.5e12, 85100068864, 2039e9,
@@ -117,9 +116,9 @@ KNOWN_TOPOLOGIES = ("v4:2x2x1", "v4:2x2x2", "v5e:2x2", "v5e:2x4", "v5e:4x4",
 # The plan's executable is never run, so LLVM's optimisation of the kernels' code is work for
 # nothing: it comes after buffer assignment and changes no figure of the plan (measured, tiny
 # teacher on h100:1: the same argument, output, alias and temporary bytes and FLOPs; compile
-# 32.8 -> 29.7 s on the 2-core VM, 2026-12-03). The same holds for ptxas's optimisation of the
-# ~500 kernels, most of the backend's time (ptxas -O0: 13.1 -> 10.3 s of it, compile 17.9 ->
-# 15.5 s, the same figures; 2-core VM, 2026-12-03, session 28).
+# 32.8 -> 29.7 s on a 2-core CPU). The same holds for ptxas's optimisation of the ~500
+# kernels, most of the backend's time (ptxas -O0: 13.1 -> 10.3 s of it, compile 17.9 -> 15.5 s,
+# the same figures).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                         "xla_backend_optimization_level": 0,
                         "xla_llvm_disable_expensive_passes": True,

@@ -260,8 +260,8 @@ class TrainState:
 
 # The random initialisation runs once per run and compiles to inlined random-number code (a
 # threefry and a truncated normal per parameter; the forward pass is dead code): XLA's
-# optimisation passes cost more than they save. Measured on the 2-core VM (2026-12-03), tiny
-# teacher: 20.6 s -> 13.2 s of compile. These are the passes jax_disable_most_optimizations
+# optimisation passes cost more than they save (tiny teacher on a 2-core CPU: 20.6 s -> 13.2 s
+# of compile). These are the passes jax_disable_most_optimizations
 # turns off, for this one program only.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_llvm_disable_expensive_passes": True}

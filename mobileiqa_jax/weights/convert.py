@@ -405,8 +405,8 @@ def _read_config(state_dict: Mapping[str, Any], model: str | None, source: str,
   have = _shapes(state_dict, prefix)
   head = dict(width=width, num_mals=mals, pooled_size=side)
   # The preset's backbone first, checked inside the whole model's template, which the
-  # conversion needs anyway: one trace of the model at start-up instead of two (seconds on a
-  # loaded CPU; launch/predict.py's start-up, issue 21).
+  # conversion needs anyway: one trace of the model at start-up instead of two (seconds of a
+  # scoring command's start-up on a loaded CPU).
   config = mobileiqa.model_config(found, **head)
   build = lambda: variables_template(mobileiqa.build_model(config))
   template = (build() if variables_template_of is None

@@ -97,6 +97,9 @@ def runs(tmp_path_factory):
       "train_data_not_prepared": (["launch/train.py", "--config=configs/teacher.py:livec",
                                    f"--config.data.data_dir={tmp / 'empty'}",
                                    f"--workdir={tmp / 'livec_run'}"], "not prepared"),
+      "train_teacher_missing": (["launch/train.py", "--config=configs/student.py:demo",
+                                 f"--config.teacher_checkpoint={tmp / 'no_teacher'}",
+                                 f"--workdir={tmp / 'runs' / 'student_run'}"], "no_teacher"),
       "train_unwritable_workdir": (["launch/train.py", f"--config={DEMO}",
                                     f"--workdir={tmp / 'a_file' / 'run'}"], "a_file"),
       "train_refuses_changed_resume": (["launch/train.py", f"--config={DEMO}",
@@ -128,7 +131,8 @@ CASES = ["predict_missing_path", "predict_bad_image_size", "predict_bad_flag_val
          "predict_not_a_checkpoint", "predict_folder_without_images", "convert_missing_file",
          "convert_refuses_to_overwrite", "export_bad_quantize", "export_missing_checkpoint",
          "explain_refuses_a_full_output", "evaluate_not_a_checkpoint",
-         "evaluate_data_not_prepared", "train_data_not_prepared", "train_unwritable_workdir",
+         "evaluate_data_not_prepared", "train_data_not_prepared", "train_teacher_missing",
+         "train_unwritable_workdir",
          "train_refuses_changed_resume", "convert_teacher_pkl_as_student",
          "predict_teacher_pkl_as_student"]
 
@@ -152,6 +156,12 @@ def test_convert_left_the_existing_checkpoint_alone(runs):
   assert meta["model_config"]["variant"] == "student"
   variables, _ = checkpoint.load_variables(runs["ckpt"])
   np.testing.assert_array_equal(variables["params"]["x"], np.ones(3, np.float32))
+
+
+def test_a_run_that_cannot_start_leaves_no_files(runs):
+  # Neither the workdir nor the folder made for it: no config.json, metrics, events or lock.
+  assert not os.path.exists(runs["tmp"] / "livec_run")
+  assert not os.path.exists(runs["tmp"] / "runs")
 
 
 def test_refused_resume_wrote_nothing(runs):

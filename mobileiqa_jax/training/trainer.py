@@ -76,15 +76,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(workdir)
+  created = _first_missing(workdir)
   # One writer per workdir, held for the whole job by process 0 and refused before anything
   # is written (workdir_lock.py); released however the run ends.
   lock = workdir_lock.acquire_for_job(workdir, jax.process_index() == 0, jax.process_count())
-  # Whatever ends the run (a finished loop, a non-finite loss, a full disk), the checkpoint
-  # under way is finished, files are closed and the lock is given back, in that order.
-  with contextlib.ExitStack() as cleanup:
-    if lock is not None:
-      cleanup.callback(lock.release)
-    return _train_and_evaluate(config, workdir, data, cleanup)
+  try:
+    # Whatever ends the run (a finished loop, a non-finite loss, a full disk), the checkpoint
+    # under way is finished, files are closed and the lock is given back, in that order.
+    with contextlib.ExitStack() as cleanup:
+      if lock is not None:
+        cleanup.callback(lock.release)
+      return _train_and_evaluate(config, workdir, data, cleanup)
+  except BaseException:
+    # A run that failed to start leaves no folder it made: only the lock was in it.
+    if created is not None and jax.process_index() == 0:
+      _remove_empty_dirs(workdir, created)
+    raise
+
+
+def _first_missing(path: str) -> str | None:
+  """The outermost folder of `path` that does not exist yet, or None when `path` exists."""
+  missing = None
+  while not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
+
+
+def _remove_empty_dirs(path: str, up_to: str) -> None:
+  """Removes `path` and its parents up to `up_to`, each only while it is empty."""
+  while True:
+    try:
+      os.rmdir(path)
+    except OSError:
+      return
+    if path == up_to:
+      return
+    path = os.path.dirname(path)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

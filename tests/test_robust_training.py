@@ -272,7 +272,7 @@ def test_a_save_that_cannot_fit_is_refused_and_earlier_steps_stay(tmp_path, monk
   ck = checkpointer.TrainCheckpointer(str(tmp_path), keep=5, async_save=False)
   v, opt = _state(1000)
   ck.save(1, v, opt, {"model_config": {}}, {"step": 1})
-  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+  monkeypatch.setattr(checkpointer.shutil, "disk_usage",
                       lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
   with pytest.raises(checkpointer.CheckpointDiskFullError) as err:
     ck.save(2, v, opt, {"model_config": {}}, {"step": 2})
@@ -306,7 +306,7 @@ def test_a_full_disk_during_a_save_is_one_error(small_tmpfs, monkeypatch, async_
   v, opt = _state(300_000)  # 1.2 MB: the second does not fit in 2 MB
   ck.save(1, v, opt, {"model_config": {}}, {"step": 1})
   ck.wait()
-  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+  monkeypatch.setattr(checkpointer.shutil, "disk_usage",
                       lambda _: shutil._ntuple_diskusage(10**12, 0, 10**12))
   with pytest.raises(checkpointer.CheckpointDiskFullError, match="out of disk space saving "
                      "checkpoint step 2"):

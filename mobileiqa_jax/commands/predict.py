@@ -25,6 +25,7 @@ import sys
 from absl import app
 from absl import flags
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.commands import errors
 from mobileiqa_jax.commands import compilation_cache
 from mobileiqa_jax.scoring import distributed as distributed_lib
@@ -66,7 +67,7 @@ def main(argv):
     return distributed_lib.predict_csv_distributed(
         output=FLAGS.output, part_size=FLAGS.part_size, **settings)
   if FLAGS.output:
-    with distributed_lib.atomic_file(FLAGS.output) as out:
+    with storage.atomic_text(FLAGS.output) as out:
       return predict.predict_csv(out=out, **settings)
   return predict.predict_csv(out=sys.stdout, **settings)
 

@@ -31,9 +31,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Mapping
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.commands import compilation_cache
 from mobileiqa_jax.scoring import scorer
 
@@ -111,11 +111,7 @@ def _write(path: str, data: bytes) -> None:
   """Writes whole or not at all (a temporary file renamed), so a reader never sees half."""
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # as JAX's own entries: a shared cache folder stays readable
-    os.replace(tmp, path)
+    storage.write_atomic(path, data)
   except OSError as e:
     # A read-only or full disk costs the next process time, never this one its result.
     logging.warning("program cache: cannot write %s (%s); the next run builds it again.",

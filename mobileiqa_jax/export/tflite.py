@@ -255,15 +255,6 @@ def op_counts(tflite_model: bytes) -> dict[str, int]:
   return counts
 
 
-def op_counts(tflite_model: bytes) -> dict[str, int]:
-  """{op name: count} of the model's main graph (delegation not applied)."""
-  it = make_interpreter(model_content=tflite_model, delegate=False)
-  counts: dict[str, int] = {}
-  for d in it._get_ops_details():  # pylint: disable=protected-access
-    counts[d["op_name"]] = counts.get(d["op_name"], 0) + 1
-  return counts
-
-
 def versions() -> dict[str, Any]:
   """The converting libraries' versions, for the sidecar's `exported_with`."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -43,6 +43,7 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.scoring import predict
 from mobileiqa_jax.scoring import scorer as scorer_lib
 from mobileiqa_jax.data import preprocess
@@ -127,30 +128,8 @@ def part_path(parts_dir: str, part: Part, num_parts: int, files: Sequence[str],
                       f"{part.index:06d}-of-{num_parts:06d}-{digest.hexdigest()[:16]}.csv")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[TextIO]:
-  """A text file written under a temporary name, renamed to `path` when the block ends.
-
-  Readers (and a rerun) see either no file or the whole one; on an exception the temporary
-  file is removed and `path` is left as it was.
-  """
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{path}: its folder {folder} does not exist.")
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  try:
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-
-
 def write_part(path: str, results: Iterable[scorer_lib.Result]) -> None:
-  with atomic_file(path) as f:
+  with storage.atomic_text(path) as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(_PART_HEADER)
     for r in results:
@@ -211,7 +190,7 @@ def merge_parts(part_files: Sequence[str], output: str, parts_dir: str) -> tuple
   Returns (rows written, files that could not be scored).
   """
   written = failed = 0
-  with atomic_file(output) as f:
+  with storage.atomic_text(output) as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(["path", "score"])
     for path in part_files:

@@ -7,7 +7,7 @@ after each epoch; `scoring/evaluate.py` runs the same on any checkpoint and spli
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
 import jax
@@ -26,7 +26,7 @@ def make_eval_step(model: Any) -> Callable[[PyTree, jax.Array], jax.Array]:
   return eval_fn
 
 
-def score_batches(eval_step: Callable, variables: PyTree, batches: Iterable[train_data.Batch],
+def score_batches(eval_step: Callable, variables: PyTree, batches: Iterable[Mapping[str, np.ndarray]],
                   mesh: Any) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """Scores a held-out split: (metrics, predictions, MOS) over the valid (unpadded) examples.
 

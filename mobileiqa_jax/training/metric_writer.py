@@ -16,6 +16,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from mobileiqa_jax import storage
+
 
 class MetricWriter:
   """`write(step, scalars, kind)` appends to `<workdir>/metrics.jsonl` and TensorBoard.
@@ -50,10 +52,7 @@ class MetricWriter:
       lines = f.readlines()
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) != len(lines):
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-      os.replace(tmp, path)
+      storage.write_atomic(path, "".join(keep))
       logging.info("metrics.jsonl: %d rows after step %d dropped (re-done from the checkpoint)",
                    len(lines) - len(keep), step)
     self._jsonl = open(path, "a", encoding="utf-8")

@@ -18,6 +18,8 @@ import os
 import zlib
 from typing import Sequence
 
+from mobileiqa_jax import storage
+
 MANIFEST = "checksums.json"
 _CHUNK = 1 << 22
 
@@ -57,12 +59,9 @@ def seal(path: str) -> int:
   """Writes `<path>/checksums.json` (atomically) for a finished checkpoint; returns its bytes."""
   files = {rel: [os.path.getsize(os.path.join(path, rel)), _crc32(os.path.join(path, rel))]
            for rel in _files(path)}
-  tmp = os.path.join(path, f".{MANIFEST}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"algorithm": "crc32", "files": files}, f, indent=0, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(path, MANIFEST))
+  storage.write_atomic(os.path.join(path, MANIFEST),
+                         json.dumps({"algorithm": "crc32", "files": files}, indent=0,
+                                    sort_keys=True))
   return sum(size for size, _ in files.values())
 
 

@@ -1,4 +1,4 @@
-"""The model card (mobileiqa_jax/profiling/model_card.py, launch/profile.py) on small checkpoints."""
+"""The model card (mobileiqa_jax/profiling/model_card.py, launch/model_card.py) on small checkpoints."""
 
 import json
 import os
@@ -49,7 +49,7 @@ def test_card_of_a_state_dict_counts_the_reference_parameters(tmp_path):
   """The authors' kind of file: a .pkl state dict, parameters as PyTorch counts them."""
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import torch_reference  # pylint: disable=g-import-not-at-top
 
   ref = torch_reference.student_reference(pooled_size=12, width=32)
   path = str(tmp_path / "MobileNet_IQA.pkl")
@@ -63,7 +63,7 @@ def test_card_of_a_state_dict_counts_the_reference_parameters(tmp_path):
 def test_profile_command_measures_in_a_child(student_dir):
   path, _ = student_dir
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "launch/profile.py", f"--checkpoint={path}",
+  out = subprocess.run([sys.executable, "launch/model_card.py", f"--checkpoint={path}",
                         "--repeats=1"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -76,7 +76,7 @@ def test_profile_command_measures_in_a_child(student_dir):
 
 def test_profile_command_refuses_a_missing_checkpoint(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "launch/profile.py",
+  out = subprocess.run([sys.executable, "launch/model_card.py",
                         f"--checkpoint={tmp_path / 'nope'}"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
@@ -87,7 +87,7 @@ def test_card_measures_the_onnx_export(student_dir, monkeypatch):
   """--exports=onnx: the export's run in its own process; the card prints its row.
 
   The conversion runs in this process here (a child would import jax and jax2onnx again);
-  the slow TFLite test goes through the child, as launch/profile.py does.
+  the slow TFLite test goes through the child, as launch/model_card.py does.
   """
   pytest.importorskip("onnxruntime")
   pytest.importorskip("jax2onnx")

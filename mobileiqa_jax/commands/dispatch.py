@@ -33,7 +33,7 @@ COMMANDS = {
     "explain": "explain",            # launch/explain.py
     "evaluate": "evaluate",          # launch/evaluate.py
     "aot": "aot_compile",            # launch/aot_compile.py
-    "profile": "profile",            # launch/profile.py
+    "profile": "model_card",         # launch/model_card.py
     "prepare_data": "prepare_data",  # launch/prepare_data.py
 }
 PROG = "mobileiqa"

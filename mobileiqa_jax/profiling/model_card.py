@@ -3,7 +3,7 @@
     card = model_card.profile("MobileNet_IQA.pkl", image_size=(1231, 1907))
     print("\\n".join(model_card.table(card)))
 
-`launch/profile.py` prints it. The figures, for one image (batch 1) at the given size:
+`launch/model_card.py` prints it. The figures, for one image (batch 1) at the given size:
 
 - params, params_backbone, params_head: parameters (not BatchNorm statistics); the backbone
   is the `global_vit` / `local_cnn` subtree, the head everything else (LDAs, MALs, fusion
@@ -20,7 +20,7 @@
   one); peak RSS is that whole process's (weights, compiled program, buffers). The load
   average beside them says how busy the machine was.
 
-- exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/profile.py): per
+- exports (opt-in, `exports=('tflite', 'onnx')`, `--exports` of launch/model_card.py): per
   format, the checkpoint exported at the card's size (`exporter.export_checkpoint`, float32,
   in a child process) into a temporary folder and run once in a fresh process, as an app
   would (`runtime_scorer.probe`: LiteRT with XNNPACK; ONNX Runtime's CPU provider; 2
@@ -28,10 +28,8 @@
   `runtime`. Conversion takes minutes at full size.
 
 Every measurement runs in a fresh process (`process.call_in_child`): there, the peak memory
-(`process.peak_rss_bytes`) is the model's alone, a conversion's memory stays out of the
-caller, and the caller's sys.path stays away from the converters' imports (run as
-`launch/profile.py`, launch/ is on it, and its `profile.py` shadows the standard library's
-`profile`, which TensorFlow's import pulls in).
+(`process.peak_rss_bytes`) is the model's alone and a conversion's memory stays out of the
+caller.
 
 `AIM2024_UHD_IQA_BUDGET_GMACS` is the AIM 2024 UHD-IQA challenge's cap per image.
 """

@@ -1,6 +1,6 @@
 """Prints the model card of a MobileIQA checkpoint: parameters, MACs, FLOPs, latency, memory.
 
-The command is mobileiqa_jax/commands/profile.py (also `mobileiqa profile` after pip install); --help
+The command is mobileiqa_jax/commands/model_card.py (also `mobileiqa profile` after pip install); --help
 lists its flags.
 """
 

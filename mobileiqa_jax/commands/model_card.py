@@ -1,6 +1,6 @@
 r"""Prints the model card of a MobileIQA checkpoint: parameters, MACs, FLOPs, latency, memory.
 
-  python launch/profile.py --checkpoint=MODEL [--image_size=H,W] [--nomeasure] [--repeats=3]
+  python launch/model_card.py --checkpoint=MODEL [--image_size=H,W] [--nomeasure] [--repeats=3]
       [--exports=tflite,onnx]
 
 MODEL: anything `mobileiqa_jax.load` takes (a checkpoint folder, a training workdir, the

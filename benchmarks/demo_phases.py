@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 
 from mobileiqa_jax.weights import checkpoint as ckpt_lib  # noqa: E402
 from mobileiqa_jax.training import evaluation  # noqa: E402
-from mobileiqa_jax import sharding  # noqa: E402
+from mobileiqa_jax.training import sharding  # noqa: E402
 from mobileiqa_jax.training import trainer  # noqa: E402
-from mobileiqa_jax.data import train_data  # noqa: E402
+from mobileiqa_jax.training import train_data  # noqa: E402
 from mobileiqa_jax.models import runtime as runtime_lib  # noqa: E402
 
 _IMPORT_S, _IMPORT_CPU = time.perf_counter() - _T0, time.process_time() - _C0

@@ -10,8 +10,8 @@ out-of-memory is one failed row, not a lost run):
    float32 + remat (the trainer's `build_steps`, as benchmarks/train_step.py times it):
    images/s, peak device memory (`memory_stats()['peak_bytes_in_use']`; peak RSS on CPU) and
    the compiler's own buffer total on this device;
-2. the PyTorch reference step (timm backbones + the tests' reference head, eager float32,
-   CUDA when present) for both;
+2. the PyTorch reference step (timm backbones + the head of weights/torch_reference.py,
+   eager float32, CUDA when present) for both;
 3. the deviceless plan of the same JAX steps (`launch/aot_compile.py`'s API) for
    `--plan_topology` (default: the chip this GPU is, e.g. h200:1), compiled on the CPU of this
    machine, and the ratio measured / planned.
@@ -31,8 +31,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -78,13 +76,13 @@ def _child(spec: str) -> dict:
   if what == "plan":
     from mobileiqa_jax.training import aot_compile  # pylint: disable=g-import-not-at-top
     kind, dtype, remat, topology = rest[0], rest[1], rest[2], ":".join(rest[3:])
-    c = train_step._config("teacher" if kind == "teacher" else "student", dtype,  # pylint: disable=protected-access
-                           remat == "1")
+    c = train_step._config(  # pylint: disable=protected-access
+        "teacher" if kind == "teacher" else "student", dtype, remat == "1")
     c.depthwise_impl = ""
     if kind == "distill":
       c.teacher_checkpoint = "no/such/teacher"  # the preset teacher at this head size
     report = aot_compile.compile_for_topology(c, topology, with_eval=False,
-                                      teacher_backbone=FLAGS.teacher_backbone)
+                                              teacher_backbone=FLAGS.teacher_backbone)
     return report.to_json()
   raise ValueError(f"unknown row {spec!r}")
 

@@ -28,6 +28,7 @@ from mobileiqa_jax.scoring import scorer
 from mobileiqa_jax.data import device_resize
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
+from mobileiqa_jax.weights import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIVEC = os.path.join(HERE, "..", "..", "shared", "data", "livec_jpg", "Images")
@@ -45,9 +46,7 @@ def main() -> None:
            ("4K 3840x2160 -> 1231x1907", (2160, 3840), (1231, 1907))]
   config = mobileiqa.model_config("student", pooled_size=8, width=32)
   model = mobileiqa.build_model(config, runtime.Runtime(depthwise_impl="conv"))
-  sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-  import support  # pylint: disable=import-outside-toplevel
-  variables = support.random_variables(model)
+  variables = synthetic.random_variables(model)
   host = scorer.Scorer(model, variables, (64, 64), config.to_dict(), batch_size=1)
   # Spread the scores over the sigmoid (as tests/test_scorer.py): standardise the logits.
   s = host.score(photos)

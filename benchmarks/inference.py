@@ -4,9 +4,10 @@ r"""Forward latency and peak memory of MobileIQA, JAX against the PyTorch refere
       [--frameworks=jax,torch] [--batch=1] [--repeats=3] [--threads=N]
 
 Every (framework, model, size) runs in a fresh subprocess, so the peak resident memory it
-reports (ru_maxrss) belongs to that configuration alone. Weights are random (the speed does not
-depend on them). PyTorch runs the reference the parity tests check against (tests/
-torch_reference.py: timm backbone + the head written from docs/model.md) in eval mode under
+reports (`profiling.process.peak_rss_bytes`) belongs to that configuration alone. Weights are
+random (the speed does not depend on them). PyTorch runs the reference the parity tests check
+against (`mobileiqa_jax.weights.torch_reference`: timm backbone + the head written from
+docs/model.md) in eval mode under
 `torch.inference_mode()`; JAX runs the jitted scorer. Latency is the median of `--repeats`
 timed runs after one warm-up (JAX's warm-up includes compilation, reported separately).
 """
@@ -14,7 +15,6 @@ timed runs after one warm-up (JAX's warm-up includes compilation, reported separ
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,8 +26,7 @@ def _worker(args: argparse.Namespace) -> dict:
   h, w = (int(v) for v in args.size.split("x"))
   if args.framework == "torch":
     import torch  # pylint: disable=g-import-not-at-top
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import torch_reference  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.weights import torch_reference  # pylint: disable=g-import-not-at-top
     if args.threads:
       torch.set_num_threads(args.threads)
     ctor = (torch_reference.teacher_reference if args.model == "teacher"
@@ -61,10 +60,11 @@ def _worker(args: argparse.Namespace) -> dict:
     run()
     times.append(time.perf_counter() - t0)
   times.sort()
+  from mobileiqa_jax.profiling import process  # pylint: disable=g-import-not-at-top
   return {
       "framework": args.framework, "model": args.model, "size": args.size,
       "batch": args.batch, "first_s": first, "median_s": times[len(times) // 2],
-      "min_s": times[0], "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      "min_s": times[0], "peak_rss_gb": process.peak_rss_bytes() / 2**30,
   }
 
 
@@ -91,6 +91,9 @@ def main() -> None:
         f"{os.cpu_count()} cores, batch {args.batch}, JAX dtype {args.dtype}")
   print(f"{'model':8} {'size':>10} {'framework':>9} {'median s':>9} {'first s':>8} "
         f"{'peak RSS GB':>11}")
+  # The workers import this checkout's package, whatever is installed.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
   results = {}
   for model in args.models.split(","):
     for size in args.sizes.split(","):
@@ -98,7 +101,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", f"--framework={fw}", f"--model={model}",
                f"--size={size}", f"--batch={args.batch}", f"--repeats={args.repeats}",
                f"--threads={args.threads}", f"--dtype={args.dtype}"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if out.returncode:
           print(f"{model:8} {size:>10} {fw:>9} FAILED: {out.stderr.strip()[-300:]}")
           continue

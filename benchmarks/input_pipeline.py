@@ -63,7 +63,8 @@ def main(argv):
   print(f"CPU cores available: {cores}; target size {_SIZE[0]}x{_SIZE[1]} (HxW)")
   t = time.perf_counter()
   images = [synthetic_photo(i) for i in range(_IMAGES.value)]
-  print(f"generated {len(images)} JPEGs 3840x2160, mean {np.mean([len(b) for b in images]) / 1e6:.1f} MB "
+  mean_mb = np.mean([len(b) for b in images]) / 1e6
+  print(f"generated {len(images)} JPEGs 3840x2160, mean {mean_mb:.1f} MB "
         f"({time.perf_counter() - t:.0f} s)")
 
   # 1. Stages, one core.

@@ -11,9 +11,10 @@ machine's load of the same minute:
 - jax first:  `launch/predict.py --checkpoint=<pkl> <photo> --image_size=H,W` with an empty
   compilation cache folder (what a first run on a new machine or jax version costs);
 - jax second: the same command again, the cache now holding its programs;
-- torch: a fresh python that builds the PyTorch reference (tests/torch_reference.py: timm
-  MobileNetV3-large + the head), loads the same .pkl with torch.load, preprocesses the photo
-  the reference's way (PIL bicubic, ImageNet mean/std) and scores it under inference_mode.
+- torch: a fresh python that builds the PyTorch reference
+  (`mobileiqa_jax.weights.torch_reference`: timm MobileNetV3-large + the head; importing it
+  imports no jax), loads the same .pkl with torch.load, preprocesses the photo the
+  reference's way (PIL bicubic, ImageNet mean/std) and scores it under inference_mode.
 
 Prints one line per run and a JSON summary (medians; second / torch is the figure of merit).
 Needs torch and timm for the PyTorch side.
@@ -37,28 +38,26 @@ DEFAULT_PHOTO = "/work/shared/data/livec_jpg/Images/1000.JPG"
 _TORCH_SCORE = r"""
 import sys, numpy as np, torch
 from PIL import Image
-sys.path.insert(0, sys.argv[1])
-import torch_reference
-h, w = (int(v) for v in sys.argv[4].split(","))
+from mobileiqa_jax.weights import torch_reference
+h, w = (int(v) for v in sys.argv[3].split(","))
 model = torch_reference.student_reference().eval()
-model.load_state_dict(torch.load(sys.argv[2], map_location="cpu", weights_only=True),
+model.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True),
                       strict=True)
-im = Image.open(sys.argv[3]).convert("RGB").resize((w, h), Image.BICUBIC)
+im = Image.open(sys.argv[2]).convert("RGB").resize((w, h), Image.BICUBIC)
 x = (np.asarray(im, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
 x = torch.from_numpy(x.astype(np.float32).transpose(2, 0, 1)[None])
 with torch.inference_mode():
-  print(f"{sys.argv[3]},{float(model(x)[0]):.6f}")
+  print(f"{sys.argv[2]},{float(model(x)[0]):.6f}")
 """
 
 
 def write_student_pkl(path: str, seed: int = 0) -> None:
   """The authors' student state dict (real shapes, random weights), saved with torch.save."""
   sys.path.insert(0, REPO)
-  # The tests' random weights and .pkl writer (tests/support.py).
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  import support  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
-  support.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), path, seed)
+  from mobileiqa_jax.weights import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), path,
+                             seed)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -88,8 +87,7 @@ def cli_rows(pkl: str, photo: str, image_size: str, rounds: int, workdir: str) -
     predict = [sys.executable, "launch/predict.py", f"--checkpoint={pkl}", photo,
                f"--image_size={image_size}", f"--compilation_cache_dir={cache}",
                "--noprogress"]
-    for name, cmd in (("torch", [sys.executable, "-c", _TORCH_SCORE,
-                                 os.path.join(REPO, "tests"), pkl, photo, image_size]),
+    for name, cmd in (("torch", [sys.executable, "-c", _TORCH_SCORE, pkl, photo, image_size]),
                       ("jax_first", predict), ("jax_second", predict)):
       load = os.getloadavg()[0]
       seconds, line = timed(cmd, env)

@@ -1,26 +1,22 @@
 r"""Scoring photos, JAX `load(.pkl).score` against the authors' PyTorch, in one run.
 
   python benchmarks/scoring.py [--models=student,teacher] [--sizes=512x512,1231x1907]
-      [--frameworks=jax,torch] [--allocators=default,reuse] [--batch=N] [--photos=8]
-      [--repeats=2] [--stages]
+      [--frameworks=jax,torch] [--batch=N] [--photos=8] [--repeats=2] [--stages]
 
-Writes an authors'-format `.pkl` per model with random weights (tests/support.py's
-`save_authors_pkl`; the time does not depend on them), then runs every (framework, model,
-size) in a fresh process, so peak RSS (VmHWM) is that configuration's alone:
+Writes an authors'-format `.pkl` per model with random weights
+(`mobileiqa_jax.weights.synthetic.save_authors_pkl`; the time does not depend on them), then
+runs every (framework, model, size) in a fresh process, so peak RSS
+(`profiling.process.peak_rss_bytes`) is that configuration's alone:
 
-- jax: `mobileiqa_jax.scoring.scorer.load(pkl, size, batch_size=--batch).score(photos)`; first call
-  (compile + score) and warm seconds per photo (median of --repeats);
-- torch: the authors' model code (tests/torch_reference.py) with `load_state_dict` of the same
-  `.pkl`, one photo at a time under `inference_mode` (PIL bicubic resize, ImageNet mean/std).
+- jax: `mobileiqa_jax.scoring.scorer.load(pkl, size, batch_size=--batch).score(photos)`;
+  first call (compile + score) and warm seconds per photo (median of --repeats);
+- torch: the authors' model written from the paper (`mobileiqa_jax.weights.torch_reference`)
+  with `load_state_dict` of the same `.pkl`, one photo at a time under `inference_mode` (PIL
+  bicubic resize, ImageNet mean/std).
 
-Each framework runs under both allocator settings (`--allocators`): 'default' (glibc and jax
-as they come) and 'reuse' (`mobileiqa_jax.scoring.host_allocator`: for JAX `reuse_freed_memory()`, as
-the scoring commands apply it; for PyTorch its glibc half, `keep_freed_blocks()`). PyTorch
-gains more from 'reuse' than JAX does, so the ratio rows compare like with like;
-'reuse/default' is JAX as the commands run it against the authors' code as it comes.
-
-`--stages` also prints JAX's VmHWM/VmRSS after imports, load, first call and warm calls (where
-the memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless
+Both run with their libraries' own settings (allocator, threads). `--stages` also prints the
+peak and current resident memory after imports, load, first call and warm calls (where the
+memory goes). Photos are LIVE Challenge JPEGs (../shared/data/livec_jpg). Then, unless
 `--cli_rounds=0`, the one-photo whole command (`launch/predict.py` on the student's `.pkl` at
 --cli_size, first run with an empty compilation cache, second run, and the PyTorch reference in
 a fresh process), as benchmarks/quick_start.py times it.
@@ -43,13 +39,10 @@ PHOTOS = "/work/shared/data/livec_jpg/Images"
 
 
 def _mem() -> dict:
-  """VmHWM (peak) and VmRSS (now) of this process, GB."""
-  out = {}
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(("VmHWM", "VmRSS")):
-        out[line.split(":")[0]] = int(line.split()[1]) / 2**20
-  return out
+  """Peak and current resident memory of this process, GB (current: None without /proc)."""
+  from mobileiqa_jax.profiling import process  # pylint: disable=g-import-not-at-top
+  now = process.rss_bytes()
+  return {"peak": process.peak_rss_bytes() / 2**30, "now": None if now is None else now / 2**30}
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -60,8 +53,7 @@ def _worker(args: argparse.Namespace) -> dict:
     import numpy as np  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import torch_reference  # pylint: disable=g-import-not-at-top
+    from mobileiqa_jax.weights import torch_reference  # pylint: disable=g-import-not-at-top
     stages["import"] = _mem()
     ctor = (torch_reference.teacher_reference if args.model == "teacher"
             else torch_reference.student_reference)
@@ -102,7 +94,7 @@ def _worker(args: argparse.Namespace) -> dict:
   return {"framework": args.framework, "model": args.model, "size": args.size,
           "batch": scorer.batch_size if args.framework == "jax" else 1, "photos": len(photos),
           "first_s": first, "s_per_photo": times[len(times) // 2] / len(photos),
-          "peak_rss_gb": stages["warm"]["VmHWM"], "stages": stages}
+          "peak_rss_gb": stages["warm"]["peak"], "stages": stages}
 
 
 def main() -> None:
@@ -110,8 +102,6 @@ def main() -> None:
   parser.add_argument("--models", default="student,teacher")
   parser.add_argument("--sizes", default="512x512,1231x1907", help="HxW,HxW,...")
   parser.add_argument("--frameworks", default="jax,torch")
-  parser.add_argument("--allocators", default="default,reuse",
-                      help="C allocator settings to run each framework under (host_allocator)")
   parser.add_argument("--batch", type=int, default=0,
                       help="JAX batch size (0: load's default for this platform)")
   parser.add_argument("--photos", type=int, default=8)
@@ -123,68 +113,52 @@ def main() -> None:
   parser.add_argument("--cli_size", default="1231,1907", help="H,W of the command rows")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--framework", help=argparse.SUPPRESS)
-  parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   parser.add_argument("--pkl", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    if args.allocator == "reuse":
-      from mobileiqa_jax.scoring import host_allocator  # pylint: disable=g-import-not-at-top
-      # PyTorch runs its layers on the calling thread already: glibc's half only (no jax).
-      apply = (host_allocator.reuse_freed_memory if args.framework == "jax"
-               else host_allocator.keep_freed_blocks)
-      if not apply():
-        raise SystemExit("--allocators=reuse needs glibc's malloc")
     print(json.dumps(_worker(args)))
     return
 
   print(f"# {platform.node()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, JAX batch {args.batch or 'default'}, "
-        f"{args.photos} photos")
-  print(f"{'model':8} {'size':>10} {'framework':>9} {'malloc':>13} {'s/photo':>8} "
-        f"{'first s':>8} {'peak RSS GB':>11}")
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"JAX batch {args.batch or 'default'}, {args.photos} photos")
+  print(f"{'model':8} {'size':>10} {'framework':>9} {'s/photo':>8} {'first s':>8} "
+        f"{'peak RSS GB':>11}")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   tmp = tempfile.mkdtemp(prefix="scoring_bench_")
   sys.path.insert(0, REPO)
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  import support  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import synthetic  # pylint: disable=g-import-not-at-top
   results = {}
   for model in args.models.split(","):
-    pkl = support.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config(model)),
-                                   os.path.join(tmp, f"{model}.pkl"))
+    pkl = synthetic.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config(model)),
+                                     os.path.join(tmp, f"{model}.pkl"))
     for size in args.sizes.split(","):
       for fw in args.frameworks.split(","):
-        for alloc in args.allocators.split(","):
-          cmd = [sys.executable, __file__, "--worker", f"--framework={fw}", f"--model={model}",
-                 f"--size={size}", f"--batch={args.batch}", f"--repeats={args.repeats}",
-                 f"--photos={args.photos}", f"--photo_dir={args.photo_dir}", f"--pkl={pkl}",
-                 f"--allocator={alloc}"]
-          out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-          if out.returncode:
-            print(f"{model:8} {size:>10} {fw:>9} {alloc:>13} FAILED: "
-                  f"{out.stderr.strip()[-300:]}")
-            continue
-          r = json.loads(out.stdout.strip().splitlines()[-1])
-          results[(model, size, fw, alloc)] = r
-          print(f"{model:8} {size:>10} {fw:>9} {alloc:>13} {r['s_per_photo']:8.3f} "
-                f"{r['first_s']:8.2f} {r['peak_rss_gb']:11.2f}", flush=True)
-          if args.stages:
-            print("  " + json.dumps(r["stages"]), flush=True)
-      # Like with like, then the commands (reuse) against the authors' code as it comes.
-      for ja, ta in [(a, a) for a in args.allocators.split(",")] + [("reuse", "default")]:
-        j, t = results.get((model, size, "jax", ja)), results.get((model, size, "torch", ta))
-        if j and t:
-          label = ja if ja == ta else f"{ja}/{ta}"
-          print(f"{model:8} {size:>10} {'jax/torch':>9} {label:>13} "
-                f"{j['s_per_photo'] / t['s_per_photo']:8.2f} {'':8} "
-                f"{j['peak_rss_gb'] / t['peak_rss_gb']:11.2f}", flush=True)
+        cmd = [sys.executable, __file__, "--worker", f"--framework={fw}", f"--model={model}",
+               f"--size={size}", f"--batch={args.batch}", f"--repeats={args.repeats}",
+               f"--photos={args.photos}", f"--photo_dir={args.photo_dir}", f"--pkl={pkl}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if out.returncode:
+          print(f"{model:8} {size:>10} {fw:>9} FAILED: {out.stderr.strip()[-300:]}")
+          continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results[(model, size, fw)] = r
+        print(f"{model:8} {size:>10} {fw:>9} {r['s_per_photo']:8.3f} {r['first_s']:8.2f} "
+              f"{r['peak_rss_gb']:11.2f}", flush=True)
+        if args.stages:
+          print("  " + json.dumps(r["stages"]), flush=True)
+      j, t = results.get((model, size, "jax")), results.get((model, size, "torch"))
+      if j and t:
+        print(f"{model:8} {size:>10} {'jax/torch':>9} {j['s_per_photo'] / t['s_per_photo']:8.2f} "
+              f"{'':8} {j['peak_rss_gb'] / t['peak_rss_gb']:11.2f}", flush=True)
   if args.cli_rounds > 0:
     import quick_start  # pylint: disable=g-import-not-at-top  # this folder's
     pkl = os.path.join(tmp, "student.pkl")
     if not os.path.exists(pkl):
-      support.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), pkl)
+      synthetic.save_authors_pkl(mobileiqa.build_model(mobileiqa.model_config("student")), pkl)
     photo = sorted(glob.glob(os.path.join(args.photo_dir, "*.JPG")))[0]
     print(f"# launch/predict.py on one photo ({photo}) at {args.cli_size}, the student's .pkl, "
           f"whole commands", flush=True)

@@ -11,25 +11,25 @@ A CPU-sized run (small models, small images):
       --student_backbone=mobilenetv3_large_100 --width=64 --pooled=8 --teacher_pool=2 --steps=3
 
 Peak memory: the accelerator's peak_bytes_in_use (JAX) / max_memory_allocated (PyTorch CUDA);
-on CPU the process's peak RSS (ru_maxrss, cumulative over the run, so only the first figure
-is clean: order matters). Not part of the test suite.
+on CPU the process's peak RSS (`profiling.process.peak_rss_bytes`, cumulative over the run,
+so only the first figure is clean: order matters; benchmarks/device_check.py runs each row in
+a process of its own). Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from mobileiqa_jax.profiling import process  # noqa: E402
 
 flags.DEFINE_string("size", "1231,1907", "HEIGHT,WIDTH")
 flags.DEFINE_integer("batch", 8, "global batch size")
@@ -60,7 +60,7 @@ def _peak_bytes_jax() -> float:
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return float(stats["peak_bytes_in_use"])
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+  return float(process.peak_rss_bytes())
 
 
 def _config(kind: str, dtype: str, remat: bool):
@@ -86,7 +86,7 @@ def time_jax(kind: str, dtype: str, remat: bool) -> dict[str, float]:
   A distillation step gets a randomly initialised frozen teacher (the preset at this run's
   head size), built with the run's runtime as the trainer builds it (`Runtime.frozen`).
   """
-  from mobileiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import runtime  # pylint: disable=g-import-not-at-top
@@ -131,7 +131,7 @@ def time_jax(kind: str, dtype: str, remat: bool) -> dict[str, float]:
 
 def time_torch(kind: str) -> tuple[float, float]:
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import torch_reference as ref  # pylint: disable=g-import-not-at-top
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   h, w = (int(x) for x in FLAGS.size.split(","))
 
@@ -176,7 +176,7 @@ def time_torch(kind: str) -> tuple[float, float]:
     torch.cuda.synchronize()
     peak = float(torch.cuda.max_memory_allocated())
   else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    peak = float(process.peak_rss_bytes())
   return FLAGS.steps * FLAGS.batch / (time.perf_counter() - t), peak
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the test files (and benchmarks/): not a test file itself.
+"""Helpers shared by the test files: not a test file itself.
 
 - `REPO`, `TESTS`: where the repository and its tests are.
 - `run_python`, `python_env`: the one way tests start Python subprocesses (one environment:
@@ -7,7 +7,8 @@
 - `run_launcher`: a launch/ command's `__main__` in this process (no interpreter start).
 - `run_peers`, `free_port`: the processes of one multi-process job, started together.
 - `rel_err`: max |got - ref| / max |ref|, the parity measure of the model tests.
-- `random_variables`: random Flax variables of a model's shapes (no compile).
+- `random_variables`, `save_authors_pkl`: random weights of a model's shapes, as Flax
+  variables or an authors'-format `.pkl` (`mobileiqa_jax.weights.synthetic`'s).
 - `randomize_torch`: non-trivial norms and biases for a PyTorch / timm module.
 - `tiny_config`, `tiny_data`, `SMALLEST`: the tiny training settings.
 - `IMAGENET_MEAN`, `IMAGENET_STD`: the reference's normalisation, written out here so that the
@@ -35,6 +36,11 @@ if REPO not in sys.path:
 
 from configs import student as student_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import teacher as teacher_config  # noqa: E402  pylint: disable=g-import-not-at-top
+# Random weights of a model's shapes, for the tests that import them from here.
+from mobileiqa_jax.weights import synthetic  # noqa: E402  pylint: disable=g-import-not-at-top
+
+random_variables = synthetic.random_variables
+save_authors_pkl = synthetic.save_authors_pkl
 
 
 # ---------------------------------------------------------------------------- subprocesses
@@ -120,7 +126,7 @@ def run_launcher(script: str, args: Sequence[str]) -> subprocess.CompletedProces
   from absl import logging  # pylint: disable=g-import-not-at-top
   path = os.path.join(REPO, script)
   argv, environ, out, err = sys.argv, dict(os.environ), io.StringIO(), io.StringIO()
-  # What the commands' quiet mode (mobileiqa_jax.commands.errors.quiet_logs) changes for the process.
+  # What the commands' quiet mode (commands.errors.quiet_logs) changes for the process.
   verbosity, root_level = logging.get_verbosity(), std_logging.getLogger().level
   code: Any = 0
   flags_before = set(flags.FLAGS)
@@ -177,52 +183,6 @@ def rel_err(got, ref) -> float:
   got, ref = _numpy(got), _numpy(ref)
   assert got.shape == ref.shape, (got.shape, ref.shape)
   return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-
-
-def random_variables(model, image_size: tuple[int, int] = (64, 64), seed: int = 0) -> dict:
-  """Variables of `model`'s shapes, every leaf drawn at random (eval_shape + numpy, no compile).
-
-  Kernels at 1/sqrt(fan-in); BatchNorm variances in [0.5, 1.5) and means around 0; norm scales
-  around 1; self-attention gammas around 0.5 (non-zero, so attention shows); biases small.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *image_size, 3), jnp.float32)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    coll = str(getattr(path[0], "key", path[0]))
-    shape = leaf.shape
-    if coll == "batch_stats":
-      if name == "var":
-        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-      return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name == "scale":
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "gamma":
-      return (0.5 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
-def save_authors_pkl(model, path: str, seed: int = 0) -> str:
-  """`model` with `random_variables`, saved the authors' way: torch.save of its state dict.
-
-  The last layer is scaled down so the student's scores stay off the sigmoid's ends.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.weights import convert  # pylint: disable=g-import-not-at-top
-  variables = random_variables(model, seed=seed)
-  variables["params"]["fc_score"]["3"]["kernel"] *= 0.05
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
-              for k, v in convert.flax_to_torch(variables).items()}, path)
-  return path
 
 
 def randomize_torch(module, seed: int = 0, conv_bias: bool = True):
@@ -307,7 +267,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
 
 def tiny_data(config, n_train: int = 24, n_eval: int = 12, seed: int = 0, **kwargs):
   """In-memory random images whose MOS is a smooth function of them (learnable, not constant)."""
-  from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import train_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   h, w = config.data.image_size
   x = rng.normal(size=(n_train + n_eval, h, w, 3)).astype(np.float32)

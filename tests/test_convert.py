@@ -102,7 +102,7 @@ def test_safetensors_backbone_loads_without_torch_and_drops_only_the_classifier(
 def test_pkl_round_trip_and_parity_with_pytorch(variant, tmp_path, fast_compile):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  ref_mod = pytest.importorskip("torch_reference")
+  from mobileiqa_jax.weights import torch_reference as ref_mod
   ctor = ref_mod.teacher_reference if variant == "teacher" else ref_mod.student_reference
   torch.manual_seed(0)
   ref = randomize_torch(ctor(pooled_size=12, width=32), conv_bias=False).eval()
@@ -154,7 +154,7 @@ def test_full_timm_pth_initialises_the_backbone(tmp_path):
 def test_convert_and_predict_commands(tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  ref_mod = pytest.importorskip("torch_reference")
+  from mobileiqa_jax.weights import torch_reference as ref_mod
   if not os.path.isdir(LIVEC):
     pytest.skip("../shared/data/livec_jpg is not present")
   torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The MobileIQA head (and whole models) against the PyTorch reference in torch_reference.py.
+"""The MobileIQA head and whole models against the PyTorch reference (weights/torch_reference.py).
 
 Parity is max |JAX - PyTorch| / max |PyTorch| in float32, with non-trivial weights: every
 self-attention gamma in [0.5, 1.5] (at 0 the attention paths would be invisible) and
@@ -134,7 +134,7 @@ def assert_score_varies(score_t, sigmoid=False):
 def toy_models(seed=0, *, pooled_size=6, width=32, regressor_pool=2, sigmoid=True,
                teacher_names=False, num_mals=3, dtype=jnp.float32):
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   names = ("global_vit", "LGF") if teacher_names else ("local_cnn", "LDA")
   torch.manual_seed(seed)
@@ -154,7 +154,7 @@ def toy_models(seed=0, *, pooled_size=6, width=32, regressor_pool=2, sigmoid=Tru
 
 def test_self_attention_parity():
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(0)
   tm = randomize_torch(ref.SelfAttention(32), 1, conv_bias=False).eval()
@@ -171,7 +171,7 @@ def test_self_attention_parity():
 @pytest.mark.parametrize("r,dim", [(12, 20), (20, 12)])
 def test_attention_block_parity(r, dim):
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(1)
   tm = ref.Attention(dim).eval()
@@ -198,7 +198,7 @@ def test_attention_block_parity(r, dim):
 
 def _mal_case(n, size, width, batch, seed, attention="reference"):
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(seed)
   tm = randomize_torch(ref.MAL(width, n, size), seed, conv_bias=False).eval()
@@ -228,7 +228,7 @@ def test_mal_parity_real_size(attention):
 @pytest.mark.parametrize("pool,sigmoid,size", [(4, False, 22), (2, True, 22), (2, False, 8)])
 def test_regressor_parity(pool, sigmoid, size):
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(pool)
   tm = he_regressor_(ref.Regressor(256, pool, sigmoid).eval(), pool)
@@ -251,7 +251,7 @@ def test_regressor_too_small_raises():
 
 def test_lda_parity_overlapping_windows():
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(3)
   tm = ref.LDA(12, 16, 6).eval()
@@ -271,7 +271,7 @@ def test_lda_parity_overlapping_windows():
 def test_lda_banded_gradients_match_torch(hw):
   """The banded LDA (custom VJP) differentiates like conv -> GELU -> pool -> conv."""
   torch = pytest.importorskip("torch")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
 
   torch.manual_seed(4)
   tm = ref.LDA(12, 16, 6)
@@ -432,7 +432,7 @@ def test_config_roundtrip():
 def test_whole_model_parity(variant, hw):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  import torch_reference as ref
+  from mobileiqa_jax.weights import torch_reference as ref
   from mobileiqa_jax.models import mobileiqa
 
   torch.manual_seed(21)

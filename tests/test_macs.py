@@ -161,7 +161,7 @@ def test_whole_model_matches_pytorch_flop_counter(variant, size):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
   from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import torch_reference  # pylint: disable=g-import-not-at-top
 
   ctor = {"student": torch_reference.student_reference,
           "teacher": torch_reference.teacher_reference}[variant]

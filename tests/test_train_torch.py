@@ -2,12 +2,12 @@
 batches, dropout and flips off; Adam (PyTorch L2 weight decay) losses agree within 1e-4
 relative over a few steps.
 
-The reference is `torch_reference.MobileIQA` (written from docs/model.md) around timm backbones;
-a tiny teacher (MobileNetV3 small backbone, teacher head: LGF, pool 2, no sigmoid) and student
-keep it to seconds. Both on support.SMALLEST (one opinion MAL, timm's depth multiplier 0.1 in
-both frameworks): the loss terms, the teacher's conversion and Adam's L2 decay are what is
-compared, and every kind of layer is still in the model. PyTorch's loss is written out as
-docs/model.md section 4 says: MSE(DOF) + MSE(x) + MSE(score, MOS).
+The reference is `mobileiqa_jax.weights.torch_reference.MobileIQA` (written from docs/model.md)
+around timm backbones; a tiny teacher (MobileNetV3 small backbone, teacher head: LGF, pool 2,
+no sigmoid) and student keep it to seconds. Both on support.SMALLEST (one opinion MAL, timm's
+depth multiplier 0.1 in both frameworks): the loss terms, the teacher's conversion and Adam's
+L2 decay are what is compared, and every kind of layer is still in the model. PyTorch's loss
+is written out as docs/model.md section 4 says: MSE(DOF) + MSE(x) + MSE(score, MOS).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import pytest
 
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.weights import convert
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 from mobileiqa_jax.training import trainer
 from mobileiqa_jax.models import runtime
 from support import SMALLEST, randomize_torch, tiny_config, tiny_data
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
-ref = pytest.importorskip("torch_reference")
+from mobileiqa_jax.weights import torch_reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

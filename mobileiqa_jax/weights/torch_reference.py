@@ -1,10 +1,11 @@
 """A PyTorch reference of the MobileIQA head and whole model, written from docs/model.md §2-3.
 
-Used only by the parity tests. Module and parameter names follow the authors' state-dict keys
+The PyTorch side of the parity tests and of the PyTorch-vs-JAX benchmarks; needs torch and
+timm (the `torch` extra). Module and parameter names follow the authors' state-dict keys
 (`global_vit.` / `local_cnn.`, `LGF1..5` / `LDA1..5` with `cnn1`, `cnn2`, `MALs.{j}`,
 `fusion_mal`, `attention_module.{k}.{qConv,kConv,vConv,gamma}`,
 `{channel,feature}_attention.{c_q,c_k,c_v}`, `cnn.{0,3}`, `fc_score.{0,3}`), so a state dict of
-this reference converts to Flax by the same rule as the authors' `.pkl`. CPU only.
+this reference converts to Flax by the same rule as the authors' `.pkl`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
-r"""Trains the teacher or distils the student: a thin wrapper of `trainer.train_and_evaluate`.
+r"""Trains the teacher or distils the student from a config file.
 
   python launch/train.py --config=configs/teacher.py:demo
   python launch/train.py --config=configs/student.py:demo --config.teacher_checkpoint=runs/teacher_demo
   python launch/train.py --config=configs/teacher.py --workdir=runs/teacher_uhd \
       --config.init.backbone=mobilevitv2_200.cvnets_in22k_ft_in1k --config.compute_dtype=bfloat16
 
---workdir defaults to runs/<config.name> (e.g. runs/teacher_demo); an existing workdir with
-checkpoints resumes, and refuses (before writing anything) a config that differs from its
-config.json except in the fields of `training/checkpointer.SAFE_TO_CHANGE_ON_RESUME` (num_epochs,
-max_steps, eval_every_epochs, log_every_steps, progress_bar, checkpoint.*, mesh, ...).
-Any config field can be overridden (--config.optimizer.lr=3e-5); an unknown field is an error. Multi-host (TPU pods, clusters): add --distributed (or set
-MOBILEIQA_DISTRIBUTED=1) and run the same command on every host; see launch/pod_distill.sh.
+The command is mobileiqa_jax/commands/train.py (also `mobileiqa train` after pip install);
+its docstring says how workdirs resume and --help lists its flags.
 """
 
 import os
@@ -19,44 +15,7 @@ import sys
 # Config files import `configs.common`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mobileiqa_jax.commands import errors  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file[:variant], e.g. configs/teacher.py:demo.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config.name>).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flags_as_required(["config"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if _DISTRIBUTED.value:
-    with config.unlocked():
-      config.distributed = True
-  workdir = _WORKDIR.value or os.path.join("runs", config.name or "run")
-  from mobileiqa_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  summary = trainer.train_and_evaluate(config, workdir)
-  best = summary.get("best_eval") or summary.get("best") or {}
-  logging.info("done at step %d%s; best: %s", summary["step"],
-               " (preempted: rerun the same command to resume)" if summary["preempted"] else "",
-               {k: round(v, 4) for k, v in best.items() if isinstance(v, float)})
-  if not summary["preempted"] and best:
-    print(f"{workdir}: step {summary['step']}, best SROCC {best.get('srocc', float('nan')):.4f} "
-          f"PLCC {best.get('plcc', float('nan')):.4f} KROCC {best.get('krocc', float('nan')):.4f}")
-
+from mobileiqa_jax.commands import dispatch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  # Training keeps its own INFO log (the run's record) without the libraries' (--verbose
-  # brings them back). User errors, a non-finite loss, a held workdir, a damaged checkpoint
-  # and a full disk are one line each.
-  from mobileiqa_jax.training import metric_writer  # noqa: E402  pylint: disable=g-import-not-at-top
-  errors.run(main, quiet="libraries", user_errors=(metric_writer.NonFiniteLossError,))
+  dispatch.run_command("train")

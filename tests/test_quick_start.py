@@ -265,3 +265,21 @@ def test_numpy_reader_equals_torch_load(tmp_path):
   torch.save({"a": base}, tmp_path / "legacy.pkl", _use_new_zipfile_serialization=False)
   with pytest.raises(convert.ConversionError, match="not a torch.save zip"):
     convert.load_state_dict(tmp_path / "legacy.pkl")
+
+
+def test_a_command_on_a_cpu_host_starts_quietly_with_the_accelerator_plugins(student_pkl,
+                                                                             tmp_path):
+  # The gpu-aot and tpu-aot extras install jax's CUDA plugin and libtpu; on a host without
+  # such a device the command must not print their failures to find one.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if not (importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu")):
+    pytest.fail("install the gpu-aot and tpu-aot extras (as .ci/run does) for this test")
+  env = _env(tmp_path)
+  env.pop("JAX_PLATFORMS")  # as a user's shell has it
+  proc = _run(["launch/predict.py", f"--checkpoint={student_pkl}", f"--image_size={SIZE}",
+               "--noprogress", PHOTOS[0]], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for noise in ("Traceback", "cuInit", "TPU_WORKER_HOSTNAMES", "plugin configuration error",
+                "INVALID_ARGUMENT"):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[1].startswith(PHOTOS[0])

@@ -31,7 +31,7 @@ def test_demo_cli_train_then_evaluate(tmp_path):
   assert proc.returncode == 0, proc.stderr[-5000:]
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["max_steps"] == 3 and cfg["data"]["image_size"] == [32, 32]
-  assert "RANDOM" in proc.stderr  # the loud no-backbone-init warning
+  assert "RANDOM" not in proc.stderr  # the demo trains from scratch on purpose: no banner
   proc = _launch(["launch/evaluate.py", f"--checkpoint={workdir}", "--split=test",
                   f"--output_dir={tmp_path / 'eval'}"])
   assert proc.returncode == 0, proc.stderr[-5000:]
@@ -40,3 +40,36 @@ def test_demo_cli_train_then_evaluate(tmp_path):
   assert metrics["split"] == "test"
   assert metrics["num_examples"] == len(demo.source("test"))
   assert os.path.isfile(tmp_path / "eval" / "scatter.png")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/teacher.py:demo", "--config.optimizer.lrr=1e-3"],
+     ['--config.optimizer.lrr', 'Did you mean "lr"']),
+    (["--config=configs/teacher.py:dmeo"], ["unknown config argument 'dmeo'", "demo"]),
+])
+def test_a_config_mistake_is_one_line_with_the_suggestion(tmp_path, args, expected):
+  proc = run_launcher("launch/train.py", [*args, f"--workdir={tmp_path / 'run'}"])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in proc.stderr and 'File "' not in proc.stderr, (
+      proc.stderr)
+  assert all(e in lines[0] for e in expected), lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_random_backbone_warns_unless_the_config_trains_from_scratch(caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from configs import teacher  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  demo, uhd = teacher.get_config("demo"), teacher.get_config()
+  assert demo.init.from_scratch and not demo.init.backbone
+  assert not uhd.init.from_scratch
+  with caplog.at_level(logging.INFO):
+    assert convert.fetch_timm_backbone(demo.init.backbone, "mobilevitv2_050",
+                                       from_scratch=demo.init.from_scratch) is None
+  assert "RANDOM" not in caplog.text and "from_scratch" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert convert.fetch_timm_backbone("", "mobilevitv2_200",
+                                       from_scratch=uhd.init.from_scratch) is None
+  assert "RANDOM" in caplog.text

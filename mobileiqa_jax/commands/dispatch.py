@@ -2,12 +2,18 @@
 
     mobileiqa predict --checkpoint=MobileNet_IQA.pkl photos/ > scores.csv
     mobileiqa convert --torch_checkpoint=MobileViT_IQA.pkl --output=ckpt/teacher
+    mobileiqa train --config=configs/teacher.py:demo
     mobileiqa predict --help                      # the command's flags
+    mobileiqa --version
 
 Each command is a module of `mobileiqa_jax.commands` with its absl flags and `main`, the same
 code `python launch/<script>.py` runs (the launch/ scripts are shims of `run_command`), so
-flags, output and exit statuses are the same either way. Training stays
-`python launch/train.py --config=configs/...` (its configs live in the repository).
+flags, output and exit statuses are the same either way.
+
+`run_command` is also where a command decides which of jax's platforms it may start: on a
+host without a GPU or TPU device, only the CPU (`choose_platforms`). Otherwise jax would
+initialise every installed plugin (the `gpu-aot` and `tpu-aot` extras bring the CUDA plugin
+and libtpu) and each would print its failure to find a device.
 
 Absl flags are defined when their module runs, so only the chosen command's module is run
 (as `__main__`, as `python -m` would): `mobileiqa --help` reads the one-line summaries from
@@ -17,6 +23,7 @@ the modules' docstrings without importing them.
 from __future__ import annotations
 
 import ast
+import glob
 import importlib.util
 import os
 import runpy
@@ -35,8 +42,30 @@ COMMANDS = {
     "aot": "aot_compile",            # launch/aot_compile.py
     "profile": "model_card",         # launch/model_card.py
     "prepare_data": "prepare_data",  # launch/prepare_data.py
+    "train": "train",                # launch/train.py
 }
 PROG = "mobileiqa"
+
+
+# Device files whose presence says this host has an accelerator jax could drive: NVIDIA
+# (/dev/nvidia0...), AMD (/dev/kfd), Cloud TPU VMs (/dev/accel0... on v2-v4, /dev/vfio/0... on
+# v5e and later).
+_ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def choose_platforms(environ: dict[str, str] | None = None) -> str | None:
+  """Restricts jax to the CPU on a host without accelerator devices; returns what it set.
+
+  A user's JAX_PLATFORMS is kept as it is. Takes effect before jax starts its backends, also
+  when jax is already imported.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_PLATFORMS") or any(glob.glob(p) for p in _ACCELERATOR_DEVICES):
+    return None
+  environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+  return "cpu"
 
 
 def run_command(name: str, prog: str | None = None) -> None:
@@ -48,6 +77,7 @@ def run_command(name: str, prog: str | None = None) -> None:
       `predict.py` for launch/predict.py).
   """
   errors.program_name = prog or os.path.basename(sys.argv[0])
+  choose_platforms()
   try:
     # alter_sys: sys.argv[0] becomes the module's file while it runs, which is where absl
     # files the flags it defines, so `--help` lists them.
@@ -70,7 +100,7 @@ def usage() -> str:
   lines = [f"usage: {PROG} <command> [flags] [ARGS]   ({PROG} <command> --help: its flags)", "",
            "commands:"]
   lines += [f"  {n:<{width}}  {summary(n)}" for n in COMMANDS]
-  lines += ["", "Training: python launch/train.py --config=configs/teacher.py (a checkout)."]
+  lines += ["", f"{PROG} --version prints the package's version."]
   return "\n".join(lines) + "\n"
 
 
@@ -94,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     (sys.stdout if len(argv) >= 2 else sys.stderr).write(usage())
     raise SystemExit(0 if len(argv) >= 2 else 2)
   name = argv[1]
+  if name in ("--version", "-V", "version"):
+    from mobileiqa_jax import __version__  # pylint: disable=g-import-not-at-top
+    sys.stdout.write(f"{PROG} {__version__}\n")
+    raise SystemExit(0)
   if name not in COMMANDS:
     errors.program_name = PROG
     try:

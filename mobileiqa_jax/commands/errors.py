@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 import warnings
@@ -75,13 +76,41 @@ def verbose() -> bool:
   return bool(_VERBOSE.value) or flags.FLAGS["verbosity"].present > 0
 
 
+def _config_error(error: BaseException, argv: Sequence[str]) -> str | None:
+  """A config file's or override's error as one readable line, or None when it is not one.
+
+  ml_collections reports a field that does not exist as a KeyError wrapped in an
+  AttributeError (with its "Did you mean" suggestion), and a config file that fails to load
+  as a flag error whose text holds the whole traceback: the user needs the last line.
+  """
+  text = str(error)
+  if isinstance(error, (AttributeError, KeyError)):
+    # str(KeyError) quotes and escapes its message: unwrap it.
+    text = text.strip("'\"").replace("\\n", "; ").replace("\\'", "'")
+    quoted = re.match(r"'([^']+)'", text)
+    field = quoted.group(1) if quoted else ""
+    override = next((a.split("=", 1)[0] for a in argv
+                     if a.startswith("--config.") and field and f".{field}" in a.split("=")[0]),
+                    None)
+    where = f"{override}: " if override else ""
+    return f"{where}no config field {text}"
+  if "Error whilst parsing config file" in text and "Traceback" in text:
+    last = [line.strip() for line in text.splitlines() if line.strip()]
+    flag = text.split(": Error whilst parsing config file", 1)[0]
+    return f"{flag}: {last[-1] if last else text}"
+  return None
+
+
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(list(argv))
-  except flags.Error as e:
+  except (flags.Error, AttributeError, KeyError) as e:
     if "--verbose" in argv:
       raise
-    fail(f"{e} (run with --helpshort for the flags)", status=2)
+    message = _config_error(e, argv)
+    if message is None and not isinstance(e, flags.Error):
+      raise
+    fail(message or f"{e} (run with --helpshort for the flags)", status=2)
   return []  # unreachable
 
 

@@ -372,7 +372,8 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     init = jax.jit(functools.partial(init_fn, model), out_shardings=var_shardings)
     variables = init.lower(key).compile(compiler_options=INIT_COMPILER_OPTIONS)(key)
     loaded = convert.fetch_timm_backbone(config.init.backbone, model_cfg.backbone,
-                                         model_cfg.backbone_kwargs)
+                                         model_cfg.backbone_kwargs,
+                                         config.init.get("from_scratch", False))
     if loaded is None:
       return variables
     merged = convert.merge_backbone(sharding.global_to_host(variables),

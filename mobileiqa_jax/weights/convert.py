@@ -248,14 +248,19 @@ def load_timm_backbone(path: str | os.PathLike, arch: str,
 
 
 def fetch_timm_backbone(spec: str, arch: str,
-                        backbone_kwargs: Mapping[str, Any] | None = None) -> Variables | None:
+                        backbone_kwargs: Mapping[str, Any] | None = None,
+                        from_scratch: bool = False) -> Variables | None:
   """`config.init.backbone` -> backbone variables {'params', 'batch_stats'}.
 
   A local file is read as it is; anything else is a timm hub name, fetched with
   huggingface_hub (`timm/<name>`, model.safetensors) when the hub is reachable, and read
   into `arch` built with `backbone_kwargs` (see `load_timm_backbone`). An empty
-  `spec` returns None, with a loud warning: the backbone then starts from random weights.
+  `spec` returns None: the backbone then starts from random weights, with a loud warning
+  unless the experiment trains `from_scratch` on purpose.
   """
+  if not spec and from_scratch:
+    logging.info("the %s backbone starts from random weights (init.from_scratch)", arch)
+    return None
   if not spec:
     bar = "!" * 78
     logging.warning(

@@ -74,12 +74,12 @@ class ToyBackbone(nn.Module):
     return self.channels
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, example_mask=None):
     feats = []
     x = x.astype(self.dtype)
     for i, c in enumerate(self.channels):
       x = layers.conv2d(c, 3, 2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
-      x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x)
+      x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{i}")(x, example_mask)
       x = nn.relu(x)
       feats.append(x)
     return feats

@@ -108,7 +108,7 @@ def test_large_100_eval_parity(impl, hw):
 
 @pytest.mark.parametrize("name,hw", [
     ("mobilenetv3_small_100", (97, 65)),
-    ("mobilenetv3_large_075", (32, 47)),  # the smallest input side the issue allows
+    ("mobilenetv3_large_075", (32, 47)),  # the smallest input side the backbone takes
 ])
 def test_other_variants_eval_parity(name, hw):
   check_eval(name, "conv", *hw)

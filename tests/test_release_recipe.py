@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mobileiqa_jax import sharding
+from mobileiqa_jax.training import sharding
 from mobileiqa_jax.training import trainer
 from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.models import layers
+from mobileiqa_jax.models import mobileiqa
+from mobileiqa_jax.models import runtime
 from support import IMAGENET_MEAN, IMAGENET_STD, rel_err, tiny_config
 import data_fixtures
 
@@ -43,9 +45,8 @@ def test_masked_batch_norm_equals_batch_norm_of_the_real_examples():
 
   def run(x, m):
     def f(params):
-      with layers.batch_norm_example_mask(m):
-        y, new = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                          mutable=["batch_stats"])
+      y, new = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                        example_mask=m, mutable=["batch_stats"])
       # A loss over the real rows only, weighting them differently so gradients are not 0.
       return jnp.sum(jnp.square(y[:3]) * jnp.arange(1.0, 4.0)[:, None, None, None]), (y, new)
     (_, (y, new)), g = jax.value_and_grad(f, has_aux=True)(variables["params"])
@@ -70,17 +71,76 @@ def test_masked_batch_norm_equals_batch_norm_of_the_real_examples():
   np.testing.assert_allclose(got[1]["mean"], tbn.running_mean.numpy(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backbone,kwargs,hw,remat,grads", [
+    ("mobilenetv3_small_050", {"depth_multiplier": 0.1}, (64, 64), "block", True),
+    ("mobilevitv2_050", {}, (64, 64), "stage", False),
+])
+def test_example_mask_reaches_every_batch_norm_of_the_model(backbone, kwargs, hw, remat, grads,
+                                                            fast_compile):
+  """The train step's call, `apply(..., train=True, example_mask=mask)`, through remat.
+
+  A padded batch with its mask gives the real examples' features, score and running
+  statistics as the real examples alone do: every BatchNorm of the backbone, inside the
+  remat-wrapped stages or blocks too, counts only them. The student backbone also compares
+  parameter gradients (the remat wrappers' backward pass); the teacher's runs forward only
+  (its remat wrappers take the mask there as well), to keep the compiles short.
+  """
+  rng = np.random.default_rng(2)
+  real, pad = 3, 2
+  model = mobileiqa.build_model(
+      mobileiqa.model_config("teacher", backbone=backbone, backbone_kwargs=kwargs, width=16,
+                             pooled_size=6, num_mals=1, regressor_pool=2, dropout_rate=0.0),
+      runtime.Runtime(remat=remat))
+  images = rng.normal(size=(real, *hw, 3)).astype(np.float32)
+  padded = np.concatenate([images, rng.normal(size=(pad, *hw, 3)).astype(np.float32)])
+  mask = np.arange(real + pad) < real
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+
+  def loss(params, x, m):
+    (feats, _, score, _), new = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+        return_features=True, return_fused=True, rngs={"dropout": jax.random.PRNGKey(1)},
+        mutable=["batch_stats"], example_mask=m)
+    # Only the real rows enter the loss, each weighted differently.
+    w = jnp.arange(1.0, real + 1.0)
+    value = jnp.sum(score[:real] * w) + jnp.sum(jnp.mean(feats[:, :real], (0, 2, 3, 4)) * w)
+    return value, (feats[:, :real], score[:real], new["batch_stats"])
+
+  def run(x, m):
+    if grads:
+      (_, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"], x, m)
+      aux = (*aux, g)
+    else:
+      _, aux = jax.jit(loss)(variables["params"], x, m)
+    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
+    return [flat(t) for t in jax.device_get(aux)]
+
+  got = run(padded, mask)
+  want = run(images, None)
+  # Every example counted: the same program as `got`'s, so no further compile.
+  unmasked = run(padded, np.ones_like(mask))
+  names = ("features", "score", "batch_stats", "grads")[:len(got)]
+  # Float32 rounding of sums over 5 rows against 3: up to ~4e-6 here (features).
+  for name, g, w in zip(names, got, want):
+    assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
+  # The padding changes plain BatchNorm (by 1e-2 to 0.7 here), so the mask is what makes them
+  # agree. The score of a freshly initialised head hardly depends on its input.
+  for name, u, w in zip(names, unmasked, want):
+    if name != "score":
+      assert rel_err(u, w) > 1e-3, (name, rel_err(u, w))
+
+
 @pytest.mark.slow
 def test_padded_last_batch_step_equals_the_small_batch_step():
   """Padding + mask gives exactly PyTorch's smaller last batch: loss, BN statistics, update.
 
-  Slow (two train-step compiles, minutes on the shared 2-core VM). The parameters agree to
+  Slow (two train-step compiles, minutes on a 2-core CPU). The parameters agree to
   float32 rounding of a backward pass through BatchNorm over 5 examples, compared over the
   whole tree (max abs difference / max abs value, as test_sharding does): per element, the
-  rounding of 8 rows against 5 decides the updates of near-zero gradients. Measured on the
-  2-core VM, 2026-12-03: 8.9e-6 with the mask, 0.46 without it (the bound is 1e-4); without the
-  mask the loss itself differs at the first digit. An element-wise rtol 1e-4 / atol 1e-5 failed
-  there on 1 of 144 elements of one kernel (2.0e-5 off), from rounding alone.
+  rounding of 8 rows against 5 decides the updates of near-zero gradients. On a 2-core CPU
+  the difference is 8.9e-6 with the mask and 0.46 without it (the bound is 1e-4); without
+  the mask the loss itself differs at the first digit. An element-wise rtol 1e-4 / atol 1e-5
+  is too tight: one kernel element of 144 differs by 2.0e-5 from rounding alone.
   """
   # No dropout (its masks depend on the batch shape). Adam with eps 1 and lr 1 makes the
   # first update g / (|g| + 1): the parameters then carry the gradients, not their signs.
@@ -262,7 +322,7 @@ def test_release_configs_select_the_released_protocol():
 
 def test_release_variant_loader_fixed_order_and_last_partial_batch():
   from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
-  from mobileiqa_jax.data import train_data  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.training import train_data  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = teacher_config.get_config("uhd_iqa_release")
   c.data.image_size, c.data.pre_resize = (12, 16), (24, 32)  # small; the logic is the same

@@ -7,10 +7,8 @@ get wrong.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,7 +71,7 @@ class PointwiseConv(nn.Module):
   bias zeros), so checkpoints and the converter see no difference. Why not `nn.Conv`: XLA's
   TPU convolution emitter picks its own tiled layout for a 1x1 convolution (batch folded into
   the width, the width padded), so a chain of them with norms and activations between (the
-  MobileViTv2 transformer) was wrapped in relayout copies of every map; as a dot_general it
+  MobileViTv2 transformer) is wrapped in relayout copies of every map; as a dot_general it
   reads and writes the maps in the layout of the elementwise ops around it. Next to XLA's
   grouped convolution (depthwise impl 'conv'), which keeps the emitter's layout, `nn.Conv`
   measured cheaper (TPU v5e compiles, benchmarks/layer_traffic.py), so the blocks pick the
@@ -432,8 +430,8 @@ def _pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   window (XLA:CPU runs a reduction over a middle axis ~10x slower: 2.4 s vs 0.2 s on
   616x954x512, measured). Otherwise (overlapping windows, e.g. 954 -> 22) a matmul with the
   0/1 window matrix, sums accumulated in float32, then the 1 / length scaling: one read of
-  x. The per-tap gathers this replaced cost the TPU teacher step about 2 GB per step on the
-  first LDA alone (v5e compile at 1231x1907).
+  x. Per-tap gathers would cost the TPU teacher step about 2 GB per step on the first LDA
+  alone (v5e compile at 1231x1907).
   """
   in_size = x.shape[axis]
   if in_size == out_size:
@@ -523,29 +521,6 @@ def resize_bilinear_align_corners(x: jax.Array, size_hw: Sequence[int]) -> jax.A
     return _align_corners_axis(x, 2, size_hw[1])
 
 
-# Examples that training BatchNorm statistics count (None: all). A context variable rather
-# than an argument of every backbone block: only the train step of a padded last batch sets it.
-_EXAMPLE_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
-    "batch_norm_example_mask", default=None)
-
-
-@contextlib.contextmanager
-def batch_norm_example_mask(mask: jax.Array | None) -> Iterator[None]:
-  """Within this block, training BatchNorm statistics count only examples where `mask` is set.
-
-  A padded last batch (the released recipe keeps PyTorch's last small batch) then normalises
-  and updates the running statistics exactly as a batch of its real examples alone would:
-  mean, variance and the n / (n - 1) correction all use the real examples' positions.
-  `mask` has shape [batch] (bool or 0/1) and is traced with the model (set it inside the
-  jitted function). None leaves every BatchNorm as it is.
-  """
-  token = _EXAMPLE_MASK.set(mask)
-  try:
-    yield
-  finally:
-    _EXAMPLE_MASK.reset(token)
-
-
 class BatchNorm2d(nn.Module):
   """`torch.nn.BatchNorm2d` exactly, training included (variables named as `nn.BatchNorm`'s).
 
@@ -553,6 +528,12 @@ class BatchNorm2d(nn.Module):
   normalises with the biased one but stores the *unbiased* one (times n / (n - 1)), which
   differs visibly wherever few positions are averaged (the stride-32 layers). Params `scale`,
   `bias`; batch_stats `mean`, `var`. `momentum` is PyTorch's (weight of the new batch).
+
+  In training, `example_mask` (shape [batch], bool or 0/1, traced) makes the statistics count
+  only the examples where it is set: a padded last batch (the released recipe keeps PyTorch's
+  last small batch) then normalises and updates the running statistics exactly as a batch of
+  its real examples alone would (mean, variance and the n / (n - 1) correction). None counts
+  every example; with running averages the mask is not read.
   """
 
   use_running_average: bool = True
@@ -561,7 +542,7 @@ class BatchNorm2d(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, example_mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -576,15 +557,14 @@ class BatchNorm2d(nn.Module):
       # cancellation error is far below the rounding of the bfloat16 activations themselves.
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
-      example_mask = _EXAMPLE_MASK.get()
       one_pass = jnp.dtype(x.dtype) != jnp.float32
       if example_mask is None:
         mean, var = _moments(xf, axes, one_pass)
         n = x.size // c
       else:
         if example_mask.shape != x.shape[:1]:
-          raise ValueError(f"batch_norm_example_mask: mask shape {example_mask.shape} does "
-                           f"not match the batch of a BatchNorm input {x.shape}.")
+          raise ValueError(f"BatchNorm2d example_mask shape {example_mask.shape} does not "
+                           f"match the batch of its input {x.shape}.")
         w = example_mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
         n = jnp.maximum(jnp.sum(w) * (x.size // (c * x.shape[0])), 1.0)
         mean = jnp.sum(xf * w, axes) / n

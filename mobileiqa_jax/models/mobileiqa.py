@@ -124,7 +124,7 @@ class _PointwiseGeluPool(nn.Module):
   teacher). Computed one pooled row band at a time inside a `lax.scan`
   (`_banded_gelu_pool_rows`), it never exists whole, in the forward or the backward pass.
   Same windows and numbers as conv -> GELU -> `layers.adaptive_avg_pool2d` (float32
-  rounding); on 2 CPU cores it is also ~2.7x faster, as XLA:CPU no longer writes and re-reads
+  rounding); on 2 CPU cores it is also ~2.7x faster, as XLA:CPU does not write and re-read
   the whole activation. `banded=False` is the reference's form (`runtime.Runtime.lda`).
   """
 
@@ -272,8 +272,9 @@ class MobileIQA(nn.Module):
   """Backbone + IQA head.
 
   Attributes:
-    backbone: a Flax module; `backbone(images_nhwc, train=train)` returns a list of NHWC
-      features (5 for the paper's backbones). Its variables live under `backbone_name`.
+    backbone: a Flax module; `backbone(images_nhwc, train=train, example_mask=mask)` returns
+      a list of NHWC features (5 for the paper's backbones). Its variables live under
+      `backbone_name`.
     backbone_name: 'global_vit' (teacher) or 'local_cnn' (student).
     lda_prefix: 'LGF' (teacher) or 'LDA' (student); LDAs are named prefix1..prefixV.
     pooled_size: S, the side every LDA pools to (22).
@@ -294,9 +295,11 @@ class MobileIQA(nn.Module):
     lda_banded, gelu_form: the LDAs' forms (`runtime.Runtime.lda`, `.gelu`).
 
   Methods (all usable through `model.apply(variables, ..., method=...)`):
-    __call__(images, train=False, return_features=False, return_fused=False)
-    forward_features(images, train=False) -> (x, dof, fused)
-    views(images, train=False) -> x;  opinions(x, train=False) -> (dof, fused)   (its halves)
+    __call__(images, train=False, return_features=False, return_fused=False,
+             example_mask=None)
+    forward_features(images, train=False, example_mask=None) -> (x, dof, fused)
+    views(images, train=False, example_mask=None) -> x
+    opinions(x, train=False) -> (dof, fused)   (views and opinions: forward_features' halves)
     regress(fused, train=False) -> score   (e.g. the teacher's regressor on the student's
       fused feature: `teacher.apply(t_vars, s_fused, method='regress')`)
   """
@@ -339,21 +342,26 @@ class MobileIQA(nn.Module):
     return len(chans) if chans is not None else 5
 
   def forward_features(
-      self, images: jax.Array, train: bool = False
+      self, images: jax.Array, train: bool = False, example_mask: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """images (B, H, W, 3) -> x (V, B, S, S, C), dof (M, B, S, S, C), fused (B, S, S, C)."""
-    x = self.views(images, train)
+    """images (B, H, W, 3) -> x (V, B, S, S, C), dof (M, B, S, S, C), fused (B, S, S, C).
+
+    `example_mask` as in `__call__`.
+    """
+    x = self.views(images, train, example_mask)
     dof, fused = self.opinions(x, train)
     return x, dof, fused
 
-  def views(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def views(self, images: jax.Array, train: bool = False,
+            example_mask: jax.Array | None = None) -> jax.Array:
     """The backbone and the LDAs: images (B, H, W, 3) -> x (V, B, S, S, C).
 
     Everything that grows with the input size; what follows works on S x S. In inference
     mode each photo's views depend on that photo alone, so a scorer may run this part one
-    photo at a time (`inference.apply_for_scoring`); in training BatchNorm couples the batch.
+    photo at a time (`inference.apply_for_scoring`); in training BatchNorm couples the batch
+    (over the examples `example_mask` sets, as in `__call__`).
     """
-    feats = getattr(self, self.backbone_name)(images, train=train)
+    feats = getattr(self, self.backbone_name)(images, train=train, example_mask=example_mask)
     if len(feats) != len(self._lda_names):
       raise ValueError(
           f"backbone returned {len(feats)} features, expected {len(self._lda_names)}")
@@ -374,14 +382,21 @@ class MobileIQA(nn.Module):
       train: bool = False,
       return_features: bool = False,
       return_fused: bool = False,
+      example_mask: jax.Array | None = None,
   ):
     """Scores images (B, H, W, 3), ImageNet-normalised.
+
+    `example_mask` ([B] bool or 0/1, or None for all) is the examples that the backbone's
+    BatchNorm statistics count in training (`train=True`): a last batch padded to full size
+    then normalises and updates its running statistics exactly as its real examples alone
+    would (`layers.BatchNorm2d`). Every output still has all B rows; the caller leaves the
+    padded ones out of its loss. Inference does not read the mask.
 
     Returns score (B,) float32; with `return_features`, (x, dof, score); with
     `return_fused` as well, (x, dof, score, fused); with only `return_fused`,
     (score, fused).
     """
-    x, dof, fused = self.forward_features(images, train)
+    x, dof, fused = self.forward_features(images, train, example_mask)
     score = self.regress(fused, train)
     if return_features and return_fused:
       return x, dof, score, fused

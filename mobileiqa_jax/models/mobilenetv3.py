@@ -163,15 +163,21 @@ class SqueezeExcite(nn.Module):
 
 
 class _BlockBase(nn.Module):
-  """Shared fields of the three block kinds."""
+  """Shared fields of the three block kinds.
+
+  Each block is called as `block(x, train, example_mask)`: `example_mask` ([batch] or None)
+  is the examples its training BatchNorm statistics count (`layers.BatchNorm2d`).
+  """
 
   cfg: BlockConfig
   dtype: Dtype = jnp.float32
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
 
-  def _bn_act(self, x: jax.Array, train: bool, name: str, act: str) -> jax.Array:
+  def _bn_act(self, x: jax.Array, train: bool, example_mask: jax.Array | None, name: str,
+              act: str) -> jax.Array:
     # timm's BatchNormAct2d: BN then the activation, one module in the state dict.
-    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name=name)(x)
+    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name=name)(
+        x, example_mask)
     return _ACTIVATIONS[act](x)
 
   def _conv(self, features: int, kernel: int, stride: int,
@@ -191,14 +197,15 @@ class DepthwiseSeparableConv(_BlockBase):
   """timm `DepthwiseSeparableConv`: dw conv, BN+act, [SE], 1x1 conv, BN, [+ input]."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     c = self.cfg
     y = self._dw(x, "conv_dw")
-    y = self._bn_act(y, train, "bn1", c.act)
+    y = self._bn_act(y, train, example_mask, "bn1", c.act)
     if c.se_chs:
       y = SqueezeExcite(c.mid_chs, c.se_chs, dtype=self.dtype, name="se")(y)
     y = self._conv(c.out_chs, 1, 1, "conv_pw")(y)
-    y = self._bn_act(y, train, "bn2", "identity")
+    y = self._bn_act(y, train, example_mask, "bn2", "identity")
     return y + x if c.has_skip else y
 
 
@@ -206,16 +213,17 @@ class InvertedResidual(_BlockBase):
   """timm `InvertedResidual`: 1x1 expand, BN+act, dw conv, BN+act, [SE], 1x1, BN, [+ input]."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     c = self.cfg
     y = self._conv(c.mid_chs, 1, 1, "conv_pw")(x)
-    y = self._bn_act(y, train, "bn1", c.act)
+    y = self._bn_act(y, train, example_mask, "bn1", c.act)
     y = self._dw(y, "conv_dw")
-    y = self._bn_act(y, train, "bn2", c.act)
+    y = self._bn_act(y, train, example_mask, "bn2", c.act)
     if c.se_chs:
       y = SqueezeExcite(c.mid_chs, c.se_chs, dtype=self.dtype, name="se")(y)
     y = self._conv(c.out_chs, 1, 1, "conv_pwl")(y)
-    y = self._bn_act(y, train, "bn3", "identity")
+    y = self._bn_act(y, train, example_mask, "bn3", "identity")
     return y + x if c.has_skip else y
 
 
@@ -223,14 +231,20 @@ class ConvBnAct(_BlockBase):
   """timm `ConvBnAct` (the final 1x1 conv to 960/576 channels): conv, BN+act."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     c = self.cfg
     y = self._conv(c.out_chs, c.kernel_size, c.stride, "conv")(x)
-    y = self._bn_act(y, train, "bn1", c.act)
+    y = self._bn_act(y, train, example_mask, "bn1", c.act)
     return y + x if c.has_skip else y
 
 
 _BLOCKS = {"ds": DepthwiseSeparableConv, "ir": InvertedResidual, "cn": ConvBnAct}
+
+# `nn.remat` of a block or stage called as (x, train, example_mask): arg 0 is the module
+# itself, so `train` (a Python bool that picks the program) is static arg 2; the mask is a
+# traced array (or None) and stays an ordinary argument.
+_REMAT_STATIC = (2,)
 
 
 class _Stages(nn.Module):
@@ -246,18 +260,18 @@ class _Stages(nn.Module):
   strided_depthwise_impl: str = ""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> list[jax.Array]:
     if self.remat not in (False, True, "stage", "block"):
       raise ValueError(f"MobileNetV3 remat must be False, True, 'stage' or 'block', got "
                        f"{self.remat!r}")
     stage_cls: Callable[..., nn.Module] = _Stage
     if self.remat in (True, "stage"):
-      # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
-      stage_cls = nn.remat(_Stage, static_argnums=(2,))
+      stage_cls = nn.remat(_Stage, static_argnums=_REMAT_STATIC)
     outs = []
     for i, stage in enumerate(self.stages):
       x = stage_cls(stage, self.dtype, self.depthwise_impl, self.remat == "block",
-                    self.strided_depthwise_impl, name=str(i))(x, train)
+                    self.strided_depthwise_impl, name=str(i))(x, train, example_mask)
       outs.append(x)
     return outs
 
@@ -272,14 +286,15 @@ class _Stage(nn.Module):
   strided_depthwise_impl: str = ""  # the form of blocks with stride > 1; '' = depthwise_impl
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     for j, cfg in enumerate(self.blocks):
       block_cls = _BLOCKS[cfg.kind]
       if self.remat_blocks:
-        block_cls = nn.remat(block_cls, static_argnums=(2,))
+        block_cls = nn.remat(block_cls, static_argnums=_REMAT_STATIC)
       impl = (self.strided_depthwise_impl or self.depthwise_impl) if cfg.stride > 1 else (
           self.depthwise_impl)
-      x = block_cls(cfg, self.dtype, impl, name=str(j))(x, train)
+      x = block_cls(cfg, self.dtype, impl, name=str(j))(x, train, example_mask)
     return x
 
 
@@ -324,12 +339,15 @@ class MobileNetV3(nn.Module):
     return tuple(2 ** (i + 1) for i in self.out_indices)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> list[jax.Array]:
     """Runs the backbone.
 
     Args:
       x: images, NHWC float, at least 32x32 (odd sizes fine).
       train: BatchNorm uses batch statistics and updates `batch_stats` (make it mutable).
+      example_mask: [batch] bool or 0/1, or None (all): the examples that training BatchNorm
+        statistics count (a padded last batch; see `layers.BatchNorm2d`).
 
     Returns:
       The features selected by `out_indices`, NHWC, in the compute dtype.
@@ -337,10 +355,11 @@ class MobileNetV3(nn.Module):
     stem, stages, feats = self._layout()
     x = x.astype(self.dtype)
     x = layers.conv2d(stem, 3, 2, use_bias=False, dtype=self.dtype, name="conv_stem")(x)
-    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
+    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(
+        x, example_mask)
     x = layers.hard_swish(x)
     outs = [x] + _Stages(stages, self.dtype, self.depthwise_impl, self.remat,
-                         self.strided_depthwise_impl, name="blocks")(x, train)
+                         self.strided_depthwise_impl, name="blocks")(x, train, example_mask)
     features = [outs[f] for f in feats]
     return [features[i] for i in self.out_indices]
 

@@ -43,6 +43,11 @@ _TRANSFORMER_RATIO = 0.5  # transformer dim = make_divisible(0.5 * in_chs)
 _MLP_RATIO = 2.0
 _PATCH = 2
 
+# `nn.remat` of a block or stage called as (x, train, example_mask): arg 0 is the module
+# itself, so `train` (a Python bool that picks the program) is static arg 2; the mask is a
+# traced array (or None) and stays an ordinary argument.
+_REMAT_STATIC = (2,)
+
 
 def stage_channels(width_multiplier: float) -> tuple[int, ...]:
   """Output channels of stages 0..4 (= the five features), derived as timm does."""
@@ -63,6 +68,8 @@ class ConvNormAct(nn.Module):
 
   Submodules are named `conv` and `bn` like timm's. Depthwise convs (groups == channels) use
   `layers.DepthwiseConv2d`, whose kernel (k, k, 1, C) is the torch (C, 1, k, k) in HWIO.
+  This and every block above it take `(x, train, example_mask)`: `example_mask` ([batch] or
+  None) is the examples the training BatchNorm statistics count (`layers.BatchNorm2d`).
   """
 
   features: int
@@ -75,7 +82,8 @@ class ConvNormAct(nn.Module):
   as_matmul: bool = False  # a 1x1 conv as `layers.PointwiseConv` (same variables)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     if self.as_matmul:
       x = layers.PointwiseConv(self.features, use_bias=False, dtype=self.dtype, name="conv")(x)
     elif self.depthwise:
@@ -87,7 +95,8 @@ class ConvNormAct(nn.Module):
           self.features, self.kernel_size, self.stride, use_bias=False, dtype=self.dtype,
           name="conv")(x)
     # BatchNorm2d, not nn.BatchNorm: PyTorch stores the unbiased batch variance in training.
-    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn")(x)
+    x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn")(
+        x, example_mask)
     return nn.silu(x) if self.apply_act else x
 
 
@@ -105,18 +114,20 @@ class BottleneckBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     in_chs = x.shape[-1]
     mid = layers.make_divisible(in_chs * _BOTTLE_RATIO)
     shortcut = x
     impl = self.depthwise_impl
     as_matmul = layers.pointwise_as_matmul(impl)
-    x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, name="conv1_1x1")(x, train)
+    x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, name="conv1_1x1")(
+        x, train, example_mask)
     x = ConvNormAct(
         mid, 3, self.stride, depthwise=True, depthwise_impl=impl,
-        dtype=self.dtype, name="conv2_kxk")(x, train)
+        dtype=self.dtype, name="conv2_kxk")(x, train, example_mask)
     x = ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, as_matmul=as_matmul,
-                    name="conv3_1x1")(x, train)
+                    name="conv3_1x1")(x, train, example_mask)
     if in_chs == self.features and self.stride == 1:
       x = x + shortcut
     return x
@@ -253,7 +264,8 @@ class MobileVitV2Block(nn.Module):
   remat_blocks: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
     _, h, w, in_chs = x.shape
     new_h, new_w = -(-h // _PATCH) * _PATCH, -(-w // _PATCH) * _PATCH
     if new_h != h or new_w != w:
@@ -261,14 +273,14 @@ class MobileVitV2Block(nn.Module):
     dim = layers.make_divisible(_TRANSFORMER_RATIO * in_chs)
     x = ConvNormAct(
         in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-        name="conv_kxk")(x, train)
+        name="conv_kxk")(x, train, example_mask)
     # The 1x1 convs of this block are matmuls (see `layers.PointwiseConv`).
     x = layers.PointwiseConv(dim, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
     x = LinearTransformer(self.transformer_depth, self.dtype, self.remat_blocks,
                           name="transformer")(x)
     x = layers.group_norm_1(self.dtype, name="norm")(x)
     return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, as_matmul=True,
-                       name="conv_proj")(x, train)
+                       name="conv_proj")(x, train, example_mask)
 
 
 class Stage(nn.Module):
@@ -285,19 +297,20 @@ class Stage(nn.Module):
   strided_depthwise_impl: str = ""  # the stride-2 block's form; '' = depthwise_impl
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
-    block_cls = (nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat_blocks
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> jax.Array:
+    block_cls = (nn.remat(BottleneckBlock, static_argnums=_REMAT_STATIC) if self.remat_blocks
                  else BottleneckBlock)
     for i in range(self.depth):
       stride = self.stride if i == 0 else 1
       impl = (self.strided_depthwise_impl or self.depthwise_impl) if stride > 1 else (
           self.depthwise_impl)
-      x = block_cls(self.features, stride, impl, self.dtype, name=str(i))(x, train)
+      x = block_cls(self.features, stride, impl, self.dtype, name=str(i))(
+          x, train, example_mask)
     if self.transformer_depth:
       x = MobileVitV2Block(
           self.features, self.transformer_depth, self.depthwise_impl, self.dtype,
-          self.remat_blocks, name=str(self.depth))(x, train)
+          self.remat_blocks, name=str(self.depth))(x, train, example_mask)
     return x
 
 
@@ -334,33 +347,36 @@ class MobileViTv2(nn.Module):
     return (2, 4, 8, 16, 32)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_mask: jax.Array | None = None) -> list[jax.Array]:
     """Runs the backbone.
 
     Args:
       x: float images (B, H, W, 3), H and W at least 32 (any parity).
       train: BatchNorm uses batch statistics and updates `batch_stats` (make it mutable).
+      example_mask: [batch] bool or 0/1, or None (all): the examples that training BatchNorm
+        statistics count (a padded last batch; see `layers.BatchNorm2d`).
 
     Returns:
       The outputs of stages 0..4, NHWC, channels `feature_channels`, in `dtype`.
     """
     x = x.astype(self.dtype)
     x = ConvNormAct(
-        stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype, name="stem")(x, train)
+        stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype, name="stem")(
+            x, train, example_mask)
     if self.remat not in (False, True, "stage", "block"):
       raise ValueError(f"MobileViTv2 remat must be False, True, 'stage' or 'block', got "
                        f"{self.remat!r}")
     per_block = self.remat == "block"
     stage_cls: Callable[..., nn.Module] = Stage
     if self.remat in (True, "stage"):
-      # Arg 0 is the module itself, so `train` (a Python bool) is static arg 2.
-      stage_cls = nn.remat(Stage, static_argnums=(2,))
+      stage_cls = nn.remat(Stage, static_argnums=_REMAT_STATIC)
     features = []
     for i, chs in enumerate(self.feature_channels):
       x = stage_cls(
           chs, _STAGE_STRIDES[i], _STAGE_DEPTHS[i], _TRANSFORMER_DEPTHS[i],
           self.depthwise_impl, self.dtype, per_block, self.strided_depthwise_impl,
-          name=f"stages_{i}")(x, train)
+          name=f"stages_{i}")(x, train, example_mask)
       features.append(x)
     return features
 

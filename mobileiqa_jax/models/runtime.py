@@ -107,7 +107,7 @@ class Runtime:
                    attention: str = "reference") -> "Runtime":
     """The runtime for `platform`; an empty `depthwise_impl` takes the platform's form.
 
-    `remat=True` means per stage (the backbones' historical meaning of True).
+    `remat=True` means per stage (what the backbones' `remat=True` means).
     """
     if remat is True:
       remat = "stage"
@@ -121,7 +121,7 @@ class Runtime:
     No remat (nothing is differentiated). On TPU, the stride-2 blocks take XLA's grouped
     convolution: the 'shift' form's strided slices make XLA copy the input map into another
     layout first, which the training step's gradient pays for anyway but a forward-only
-    teacher does not need; at 16 images per chip on a v5e that copy was what no longer fitted
+    teacher does not need; at 16 images per chip on a v5e that copy is what does not fit
     (the distillation step: 17.44 GiB of temporaries; docs/performance.md has the figures).
     """
     strided = "conv" if self.platform == "tpu" else self.strided_depthwise_impl
@@ -166,7 +166,7 @@ LEGACY_RUNTIME_KEYS = ("dtype", "depthwise_impl")
 def architecture_of(model_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """(architecture, runtime fields found) of a stored model config, old or new.
 
-  Checkpoints written before the runtime split carry `dtype`, `depthwise_impl` and
+  Checkpoints of the older format carry `dtype`, `depthwise_impl` and
   `backbone_kwargs.remat` inside the model config; they are how that run computed, not which
   model it is.
   """

@@ -39,11 +39,20 @@ from etils import epath
 #: URI schemes of the object stores the package reads and writes.
 BUCKET_SCHEMES = ("gs://", "s3://")
 
-# The GCS emulator serves the JSON API only; gcsfs's bucket-layout lookup (on by default from
-# gcsfs 2025.x) asks the storage-control gRPC API, which the emulator lacks, and logs a warning
-# on every operation. Real GCS keeps gcsfs's default.
-if os.environ.get("STORAGE_EMULATOR_HOST"):
-  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def prepare_clients() -> None:
+  """Settles what must be set before gcsfs is first imported (it reads it then).
+
+  The GCS emulator serves the JSON API only; gcsfs's bucket-layout lookup (on by default in
+  recent gcsfs) asks the storage-control gRPC API, which the emulator lacks, and logs a
+  warning on every operation. Against real GCS gcsfs keeps its default.
+  """
+  if os.environ.get("STORAGE_EMULATOR_HOST"):
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+prepare_clients()
 
 
 class BucketError(OSError):
@@ -69,6 +78,8 @@ def absolute(path: str | os.PathLike) -> str:
 
 def as_path(path: str | os.PathLike) -> epath.Path:
   """An `epath.Path` for `path` (absolute when local)."""
+  if is_bucket(path):
+    prepare_clients()
   return epath.Path(absolute(path))
 
 
@@ -96,31 +107,45 @@ def bucket_of(path: str | os.PathLike) -> str:
   return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def _fresh(path: str | os.PathLike) -> epath.Path:
+  """`as_path(path)` after dropping the client's cached listings.
+
+  gcsfs and s3fs cache what they listed, and objects written by others (orbax writes through
+  tensorstore, other hosts write their shards) would not show; listings are the few calls
+  whose answer must be current.
+  """
+  _fs(path).invalidate_cache()
+  return as_path(path)
+
+
 def exists(path: str | os.PathLike) -> bool:
-  return as_path(path).exists() if is_bucket(path) else os.path.exists(path)
+  return _fresh(path).exists() if is_bucket(path) else os.path.exists(path)
 
 
 def isdir(path: str | os.PathLike) -> bool:
   """A local folder, or a bucket prefix with at least one object under it."""
-  return as_path(path).is_dir() if is_bucket(path) else os.path.isdir(path)
+  return _fresh(path).is_dir() if is_bucket(path) else os.path.isdir(path)
 
 
 def isfile(path: str | os.PathLike) -> bool:
-  return as_path(path).is_file() if is_bucket(path) else os.path.isfile(path)
+  return _fresh(path).is_file() if is_bucket(path) else os.path.isfile(path)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
   """The names in a folder (a bucket prefix: the next level of names under it)."""
   if is_bucket(path):
-    return [p.name for p in as_path(path).iterdir()]
+    try:
+      return [p.name for p in _fresh(path).iterdir()]
+    except FileNotFoundError:  # a prefix whose last object just went: an empty folder
+      return []
   return os.listdir(path)
 
 
 def walk_files(path: str | os.PathLike) -> list[str]:
   """Every file under `path`, as full paths (bucket URLs for a bucket), sorted."""
   if is_bucket(path):
-    root = as_path(path)
-    return sorted(os.fspath(p) for p in root.rglob("*") if p.is_file())
+    root = os.fspath(path).rstrip("/")
+    return sorted(f"{root}/{rel}" for rel in file_sizes(root))
   return sorted(os.path.join(r, n) for r, _, names in os.walk(path) for n in names)
 
 
@@ -131,6 +156,7 @@ def file_sizes(path: str | os.PathLike) -> dict[str, int]:
   """
   if is_bucket(path):
     root = os.fspath(path).rstrip("/")
+    _fs(root).invalidate_cache()
     found = _fs(root).find(_key(root), detail=True)
     prefix = _key(root) + "/"
     return {k[len(prefix):]: int(v["size"]) for k, v in found.items()
@@ -184,6 +210,7 @@ def rmtree(path: str | os.PathLike) -> None:
 
 def _fs(path: str | os.PathLike):
   """The fsspec filesystem (gcsfs, s3fs) epath itself uses for a bucket URL."""
+  prepare_clients()
   import fsspec  # pylint: disable=g-import-not-at-top
   return fsspec.filesystem(os.fspath(path).split("://", 1)[0])
 

@@ -60,6 +60,23 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", before)
 
 
+@pytest.fixture(scope="session")
+def bucket_servers():
+  """fake-gcs-server and moto's S3 server for the session (tests/buckets.py), each with a
+  bucket ("gs://mobileiqa-test", "s3://mobileiqa-test"); the clients' variables are set in
+  this process's environment (and so its subprocesses') while they run."""
+  import buckets  # pylint: disable=g-import-not-at-top
+  servers = buckets.Servers().start()
+  before = buckets.apply_env(servers.env)
+  try:
+    servers.make_bucket("gs://mobileiqa-test")
+    servers.make_bucket("s3://mobileiqa-test")
+    yield servers
+  finally:
+    buckets.restore_env(before)
+    servers.stop()
+
+
 @pytest.fixture
 def shared_train_steps(monkeypatch):
   """train.build_steps memoised for the session (support.memoized_build_steps)."""

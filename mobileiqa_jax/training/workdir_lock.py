@@ -101,8 +101,8 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
-  def _stale_reason(self, holder: dict[str, Any]) -> str | None:
-    """Why `holder` no longer holds the lock, or None when it may be alive."""
+  def _stale_reason(self, holder: dict[str, Any], path: str | None = None) -> str | None:
+    """Why `holder` (of the lock, or of the file `path`) is gone, or None when it may live."""
     if not holder:
       return "its lock file is unreadable"
     same_host = (holder.get("host") == self._record["host"] and
@@ -110,7 +110,7 @@ class WorkdirLock:
     if same_host and isinstance(holder.get("pid"), int):
       return None if _pid_alive(holder["pid"]) else "that process is gone"
     try:
-      age = time.time() - storage.mtime_ns(self.path) / 1e9
+      age = time.time() - storage.mtime_ns(path or self.path) / 1e9
     except FileNotFoundError:
       return "its lock file vanished"
     if age > self._stale_after_s:
@@ -184,7 +184,13 @@ class WorkdirLock:
       name = hashlib.sha256(json.dumps(holder, sort_keys=True).encode()).hexdigest()[:16]
       token = f"{self.path}.takeover-{name}"
       if not storage.create_exclusive(token, record):
-        continue  # another taker won: look at the lock again (it is now theirs)
+        # Another taker won: look at the lock again (it is now theirs). Unless that taker
+        # died before it replaced the lock: then its token is stale too and goes.
+        taker = _read(token)
+        if _read(self.path) == holder and taker is not None and (
+            self._stale_reason(taker, token) is not None):
+          storage.remove(token)
+        continue
       if _read(self.path) != holder:  # replaced or released meanwhile: not ours to take
         storage.remove(token)
         continue

@@ -26,6 +26,7 @@ bucket and what to do.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 import posixpath
@@ -170,10 +171,20 @@ def getsize(path: str | os.PathLike) -> int:
 
 
 def mtime_ns(path: str | os.PathLike) -> int:
-  """The modification time of a file or object, in nanoseconds."""
-  if is_bucket(path):
-    return int(as_path(path).stat().mtime * 1e9)
-  return os.stat(path).st_mtime_ns
+  """The modification time of a file or object (an object's last upload), in nanoseconds."""
+  if not is_bucket(path):
+    return os.stat(path).st_mtime_ns
+  fs = _fs(path)
+  fs.invalidate_cache()  # a heartbeat's age must be the object's now
+  info = fs.info(_key(path))
+  # gcsfs: 'mtime' (datetime) / 'updated' (RFC 3339); s3fs: 'LastModified' (datetime).
+  for key in ("mtime", "LastModified", "updated"):
+    value = info.get(key)
+    if isinstance(value, str):
+      value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if isinstance(value, datetime.datetime):
+      return int(value.timestamp() * 1e9)
+  raise OSError(f"{path}: the store reports no modification time ({sorted(info)}).")
 
 
 def makedirs(path: str | os.PathLike) -> None:

@@ -158,6 +158,19 @@ def test_a_stale_lock_in_gs_is_taken_over_once(caplog):
   assert storage.listdir(workdir) == [] if storage.isdir(workdir) else True
 
 
+@pytest.mark.parametrize("bucket", [GS, S3], ids=["gs", "s3"])
+def test_another_hosts_fresh_lock_in_a_bucket_is_refused(bucket):
+  """The heartbeat is the object's upload time: a lock just written by another host is live."""
+  workdir = f"{bucket}/runs/other_host"
+  storage.write_atomic(f"{workdir}/{workdir_lock.LOCK_NAME}", json.dumps(
+      {"host": "some-other-host", "pid": 12345, "started": time.time(), "boot_id": "other"}))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="host some-other-host pid 12345"):
+    workdir_lock.WorkdirLock(workdir, stale_after_s=60).acquire()
+  age = time.time() - storage.mtime_ns(f"{workdir}/{workdir_lock.LOCK_NAME}") / 1e9
+  assert -60 < age < 60, age
+  storage.rmtree(workdir)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -186,6 +199,18 @@ def test_load_from_gs_scores_as_predict(ckpts):
   local = mobileiqa_jax.load(ckpts["local"], attention="reference").score(
       [os.path.join(ckpts["photos"], n) for n in PHOTO_NAMES])
   np.testing.assert_array_equal(scores, local)
+
+
+def test_explain_writes_its_figures_into_gs(ckpts):
+  out = f"{GS}/explain"
+  proc = run_launcher("launch/explain.py", [f"--checkpoint={ckpts['gs']}", f"--output={out}",
+                                            "--noprogress", f"{GS}/photos/{PHOTO_NAMES[0]}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = storage.listdir(out)
+  assert "similarity.json" in names and "0000_1000.png" in names, names
+  assert storage.read_bytes(f"{out}/0000_1000.png")[:4] == b"\x89PNG"
+  assert json.loads(storage.read_text(f"{out}/similarity.json"))["images"][0]["path"] == (
+      f"{GS}/photos/{PHOTO_NAMES[0]}")
 
 
 def test_convert_a_pkl_that_sits_in_gs():

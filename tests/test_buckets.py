@@ -192,13 +192,14 @@ def test_predict_from_the_bucket_into_the_bucket_equals_local(ckpts, scheme):
 
 def test_load_from_gs_scores_as_predict(ckpts):
   import mobileiqa_jax  # pylint: disable=g-import-not-at-top
-  # The form predict scores 3 photos in (its compiled program is reused).
+  # The form predict scores 3 photos in.
   scorer = mobileiqa_jax.load(ckpts["gs"], attention="reference")
   assert scorer.source == ckpts["gs"]
   scores = scorer.score([f"{GS}/photos/{n}" for n in PHOTO_NAMES])
-  local = mobileiqa_jax.load(ckpts["local"], attention="reference").score(
-      [os.path.join(ckpts["photos"], n) for n in PHOTO_NAMES])
-  np.testing.assert_array_equal(scores, local)
+  local = run_launcher("launch/predict.py", [f"--checkpoint={ckpts['local']}", "--noprogress",
+                                             ckpts["photos"]])
+  want = _scores(local.stdout)
+  np.testing.assert_allclose(scores, [want[n] for n in PHOTO_NAMES], atol=1e-6)
 
 
 def test_explain_writes_its_figures_into_gs(ckpts):

@@ -21,6 +21,8 @@ run matches an uninterrupted one, also after a kill -9 (metrics.jsonl rows past 
 step are re-done, not repeated). SIGTERM finishes the step, saves and returns; a NaN/inf loss
 stops the run naming the step, the last good checkpoint and the lever, without saving it.
 One run per workdir: a second is refused before it writes anything (workdir_lock.py).
+The workdir and the teacher may be gs:// or s3:// URLs: every file goes through `storage`
+(docs/training.md, "Runs in a bucket").
 """
 
 from __future__ import annotations

@@ -280,12 +280,12 @@ def create_exclusive(path: str | os.PathLike, data: bytes | str) -> bool:
 
 
 def move_tree(src: str | os.PathLike, dst: str | os.PathLike,
-              first: str | None = None) -> None:
+              markers: tuple[str, ...] = ()) -> None:
   """Moves folder `src` to `dst` (which must not exist).
 
   Locally one `os.rename`. In a bucket, where there is no rename, a copy of every object and
-  then the deletion of the originals. `first` (a name inside `src`: the object that marks it
-  complete) goes last, deleted from `src` before it is written to `dst`, so a kill half-way
+  then the deletion of the originals. `markers` (names inside `src`: the objects that mark it
+  complete) go last, deleted from `src` before they are written to `dst`, so a kill half-way
   never leaves two complete copies (at worst, neither is marked complete).
   """
   if not is_bucket(src):
@@ -293,15 +293,16 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike,
     return
   fs = _fs(src)
   src, dst = os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/")
-  marker = join(src, first) if first is not None else None
+  marks = {join(src, m) for m in markers}
   files = walk_files(src)
   for f in files:
-    if f != marker:
+    if f not in marks:
       fs.copy(_key(f), _key(dst + f[len(src):]))
-  if marker in files:
-    data = read_bytes(marker)
-    fs.rm_file(_key(marker))
-    write_atomic(join(dst, first), data)
+  held = {f: read_bytes(f) for f in files if f in marks}
+  for f in held:
+    fs.rm_file(_key(f))
+  for f, data in held.items():
+    write_atomic(dst + f[len(src):], data)
   rmtree(src)
 
 

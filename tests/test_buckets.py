@@ -115,7 +115,7 @@ def test_a_truncated_latest_step_in_the_bucket_falls_back(caplog):
   np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), saved[10])
   assert any("step 20" in r.getMessage() and "resuming from step 10" in r.getMessage()
              for r in caplog.records), caplog.text
-  # Set aside in the bucket (a copy and a delete, orbax's commit marker moved last).
+  # Set aside in the bucket (a copy and a delete, the step's markers moved last).
   assert checkpoint.list_steps(f"{workdir}/checkpoints") == [10]
   moved = storage.listdir(f"{workdir}/damaged_checkpoints/20")
   assert "variables" in moved and checkpoint.COMMIT_MARKER in moved, moved

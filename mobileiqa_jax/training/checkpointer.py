@@ -232,12 +232,14 @@ class TrainCheckpointer:
       storage.makedirs(storage.dirname(dest))
       if storage.exists(dest):
         dest = f"{dest}.{int(time.time())}"
-      # Locally one rename. A bucket has none: every object is copied, then deleted, orbax's
-      # commit marker first, so that a kill half-way leaves no second complete step.
+      # Locally one rename. A bucket has none: every object is copied, then deleted, the
+      # objects that mark a step complete moved last, so a kill half-way leaves no second
+      # complete step (`checkpoint.is_complete`).
+      markers = (checkpoint.COMMIT_MARKER, integrity.MANIFEST)
       if self._mirror is None:
-        storage.move_tree(self.step_dir(step), dest, first=checkpoint.COMMIT_MARKER)
+        storage.move_tree(self.step_dir(step), dest, markers)
       else:
-        storage.move_tree(self.remote_dir(step), dest, first=integrity.MANIFEST)
+        storage.move_tree(self.remote_dir(step), dest, markers)
         shutil.rmtree(self.step_dir(step))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

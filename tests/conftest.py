@@ -3,6 +3,7 @@
 - JAX_PLATFORMS=cpu for this process and (inherited through `support.python_env`) every
   subprocess: CI installs libtpu, and without it each process would probe for a TPU at start-up.
   The TPU compile tests (test_aot) get their topologies from libtpu without a TPU backend.
+- EPATH_USE_TF=false: gs:// paths through gcsfs (the emulators of `bucket_servers`).
 - One persistent compilation cache for the session and its subprocesses, set before any test
   module imports jax: tests and subprocesses compile the same tiny programs again (fresh jit
   closures, launchers), and an XLA:CPU compile costs seconds to tens of seconds on 2 cores. It
@@ -13,6 +14,10 @@ import os
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# etils decides once per process (and caches) whether gs:// paths go through tf.io.gfile,
+# which ignores the GCS emulator (conftest.bucket_servers); the first gs:// path may come
+# from any import (tfds names its own bucket), so it is set before anything runs.
+os.environ["EPATH_USE_TF"] = "false"
 
 # Loading triton's extension (torch imports it, e.g. through timm) after TensorFlow's crashes
 # the process with a segmentation fault (torch 2.14 / triton 3.8 / TF 2.21); the other order
@@ -58,6 +63,23 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def bucket_servers():
+  """fake-gcs-server and moto's S3 server for the session (tests/buckets.py), each with a
+  bucket ("gs://mobileiqa-test", "s3://mobileiqa-test"); the clients' variables are set in
+  this process's environment (and so its subprocesses') while they run."""
+  import buckets  # pylint: disable=g-import-not-at-top
+  servers = buckets.Servers().start()
+  before = buckets.apply_env(servers.env)
+  try:
+    servers.make_bucket("gs://mobileiqa-test")
+    servers.make_bucket("s3://mobileiqa-test")
+    yield servers
+  finally:
+    buckets.restore_env(before)
+    servers.stop()
 
 
 @pytest.fixture

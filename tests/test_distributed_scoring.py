@@ -12,7 +12,7 @@ import sys
 import data_fixtures
 from mobileiqa_jax.scoring import distributed as ds
 from mobileiqa_jax.scoring import scorer
-from support import free_port, python_env, random_variables, run_launcher, run_peers
+from support import REPO, free_port, python_env, random_variables, run_launcher, run_peers
 
 LIVEC = data_fixtures.LIVEC_IMAGES
 PHOTOS = [os.path.join(LIVEC, f"{n}.JPG") for n in (1000, 1001, 1002, 1003, 1004)]
@@ -60,7 +60,11 @@ def test_share_is_written_once_reused_and_merged(tmp_path):
   assert "process 1 on hostb stopped" in msg and "rerun" in msg
 
 
-def test_two_processes_give_the_one_process_csv(tmp_path):
+def test_two_processes_give_the_one_process_csv(tmp_path, bucket_servers):
+  """Two processes on 127.0.0.1; their parts and the merged CSV in a gs:// bucket (the GCS
+  emulator of conftest.bucket_servers), as a pod writes them."""
+  del bucket_servers
+  from mobileiqa_jax import storage
   from mobileiqa_jax.weights import checkpoint
   from mobileiqa_jax.models import mobileiqa
   config = mobileiqa.model_config(
@@ -74,14 +78,16 @@ def test_two_processes_give_the_one_process_csv(tmp_path):
   args = [f"--checkpoint={ckpt}", "--batch_size=2", "--noprogress", *PHOTOS, str(bad)]
   one = run_launcher("launch/predict.py", args)
   assert one.returncode == 1, one.stderr[-2000:]
-  out = str(tmp_path / "scores.csv")
+  out = "gs://mobileiqa-test/distributed/scores.csv"
   port = str(free_port())
   results = run_peers(
-      [[sys.executable, "launch/predict.py", *args, "--distributed", f"--output={out}",
-        "--part_size=2"] for _ in range(2)],
+      [[sys.executable, os.path.join(REPO, "launch/predict.py"), *args, "--distributed",
+        f"--output={out}", "--part_size=2"] for _ in range(2)],
       [python_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                  JAX_PROCESS_ID=str(i)) for i in range(2)], tmp_path, timeout=300)
+                  JAX_PROCESS_ID=str(i)) for i in range(2)], tmp_path, timeout=300,
+      cwd=str(tmp_path))
   assert [r.returncode for r in results] == [1, 1], [r.stderr[-2000:] for r in results]
   assert f"{bad} cannot be scored" in results[1].stderr  # the process that read it says so
-  assert open(out).read() == one.stdout
-  assert not os.path.exists(out + ".parts")
+  assert storage.read_text(out) == one.stdout
+  assert not storage.exists(out + ".parts")  # read back from the bucket, then removed
+  assert not os.path.exists(tmp_path / "gs:")

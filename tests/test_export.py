@@ -30,6 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax import storage
 from mobileiqa_jax.export import exporter
 from mobileiqa_jax.export import runtime_scorer
 from mobileiqa_jax.export import sidecar
@@ -194,12 +195,17 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
 
 
 @pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
-def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize):
+def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize, request):
   out = str(smallest["tmp"] / f"student_{quantize}.tflite")
+  if quantize == "float16":  # written into a gs:// bucket (conftest.bucket_servers' emulator)
+    request.getfixturevalue("bucket_servers")
+    out = "gs://mobileiqa-test/export/student_float16.tflite"
   meta = exporter.export(smallest["model"], smallest["variables"], out, SMALLEST_SIZE, quantize,
                        smallest["config"].to_dict(), {"mos_range": MOS_RANGE}, measure=False)
   assert meta["quantization"] == quantize and not meta["requires_flex"]
-  tfl = runtime_scorer.ExportedScorer(out, xnnpack=True)(smallest["photos"])
+  assert storage.getsize(out) == meta["file_bytes"] and storage.exists(out + ".json")
+  with storage.local_file(out, ".tflite") as local:
+    tfl = runtime_scorer.ExportedScorer(local, xnnpack=True)(smallest["photos"])
   ref = smallest["jax_scores"]
   srocc = metrics.srocc(tfl, ref)
   print(f"\n{quantize} (XNNPACK): SROCC vs float {srocc:.4f}, max |diff| "

@@ -1,21 +1,29 @@
 """Training and distillation on tiny settings: a few steps, finite losses, logs, checkpoints,
-NaN handling, backbone initialisation, SIGTERM + resume."""
+NaN handling, backbone initialisation, SIGTERM + resume; the same runs in gs:// and s3://
+buckets (the emulators of conftest.bucket_servers): SIGTERM + resume, kill -9 + resume and
+distillation from a gs:// teacher, each equal to the run on local disk."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.weights import integrity
 from mobileiqa_jax.training import metric_writer
 from mobileiqa_jax.training import trainer
 from mobileiqa_jax.training import train_data
-from support import SMALLEST, tiny_config, tiny_data
+from mobileiqa_jax.training import workdir_lock
+from support import REPO, SMALLEST, python_env, tiny_config, tiny_data
 
 # Runs of the same model and optimizer share their compiled steps, compiled with XLA's
 # optimisations off (see conftest): these tests check the loop's logic, logs and checkpoints,
@@ -23,11 +31,13 @@ from support import SMALLEST, tiny_config, tiny_data
 # support.SMALLEST (every part of the model, fewest operations): the architecture and its
 # parity are the model tests'; here compile time is most of each test's time.
 pytestmark = pytest.mark.usefixtures("shared_train_steps", "fast_compile")
+# The buckets of conftest.bucket_servers' emulators.
+_GS, _S3 = "gs://mobileiqa-test", "s3://mobileiqa-test"
 
 
 def _read_jsonl(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
@@ -72,20 +82,27 @@ def test_teacher_trains_logs_and_checkpoints(tmp_path, backbone):
   assert scores.shape == (2,) and np.all(np.isfinite(scores))
 
 
-def _teacher_checkpoint(tmp_path):
-  """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output)."""
+def _teacher_checkpoint(tmp_path, directory=None):
+  """A random tiny teacher saved as a standalone checkpoint (like launch/convert.py output),
+  in `tmp_path`, or in `directory` (e.g. a bucket URL)."""
   t = tiny_config("teacher", **SMALLEST)
   # 3 steps per epoch as the teacher test's data: its steps (and init) are reused.
   steps = trainer.build_steps(t, trainer.sharding.make_mesh(t.mesh), steps_per_epoch=3)
   variables = jax.device_get(steps.init_variables())
-  return checkpoint.save_model(str(tmp_path / "teacher_ckpt"), variables,
+  return checkpoint.save_model(directory or str(tmp_path / "teacher_ckpt"), variables,
                                steps.model_config.to_dict(), extra={"image_size": [32, 32]})
 
 
-def test_distillation_logs_three_terms_and_monitor(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_distillation_logs_three_terms_and_monitor(tmp_path, request, where):
   c = tiny_config("student", num_epochs=1, max_steps=2, **SMALLEST)
-  c.teacher_checkpoint = _teacher_checkpoint(tmp_path)
-  workdir = str(tmp_path / "student")
+  if where == "local":
+    c.teacher_checkpoint = _teacher_checkpoint(tmp_path)
+    workdir = str(tmp_path / "student")
+  else:  # the teacher in a gs:// bucket, the student's run into it
+    request.getfixturevalue("bucket_servers")
+    c.teacher_checkpoint = _teacher_checkpoint(tmp_path, f"{_GS}/distil/teacher_ckpt")
+    workdir = f"{_GS}/distil/student"
   summary = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
   assert summary["step"] == 2
   train_rows = [r for r in _read_jsonl(workdir) if r["kind"] == "train"]
@@ -101,6 +118,7 @@ def test_distillation_logs_three_terms_and_monitor(tmp_path):
   _, variables, meta = checkpoint.load_model(workdir)
   assert meta["extra"]["distilled_from"] == c.teacher_checkpoint
   assert "local_cnn" in variables["params"] and "global_vit" not in variables["params"]
+  assert meta["path"].startswith(storage.join(workdir, "checkpoints"))
 
 
 # The NaN and SIGTERM tests check the loop, not the model: they train the teacher test's model
@@ -140,10 +158,24 @@ class _SigtermAt(train_data.Data):
     return self._data.eval_batches()
 
 
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+_REFERENCE: dict[str, Any] = {}
+
+
+def _reference_run(tmp_path_factory):
+  """The uninterrupted tiny teacher run on local disk, trained once for the tests that
+  compare an interrupted run with it: (summary, workdir)."""
+  if not _REFERENCE:
+    c = tiny_config("teacher", num_epochs=2, **SMALLEST)
+    workdir = str(tmp_path_factory.mktemp("reference") / "ref")
+    _REFERENCE.update(summary=trainer.train_and_evaluate(c, workdir, data=tiny_data(c)),
+                      workdir=workdir)
+  return _REFERENCE["summary"], _REFERENCE["workdir"]
+
+
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tmp_path_factory):
   c = tiny_config("teacher", num_epochs=2, **SMALLEST)
   c.checkpoint.every_steps = 100  # only the preemption and epoch-end saves
-  ref = trainer.train_and_evaluate(c, str(tmp_path / "ref"), data=tiny_data(c))
+  ref, _ = _reference_run(tmp_path_factory)
   workdir = str(tmp_path / "pre")
   first = trainer.train_and_evaluate(c, workdir, data=_SigtermAt(tiny_data(c), at=1))
   assert first["preempted"] and first["step"] == 2  # batch 1 is the second step
@@ -152,6 +184,106 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
   assert resumed["step"] == ref["step"] == 6 and not resumed["preempted"]
   _assert_trees_close(resumed["final_params"], ref["final_params"], rtol=1e-6, atol=1e-8)
   assert resumed["best"]["selection"] == pytest.approx(ref["best"]["selection"])
+
+
+# ----------------------------------------------------------------------------- in a bucket
+
+
+@pytest.mark.parametrize("bucket", [_GS, _S3], ids=["gs", "s3"])
+def test_sigterm_then_resume_in_a_bucket_equals_the_local_run(tmp_path, tmp_path_factory,
+                                                               bucket_servers, bucket,
+                                                               monkeypatch):
+  """The SIGTERM test with its workdir in a bucket; metrics.jsonl is never appended there."""
+  del bucket_servers
+  uploads = []
+  write_atomic = storage.write_atomic
+
+  def counting(path, data):
+    uploads.append(os.fspath(path))
+    return write_atomic(path, data)
+  monkeypatch.setattr(storage, "write_atomic", counting)
+  c = tiny_config("teacher", num_epochs=2, **SMALLEST)
+  c.checkpoint.every_steps = 100  # only the preemption and epoch-end saves
+  ref, ref_dir = _reference_run(tmp_path_factory)
+  workdir = f"{bucket}/runs/{tmp_path.name}"
+  first = trainer.train_and_evaluate(c, workdir, data=_SigtermAt(tiny_data(c), at=1))
+  assert first["preempted"] and first["step"] == 2
+  assert checkpoint.list_steps(f"{workdir}/checkpoints") == [2]
+  assert not storage.exists(f"{workdir}/{workdir_lock.LOCK_NAME}")  # released on preemption
+  resumed = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
+  assert resumed["step"] == ref["step"] == 6 and not resumed["preempted"]
+  _assert_trees_close(resumed["final_params"], ref["final_params"], rtol=1e-6, atol=1e-8)
+  assert resumed["best_eval"]["srocc"] == pytest.approx(ref["best_eval"]["srocc"], abs=1e-6)
+  rows = _read_jsonl(workdir)
+  assert [(r["kind"], r["step"]) for r in rows] == [
+      (r["kind"], r["step"]) for r in _read_jsonl(ref_dir)]
+  # No append in a bucket: metrics.jsonl is uploaded whole at checkpoints and evaluations
+  # that follow new rows (here 3 times), never once per step.
+  metric_uploads = uploads.count(f"{workdir}/metrics.jsonl")
+  assert 0 < metric_uploads <= 3 < sum(r["kind"] == "train" for r in rows), metric_uploads
+  names = storage.listdir(workdir)
+  for name in ("config.json", "summary.json", "best_predictions.csv", "checkpoints"):
+    assert name in names, names
+  assert any(n.startswith("events.out.tfevents") for n in names), names
+  assert checkpoint.list_steps(f"{workdir}/checkpoints") == [3, 6]
+  if bucket == _GS:  # orbax wrote the bucket itself: its commit marker, then our checksums
+    step = f"{workdir}/checkpoints/6"
+    assert checkpoint.COMMIT_MARKER in storage.listdir(step) and integrity.verify(step)
+
+
+_KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path[:0] = [sys.argv[2]]
+from mobileiqa_jax.weights import checkpoint
+from mobileiqa_jax.training import train_data, trainer
+from support import SMALLEST, tiny_config, tiny_data
+
+class KillAfterTwoCheckpoints(train_data.Data):
+  def __init__(self, data, root):
+    self._data, self._root = data, root
+    self.num_train, self.num_eval = data.num_train, data.num_eval
+    self.steps_per_epoch, self.mos_range = data.steps_per_epoch, data.mos_range
+  def train_epoch(self, epoch, start=0):
+    for b in self._data.train_epoch(epoch, start):
+      if len(checkpoint.list_steps(self._root)) >= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+      yield b
+  def eval_batches(self):
+    return self._data.eval_batches()
+
+c = tiny_config("teacher", num_epochs=2, **SMALLEST)
+c.checkpoint.every_steps = 2
+c.checkpoint.async_save = True
+trainer.train_and_evaluate(c, sys.argv[1], data=KillAfterTwoCheckpoints(
+    tiny_data(c), sys.argv[1] + "/checkpoints"))
+"""
+
+
+def test_kill_9_in_gs_then_resume_is_exact(tmp_path, tmp_path_factory, bucket_servers):
+  """A real kill -9 of a run in gs://: its stale lock is taken over, its rows past the last
+  checkpoint are re-done, and the resumed run equals the uninterrupted one."""
+  del bucket_servers
+  workdir = f"{_GS}/runs/killed"
+  # The subprocess compiles the same program as this file's runs (XLA's optimisations off):
+  # the persistent compilation cache has it. It runs in a fresh folder: no `gs:` folder.
+  proc = subprocess.run(
+      [sys.executable, "-c", _KILL_SCRIPT, workdir, os.path.join(REPO, "tests")],
+      cwd=tmp_path, env=python_env(JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
+      text=True, timeout=600, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert storage.exists(f"{workdir}/{workdir_lock.LOCK_NAME}")  # left by the killed run
+  steps = checkpoint.list_steps(f"{workdir}/checkpoints")
+  assert len(steps) >= 2 and max(steps) < 6, steps
+  c = tiny_config("teacher", num_epochs=2, **SMALLEST)
+  c.checkpoint.every_steps = 2
+  # How often a run saves does not change its numbers: the reference saves at epoch ends.
+  ref, ref_dir = _reference_run(tmp_path_factory)
+  resumed = trainer.train_and_evaluate(c, workdir, data=tiny_data(c))
+  assert resumed["step"] == ref["step"] == 6
+  _assert_trees_close(resumed["final_params"], ref["final_params"], rtol=1e-6, atol=1e-8)
+  assert [(r["kind"], r["step"]) for r in _read_jsonl(workdir)] == [
+      (r["kind"], r["step"]) for r in _read_jsonl(ref_dir)]
+  assert not os.path.exists(tmp_path / "gs:") and not os.path.exists(os.path.join(REPO, "gs:"))
 
 
 def test_backbone_init_from_mocked_hub(tmp_path, monkeypatch):

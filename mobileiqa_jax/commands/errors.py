@@ -7,8 +7,9 @@
   prepared) prints ONE line, `<command>: error: <message>`, on stderr and exits non-zero
   (2 for flags and usage, 1 otherwise), without a traceback. Such mistakes reach here as
   `ValueError` (bad values, `ConversionError`, a refused resume), `OSError` (missing,
-  unwritable or existing paths, `MissingDataError`), `ImportError` (an optional dependency
-  the input needs), absl flag errors and `app.UsageError`;
+  unwritable or existing paths, `MissingDataError`, a missing bucket or refused credentials:
+  `storage.BucketError`), `ImportError` (an optional dependency the input needs), absl flag
+  errors, `app.UsageError`, and the storage clients' own errors (`storage.client_error`);
 - anything else is a bug and keeps its traceback;
 - with `quiet=True` (predict, convert, export, evaluate, explain) absl/orbax INFO lines and
   Python warnings are hidden, so stderr holds the progress bar and the errors;
@@ -172,6 +173,14 @@ def run(main: Callable[[list[str]], Any], *, quiet: bool | str = True,
       if verbose():
         raise
       fail(e, status=2 if isinstance(e, app.UsageError) else 1)
+    except Exception as e:  # pylint: disable=broad-except
+      # A bucket's client (gcsfs, s3fs, google-auth, botocore) raises its own types: refused
+      # credentials or an unreachable store are the user's to fix, not a bug.
+      from mobileiqa_jax import storage  # pylint: disable=g-import-not-at-top
+      problem = storage.client_error(e)
+      if problem is None or verbose():
+        raise
+      fail(problem)
     return None  # unreachable
 
   app.run(wrapped, flags_parser=_parse_flags)

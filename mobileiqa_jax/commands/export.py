@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.commands import errors
 from mobileiqa_jax.export import exporter
 from mobileiqa_jax.export import sidecar
@@ -55,8 +56,8 @@ def main(argv):
   meta = exporter.export_checkpoint(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size,
                                     FLAGS.quantize, FLAGS.select_tf_ops, fmt=FLAGS.format,
                                     overwrite=FLAGS.overwrite)
-  print(json.dumps({"output": os.path.abspath(FLAGS.output),
-                    "sidecar": os.path.abspath(sidecar.sidecar_path(FLAGS.output)),
+  print(json.dumps({"output": storage.absolute(FLAGS.output),
+                    "sidecar": storage.absolute(sidecar.sidecar_path(FLAGS.output)),
                     "bytes": meta["file_bytes"], "input_shape": meta["input"]["shape"],
                     "quantization": meta["quantization"],
                     "requires_flex": meta.get("requires_flex", False)}, indent=2))

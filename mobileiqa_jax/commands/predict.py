@@ -11,7 +11,9 @@ stopped is named; see mobileiqa_jax/scoring/distributed.py).
 
 MODEL: a checkpoint folder (launch/convert.py output), a training workdir (its best step), or
 the authors' .pkl / a .pth state dict (teacher or student is read from its keys; converted in
-memory). PATH: image files or folders (recursed; image files sorted). A file that cannot be
+memory). PATH: image files or folders (recursed; image files sorted). MODEL, PATH and --output
+may be gs:// or s3:// URLs (`pip install mobileiqa_jax[buckets]`; a prefix such as
+gs://bucket/photos/ expands like a folder; docs/training.md, "Runs in a bucket"). A file that cannot be
 read as an image is named on stderr with the reason, the others are still scored, and the exit
 status is 1. A mistake in the command (missing path, bad flag value, not a checkpoint) is one
 line on stderr; --verbose shows the traceback and library logs. Compiled programs are kept in

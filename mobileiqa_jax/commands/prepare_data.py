@@ -4,10 +4,19 @@ r"""Prepares an IQA data set from its manual download as tfds records (array_rec
   python launch/prepare_data.py --dataset=iqa_folder --manual_dir=~/my_photos \
       [--config_name=my_photos] [--labels_csv=labels.csv] [--mos_range=1,5]
 
+  python launch/prepare_data.py --dataset=livec --manual_dir=... --data_dir=gs://bucket/tfds
+  python launch/prepare_data.py --dataset=livec --data_dir=gs://bucket/tfds \
+      --stage_to=/mnt/disk/tensorflow_datasets
+
 --dataset: uhd_iqa, koniq10k, spaq, livec, bid, kadid10k or iqa_folder. Without
 --manual_dir the release is expected in <data_dir>/downloads/manual/<dataset>/. Preparing
 an already prepared data set does nothing. Needs TensorFlow (CPU build) to write records;
 training reads them without it.
+
+--data_dir may be a bucket (gs://, s3://): the data set is prepared in a local temporary
+folder and uploaded. Training reads prepared data from local disk only (tfds's array_record
+reader does not read buckets), so each host copies it once with --stage_to=DIR (no
+TensorFlow needed) and trains with --config.data.data_dir=DIR.
 """
 
 from absl import app
@@ -29,11 +38,22 @@ _LABELS_CSV = flags.DEFINE_string(
 _MOS_RANGE = flags.DEFINE_list(
     "mos_range", None, "iqa_folder: documented score scale 'low,high' (default: the "
     "training split's range).")
+_STAGE_TO = flags.DEFINE_string(
+    "stage_to", None, "Copy the data set already prepared under --data_dir (e.g. a bucket) to "
+    "this local tfds data dir, for training to read (--config.data.data_dir=DIR).")
 flags.mark_flag_as_required("dataset")
 
 
 def main(argv):
   del argv
+  if _STAGE_TO.value:
+    if not _DATA_DIR.value:
+      raise app.UsageError("--stage_to copies from --data_dir: name it (e.g. gs://bucket/tfds).")
+    path = datasets.stage(_DATASET.value if _DATASET.value != "iqa_folder" or
+                          not _CONFIG_NAME.value else f"iqa_folder/{_CONFIG_NAME.value}",
+                          _DATA_DIR.value, _STAGE_TO.value)
+    print(f"Staged: {path} (train with --config.data.data_dir={_STAGE_TO.value})")
+    return
   mos_range = None
   if _MOS_RANGE.value:
     if len(_MOS_RANGE.value) != 2:

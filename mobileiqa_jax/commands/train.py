@@ -11,7 +11,9 @@ anything) a config that differs from its config.json except in the fields of
 log_every_steps, progress_bar, checkpoint.*, mesh, ...). Any config field can be overridden
 (--config.optimizer.lr=3e-5); an unknown field is one error line that suggests the nearest.
 Multi-host (TPU pods, clusters): add --distributed (or set MOBILEIQA_DISTRIBUTED=1) and run
-the same command on every host; see launch/pod_distill.sh.
+the same command on every host; see launch/pod_distill.sh. --workdir, the teacher and the
+backbone file may be gs:// or s3:// URLs (the `buckets` extra); prepared data is read from
+local disk (`prepare_data --stage_to`); docs/training.md, "Runs in a bucket".
 """
 
 import os

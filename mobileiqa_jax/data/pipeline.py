@@ -58,6 +58,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import preprocess
 
@@ -189,8 +190,37 @@ class TfdsSource:
             "name": name.decode() if isinstance(name, bytes) else str(name)}
 
 
+class BucketDataError(releases.MissingDataError):
+  """A tfds data set asked for in a bucket, which training and evaluation do not read."""
+
+
+def check_local(name: str, data_dir: str | os.PathLike | None = None) -> None:
+  """Refuses a prepared data set in a bucket, naming the command that copies it to local disk.
+
+  tfds reads prepared splits through array_record's C++ reader, which does not go through
+  etils or the storage clients: against a GCS emulator it hung on a gs:// path. So a data set
+  in a bucket is staged to each host's disk once (`prepare_data --stage_to`), then read there.
+
+  Raises:
+    BucketDataError: `name` or `data_dir` is a gs:// or s3:// URL.
+  """
+  remote = [str(p) for p in (name, data_dir) if p and storage.is_bucket(p)]
+  if not remote:
+    return
+  dataset = name if not storage.is_bucket(name) else "<name>"
+  where = f"--data_dir={data_dir}" if data_dir and storage.is_bucket(data_dir) else (
+      f"--data_dir={storage.dirname(storage.dirname(name))}")
+  raise BucketDataError(
+      f"{remote[0]} is in a bucket: prepared tfds data is read from local disk (tfds's "
+      f"array_record reader does not read buckets). Copy it to this host's disk once: "
+      f"python launch/prepare_data.py --dataset={dataset.split('/')[0]} {where} "
+      f"--stage_to=/mnt/disk/tensorflow_datasets, then pass "
+      f"--config.data.data_dir=/mnt/disk/tensorflow_datasets.")
+
+
 def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The folder of a prepared data set: `name` ('livec', 'iqa_folder/<config>') or a path."""
+  check_local(name, data_dir)
   if os.path.isfile(os.path.join(name, "dataset_info.json")):
     return pathlib.Path(name)
   root = releases.data_dir(data_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.export import onnx as onnx_lib
 from mobileiqa_jax.export import runtime_scorer
@@ -75,11 +76,12 @@ def check_overwrite(output: str, overwrite: bool) -> None:
   """
   if overwrite:
     return
-  if os.path.lexists(output):
+  storage.check_bucket(output)
+  if storage.exists(output) or os.path.lexists(output):
     raise FileExistsError(f"--output={output} already holds a file; pass --overwrite to "
                           "replace it, or choose another --output.")
   side = sidecar.sidecar_path(output)
-  if os.path.lexists(side):
+  if storage.exists(side) or os.path.lexists(side):
     raise FileExistsError(f"{side} (the sidecar of --output={output}) already exists; pass "
                           "--overwrite to replace it, or choose another --output.")
 
@@ -138,14 +140,15 @@ def export(model: Any, variables: Any, output: str, image_size: Sequence[int],
   meta = sidecar.build(size, quantize, model_config, extra, output, ops, source, fmt=fmt,
                        exported_with=versions)
   meta["file_bytes"] = len(data)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "wb") as f:
-    f.write(data)
+  storage.makedirs(storage.dirname(storage.absolute(output)))
+  storage.write_atomic(output, data)
   del data
   sidecar.write_sidecar(output, meta)
   if measure and not meta.get("requires_flex", False):
     try:
-      measured = runtime_scorer.probe(output, num_threads)
+      # The runtimes open a local file: a model written to a bucket is run from a copy.
+      with storage.local_file(output, os.path.splitext(output)[1]) as local:
+        measured = runtime_scorer.probe(local, num_threads)
     except (RuntimeError, OSError, ValueError) as e:  # the probe's message names the runtime
       raise ExportError(f"{output} was written; {e}") from e
     meta["runtime"] = sidecar.runtime_entry(measured)

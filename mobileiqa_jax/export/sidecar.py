@@ -20,6 +20,7 @@ import os
 import platform
 from typing import Any, Mapping, Sequence
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.data import preprocess
 
 # The sidecar's "format" field, one per model format.
@@ -41,18 +42,15 @@ def sidecar_path(model_path: str) -> str:
 def read_sidecar(model_path: str) -> dict[str, Any] | None:
   """The sidecar written beside `model_path`, or None where there is none."""
   path = sidecar_path(model_path)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def write_sidecar(model_path: str, meta: Mapping[str, Any]) -> str:
   """Writes `meta` as the sidecar of `model_path`; returns the sidecar's path."""
   path = sidecar_path(model_path)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
-    f.write("\n")
+  storage.write_atomic(path, json.dumps(meta, indent=2) + "\n")
   return path
 
 
@@ -109,7 +107,7 @@ def build(image_size: Sequence[int], quantize: str, model_config: Mapping[str, A
            "note": "the model was trained on MOS min-max normalised from [lo, hi]"}
   meta = {
       "format": SIDECAR_FORMATS[fmt],
-      "model_file": os.path.basename(model_file),
+      "model_file": storage.basename(model_file),
       "model": {k: cfg.get(k) for k in ("variant", "backbone", "pooled_size", "width")
                 if k in cfg},
       "input": {

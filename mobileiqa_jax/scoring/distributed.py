@@ -7,7 +7,8 @@ SLURM/Open MPI). The expanded, ordered file list (`scorer_lib.expand_paths`) is 
 files, so a part's batches are the very batches a one-process run scores (same numbers,
 bit for bit). Process p takes the p-th contiguous block of parts and, part by part, scores
 it and writes it to `F.parts/<index>-of-<count>-<digest>.csv` (written to a temporary name,
-then renamed: a part file that exists is complete). Then:
+then renamed: a part file that exists is complete; in a bucket, where F may be a gs:// or
+s3:// URL, each part is one upload, which appears whole or not at all). Then:
 
 1. a barrier of the live processes (jax's coordination service; a process that died is left
    out once its heartbeat stops, after at most 100 s);
@@ -35,10 +36,10 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
-import shutil
 import socket
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
@@ -101,6 +102,10 @@ def owner(part: Part, num_parts: int, num_processes: int) -> int:
 
 
 def _newest_mtime(path: str) -> int:
+  if storage.is_bucket(path):
+    if not storage.isdir(path):
+      return storage.mtime_ns(path)
+    return max(storage.mtime_ns(f) for f in storage.walk_files(path))
   if not os.path.isdir(path):
     return os.stat(path).st_mtime_ns
   newest = os.stat(path).st_mtime_ns
@@ -114,7 +119,7 @@ def _newest_mtime(path: str) -> int:
 def settings_key(checkpoint: str, image_size: Any, model: str | None, batch_size: int,
                  preprocessing: str | None = None) -> str:
   """What decides the numbers of a part besides its files (for the part's digest)."""
-  return json.dumps({"checkpoint": os.path.abspath(checkpoint),
+  return json.dumps({"checkpoint": storage.absolute(checkpoint),
                      "checkpoint_mtime_ns": _newest_mtime(checkpoint),
                      "image_size": preprocess.parse_image_size(image_size),
                      "model": model, "batch_size": batch_size,
@@ -124,7 +129,7 @@ def settings_key(checkpoint: str, image_size: Any, model: str | None, batch_size
 def part_path(parts_dir: str, part: Part, num_parts: int, files: Sequence[str],
               settings: str) -> str:
   digest = hashlib.sha256("\0".join([settings, *files[part.start:part.stop]]).encode())
-  return os.path.join(parts_dir,
+  return storage.join(parts_dir,
                       f"{part.index:06d}-of-{num_parts:06d}-{digest.hexdigest()[:16]}.csv")
 
 
@@ -141,8 +146,7 @@ def write_part(path: str, results: Iterable[scorer_lib.Result]) -> None:
 
 def read_part(path: str) -> list[list[str]]:
   """A part's rows [path, score, error] (score '' where error is set)."""
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.reader(f))
+  rows = list(csv.reader(io.StringIO(storage.read_text(path), newline="")))
   if not rows or rows[0] != _PART_HEADER:
     raise ValueError(f"{path} is not a scoring part (header {rows[:1]}): remove it and rerun.")
   return rows[1:]
@@ -160,7 +164,7 @@ def score_share(mine: Sequence[Part], paths_of: Callable[[Part], str],
   failed = 0
   for part in mine:
     path = paths_of(part)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       write_part(path, score_files(files[part.start:part.stop]))
     for _, _, error in read_part(path):
       if error:
@@ -200,7 +204,7 @@ def merge_parts(part_files: Sequence[str], output: str, parts_dir: str) -> tuple
         else:
           writer.writerow([name, score])
           written += 1
-  shutil.rmtree(parts_dir, ignore_errors=True)
+  storage.rmtree(parts_dir)
   return written, failed
 
 
@@ -264,7 +268,7 @@ def initialize() -> None:
 def _merge_or_name_missing(parts: Sequence[Part], paths_of: Callable[[Part], str], output: str,
                            parts_dir: str, coord: _Coordination, live: set[int], err: TextIO,
                            num_files: int) -> dict[str, Any]:
-  missing = [p for p in parts if not os.path.exists(paths_of(p))]
+  missing = [p for p in parts if not storage.exists(paths_of(p))]
   if missing:
     hosts = {int(k): v for k, v in coord.values("host/").items()}
     return {"error": missing_parts_message(missing, len(parts), coord.count, live, hosts,
@@ -306,11 +310,15 @@ def predict_csv_distributed(
   if part_size < 1:
     raise ValueError(f"--part_size must be >= 1, got {part_size}.")
   preprocess.parse_image_size(image_size)
-  if os.path.isdir(output):
-    raise IsADirectoryError(f"--output={output} is a folder: name the CSV file to write.")
-  out_dir = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(out_dir):
-    raise FileNotFoundError(f"{output}: its folder {out_dir} does not exist.")
+  storage.check_bucket(output)
+  if storage.is_bucket(output) and output.endswith("/"):
+    raise IsADirectoryError(f"--output={output} is a prefix: name the CSV object to write.")
+  if not storage.is_bucket(output):
+    if os.path.isdir(output):
+      raise IsADirectoryError(f"--output={output} is a folder: name the CSV file to write.")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+      raise FileNotFoundError(f"{output}: its folder {out_dir} does not exist.")
   files = scorer_lib.expand_paths(paths)
 
   initialize()
@@ -344,12 +352,12 @@ def predict_csv_distributed(
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    todo = sum(p.stop - p.start for p in mine if not os.path.exists(paths_of(p)))
+    todo = sum(p.stop - p.start for p in mine if not storage.exists(paths_of(p)))
     bar = tqdm.tqdm(total=todo, unit="img", file=err, dynamic_ncols=True,
                     desc=f"process {coord.process}" if coord.count > 1 else None)
   own_error = None
   try:
-    os.makedirs(parts_dir, exist_ok=True)
+    storage.makedirs(parts_dir)
     score_share(mine, paths_of, files, score_files, err)
   except Exception as e:  # pylint: disable=broad-except
     # Still meet the others (they would otherwise wait for this process's heartbeat to

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from mobileiqa_jax import metrics as metrics_lib
+from mobileiqa_jax import storage
 from mobileiqa_jax.training import sharding
 from mobileiqa_jax.training import train_data
 from mobileiqa_jax.models import runtime as runtime_lib
@@ -34,13 +35,12 @@ from mobileiqa_jax.weights import loader
 
 def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
   """The resolved config.json of the training run a checkpoint belongs to, if any."""
-  d = os.path.abspath(path)
+  d = storage.absolute(path)
   for _ in range(3):
-    f = os.path.join(d, "config.json")
-    if os.path.isfile(f):
-      with open(f, encoding="utf-8") as fh:
-        return ml_collections.ConfigDict(json.load(fh))
-    d = os.path.dirname(d)
+    f = storage.join(d, "config.json")
+    if storage.isfile(f):
+      return ml_collections.ConfigDict(json.loads(storage.read_text(f)))
+    d = storage.dirname(d)
   return None
 
 
@@ -83,14 +83,13 @@ def evaluate_checkpoint(checkpoint_dir: str, config: ml_collections.ConfigDict |
     logging.warning("logistic PLCC fit failed: %s", e)
   result = {k: float(v) for k, v in result.items()}
 
-  output_dir = output_dir or (os.path.splitext(path)[0] + "_" if os.path.isfile(path)
-                              else path + os.sep) + f"eval_{config.data.name}_{split}"
+  output_dir = output_dir or (os.path.splitext(path)[0] + "_" if storage.isfile(path)
+                              else storage.join(path, "")) + f"eval_{config.data.name}_{split}"
   if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-      json.dump({"checkpoint": path, "data": config.data.name, "split": split, **result}, f,
-                indent=2)
-    evaluation.write_outputs(output_dir, pred, mos, f"{os.path.basename(path)} on {config.data.name}/"
+    storage.makedirs(output_dir)
+    storage.write_atomic(storage.join(output_dir, "metrics.json"), json.dumps(
+        {"checkpoint": path, "data": config.data.name, "split": split, **result}, indent=2))
+    evaluation.write_outputs(output_dir, pred, mos, f"{storage.basename(path)} on {config.data.name}/"
                   f"{split}: SROCC {result['srocc']:.3f} PLCC {result['plcc']:.3f}")
   result["output_dir"] = output_dir
   return result

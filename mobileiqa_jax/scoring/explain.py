@@ -30,6 +30,7 @@ Plots use matplotlib's Agg (file-only) canvas: no display needed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -37,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.data import preprocess
 
 # Longest side of the photo drawn in a figure (the maps are upsampled to it).
@@ -118,7 +120,15 @@ def plot_photo(path: str, photo: Image.Image, maps: np.ndarray, sim: np.ndarray,
   for ax in axes[:-1]:
     ax.axis("off")
   _heat_map(axes[-1], sim, "opinion cosine similarity")
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str) -> None:
+  """A matplotlib figure as a PNG at `path` (a local file or a bucket object), whole or not at
+  all."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  storage.write_atomic(path, buffer.getvalue())
 
 
 def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
@@ -138,7 +148,7 @@ def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
     {'images': [{'path', 'png', 'score', 'similarity'}...], 'mean_similarity', 'files'}.
   """
   from mobileiqa_jax.scoring import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
-  os.makedirs(output_dir, exist_ok=True)
+  storage.makedirs(output_dir)
   forward = make_forward(scorer)
   images, sims, files = [], [], []
   for k, path in enumerate(paths):
@@ -154,8 +164,8 @@ def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
     dof = dof[:, 0]
     sim = opinion_similarity(dof)
     shown = photo.resize(scorer.image_size[::-1], Image.Resampling.BICUBIC)
-    name = os.path.splitext(os.path.basename(path))[0]
-    png = os.path.join(output_dir, f"{k:04d}_{name}.png")
+    name = os.path.splitext(storage.basename(path))[0]
+    png = storage.join(output_dir, f"{k:04d}_{name}.png")
     plot_photo(png, shown, opinion_maps(dof), sim, float(score[0]))
     images.append({"path": path, "png": png, "score": float(score[0]),
                    "similarity": sim.tolist()})
@@ -169,12 +179,12 @@ def explain_files(scorer: Any, paths: Sequence[str], output_dir: str,
     result["mean_similarity"] = mean.tolist()
     fig, axes = _figure(1, width=3.4)
     _heat_map(axes[0], mean, f"opinion cosine similarity, mean of {len(sims)} photos")
-    png = os.path.join(output_dir, "similarity_mean.png")
-    fig.savefig(png, dpi=100)
+    png = storage.join(output_dir, "similarity_mean.png")
+    save_figure(fig, png)
     files.append(png)
-  with open(os.path.join(output_dir, "similarity.json"), "w", encoding="utf-8") as f:
-    json.dump({k: v for k, v in result.items() if k != "files"}, f, indent=2)
-  files.append(os.path.join(output_dir, "similarity.json"))
+  storage.write_atomic(storage.join(output_dir, "similarity.json"),
+                       json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
+  files.append(storage.join(output_dir, "similarity.json"))
   return result
 
 
@@ -194,9 +204,10 @@ def explain_command(checkpoint: str, paths: Sequence[str], output_dir: str, err:
     raise ValueError("no PATH given: name image files or folders to explain.")
   preprocess.parse_image_size(image_size)
   files = scorer_lib.expand_paths(paths)
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+  storage.check_bucket(output_dir)
+  if storage.isfile(output_dir):
     raise NotADirectoryError(f"--output={output_dir} is a file, not a folder.")
-  if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+  if storage.isdir(output_dir) and storage.listdir(output_dir) and not overwrite:
     raise FileExistsError(f"--output={output_dir} is not empty: pass --overwrite to write "
                           "into it, or choose another folder.")
   scorer = scorer_lib.load(checkpoint, image_size, batch_size=1,

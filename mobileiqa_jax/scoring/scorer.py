@@ -36,10 +36,26 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   Inside a folder only files with an image extension (case-insensitive: IMAGE_EXTENSIONS) are
   taken, so label files and READMEs beside the photos are not reported as bad images. A file
   named explicitly is always taken. A path that does not exist, or a folder without image
-  files, raises FileNotFoundError naming it.
+  files, raises FileNotFoundError naming it. A bucket prefix (`gs://bucket/photos/`) is a
+  folder: every image object under it, sorted.
   """
+  from mobileiqa_jax import storage  # pylint: disable=g-import-not-at-top
   out = []
   for path in paths:
+    if storage.is_bucket(path):
+      storage.check_bucket(path)
+      if storage.isdir(path):
+        found = [f for f in storage.walk_files(path) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+          raise FileNotFoundError(f"{path} holds no image files (looked for "
+                                  f"{', '.join(IMAGE_EXTENSIONS)}, under that prefix).")
+        out += found
+      elif storage.isfile(path):
+        out.append(path)
+      else:
+        raise FileNotFoundError(f"{path} does not exist (expected an image object or a "
+                                f"prefix holding images).")
+      continue
     if os.path.isdir(path):
       found = []
       for root, _, files in os.walk(path):
@@ -139,9 +155,13 @@ class UnreadableImageError(ValueError):
 
 def read_image(path: str) -> Image.Image:
   """Reads an image file as RGB the reference's way; `UnreadableImageError` names a bad file."""
+  from mobileiqa_jax import storage  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    if storage.is_bucket(path):
+      data = storage.read_bytes(path)
+    else:
+      with open(path, "rb") as f:
+        data = f.read()
     return preprocess.decode_rgb(data, path)
   except preprocess.ImageDecodeError as e:
     # The decoder's own advice is about data-set records; here the user scores a file.

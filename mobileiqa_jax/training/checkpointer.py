@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.weights import integrity
 from mobileiqa_jax.weights.integrity import CheckpointDamagedError
@@ -73,11 +75,26 @@ class TrainCheckpointer:
   unfinished save never becomes a step), a finished step gets a checksum record
   (`integrity.seal`, process 0) once its save is known to be complete, so a
   resume can tell a damaged step from a good one and fall back.
+
+  Where orbax cannot write (an `s3://` workdir: `storage.orbax_can_write`), it writes to a
+  local mirror instead: the bucket's finished steps are downloaded into it at the start, and
+  each step this run finishes is uploaded, its checksum record last (a step in the bucket
+  without it is unfinished and not listed), and the steps orbax's retention drops are deleted
+  there too. One process only: a multi-host save needs one directory all hosts write.
   """
 
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = storage.absolute(workdir)
+    self.directory = storage.join(self.workdir, "checkpoints")
+    check_workdir(self.workdir)
+    self._mirror: str | None = None  # the local folder orbax writes for an s3:// workdir
+    if not storage.orbax_can_write(self.directory):
+      self._mirror = tempfile.mkdtemp(prefix="mobileiqa_jax-checkpoints-")
+    self._orbax_dir = self._mirror or self.directory
+    if self._mirror is not None:
+      for step in checkpoint.list_steps(self.directory):
+        storage.download_tree(self.remote_dir(step), self.step_dir(step))
+    self._bucket = storage.is_bucket(self._orbax_dir)
     self._is_main = jax.process_index() == 0
     self._unsealed: list[int] = []  # steps this run saved whose checksums are not yet recorded
     self._in_flight: tuple[int, int] | None = None  # (step, bytes) of the save under way
@@ -94,7 +111,7 @@ class TrainCheckpointer:
     self._async = async_save
     self._closed = False
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
+        self._orbax_dir, options=options,
         item_handlers={"variables": _pytree_handler(), "opt_state": _pytree_handler(),
                        "meta": ocp.JsonCheckpointHandler(), "train": ocp.JsonCheckpointHandler()})
 
@@ -102,7 +119,12 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    """Where orbax keeps `step` (the local mirror's copy for an s3:// workdir)."""
+    return storage.join(self._orbax_dir, str(step))
+
+  def remote_dir(self, step: int) -> str:
+    """`step` in the workdir's checkpoints folder."""
+    return storage.join(self.directory, str(step))
 
   def save(self, step: int, variables: Any, opt_state: Any, meta: Mapping[str, Any],
            train: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
@@ -112,13 +134,15 @@ class TrainCheckpointer:
       CheckpointDiskFullError: this save (or the previous async one) did not fit on disk.
     """
     self.wait()  # the previous save: long done at the usual spacing; surfaces its errors
-    needed = self._bytes_needed(variables, opt_state)
-    free = shutil.disk_usage(self.directory).free
-    if free < needed:  # refuse before orbax starts writing a checkpoint that cannot fit
-      self._disk_full(step, needed, free)
+    needed = 0
+    if not self._bucket:  # a bucket has no free space to ask for (nor to run out of)
+      needed = self._bytes_needed(variables, opt_state)
+      free = shutil.disk_usage(self._orbax_dir).free
+      if free < needed:  # refuse before orbax starts writing a checkpoint that cannot fit
+        self._disk_full(step, needed, free)
     train = checkpoint.to_plain(dict(train, metrics=dict(metrics) if metrics else None))
     self._in_flight = (step, needed)
-    logging.info("checkpoint step %d -> %s", step, self.step_dir(step))
+    logging.info("checkpoint step %d -> %s", step, self.remote_dir(step))
     try:
       saved = self.manager.save(
           step,
@@ -150,10 +174,10 @@ class TrainCheckpointer:
   def _disk_full(self, step: int, needed: int, free: int) -> None:
     # Orbax's half-written temporary folder would hold on to space the user is about to
     # free; it is never a checkpoint (the committed steps are untouched).
-    if self._is_main and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
+    if self._is_main and os.path.isdir(self._orbax_dir):
+      for name in os.listdir(self._orbax_dir):
         if name.startswith(f"{step}.") and "tmp" in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          shutil.rmtree(os.path.join(self._orbax_dir, name), ignore_errors=True)
     latest = [s for s in self.manager.all_steps() if s != step]
     kept = f"step {max(latest)} is the newest checkpoint" if latest else "no checkpoint yet"
     raise CheckpointDiskFullError(
@@ -163,10 +187,10 @@ class TrainCheckpointer:
         f"move the workdir, then rerun the same command to resume", self.workdir)
 
   def _raise_if_disk_full(self, error: BaseException) -> None:
-    if self._in_flight is not None and _is_disk_full(error):
+    if self._in_flight is not None and not self._bucket and _is_disk_full(error):
       step, needed = self._in_flight
       self._in_flight = None
-      self._disk_full(step, needed, shutil.disk_usage(self.directory).free)
+      self._disk_full(step, needed, shutil.disk_usage(self._orbax_dir).free)
 
   def restore_latest_good(self, variables_target: Any, opt_state_target: Any
                           ) -> tuple[int, Any, Any, dict[str, Any]] | None:
@@ -197,18 +221,26 @@ class TrainCheckpointer:
       self._move_aside(step)
       older = [s for s in self.manager.all_steps() if s < step]
       logging.warning("checkpoint step %d is damaged (%s); moved to %s; %s", step, problem,
-                      os.path.join(self.workdir, "damaged_checkpoints", str(step)),
+                      storage.join(self.workdir, "damaged_checkpoints", str(step)),
                       f"resuming from step {older[-1]}" if older else
                       "no older checkpoint: starting from scratch")
     return None
 
   def _move_aside(self, step: int) -> None:
     if self._is_main:
-      dest = os.path.join(self.workdir, "damaged_checkpoints", str(step))
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      if os.path.exists(dest):
+      dest = storage.join(self.workdir, "damaged_checkpoints", str(step))
+      storage.makedirs(storage.dirname(dest))
+      if storage.exists(dest):
         dest = f"{dest}.{int(time.time())}"
-      os.rename(self.step_dir(step), dest)
+      # Locally one rename. A bucket has none: every object is copied, then deleted, the
+      # objects that mark a step complete moved last, so a kill half-way leaves no second
+      # complete step (`checkpoint.is_complete`).
+      markers = (checkpoint.COMMIT_MARKER, integrity.MANIFEST)
+      if self._mirror is None:
+        storage.move_tree(self.step_dir(step), dest, markers)
+      else:
+        storage.move_tree(self.remote_dir(step), dest, markers)
+        shutil.rmtree(self.step_dir(step))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"mobileiqa_jax: moved damaged step {step}")
@@ -243,7 +275,13 @@ class TrainCheckpointer:
     for step in self._unsealed:
       if self._is_main and step in finished:
         integrity.seal(self.step_dir(step))
+        if self._mirror is not None:
+          storage.rmtree(self.remote_dir(step))  # what an upload cut short left there
+          storage.upload_tree(self.step_dir(step), self.remote_dir(step), last=integrity.MANIFEST)
     self._unsealed = []
+    if self._mirror is not None and self._is_main:
+      for step in set(checkpoint.list_steps(self.directory)) - finished:
+        storage.rmtree(self.remote_dir(step))  # dropped by orbax's retention
 
   def close(self) -> None:
     """Waits for the last save and releases orbax's threads (call it on every exit path)."""
@@ -254,6 +292,8 @@ class TrainCheckpointer:
       self.wait()
     finally:
       self.manager.close()
+      if self._mirror is not None:
+        shutil.rmtree(self._mirror, ignore_errors=True)
 
   def __enter__(self) -> "TrainCheckpointer":
     return self
@@ -268,6 +308,22 @@ class TrainCheckpointer:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("while closing %s after an error: %s", self.directory, e)
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir whose checkpoints this job cannot keep (before anything is written).
+
+  Raises:
+    ValueError: an s3:// workdir of a multi-process job (its checkpoints go through one
+      host's local mirror; see `TrainCheckpointer`).
+  """
+  directory = storage.join(storage.absolute(workdir), "checkpoints")
+  if not storage.orbax_can_write(directory) and jax.process_count() > 1:
+    raise ValueError(
+        f"{workdir}: orbax-checkpoint cannot write {directory.split(':')[0]}:// itself (it "
+        f"builds a tensorstore file spec for any bucket but gs://), and the local mirror this "
+        f"package keeps instead serves one process; a multi-host run needs a gs:// or "
+        f"shared-file-system --workdir.")
 
 
 # ----------------------------------------------------------------------------- resume check
@@ -312,16 +368,15 @@ def check_resume_config(workdir: str, config: Any) -> None:
   Raises:
     ResumeConfigError: listing every differing field with its stored and new value.
   """
-  workdir = os.path.abspath(workdir)
-  if not checkpoint.list_steps(os.path.join(workdir, "checkpoints")):
+  workdir = storage.absolute(workdir)
+  if not checkpoint.list_steps(storage.join(workdir, "checkpoints")):
     return
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
     logging.warning("%s holds checkpoints but no config.json: cannot check that the resumed "
                     "config matches them", workdir)
     return
-  with open(path, encoding="utf-8") as f:
-    stored = _flatten(json.load(f))
+  stored = _flatten(json.loads(storage.read_text(path)))
   # As the trainer writes config.json: tuples become lists.
   new = _flatten(json.loads(ml_collections.ConfigDict(config).to_json_best_effort()))
   missing = object()

@@ -6,7 +6,7 @@ after each epoch; `scoring/evaluate.py` runs the same on any checkpoint and spli
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from mobileiqa_jax import metrics as metrics_lib
+from mobileiqa_jax import storage
 from mobileiqa_jax.training import sharding
 
 PyTree = Any
@@ -77,8 +78,10 @@ def write_scatter(path: str, pred: np.ndarray, mos: np.ndarray, title: str) -> b
   ax.set_ylabel("predicted")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path)
+  buffer = io.BytesIO()  # a local file or a bucket object: one write either way
+  fig.savefig(buffer, format="png")
   plt.close(fig)
+  storage.write_atomic(path, buffer.getvalue())
   return True
 
 
@@ -88,14 +91,14 @@ def write_outputs(directory: str, pred: np.ndarray, mos: np.ndarray, title: str,
 
   Returns the scatter plot's path, or None when none was written.
   """
-  write_predictions(os.path.join(directory, f"{prefix}predictions.csv"), pred, mos)
-  path = os.path.join(directory, f"{prefix}scatter.png")
+  write_predictions(storage.join(directory, f"{prefix}predictions.csv"), pred, mos)
+  path = storage.join(directory, f"{prefix}scatter.png")
   return path if scatter and write_scatter(path, pred, mos, title) else None
 
 
 def write_predictions(path: str, pred: np.ndarray, mos: np.ndarray) -> None:
   """CSV `index,predicted,mos`, one row per held-out example in split order."""
-  with open(path, "w", encoding="utf-8") as f:
+  with storage.atomic_text(path) as f:
     f.write("index,predicted,mos\n")
     for i, (p, m) in enumerate(zip(pred, mos)):
       f.write(f"{i},{float(p):.6f},{float(m):.6f}\n")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -23,19 +25,41 @@ class MetricWriter:
   """`write(step, scalars, kind)` appends to `<workdir>/metrics.jsonl` and TensorBoard.
 
   A no-op when not `enabled` (processes other than 0).
+
+  In a bucket (`gs://`, `s3://`), which cannot append, rows are kept in memory and
+  metrics.jsonl is uploaded whole at flush points: every `flush()` (the trainer's checkpoint
+  saves), every evaluation, at most every `BUCKET_FLUSH_S` seconds otherwise, and at `close`;
+  never once per step. TensorBoard events are written to a local temporary file and uploaded
+  at the same points as a new event file each (TensorBoard reads every event file of a
+  folder), so no object is rewritten for them at all. What a kill -9 loses is what followed
+  the last flush: at most the rows after the last checkpoint, which the resumed run re-does.
   """
+
+  #: In a bucket: the longest time a row waits for its upload between checkpoints.
+  BUCKET_FLUSH_S = 120.0
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
-    if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top
-        self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
-      except ImportError:
-        logging.warning("tensorboardX not installed: no TensorBoard event files")
+    self._path = storage.join(workdir, "metrics.jsonl")
+    self._bucket = storage.is_bucket(workdir)
+    self._rows: list[str] = []  # a bucket's metrics.jsonl, held in memory
+    self._unflushed = False
+    self._flushed_at = time.monotonic()
+    if not enabled:
+      return
+    if self._bucket:
+      if storage.exists(self._path):
+        self._rows = storage.read_text(self._path).splitlines(keepends=True)
+      self._tb = _BucketEvents(workdir)
+      return
+    self._jsonl = open(self._path, "a", encoding="utf-8")
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+    except ImportError:
+      logging.warning("tensorboardX not installed: no TensorBoard event files")
 
   def rewind(self, step: int) -> None:
     """Drops the rows after `step`: a run resumed from step `step` writes them again.
@@ -46,33 +70,93 @@ class MetricWriter:
     """
     if not self.enabled:
       return
-    path = self._jsonl.name
-    self._jsonl.close()
-    with open(path, encoding="utf-8") as f:
-      lines = f.readlines()
+    if self._bucket:
+      lines = self._rows
+    else:
+      self._jsonl.close()
+      with open(self._path, encoding="utf-8") as f:
+        lines = f.readlines()
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) != len(lines):
-      storage.write_atomic(path, "".join(keep))
+      storage.write_atomic(self._path, "".join(keep))
       logging.info("metrics.jsonl: %d rows after step %d dropped (re-done from the checkpoint)",
                    len(lines) - len(keep), step)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    if self._bucket:
+      self._rows = keep
+    else:
+      self._jsonl = open(self._path, "a", encoding="utf-8")
 
   def write(self, step: int, scalars: Mapping[str, float], kind: str) -> None:
     """One row `{"step", "kind", **scalars}`; TensorBoard tags are `<kind>/<name>`."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
-    self._jsonl.flush()
+    row = json.dumps({"step": int(step), "kind": kind, **clean}) + "\n"
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+    if not self._bucket:
+      self._jsonl.write(row)
+      self._jsonl.flush()
+      return
+    self._rows.append(row)
+    self._unflushed = True
+    if kind != "train" or time.monotonic() - self._flushed_at > self.BUCKET_FLUSH_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every row written so far durable (in a bucket: uploads; locally: already is)."""
+    if not (self.enabled and self._bucket and self._unflushed):
+      return
+    storage.write_atomic(self._path, "".join(self._rows))
+    self._tb.flush()
+    self._unflushed = False
+    self._flushed_at = time.monotonic()
 
   def close(self) -> None:
+    self.flush()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+class _BucketEvents:
+  """TensorBoard scalars for a bucket folder: a local event file, uploaded whole per flush."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self._local = tempfile.mkdtemp(prefix="mobileiqa_jax-events-")
+    self._writer = None
+    self._segment = 0
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    if self._writer is None:
+      try:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        return
+      self._segment += 1
+      # A new event file per flush: tensorboardX names it by the second and host; the
+      # segment number keeps two files of one second apart and in order.
+      self._writer = tensorboardX.SummaryWriter(logdir=self._local, flush_secs=3600,
+                                                filename_suffix=f".{self._segment:06d}")
+    self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    if self._writer is None:
+      return
+    self._writer.close()
+    self._writer = None
+    for name in sorted(os.listdir(self._local)):
+      local = os.path.join(self._local, name)
+      with open(local, "rb") as f:
+        storage.write_atomic(storage.join(self._workdir, name), f.read())
+      os.remove(local)
+
+  def close(self) -> None:
+    self.flush()
+    shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _row_step(line: str) -> int:

@@ -101,6 +101,12 @@ def loaders(train_source: pipeline.Source, eval_source: pipeline.Source,
   return LoaderData(train, held_out)
 
 
+def check_data_dir(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before a run writes anything, a tfds data set in a bucket (names the lever)."""
+  if config.data.name != "demo":
+    pipeline.check_local(config.data.name, config.data.data_dir or None)
+
+
 def sources_from_config(config: ml_collections.ConfigDict,
                         split: str | None = None) -> tuple[pipeline.Source, pipeline.Source]:
   """(train source, held-out source) of `config.data` (`split` overrides the held-out split).

@@ -21,6 +21,8 @@ run matches an uninterrupted one, also after a kill -9 (metrics.jsonl rows past 
 step are re-done, not repeated). SIGTERM finishes the step, saves and returns; a NaN/inf loss
 stops the run naming the step, the last good checkpoint and the lever, without saving it.
 One run per workdir: a second is refused before it writes anything (workdir_lock.py).
+The workdir and the teacher may be gs:// or s3:// URLs: every file goes through `storage`
+(docs/training.md, "Runs in a bucket").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime as runtime_lib
 from mobileiqa_jax.training import checkpointer
@@ -75,7 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.CheckpointDiskFullError: a checkpoint did not fit (earlier ones are intact).
   """
   sharding.maybe_initialize_distributed(config.distributed)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)  # a bucket URL stays one (never a local `gs:` folder)
+  _check_paths(config, workdir)
   created = _first_missing(workdir)
   # One writer per workdir, held for the whole job by process 0 and refused before anything
   # is written (workdir_lock.py); released however the run ends.
@@ -94,8 +98,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise
 
 
+def _check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, before anything is written, what cannot work in a bucket: a missing bucket or
+  refused credentials (one line naming the bucket), and tfds data read from a bucket."""
+  for path in (workdir, config.teacher_checkpoint, config.init.backbone):
+    if path and storage.is_bucket(path):
+      storage.check_bucket(path)
+  if config.data.name != "demo":
+    train_data.check_data_dir(config)
+  checkpointer.check_workdir(workdir)
+
+
 def _first_missing(path: str) -> str | None:
-  """The outermost folder of `path` that does not exist yet, or None when `path` exists."""
+  """The outermost folder of `path` that does not exist yet, or None when `path` exists.
+
+  None for a bucket too: it has no folders to make or remove; a run that fails to start
+  there has written only its lock, which it removes.
+  """
+  if storage.is_bucket(path):
+    return None
   missing = None
   while not os.path.exists(path):
     missing, parent = path, os.path.dirname(path)
@@ -155,10 +176,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ------------------------------------------------------------------ run record
   # Written only now: a run that cannot start (data not prepared, no teacher, a bad setting)
   # leaves no config.json, metrics or events behind.
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    storage.write_atomic(storage.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   cleanup.callback(writer.close)
 
@@ -191,6 +212,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.rewind(int(jax.device_get(state.step)))
 
   def save(step: int, metrics: dict[str, float] | None = None) -> None:
+    # In a bucket the rows so far are uploaded before each checkpoint: a resume from it
+    # never lacks a row (rows past it are dropped by `rewind`).
+    writer.flush()
     ckpt.save(step, state.variables, state.opt_state, ckpt_meta,
               {"step": step, "best": best}, metrics=metrics)
 
@@ -263,12 +287,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                 mesh)
     summary["best_eval"] = metrics
     if is_main:
-      title = (f"{config.name or 'model'} step {os.path.basename(best_path)}: "
+      title = (f"{config.name or 'model'} step {storage.basename(best_path)}: "
                f"SROCC {metrics['srocc']:.3f} PLCC {metrics['plcc']:.3f}")
       summary["scatter"] = evaluation.write_outputs(workdir, pred, mos, title, prefix="best_",
                                                   scatter=config.scatter_plot)
-      with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(ckpt_lib.to_plain(summary), f, indent=2)
+      storage.write_atomic(storage.join(workdir, "summary.json"),
+                           json.dumps(ckpt_lib.to_plain(summary), indent=2))
   summary["final_params"] = state.params
   return summary
 

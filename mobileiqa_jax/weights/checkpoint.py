@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from typing import Any, Mapping
 
 from absl import logging
@@ -41,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.weights import integrity
 from mobileiqa_jax.weights.integrity import CheckpointDamagedError  # re-exported
 
@@ -64,8 +66,25 @@ def _item_tree_metadata(path: str, item: str) -> Any:
 
 def is_checkpoint(path: str) -> bool:
   """Whether `path` is one checkpoint (holds `variables/` and `meta/`)."""
-  return os.path.isdir(os.path.join(path, "variables")) and os.path.isdir(
-      os.path.join(path, "meta"))
+  return storage.isdir(storage.join(path, "variables")) and storage.isdir(
+      storage.join(path, "meta"))
+
+
+#: The object orbax writes last into a checkpoint in a bucket (it cannot rename a finished
+#: temporary folder there); orbax's `atomicity.COMMIT_SUCCESS_FILE`.
+COMMIT_MARKER = "commit_success.txt"
+
+
+def is_complete(path: str) -> bool:
+  """Whether a checkpoint folder is finished. Locally orbax renames a finished save into its
+  name, so a folder by that name is; in a bucket, where objects appear one by one, it is
+  finished when it holds orbax's commit marker or the checksum record (a checkpoint copied
+  into a bucket carries the second)."""
+  if not storage.is_bucket(path):
+    return is_checkpoint(path)
+  names = set(storage.listdir(path)) if storage.isdir(path) else set()
+  return ({"variables", "meta"} <= names and
+          (COMMIT_MARKER in names or integrity.MANIFEST in names))
 
 
 def to_plain(x: Any) -> Any:
@@ -127,9 +146,18 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
   Returns:
     The absolute directory written.
   """
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
+  storage.check_bucket(directory)
   meta = split_meta({"format": FORMAT, "model_config": to_plain(model_config),
                       "extra": to_plain(dict(extra or {}))})
+  if not storage.orbax_can_write(directory):  # e.g. s3://: written locally, then copied
+    with tempfile.TemporaryDirectory(prefix="mobileiqa_jax-") as tmp:
+      local = save_model(os.path.join(tmp, "ckpt"), variables, model_config, extra, force=force)
+      if storage.exists(directory) and not force:
+        raise FileExistsError(f"{directory} exists (pass force=True to replace it).")
+      storage.rmtree(directory)
+      storage.upload_tree(local, directory, last=integrity.MANIFEST)
+    return directory
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory, ocp.args.Composite(
         variables=ocp.args.PyTreeSave(dict(variables)), meta=ocp.args.JsonSave(meta)),
@@ -141,16 +169,18 @@ def save_model(directory: str, variables: Any, model_config: Mapping[str, Any],
 
 def list_steps(root: str) -> list[int]:
   """Finished checkpoint steps under a checkpoints folder (orbax leaves tmp dirs unnamed)."""
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     return []
-  return sorted(int(n) for n in os.listdir(root)
-                if _STEP_RE.match(n) and is_checkpoint(os.path.join(root, n)))
+  return sorted(int(n) for n in storage.listdir(root)
+                if _STEP_RE.match(n) and is_complete(storage.join(root, n)))
 
 
 def read_json_item(path: str, item: str) -> dict[str, Any] | None:
   """Reads a JSON item (`meta` or `train`) of one checkpoint; None when absent."""
-  if not os.path.isdir(os.path.join(path, item)):
+  if not storage.isdir(storage.join(path, item)):
     return None
+  if not storage.orbax_can_write(path):  # orbax cannot read it where it is (s3://)
+    return json.loads(storage.read_text(storage.join(path, item, "metadata")))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     out = ckptr.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
   return dict(out[item])
@@ -158,11 +188,12 @@ def read_json_item(path: str, item: str) -> dict[str, Any] | None:
 
 def resolve_checkpoint(path: str, which: str = "best", step: int | None = None) -> str:
   """Turns a checkpoint, step directory, checkpoints folder or workdir into one checkpoint path."""
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
+  storage.check_bucket(path)
   if is_checkpoint(path) and step is None:
     return path
-  root = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
+  root = storage.join(path, "checkpoints") if storage.isdir(
+      storage.join(path, "checkpoints")) else path
   steps = list_steps(root)
   if not steps:
     raise FileNotFoundError(
@@ -171,19 +202,19 @@ def resolve_checkpoint(path: str, which: str = "best", step: int | None = None) 
   if step is not None:
     if step not in steps:
       raise FileNotFoundError(f"step {step} not in {root}; have {steps}")
-    return os.path.join(root, str(step))
+    return storage.join(root, str(step))
   if which == "best":
     scored = []
     for s in steps:
-      train = read_json_item(os.path.join(root, str(s)), "train") or {}
+      train = read_json_item(storage.join(root, str(s)), "train") or {}
       sel = (train.get("metrics") or {}).get("selection")
       if sel is not None and np.isfinite(sel):
         scored.append((sel, s))
     if scored:
-      return os.path.join(root, str(max(scored)[1]))
+      return storage.join(root, str(max(scored)[1]))
   elif which != "latest":
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-  return os.path.join(root, str(steps[-1]))
+  return storage.join(root, str(steps[-1]))
 
 
 # What tensorstore and orbax say when a checkpoint's files are not what was written (truncated,
@@ -219,6 +250,9 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
     CheckpointDamagedError: the checkpoint's files fail their checksums, or cannot be read.
   """
   sealed = integrity.verify(path, items=("variables", "meta"))
+  if not storage.orbax_can_write(path):  # orbax cannot read it where it is: a local copy
+    with storage.local_tree(path, names=("variables", "meta")) as local:
+      return load_variables(local)
   try:
     tree = _item_tree_metadata(path, "variables")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:

@@ -16,6 +16,7 @@ with numpy by `torch_pickle`, `.safetensors` with the safetensors library.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ import flax
 import jax
 import numpy as np
 
+from mobileiqa_jax import storage
 
 Variables = dict[str, Any]
 
@@ -197,32 +199,39 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       refused before anything is run).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  storage.check_bucket(path)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    state = load_file(path)
-  else:
-    # numpy, not torch.load: scoring the authors' weights needs no PyTorch, and the reader
-    # admits only what torch.load(weights_only=True) admits for a state dict.
-    import pickle  # pylint: disable=g-import-not-at-top
-    from mobileiqa_jax.weights import torch_pickle  # pylint: disable=g-import-not-at-top
-    try:
-      state = torch_pickle.load(path)
-    except torch_pickle.UnsafePickleError as e:
-      raise ConversionError(f"{path} is refused: {e}. Load only weights files you trust; a "
-                            "state dict (torch.save(model.state_dict(), path)) is read.") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
-      raise ConversionError(f"{path} is not a readable PyTorch state dict: {e}. Save the "
-                            "model's state_dict() (torch.save(model.state_dict(), path)).") from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-      if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-        state = state[wrapper]
+  # Both readers take a local file name: an object in a bucket is read through a local copy.
+  with storage.local_file(path, suffix=os.path.splitext(path)[1]) as local:
+    state = _read_state_dict_file(path, local)
+  for wrapper in ("state_dict", "model", "model_state_dict"):
+    if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+      state = state[wrapper]
   if not isinstance(state, Mapping):
     raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict.")
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
   return dict(state)
+
+
+def _read_state_dict_file(path: str, local: str) -> Any:
+  """What the state-dict file at `local` holds (`path`: its name in messages)."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(local)
+  # numpy, not torch.load: scoring the authors' weights needs no PyTorch, and the reader
+  # admits only what torch.load(weights_only=True) admits for a state dict.
+  import pickle  # pylint: disable=g-import-not-at-top
+  from mobileiqa_jax.weights import torch_pickle  # pylint: disable=g-import-not-at-top
+  try:
+    return torch_pickle.load(local)
+  except torch_pickle.UnsafePickleError as e:
+    raise ConversionError(f"{path} is refused: {e}. Load only weights files you trust; a "
+                          "state dict (torch.save(model.state_dict(), path)) is read.") from None
+  except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+    raise ConversionError(f"{path} is not a readable PyTorch state dict: {e}. Save the "
+                          "model's state_dict() (torch.save(model.state_dict(), path)).") from e
 
 
 def variables_template(model: Any, image_hw: tuple[int, int] = (64, 64)) -> Variables:
@@ -268,7 +277,7 @@ def fetch_timm_backbone(spec: str, arch: str,
         "\n!! IQA accuracy depends on ImageNet initialisation; the paper's numbers need it."
         "\n!! Set --config.init.backbone to a timm file or hub name.\n%s", bar, arch, bar)
     return None
-  if os.path.exists(spec):
+  if storage.is_bucket(spec) or os.path.exists(spec):
     path = spec
   else:
     try:
@@ -467,15 +476,19 @@ def load_mobileiqa(path: str | os.PathLike, model: str | None = None, runtime: A
 def _refuse_overwrite(output: str, overwrite: bool) -> None:
   """Nothing already written is lost: an existing output is replaced only when asked."""
   from mobileiqa_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
-  if not os.path.lexists(output):
+  storage.check_bucket(output)
+  if storage.is_bucket(output):
+    if not storage.exists(output):
+      return
+  elif not os.path.lexists(output):
     return
-  if os.path.isdir(output) and not os.listdir(output):
+  if storage.isdir(output) and not storage.listdir(output):
     return
-  if os.path.isdir(output) and not checkpoint.is_checkpoint(output):
+  if storage.isdir(output) and not checkpoint.is_checkpoint(output):
     raise FileExistsError(f"--output={output} is a folder that holds files but no checkpoint; "
                           "convert refuses to replace it: choose another --output.")
   if not overwrite:
-    what = "a checkpoint" if os.path.isdir(output) else "a file"
+    what = "a checkpoint" if storage.isdir(output) else "a file"
     raise FileExistsError(f"--output={output} already holds {what}; pass --overwrite to "
                           "replace it, or choose another --output.")
 
@@ -514,5 +527,7 @@ def checkpoint_to_torch_file(directory: str, output: str, overwrite: bool = Fals
   _, variables, _ = checkpoint.load_model(directory)
   state = {k: torch.from_numpy(np.ascontiguousarray(v))
            for k, v in flax_to_torch(variables).items()}
-  torch.save(state, output)
+  buffer = io.BytesIO()  # a local file or a bucket object, written whole
+  torch.save(state, buffer)
+  storage.write_atomic(output, buffer.getvalue())
   logging.info("Wrote %s (%d tensors).", output, len(state))

@@ -34,32 +34,34 @@ class CheckpointDamagedError(ValueError):
 
 def _crc32(path: str) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with storage.as_path(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       crc = zlib.crc32(chunk, crc)
   return crc
 
 
-def _files(path: str) -> list[str]:
-  out = []
-  for root, _, names in os.walk(path):
-    for n in names:
-      rel = os.path.relpath(os.path.join(root, n), path)
-      if rel != MANIFEST:
-        out.append(rel)
-  return sorted(out)
+def _sizes(path: str) -> dict[str, int]:
+  """{relative path (os.sep-separated, as the record keeps it): size} but the record's own."""
+  return {rel.replace("/", os.sep): size for rel, size in storage.file_sizes(path).items()
+          if rel != MANIFEST}
+
+
+def _full(path: str, rel: str) -> str:
+  return storage.join(path, *rel.split(os.sep))
 
 
 def is_sealed(path: str) -> bool:
   """Whether `path` has its checksum record."""
-  return os.path.isfile(os.path.join(path, MANIFEST))
+  return storage.isfile(storage.join(path, MANIFEST))
 
 
 def seal(path: str) -> int:
-  """Writes `<path>/checksums.json` (atomically) for a finished checkpoint; returns its bytes."""
-  files = {rel: [os.path.getsize(os.path.join(path, rel)), _crc32(os.path.join(path, rel))]
-           for rel in _files(path)}
-  storage.write_atomic(os.path.join(path, MANIFEST),
+  """Writes `<path>/checksums.json` (atomically) for a finished checkpoint; returns its bytes.
+
+  In a bucket the record is written after every object it names: a step holding it is whole.
+  """
+  files = {rel: [size, _crc32(_full(path, rel))] for rel, size in sorted(_sizes(path).items())}
+  storage.write_atomic(storage.join(path, MANIFEST),
                          json.dumps({"algorithm": "crc32", "files": files}, indent=0,
                                     sort_keys=True))
   return sum(size for size, _ in files.values())
@@ -84,19 +86,18 @@ def verify(path: str, items: Sequence[str] | None = None) -> bool:
   if not is_sealed(path):
     return False
   try:
-    with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
-      files = json.load(f)["files"]
+    files = json.loads(storage.read_text(storage.join(path, MANIFEST)))["files"]
   except (OSError, ValueError, KeyError) as e:
     raise CheckpointDamagedError(path, f"its {MANIFEST} is unreadable ({e})") from None
+  sizes = _sizes(path)  # one listing, also in a bucket
   for rel, (size, crc) in sorted(files.items()):
     top = rel.split(os.sep, 1)
     if items is not None and len(top) > 1 and top[0] not in items:
       continue
-    full = os.path.join(path, rel)
-    try:
-      actual = os.path.getsize(full)
-    except OSError:
-      raise CheckpointDamagedError(path, f"{full} is missing") from None
+    full = _full(path, rel)
+    actual = sizes.get(rel)
+    if actual is None:
+      raise CheckpointDamagedError(path, f"{full} is missing")
     if actual != size:
       raise CheckpointDamagedError(
           path, f"{full} has {actual} bytes, {size} were written (truncated or overwritten)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
+from mobileiqa_jax import storage
 from mobileiqa_jax.data import preprocess
 from mobileiqa_jax.weights import checkpoint
 from mobileiqa_jax.weights import convert
@@ -27,7 +28,7 @@ STATE_DICT_EXTENSIONS = (".pkl", ".pth", ".pt", ".bin", ".safetensors")
 
 def is_state_dict_file(path: str) -> bool:
   """Whether `path` names a PyTorch/timm state-dict file rather than an orbax checkpoint."""
-  return os.path.isfile(path) and path.lower().endswith(STATE_DICT_EXTENSIONS)
+  return path.lower().endswith(STATE_DICT_EXTENSIONS) and storage.isfile(path)
 
 
 def load_model(path: str | os.PathLike, *, which: str = "best", step: int | None = None,
@@ -58,17 +59,18 @@ def load_model(path: str | os.PathLike, *, which: str = "best", step: int | None
     ValueError: a file that is no state dict, or a model other than `model`.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  storage.check_bucket(path)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist (expected a checkpoint folder, a training "
                             "workdir or a .pkl/.pth state dict).")
   if is_state_dict_file(path):
     module, variables, config = convert.mobileiqa_from_state_dict(
         convert.load_state_dict(path), model, source=path, runtime=runtime, copy=copy,
         template_of=variables_template)
-    meta = {"path": os.path.abspath(path), "model_config": config,
+    meta = {"path": storage.absolute(path), "model_config": config,
             "extra": {"image_size": list(preprocess.REFERENCE_IMAGE_SIZE), "source": path}}
     return module, variables, meta
-  if os.path.isfile(path):
+  if storage.isfile(path):
     raise ValueError(f"{path} is a file but not a state dict ({', '.join(STATE_DICT_EXTENSIONS)})"
                      ": pass a checkpoint folder, a training workdir or a state dict.")
   module, variables, meta = checkpoint.load_model(path, which=which, step=step, runtime=runtime)

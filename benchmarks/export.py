@@ -61,11 +61,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_variables(model, size_hw, seed=0):
-  # The tests' random weights (tests/support.py), so the benchmark exports what they check.
-  if os.path.join(REPO, "tests") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-  import support  # pylint: disable=g-import-not-at-top
-  return support.random_variables(model, size_hw, seed)
+  # The random weights the tests use too, so the benchmark exports what they check.
+  from mobileiqa_jax.weights import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.random_variables(model, size_hw, seed)
 
 
 def _peak_rss_gb() -> float:

@@ -120,5 +120,5 @@ def test_missing_plugin_is_one_line_naming_the_package(monkeypatch):
   monkeypatch.setattr(builtins, "__import__", no_plugin)
   with pytest.raises(aot_compile.AotUsageError, match=r"jax-cuda13-plugin.*\.\[gpu-aot\]"):
     aot_compile.topology_devices("h100:1")
-  assert os.path.isfile(os.path.join(os.path.dirname(aot_compile.__file__), "gpu_targets",
+  assert os.path.isfile(os.path.join(aot_compile.GPU_TARGETS,
                                      aot_compile.CHIPS["h200"].target_file))

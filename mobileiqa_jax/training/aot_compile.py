@@ -64,7 +64,12 @@ class ChipSpec:
   hbm_bytes_per_s: float
   source: str
   platform: str = "tpu"
-  target_file: str = ""  # GPUs: the target description in mobileiqa_jax/gpu_targets/
+  target_file: str = ""  # GPUs: the target description in GPU_TARGETS
+
+
+#: XLA's GPU target descriptions shipped with the package (mobileiqa_jax/gpu_targets/).
+GPU_TARGETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "gpu_targets")
 
 
 # Google Cloud's published per-chip figures (bf16 peak, HBM capacity and bandwidth), from the
@@ -180,8 +185,7 @@ def _gpu_devices(topology: str, chip: ChipSpec) -> list[jax.Device]:
                         "installed, so GPU topologies cannot be described: "
                         "pip install -e \".[gpu-aot]\" (no GPU or NVIDIA wheels needed)") from e
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets",
-                      chip.target_file)
+  path = os.path.join(GPU_TARGETS, chip.target_file)
   with open(path, encoding="utf-8") as f:
     target = f.read()
   try:

@@ -10,7 +10,7 @@ What an object store lacks, and what stands in for it (docs/training.md, "Runs i
   writes a bucket path in one upload (a local path: a temporary file renamed over it);
 - no append: writers that append locally (metrics.jsonl, TensorBoard events) keep their rows
   in memory and upload at flush points instead (`training/metric_writer.py`);
-- no atomic rename: `move_tree` copies and then deletes, moving the object that marks the
+- no atomic rename: `move_tree` copies and then deletes, moving the objects that mark the
   source complete last, so a kill half-way never leaves two complete copies;
 - no file lock: `create_exclusive` writes an object only if none exists (a GCS generation
   precondition `ifGenerationMatch=0`, S3's `If-None-Match: *`), which is what `O_EXCL` gives
@@ -39,7 +39,6 @@ from etils import epath
 
 #: URI schemes of the object stores the package reads and writes.
 BUCKET_SCHEMES = ("gs://", "s3://")
-
 
 
 def prepare_clients() -> None:
@@ -93,11 +92,13 @@ def join(path: str | os.PathLike, *names: str) -> str:
 
 
 def dirname(path: str | os.PathLike) -> str:
+  """The folder of `path` (a bucket URL's parent prefix)."""
   path = os.fspath(path)
   return posixpath.dirname(path.rstrip("/")) if is_bucket(path) else os.path.dirname(path)
 
 
 def basename(path: str | os.PathLike) -> str:
+  """The last name of `path`."""
   path = os.fspath(path)
   return posixpath.basename(path.rstrip("/")) if is_bucket(path) else os.path.basename(path)
 
@@ -120,6 +121,7 @@ def _fresh(path: str | os.PathLike) -> epath.Path:
 
 
 def exists(path: str | os.PathLike) -> bool:
+  """Whether a file, folder, object or non-empty prefix is at `path`."""
   return _fresh(path).exists() if is_bucket(path) else os.path.exists(path)
 
 
@@ -129,6 +131,7 @@ def isdir(path: str | os.PathLike) -> bool:
 
 
 def isfile(path: str | os.PathLike) -> bool:
+  """Whether `path` is a file (an object)."""
   return _fresh(path).is_file() if is_bucket(path) else os.path.isfile(path)
 
 
@@ -167,6 +170,7 @@ def file_sizes(path: str | os.PathLike) -> dict[str, int]:
 
 
 def getsize(path: str | os.PathLike) -> int:
+  """The size of a file or object in bytes."""
   return as_path(path).stat().length if is_bucket(path) else os.path.getsize(path)
 
 
@@ -194,10 +198,12 @@ def makedirs(path: str | os.PathLike) -> None:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
+  """The content of a file or object."""
   return as_path(path).read_bytes()
 
 
 def read_text(path: str | os.PathLike) -> str:
+  """The content of a file or object, as UTF-8 text."""
   return as_path(path).read_text(encoding="utf-8")
 
 
@@ -213,7 +219,7 @@ def rmtree(path: str | os.PathLike) -> None:
   """Removes a folder (a bucket prefix: every object under it); absent is fine."""
   if is_bucket(path):
     with contextlib.suppress(FileNotFoundError):
-      if as_path(path).exists():
+      if _fresh(path).exists():
         _fs(path).rm(_key(path), recursive=True)
   else:
     shutil.rmtree(path, ignore_errors=True)

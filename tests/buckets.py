@@ -27,7 +27,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 60.0) -> None:
+def _wait(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 180.0) -> None:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if proc.poll() is not None:

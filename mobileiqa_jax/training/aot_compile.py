@@ -671,7 +671,8 @@ def _teacher_model(config: ml_collections.ConfigDict, teacher_backbone: str,
   from mobileiqa_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mobileiqa_jax.models import mobileiqa  # pylint: disable=g-import-not-at-top
   path = config.teacher_checkpoint
-  if path and os.path.exists(path):
+  from mobileiqa_jax import storage  # pylint: disable=g-import-not-at-top
+  if path and storage.exists(path):  # a local folder or a bucket URL
     meta = ckpt_lib.read_json_item(ckpt_lib.resolve_checkpoint(path), "meta") or {}
     if "model_config" not in meta:
       raise AotUsageError(f"config.teacher_checkpoint={path!r}: no stored model config")

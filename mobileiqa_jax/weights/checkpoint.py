@@ -24,6 +24,9 @@ alike unless a caller passes another `runtime.Runtime`. Checkpoints written befo
 carry `dtype`, `depthwise_impl` and `backbone_kwargs.remat` inside `model_config`; reading
 moves them to `training`.
 
+Any of these paths may be a gs:// or s3:// URL (`storage`): orbax reads and writes gs://
+itself; an s3:// checkpoint is read from a local copy and written through one.
+
 `extra` conventionally holds 'image_size' ([H, W]) and 'mos_range' ([lo, hi] that the MOS was
 min-max normalised from, or None when the model predicts the data set's own scale).
 """

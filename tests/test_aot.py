@@ -67,6 +67,7 @@ def test_unknown_topology_is_one_line_error():
     aot_compile.topology_devices("v5e")
 
 
+@pytest.mark.slow  # three TPU compiles (~1 CPU minute); the smaller steps below stay in the default suite
 def test_teacher_step_compiles_and_grows_with_batch(tmp_path):
   # The command (its main, in this process): tiny teacher from a config file, global batch 8
   # (a command-line override) on v5e:2x2, train and eval steps, JSON last.

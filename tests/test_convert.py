@@ -150,6 +150,7 @@ def test_full_timm_pth_initialises_the_backbone(tmp_path):
       assert torch.equal(value, full.state_dict()[key]), key
 
 
+@pytest.mark.slow  # four command processes; the commands' errors are test_cli_errors'
 @pytest.mark.torch
 def test_convert_and_predict_commands(tmp_path):
   torch = pytest.importorskip("torch")

@@ -29,6 +29,7 @@ def _run(tmp_path, *flags: str) -> dict:
   return json.loads((out / "device_check.json").read_text())
 
 
+@pytest.mark.slow  # the script's whole process (~1 CPU minute)
 def test_teacher_row_on_cpu(tmp_path):
   # The default suite's check: one JAX row (the smallest MobileNetV3 as the teacher's backbone,
   # at support.SMALLEST's depth and one MAL, 32x32) through the script's processes and JSON;

@@ -380,6 +380,7 @@ def test_dropout_only_in_training():
     jax.eval_shape(lambda: jm.apply(v, img, train=True, mutable=["batch_stats"]))  # no rng
 
 
+@pytest.mark.slow  # compiles the float32 and bfloat16 models; test_mobilevitv2 checks the bfloat16 forward
 def test_bfloat16_compute_close():
   pytest.importorskip("torch")
   tm, jm = toy_models(seed=2, num_mals=2)

@@ -71,6 +71,8 @@ def test_masked_batch_norm_equals_batch_norm_of_the_real_examples():
   np.testing.assert_allclose(got[1]["mean"], tbn.running_mean.numpy(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # two whole models traced with gradients (~80 CPU s); the masked
+# BatchNorm itself is checked against PyTorch above
 @pytest.mark.parametrize("backbone,kwargs,hw,remat,grads", [
     ("mobilenetv3_small_050", {"depth_multiplier": 0.1}, (64, 64), "block", True),
     ("mobilevitv2_050", {}, (64, 64), "stage", False),

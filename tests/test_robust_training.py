@@ -327,8 +327,12 @@ def _record(pathname, level, exc_info=None):
 
 
 def test_the_training_log_keeps_the_projects_lines_only():
-  package = os.path.dirname(checkpoint.__file__)
-  only = errors_lib._ProjectLogsOnly([package, os.path.join(REPO, "launch")])
+  # The filter the train command installs, with the folders it computes itself: every
+  # subpackage's records (the trainer's log is the run's record) and launch/'s pass.
+  only = errors_lib.project_logs_only()
+  package = os.path.dirname(os.path.dirname(checkpoint.__file__))
+  for sub in ("training/trainer.py", "weights/convert.py", "data/pipeline.py"):
+    assert only.filter(_record(os.path.join(package, sub), std_logging.INFO)), sub
   orbax = os.path.join(os.path.dirname(optax.__file__), "..", "orbax", "checkpoint",
                        "checkpoint_manager.py")
   assert only.filter(_record(os.path.join(package, "train.py"), std_logging.INFO))

@@ -211,6 +211,7 @@ def test_predict_cli_gives_load_scores_for_checkpoint_and_pkl(models, tmp_path):
     assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr  # no absl INFO lines
 
 
+@pytest.mark.slow  # test_buckets runs explain too (into gs://)
 def test_explain_writes_opinion_maps_and_similarities(models, tmp_path):
   out = tmp_path / "explain"
   # The command's main in this process (test_cli_errors starts it as a process).

@@ -2,8 +2,8 @@
 
 The multi-device checks run in subprocesses because the fake CPU device count
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported: one
-process with 8 devices (one step on 1 device and on 4 x 2, and the single-process reference of
-the two-process run) and two processes with 4 devices each.
+process with 8 devices (one step on 1 device and on 4 x 2); and, marked slow, two processes
+with 4 devices each against the same training run in one 8-device process.
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ def test_fsdp_spec_splits_largest_divisible_dim():
   assert sharding._fsdp_spec((64, 128), 4, 10**6) == jax.sharding.PartitionSpec()  # pylint: disable=protected-access
 
 
-# The config of every run below. One config, so that the 8-device reference training run
-# compiles nothing new: its init and train step are _STEP_SCRIPT's 4 x 2 programs, read from the
-# compilation cache. The two-process run trains on the same 4 x 2 mesh (fsdp across processes).
+# The config of every run below. The two-process run trains on the same 4 x 2 mesh as the
+# one-process reference (fsdp across processes).
 _CONFIG = """
 from support import SMALLEST, tiny_config, tiny_data
 c = tiny_config("student", batch_size=8, fsdp_min_size=64, max_steps=2, **SMALLEST)
@@ -104,20 +103,13 @@ for shape in ((("data", 4), ("fsdp", 2)),):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
-  """One 8-device process: _STEP_SCRIPT, then _TRAIN_SCRIPT as the single-process reference.
-
-  The two scripts run one after the other in one interpreter (one start, one import of jax);
-  _TRAIN_SCRIPT reads its argv (single.npz, 1 process) and needs no distributed set-up.
-  """
-  single = str(tmp_path_factory.mktemp("sharding") / "single.npz")
-  both = textwrap.dedent(_STEP_SCRIPT) + textwrap.dedent(_TRAIN_SCRIPT)
-  out = _run(both, devices=8, args=(single, "1", "0", "0"))
-  return out, single
+def eight_devices():
+  """One 8-device process running _STEP_SCRIPT; its stdout."""
+  return _run(_STEP_SCRIPT, devices=8)
 
 
 def test_sharded_step_equals_single_device_step(eight_devices):
-  out, _ = eight_devices
+  out = eight_devices
   lines = [l for l in out.splitlines() if l.startswith("REL")]
   assert len(lines) == 1, out
   for line in lines:
@@ -146,8 +138,10 @@ print("DONE", jax.process_index(), summary["step"])
 """
 
 
-def test_two_processes_match_one_process_with_eight_devices(eight_devices, tmp_path):
-  _, single = eight_devices
+@pytest.mark.slow  # three interpreters compile and train (about 3 CPU minutes)
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  single = str(tmp_path / "single.npz")
+  _run(_TRAIN_SCRIPT, devices=8, args=(single, "1", "0", "0"))
   port = str(free_port())
   multi = str(tmp_path / "multi.npz")
   procs = run_peers(

@@ -189,7 +189,8 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tmp_path_
 # ----------------------------------------------------------------------------- in a bucket
 
 
-@pytest.mark.parametrize("bucket", [_GS, _S3], ids=["gs", "s3"])
+@pytest.mark.parametrize("bucket", [_GS, pytest.param(_S3, marks=pytest.mark.slow)],
+                         ids=["gs", "s3"])
 def test_sigterm_then_resume_in_a_bucket_equals_the_local_run(tmp_path, tmp_path_factory,
                                                                bucket_servers, bucket,
                                                                monkeypatch):
@@ -261,6 +262,7 @@ trainer.train_and_evaluate(c, sys.argv[1], data=KillAfterTwoCheckpoints(
 """
 
 
+@pytest.mark.slow  # test_buckets takes over a stale lock in gs; the local kill -9 test is slow too
 def test_kill_9_in_gs_then_resume_is_exact(tmp_path, tmp_path_factory, bucket_servers):
   """A real kill -9 of a run in gs://: its stale lock is taken over, its rows past the last
   checkpoint are re-done, and the resumed run equals the uninterrupted one."""

@@ -138,11 +138,16 @@ class _ProjectLogsOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING and not record.exc_info
 
 
+def project_logs_only() -> std_logging.Filter:
+  """The filter of `quiet_library_logs`: the package's and launch/'s records at any level."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mobileiqa_jax/
+  launch = os.path.join(os.path.dirname(package), "launch")
+  return _ProjectLogsOnly([package, launch, os.path.dirname(os.path.abspath(sys.argv[0]))])
+
+
 def quiet_library_logs() -> None:
   """Hides the libraries' INFO logs, keeping this package's and launch/'s (any level)."""
-  package = os.path.dirname(os.path.abspath(__file__))
-  launch = os.path.join(os.path.dirname(package), "launch")
-  only = _ProjectLogsOnly([package, launch, os.path.dirname(os.path.abspath(sys.argv[0]))])
+  only = project_logs_only()
   handlers = {logging.get_absl_handler(), *std_logging.getLogger().handlers}
   for handler in handlers:
     handler.addFilter(only)

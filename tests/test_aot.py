@@ -123,6 +123,7 @@ def test_oversized_setting_exits_3_with_levers():
   assert "smaller per-chip batch" in levers
 
 
+@pytest.mark.slow  # a 16-chip TPU compile (~40 CPU s); the oversized test keeps a TPU compile in the default suite
 def test_distillation_step_on_multihost_topology():
   # v5e:4x4 is 16 chips on 4 hosts; the teacher comes from the preset (no checkpoint).
   c = _tiny("student", batch_size=16, teacher_checkpoint="runs/no_such_teacher", **SMALLEST)

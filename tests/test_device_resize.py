@@ -109,6 +109,7 @@ def test_device_preprocessing_scores_like_pil_and_groups_sizes(scorers):
     scorer.Scorer(host.model, host.variables, SIZE, host.model_config, preprocessing="gpu")
 
 
+@pytest.mark.slow  # compiles a gradient through the model (~20 CPU s)
 def test_quality_fn_jits_differentiates_and_agrees_with_score(scorers):
   host, _ = scorers
   quality = host.quality_fn()

@@ -194,7 +194,8 @@ def test_lda_tf_matches_the_model(monkeypatch, shape, banded):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantize", ["float16", "dynamic_int8"])
+@pytest.mark.parametrize("quantize", [
+    "float16", pytest.param("dynamic_int8", marks=pytest.mark.slow)])
 def test_quantised_export_runs_under_xnnpack_and_ranks_like_float(smallest, quantize, request):
   out = str(smallest["tmp"] / f"student_{quantize}.tflite")
   if quantize == "float16":  # written into a gs:// bucket (conftest.bucket_servers' emulator)

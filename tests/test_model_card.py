@@ -83,6 +83,7 @@ def test_profile_command_refuses_a_missing_checkpoint(tmp_path):
   assert out.stderr.count("\n") == 1 and "does not exist" in out.stderr
 
 
+@pytest.mark.slow  # an ONNX export and a child process; the export tests check the ONNX file
 def test_card_measures_the_onnx_export(student_dir, monkeypatch):
   """--exports=onnx: the export's run in its own process; the card prints its row.
 

@@ -164,6 +164,7 @@ def test_load_and_score_change_no_jax_setting(student_pkl, tmp_path):
   assert not os.path.exists(tmp_path / "xdg")  # and no cache folder written
 
 
+@pytest.mark.slow  # a command process (~10 s)
 def test_nocompilation_cache_flag_writes_no_cache(student_pkl, tmp_path):
   env = _env(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_own"))
   proc = _run(["launch/predict.py", f"--checkpoint={student_pkl}", f"--image_size={SIZE}",

@@ -128,6 +128,7 @@ def test_old_model_configs_give_up_their_runtime_keys():
   assert found == {"compute_dtype": "bfloat16", "depthwise_impl": "conv", "remat": "block"}
 
 
+@pytest.mark.slow  # traces the teacher twice (~17 CPU s); the platform choice itself is checked above
 def test_same_config_traced_as_tpu_and_as_gpu_on_this_cpu_host():
   # The trainer's model for the same config, its runtime resolved for each target platform on
   # this CPU host: TPU gets the shift form (no grouped conv in the program), GPU XLA's grouped

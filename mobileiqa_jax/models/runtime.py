@@ -51,10 +51,10 @@ def tie_weight_grads_for(platform: str) -> bool:
 
   GPU: without it XLA:GPU schedules the weight gradients of a data-parallel step late (each
   feeds an asynchronous all-reduce), and the teacher step at 8 images per GPU planned 24.88
-  GiB on h100:8 against 13.76 on h100:1; docs/plans.md has the figures. TPU: XLA:TPU keeps
+  GiB on h100:8 against 13.76 on h100:1; docs/performance.md has the figures. TPU: XLA:TPU keeps
   the 8-chip plan's memory per chip at or below the 4-chip plan's without it, and the barriers
-  cost traffic there (one bottleneck block's training step: +6 to +11% bytes,
-  benchmarks/layer_traffic.py). CPU: not measured; off.
+  cost traffic there (one layer's training step on a v5e, benchmarks/layer_traffic.py: up to
+  +11% bytes, stage 1 block 1 4.09 -> 4.54 GB per image). CPU: off (not needed for memory).
   """
   _check("platform", platform, PLATFORMS)
   return platform == "gpu"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from mobileiqa_jax.training import trainer
+from mobileiqa_jax.models import layers
 from mobileiqa_jax.models import mobileiqa
 from mobileiqa_jax.models import runtime
 from mobileiqa_jax.training import sharding
@@ -157,3 +158,65 @@ def test_frozen_teacher_on_tpu_uses_grouped_conv_only_at_stride_two():
   strides = _grouped_convs(lambda v: model.apply(v, x), variables)
   # mobilevitv2 stages 1-4 open with a stride-2 bottleneck: four grouped convs, all strided.
   assert strides == [(2, 2)] * 4, strides
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count_primitive(sub, name)
+  return n
+
+
+def test_gpu_training_ties_weight_gradients_in_both_backbones():
+  # GPU training runtimes tie each conv's input gradient to its weight gradient (an
+  # optimization barrier per conv, in the backward pass only); TPU, CPU and the frozen
+  # teacher do not.
+  assert runtime.for_training(tiny_config("teacher"), "gpu").tie_weight_grads
+  assert not runtime.Runtime.for_platform("gpu").frozen().tie_weight_grads
+  assert not runtime.Runtime.for_platform("tpu").tie_weight_grads
+  assert not runtime.Runtime.for_platform("cpu").tie_weight_grads
+  x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  for backbone in ("mobilevitv2_050", "mobilenetv3_small_050"):
+    counts = []
+    for tie in (False, True):
+      rt = runtime.Runtime.for_platform("gpu", remat="block", tie_weight_grads=tie)
+      model = mobileiqa.build_backbone(backbone, rt)
+      variables = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), x))
+
+      def loss(params, batch_stats, model=model):
+        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                             mutable=["batch_stats"])
+        return sum(jnp.sum(f) for f in out)
+
+      jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"],
+                                             variables["batch_stats"]).jaxpr
+      counts.append(_count_primitive(jaxpr, "optimization_barrier"))
+    assert counts[0] == 0 and counts[1] > 10, (backbone, counts)
+
+
+@pytest.mark.parametrize("layer", ["pointwise", "conv3x3_s2", "dw_shift_s1", "dw_shift_s2",
+                                   "dw_conv_s2"])
+def test_tied_weight_gradients_are_the_same_numbers(layer):
+  # Tied or not, a layer computes the same output and the same input and weight gradients.
+  make = {
+      "pointwise": lambda tie: layers.PointwiseConv(8, tie=tie),
+      "conv3x3_s2": lambda tie: layers.conv2d(8, 3, 2, use_bias=False, tie=tie),
+      "dw_shift_s1": lambda tie: layers.DepthwiseConv2d(6, 3, 1, impl="shift", tie=tie),
+      "dw_shift_s2": lambda tie: layers.DepthwiseConv2d(6, 3, 2, impl="shift", tie=tie),
+      "dw_conv_s2": lambda tie: layers.DepthwiseConv2d(6, 3, 2, impl="conv", tie=tie),
+  }[layer]
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 6), jnp.float32)
+  variables = make(False).init(jax.random.PRNGKey(0), x)
+  results = []
+  for tie in (False, True):
+    module = make(tie)
+    loss = lambda v, x, m=module: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+    results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * (1 + float(jnp.max(jnp.abs(a))))

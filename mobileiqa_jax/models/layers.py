@@ -64,6 +64,38 @@ def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
   return ((stride - 1) + dilation * (kernel_size - 1)) // 2
 
 
+@jax.custom_vjp
+def tie_grads(x: Any, params: Any) -> tuple[Any, Any]:
+  """The identity on `(x, params)`; in the backward pass x's gradient waits for params'.
+
+  A layer that applies it to its input and its weights before using them hands its input
+  gradient to the layer before it only once its own weight gradient is computed, so the
+  activations that weight gradient reads (a reduction over the whole map) are freed layer by
+  layer (`runtime.Runtime.tie_weight_grads`). Nothing else forces that order: in a
+  data-parallel step on GPUs each weight gradient feeds an asynchronous all-reduce, and
+  XLA:GPU then scheduled the weight gradients late, keeping the recomputed activations of
+  several blocks alive at once.
+  """
+  return x, params
+
+
+def _tie_grads_fwd(x, params):
+  return (x, params), None
+
+
+def _tie_grads_bwd(_, cotangents):
+  return jax.lax.optimization_barrier(cotangents)
+
+
+tie_grads.defvjp(_tie_grads_fwd, _tie_grads_bwd)
+
+
+def _tied_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """`jax.lax.conv_general_dilated` with its input and kernel gradients tied (`tie_grads`)."""
+  lhs, rhs = tie_grads(lhs, rhs)
+  return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
 class PointwiseConv(nn.Module):
   """A 1x1 `torch.nn.Conv2d` (stride 1, no groups) as a matmul over channels.
 
@@ -81,14 +113,18 @@ class PointwiseConv(nn.Module):
   features: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `tie_grads` on the input and the weights
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    if self.tie:
+      x, (kernel, bias) = tie_grads(x, (kernel, bias))
     y = jnp.einsum("...c,cd->...d", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 
@@ -103,9 +139,13 @@ def conv2d(
     use_bias: bool = True,
     padding: int | None = None,
     dtype: Dtype = jnp.float32,
+    tie: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
-  """A `torch.nn.Conv2d` with timm's default symmetric padding (params: kernel HWIO, bias)."""
+  """A `torch.nn.Conv2d` with timm's default symmetric padding (params: kernel HWIO, bias).
+
+  `tie`: the input and kernel gradients are tied (`tie_grads`).
+  """
   pad = torch_padding(kernel_size, stride, dilation) if padding is None else padding
   return nn.Conv(
       features,
@@ -116,6 +156,7 @@ def conv2d(
       feature_group_count=groups,
       use_bias=use_bias,
       dtype=dtype,
+      conv_general_dilated=_tied_conv_general_dilated if tie else None,
       name=name,
   )
 
@@ -292,6 +333,7 @@ class DepthwiseConv2d(nn.Module):
   use_bias: bool = False
   impl: str = DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `tie_grads` on the input and the weights
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -299,6 +341,10 @@ class DepthwiseConv2d(nn.Module):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (k, k, 1, self.features), jnp.float32
     )
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    if self.tie:
+      x, (kernel, bias) = tie_grads(x, (kernel, bias))
     pad = torch_padding(k, s, d)
     impl = self.impl
     x = x.astype(self.dtype)
@@ -313,7 +359,6 @@ class DepthwiseConv2d(nn.Module):
     else:
       raise ValueError(f"DepthwiseConv2d impl must be 'conv' or 'shift', got {impl!r}.")
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 

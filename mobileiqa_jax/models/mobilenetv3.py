@@ -172,6 +172,7 @@ class _BlockBase(nn.Module):
   cfg: BlockConfig
   dtype: Dtype = jnp.float32
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
+  tie: bool = False  # `layers.tie_grads` in the block's convs (not the small SE convs)
 
   def _bn_act(self, x: jax.Array, train: bool, example_mask: jax.Array | None, name: str,
               act: str) -> jax.Array:
@@ -183,14 +184,16 @@ class _BlockBase(nn.Module):
   def _conv(self, features: int, kernel: int, stride: int,
             name: str) -> nn.Conv | layers.PointwiseConv:
     if kernel == 1 and stride == 1 and layers.pointwise_as_matmul(self.depthwise_impl):
-      return layers.PointwiseConv(features, use_bias=False, dtype=self.dtype, name=name)
-    return layers.conv2d(features, kernel, stride, use_bias=False, dtype=self.dtype, name=name)
+      return layers.PointwiseConv(features, use_bias=False, dtype=self.dtype, tie=self.tie,
+                                  name=name)
+    return layers.conv2d(features, kernel, stride, use_bias=False, dtype=self.dtype,
+                         tie=self.tie, name=name)
 
   def _dw(self, x: jax.Array, name: str) -> jax.Array:
     c = self.cfg
     return layers.DepthwiseConv2d(
         c.mid_chs, c.kernel_size, c.stride, impl=self.depthwise_impl, dtype=self.dtype,
-        name=name)(x)
+        tie=self.tie, name=name)(x)
 
 
 class DepthwiseSeparableConv(_BlockBase):
@@ -258,6 +261,7 @@ class _Stages(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
   strided_depthwise_impl: str = ""
+  tie: bool = False  # `layers.tie_grads` in the blocks' convs
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -271,7 +275,7 @@ class _Stages(nn.Module):
     outs = []
     for i, stage in enumerate(self.stages):
       x = stage_cls(stage, self.dtype, self.depthwise_impl, self.remat == "block",
-                    self.strided_depthwise_impl, name=str(i))(x, train, example_mask)
+                    self.strided_depthwise_impl, self.tie, name=str(i))(x, train, example_mask)
       outs.append(x)
     return outs
 
@@ -284,6 +288,7 @@ class _Stage(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat_blocks: bool = False  # rematerialise each block
   strided_depthwise_impl: str = ""  # the form of blocks with stride > 1; '' = depthwise_impl
+  tie: bool = False  # `layers.tie_grads` in the blocks' convs
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -294,7 +299,7 @@ class _Stage(nn.Module):
         block_cls = nn.remat(block_cls, static_argnums=_REMAT_STATIC)
       impl = (self.strided_depthwise_impl or self.depthwise_impl) if cfg.stride > 1 else (
           self.depthwise_impl)
-      x = block_cls(cfg, self.dtype, impl, name=str(j))(x, train, example_mask)
+      x = block_cls(cfg, self.dtype, impl, self.tie, name=str(j))(x, train, example_mask)
     return x
 
 
@@ -312,6 +317,9 @@ class MobileNetV3(nn.Module):
     remat: rematerialise in the backward pass instead of keeping activations (training
       memory): False; True or 'stage' (each of the seven stages); 'block' (each block, the
       least kept alive). The values computed are the same.
+    tie_weight_grads: every conv but the squeeze-excite ones hands its input gradient on only
+      once its weight gradient is computed (`layers.tie_grads`,
+      `runtime.Runtime.tie_weight_grads`).
   """
 
   arch: str = "large"
@@ -322,6 +330,7 @@ class MobileNetV3(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
   strided_depthwise_impl: str = ""
+  tie_weight_grads: bool = False
 
   def _layout(self):
     return build_blocks(self.arch, self.channel_multiplier, self.depth_multiplier)
@@ -354,12 +363,14 @@ class MobileNetV3(nn.Module):
     """
     stem, stages, feats = self._layout()
     x = x.astype(self.dtype)
-    x = layers.conv2d(stem, 3, 2, use_bias=False, dtype=self.dtype, name="conv_stem")(x)
+    x = layers.conv2d(stem, 3, 2, use_bias=False, dtype=self.dtype,
+                      tie=self.tie_weight_grads, name="conv_stem")(x)
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(
         x, example_mask)
     x = layers.hard_swish(x)
     outs = [x] + _Stages(stages, self.dtype, self.depthwise_impl, self.remat,
-                         self.strided_depthwise_impl, name="blocks")(x, train, example_mask)
+                         self.strided_depthwise_impl, self.tie_weight_grads, name="blocks")(
+                             x, train, example_mask)
     features = [outs[f] for f in feats]
     return [features[i] for i in self.out_indices]
 

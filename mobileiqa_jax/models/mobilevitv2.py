@@ -80,20 +80,22 @@ class ConvNormAct(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
   as_matmul: bool = False  # a 1x1 conv as `layers.PointwiseConv` (same variables)
+  tie: bool = False  # the conv's input and weight gradients tied (`layers.tie_grads`)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                example_mask: jax.Array | None = None) -> jax.Array:
     if self.as_matmul:
-      x = layers.PointwiseConv(self.features, use_bias=False, dtype=self.dtype, name="conv")(x)
+      x = layers.PointwiseConv(self.features, use_bias=False, dtype=self.dtype, tie=self.tie,
+                               name="conv")(x)
     elif self.depthwise:
       x = layers.DepthwiseConv2d(
           self.features, self.kernel_size, self.stride, impl=self.depthwise_impl,
-          dtype=self.dtype, name="conv")(x)
+          dtype=self.dtype, tie=self.tie, name="conv")(x)
     else:
       x = layers.conv2d(
           self.features, self.kernel_size, self.stride, use_bias=False, dtype=self.dtype,
-          name="conv")(x)
+          tie=self.tie, name="conv")(x)
     # BatchNorm2d, not nn.BatchNorm: PyTorch stores the unbiased batch variance in training.
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn")(
         x, example_mask)
@@ -112,6 +114,7 @@ class BottleneckBlock(nn.Module):
   stride: int = 1
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `layers.tie_grads` in every conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -121,21 +124,21 @@ class BottleneckBlock(nn.Module):
     shortcut = x
     impl = self.depthwise_impl
     as_matmul = layers.pointwise_as_matmul(impl)
-    x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, name="conv1_1x1")(
-        x, train, example_mask)
+    x = ConvNormAct(mid, 1, dtype=self.dtype, as_matmul=as_matmul, tie=self.tie,
+                    name="conv1_1x1")(x, train, example_mask)
     x = ConvNormAct(
         mid, 3, self.stride, depthwise=True, depthwise_impl=impl,
-        dtype=self.dtype, name="conv2_kxk")(x, train, example_mask)
+        dtype=self.dtype, tie=self.tie, name="conv2_kxk")(x, train, example_mask)
     x = ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, as_matmul=as_matmul,
-                    name="conv3_1x1")(x, train, example_mask)
+                    tie=self.tie, name="conv3_1x1")(x, train, example_mask)
     if in_chs == self.features and self.stride == 1:
       x = x + shortcut
     return x
 
 
-def _conv1x1(features: int, dtype: Dtype, name: str) -> layers.PointwiseConv:
+def _conv1x1(features: int, dtype: Dtype, name: str, tie: bool = False) -> layers.PointwiseConv:
   """A torch `Conv2d(k=1, bias=True)` (kernel (1, 1, in, out)) of the transformer."""
-  return layers.PointwiseConv(features, use_bias=True, dtype=dtype, name=name)
+  return layers.PointwiseConv(features, use_bias=True, dtype=dtype, tie=tie, name=name)
 
 
 def _patch_view(x: jax.Array) -> jax.Array:
@@ -181,11 +184,14 @@ class LinearSelfAttention(nn.Module):
   """
 
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `layers.tie_grads` on each projection's input and weights
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     bsz, h, w, d = x.shape
     kernel, bias = _Conv1x1Variables(1 + 2 * d, name="qkv_proj")(d)
+    if self.tie:
+      x, (kernel, bias) = layers.tie_grads(x, (kernel, bias))
     kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
     x = x.astype(self.dtype)
     query = jnp.einsum("bhwc,c->bhw", x, kernel[:, 0]) + bias[0]
@@ -201,7 +207,7 @@ class LinearSelfAttention(nn.Module):
     ctx_odd = jnp.sum(key * jnp.where(even_col, 0, scores)[..., None], axis=(1, 3))
     context = jnp.where(even_col[None, None, :, None], ctx_even[:, :, None], ctx_odd[:, :, None])
     out = nn.relu(value).reshape(key.shape) * context[:, None]  # (B, n_h, p_h, W, d)
-    return _conv1x1(d, self.dtype, "out_proj")(out.reshape(bsz, h, w, d))
+    return _conv1x1(d, self.dtype, "out_proj", self.tie)(out.reshape(bsz, h, w, d))
 
 
 class ConvMlp(nn.Module):
@@ -209,25 +215,27 @@ class ConvMlp(nn.Module):
 
   hidden: int
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `layers.tie_grads` in fc1 and fc2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.silu(_conv1x1(self.hidden, self.dtype, "fc1")(x))
-    return _conv1x1(d, self.dtype, "fc2")(x)
+    x = nn.silu(_conv1x1(self.hidden, self.dtype, "fc1", self.tie)(x))
+    return _conv1x1(d, self.dtype, "fc2", self.tie)(x)
 
 
 class LinearTransformerBlock(nn.Module):
   """timm `LinearTransformerBlock`: pre-norm (GroupNorm, 1 group) attention and MLP residuals."""
 
   dtype: Dtype = jnp.float32
+  tie: bool = False  # `layers.tie_grads` in every projection
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = x + LinearSelfAttention(self.dtype, name="attn")(
+    x = x + LinearSelfAttention(self.dtype, self.tie, name="attn")(
         layers.group_norm_1(self.dtype, name="norm1")(x))
-    x = x + ConvMlp(int(d * _MLP_RATIO), self.dtype, name="mlp")(
+    x = x + ConvMlp(int(d * _MLP_RATIO), self.dtype, self.tie, name="mlp")(
         layers.group_norm_1(self.dtype, name="norm2")(x))
     return x
 
@@ -238,12 +246,13 @@ class LinearTransformer(nn.Module):
   depth: int
   dtype: Dtype = jnp.float32
   remat: bool = False  # rematerialise each transformer block
+  tie: bool = False  # `layers.tie_grads` in every projection
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     block_cls = nn.remat(LinearTransformerBlock) if self.remat else LinearTransformerBlock
     for i in range(self.depth):
-      x = block_cls(self.dtype, name=str(i))(x)
+      x = block_cls(self.dtype, self.tie, name=str(i))(x)
     return x
 
 
@@ -262,6 +271,7 @@ class MobileVitV2Block(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   dtype: Dtype = jnp.float32
   remat_blocks: bool = False
+  tie: bool = False  # `layers.tie_grads` in every conv and projection
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -273,14 +283,15 @@ class MobileVitV2Block(nn.Module):
     dim = layers.make_divisible(_TRANSFORMER_RATIO * in_chs)
     x = ConvNormAct(
         in_chs, 3, depthwise=True, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-        name="conv_kxk")(x, train, example_mask)
+        tie=self.tie, name="conv_kxk")(x, train, example_mask)
     # The 1x1 convs of this block are matmuls (see `layers.PointwiseConv`).
-    x = layers.PointwiseConv(dim, use_bias=False, dtype=self.dtype, name="conv_1x1")(x)
-    x = LinearTransformer(self.transformer_depth, self.dtype, self.remat_blocks,
+    x = layers.PointwiseConv(dim, use_bias=False, dtype=self.dtype, tie=self.tie,
+                             name="conv_1x1")(x)
+    x = LinearTransformer(self.transformer_depth, self.dtype, self.remat_blocks, self.tie,
                           name="transformer")(x)
     x = layers.group_norm_1(self.dtype, name="norm")(x)
     return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype, as_matmul=True,
-                       name="conv_proj")(x, train, example_mask)
+                       tie=self.tie, name="conv_proj")(x, train, example_mask)
 
 
 class Stage(nn.Module):
@@ -295,6 +306,7 @@ class Stage(nn.Module):
   dtype: Dtype = jnp.float32
   remat_blocks: bool = False  # rematerialise each bottleneck and transformer block
   strided_depthwise_impl: str = ""  # the stride-2 block's form; '' = depthwise_impl
+  tie: bool = False  # `layers.tie_grads` in every conv and projection
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -305,12 +317,12 @@ class Stage(nn.Module):
       stride = self.stride if i == 0 else 1
       impl = (self.strided_depthwise_impl or self.depthwise_impl) if stride > 1 else (
           self.depthwise_impl)
-      x = block_cls(self.features, stride, impl, self.dtype, name=str(i))(
+      x = block_cls(self.features, stride, impl, self.dtype, self.tie, name=str(i))(
           x, train, example_mask)
     if self.transformer_depth:
       x = MobileVitV2Block(
           self.features, self.transformer_depth, self.depthwise_impl, self.dtype,
-          self.remat_blocks, name=str(self.depth))(x, train, example_mask)
+          self.remat_blocks, self.tie, name=str(self.depth))(x, train, example_mask)
     return x
 
 
@@ -328,6 +340,8 @@ class MobileViTv2(nn.Module):
       (each stage: only stage inputs are kept, a whole stage's activations are live again
       while its gradient is taken); 'block' (each bottleneck and transformer block: block
       inputs are kept, at most one block's activations are live again; same recompute).
+    tie_weight_grads: every conv and projection hands its input gradient on only once its
+      weight gradient is computed (`layers.tie_grads`, `runtime.Runtime.tie_weight_grads`).
   """
 
   width_multiplier: float = 2.0
@@ -335,6 +349,7 @@ class MobileViTv2(nn.Module):
   depthwise_impl: str = layers.DEFAULT_DEPTHWISE_IMPL
   remat: bool | str = False
   strided_depthwise_impl: str = ""
+  tie_weight_grads: bool = False
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -362,8 +377,8 @@ class MobileViTv2(nn.Module):
     """
     x = x.astype(self.dtype)
     x = ConvNormAct(
-        stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype, name="stem")(
-            x, train, example_mask)
+        stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype,
+        tie=self.tie_weight_grads, name="stem")(x, train, example_mask)
     if self.remat not in (False, True, "stage", "block"):
       raise ValueError(f"MobileViTv2 remat must be False, True, 'stage' or 'block', got "
                        f"{self.remat!r}")
@@ -376,7 +391,7 @@ class MobileViTv2(nn.Module):
       x = stage_cls(
           chs, _STAGE_STRIDES[i], _STAGE_DEPTHS[i], _TRANSFORMER_DEPTHS[i],
           self.depthwise_impl, self.dtype, per_block, self.strided_depthwise_impl,
-          name=f"stages_{i}")(x, train, example_mask)
+          self.tie_weight_grads, name=f"stages_{i}")(x, train, example_mask)
       features.append(x)
     return features
 

@@ -45,6 +45,21 @@ def depthwise_impl_for(platform: str) -> str:
   return "conv" if platform == "gpu" else "shift"
 
 
+def tie_weight_grads_for(platform: str) -> bool:
+  """Whether a training step on `platform` ties each layer's weight gradient to its input
+  gradient (`Runtime.tie_weight_grads`): on GPU.
+
+  GPU: without it XLA:GPU schedules the weight gradients of a data-parallel step late (each
+  feeds an asynchronous all-reduce), and the teacher step at 8 images per GPU planned 24.88
+  GiB on h100:8 against 13.76 on h100:1; docs/performance.md has the figures. TPU: XLA:TPU keeps
+  the 8-chip plan's memory per chip at or below the 4-chip plan's without it, and the barriers
+  cost traffic there (one layer's training step on a v5e, benchmarks/layer_traffic.py: up to
+  +11% bytes, stage 1 block 1 4.09 -> 4.54 GB per image). CPU: off (not needed for memory).
+  """
+  _check("platform", platform, PLATFORMS)
+  return platform == "gpu"
+
+
 def platform_of(device: Any) -> str:
   """'cpu', 'gpu' or 'tpu' of a `jax.Device` the caller holds (a real one or a topology's)."""
   platform = str(device.platform).lower()
@@ -80,6 +95,10 @@ class Runtime:
     gelu: 'erf' (x/2 (1 + erf(x/sqrt2)), PyTorch's kernels' form and the fast one in XLA) or
       'jax_nn' (`jax.nn.gelu(approximate=False)`, the same function, which the ONNX
       converter maps to one Gelu op).
+    tie_weight_grads: in the backbones' backward pass every conv and projection hands its
+      input gradient on only once its weight gradient is computed (`layers.tie_grads`, an
+      optimization barrier), so the activations a weight gradient reads are freed layer by
+      layer whatever the scheduler does; the same numbers. See `tie_weight_grads_for`.
   """
 
   platform: str = "cpu"
@@ -90,6 +109,7 @@ class Runtime:
   attention: str = "reference"
   lda: str = "banded"
   gelu: str = "erf"
+  tie_weight_grads: bool = False
 
   def __post_init__(self):
     _check("platform", self.platform, PLATFORMS)
@@ -100,37 +120,44 @@ class Runtime:
     _check("attention", self.attention, ATTENTION_FORMS)
     _check("lda", self.lda, LDA_FORMS)
     _check("gelu", self.gelu, GELU_FORMS)
+    _check("tie_weight_grads", self.tie_weight_grads, (False, True))
 
   @classmethod
   def for_platform(cls, platform: str, *, compute_dtype: str = "float32",
                    depthwise_impl: str | None = None, remat: bool | str = False,
-                   attention: str = "reference") -> "Runtime":
+                   attention: str = "reference",
+                   tie_weight_grads: bool | None = None) -> "Runtime":
     """The runtime for `platform`; an empty `depthwise_impl` takes the platform's form.
 
     `remat=True` means per stage (what the backbones' `remat=True` means).
+    `tie_weight_grads=None` takes the platform's choice (`tie_weight_grads_for`).
     """
     if remat is True:
       remat = "stage"
+    if tie_weight_grads is None:
+      tie_weight_grads = tie_weight_grads_for(platform)
     return cls(platform=platform, compute_dtype=str(compute_dtype),
                depthwise_impl=depthwise_impl or depthwise_impl_for(platform), remat=remat,
-               attention=attention)
+               attention=attention, tie_weight_grads=bool(tie_weight_grads))
 
   def frozen(self) -> "Runtime":
     """The runtime of a model that is only run forward (a distillation teacher).
 
-    No remat (nothing is differentiated). On TPU, the stride-2 blocks take XLA's grouped
+    No remat and no tied gradients (nothing is differentiated). On TPU, the stride-2 blocks take XLA's grouped
     convolution: the 'shift' form's strided slices make XLA copy the input map into another
     layout first, which the training step's gradient pays for anyway but a forward-only
     teacher does not need; at 16 images per chip on a v5e that copy is what does not fit
     (the distillation step: 17.44 GiB of temporaries; docs/performance.md has the figures).
     """
     strided = "conv" if self.platform == "tpu" else self.strided_depthwise_impl
-    return dataclasses.replace(self, remat=False, strided_depthwise_impl=strided)
+    return dataclasses.replace(self, remat=False, strided_depthwise_impl=strided,
+                               tie_weight_grads=False)
 
   def backbone_kwargs(self) -> dict[str, Any]:
     """The backbone constructor's runtime fields."""
     return {"depthwise_impl": self.depthwise_impl, "remat": self.remat,
-            "strided_depthwise_impl": self.strided_depthwise_impl}
+            "strided_depthwise_impl": self.strided_depthwise_impl,
+            "tie_weight_grads": self.tie_weight_grads}
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

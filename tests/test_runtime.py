@@ -200,14 +200,12 @@ def test_gpu_training_ties_weight_gradients_in_both_backbones():
     assert counts[0] == 0 and counts[1] > 10, (backbone, counts)
 
 
-@pytest.mark.parametrize("layer", ["pointwise", "conv3x3_s2", "dw_shift_s1", "dw_shift_s2",
-                                   "dw_conv_s2"])
+@pytest.mark.parametrize("layer", ["pointwise", "conv3x3_s2", "dw_shift_s2", "dw_conv_s2"])
 def test_tied_weight_gradients_are_the_same_numbers(layer):
   # Tied or not, a layer computes the same output and the same input and weight gradients.
   make = {
       "pointwise": lambda tie: layers.PointwiseConv(8, tie=tie),
       "conv3x3_s2": lambda tie: layers.conv2d(8, 3, 2, use_bias=False, tie=tie),
-      "dw_shift_s1": lambda tie: layers.DepthwiseConv2d(6, 3, 1, impl="shift", tie=tie),
       "dw_shift_s2": lambda tie: layers.DepthwiseConv2d(6, 3, 2, impl="shift", tie=tie),
       "dw_conv_s2": lambda tie: layers.DepthwiseConv2d(6, 3, 2, impl="conv", tie=tie),
   }[layer]

@@ -69,6 +69,7 @@ def reports(memoized_compiles):
           "eight": aot_compile.compile_for_topology(_tiny(batch_size=8), "h100:8", with_eval=False)}
 
 
+@pytest.mark.slow  # three GPU compiles (~90 CPU s, shared with the next test)
 def test_teacher_step_on_one_and_eight_gpus_grows_with_the_batch(reports):
   # The target's runtime: XLA's grouped convolution on GPU, whatever this CPU host would use.
   for r in reports.values():
@@ -90,6 +91,7 @@ def test_teacher_step_on_one_and_eight_gpus_grows_with_the_batch(reports):
   assert eight.train.flops_per_step == pytest.approx(one.train.flops_per_step / 8, rel=0.05)
 
 
+@pytest.mark.slow  # shares the compiles above
 def test_oversized_gpu_step_exits_3_with_levers(monkeypatch, reports, memoized_compiles):
   # XLA:GPU compiles whatever the size; the plan compares the step's buffers with what JAX's
   # allocator may take. Allowed 0.01% of the GPU (8.5 MB), the batch-8 step does not fit.

@@ -67,12 +67,15 @@ c.optimizer.eps = 1.0  # Adam's first step linear in the gradient (see below)
 # reduction order across devices decides their noise. For the same reason eps = 1 makes Adam's
 # first step linear in the gradient (with eps -> 0 it is lr * sign(g), which turns rounding
 # noise into +-lr).
+#
+# The teacher's step (one model; the distillation step adds the frozen teacher's forward pass,
+# which has no parameters to shard or update): the two-process test trains the student.
 _STEP_SCRIPT = """
 import jax, numpy as np
 from mobileiqa_jax.training import sharding
 from mobileiqa_jax.training import trainer
 assert jax.device_count() == 8, jax.devices()
-""" + _CONFIG + """
+""" + _CONFIG.replace('tiny_config("student"', 'tiny_config("teacher"') + """
 data = tiny_data(c, flips=False)
 batch = next(data.train_epoch(0))
 

@@ -29,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mobileiqa_jax.weights import checkpoint as ckpt_lib  # noqa: E402
+from mobileiqa_jax.training import checkpointer  # noqa: E402
 from mobileiqa_jax.training import evaluation  # noqa: E402
 from mobileiqa_jax.training import sharding  # noqa: E402
 from mobileiqa_jax.training import trainer  # noqa: E402
@@ -107,7 +108,7 @@ def main(argv):
       steps.eval_step, state.variables, data.eval_batches(), mesh)[0])
 
   with tempfile.TemporaryDirectory() as tmp:
-    with ckpt_lib.TrainCheckpointer(tmp, keep=config.checkpoint.keep,
+    with checkpointer.TrainCheckpointer(tmp, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save) as ckpt:
       meta = {"format": ckpt_lib.FORMAT, "model_config": steps.model_config.to_dict(),
               "training": steps.runtime.to_dict(), "extra": {}}

@@ -4,8 +4,8 @@ The frozen teacher (read from its own orbax checkpoint: a training workdir, one 
 or `launch/convert.py` output) runs in inference mode; the student in training mode on the
 same batch. Loss = w_dof MSE(DOF) + w_x MSE(x) + w_score MSE(score, MOS), weights 1.
 
-Demo (after the teacher demo; distils from its best epoch, under 10 minutes on 2 CPU cores;
-docs/performance.md gives its held-out SROCC):
+Demo (after the teacher demo; distils from its best epoch, minutes on 2 CPU cores;
+docs/demo.md gives its held-out SROCC):
 
   python launch/train.py --config=configs/teacher.py:demo --workdir=runs/teacher_demo
   python launch/train.py --config=configs/student.py:demo \

@@ -347,6 +347,7 @@ def test_param_names_mirror_reference():
   assert set(shapes["batch_stats"]) == {"global_vit"}
 
 
+@pytest.mark.slow  # three compiles of the toy model (~15 CPU s)
 def test_dropout_only_in_training():
   pytest.importorskip("torch")
   tm, jm = toy_models(seed=5, num_mals=2)

@@ -168,6 +168,7 @@ def _remat_units(granularity) -> int:
   return len(re.findall(r"= (?:checkpoint|remat2)\[", str(jaxpr)))
 
 
+@pytest.mark.slow  # traces the model per granularity (~12 CPU s); test_mobilevitv2 checks remat too
 def test_remat_wraps_each_stage_or_block():
   # Tracing only (seconds); the numbers are compared in the slow test below.
   stages = len(mobilenetv3.build_blocks("small", 0.5, 1.0)[1])

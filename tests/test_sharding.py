@@ -2,8 +2,8 @@
 
 The multi-device checks run in subprocesses because the fake CPU device count
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before jax is imported: one
-process with 8 devices (one step on 1 device and on 4 x 2); and, marked slow, two processes
-with 4 devices each against the same training run in one 8-device process.
+process with 8 devices (one step on 1 device and on 4 x 2); two processes with 4 devices each
+against the same training run in one 8-device process. Both are slow tests (`-m slow`).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def eight_devices():
   return _run(_STEP_SCRIPT, devices=8)
 
 
+@pytest.mark.slow  # compiles the step for 1 and for 8 devices in a subprocess (~90 CPU s)
 def test_sharded_step_equals_single_device_step(eight_devices):
   out = eight_devices
   lines = [l for l in out.splitlines() if l.startswith("REL")]

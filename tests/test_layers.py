@@ -61,14 +61,15 @@ def test_depthwise_conv_matches_torch(impl, k, s, d, hw):
   assert _rel(got, ref) <= 1e-6
 
 
-@pytest.mark.parametrize("impl", ["conv", "shift"])
+@pytest.mark.parametrize("impl", ["conv", "shift", "shift_slices"])
 @pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (9, 11)), (3, 2, 1, (9, 11)),
                                       (3, 2, 1, (10, 12)), (5, 1, 1, (8, 7)),
                                       (5, 2, 1, (10, 13)), (3, 1, 2, (9, 10)),
                                       (3, 2, 2, (11, 9))])
 def test_depthwise_conv_gradients_match_torch(impl, k, s, d, hw):
-  # Both impls take their gradients from custom VJPs ('conv' its kernel gradient, 'shift'
-  # both); each must equal autograd. ('conv' with dilation is XLA's own gradient.)
+  # Every impl takes its gradients from custom VJPs ('conv' its kernel gradient, 'shift'
+  # both; 'shift_slices' another stride-2 input gradient); each must equal autograd.
+  # ('conv' with dilation is XLA's own gradient.)
   c = 5
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, *hw, c)).astype(np.float32)

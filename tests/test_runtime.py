@@ -92,6 +92,10 @@ def test_platform_forms_and_validation():
   assert runtime.Runtime.for_platform("gpu").depthwise_impl == "conv"
   assert runtime.Runtime.for_platform("cpu").depthwise_impl == "shift"
   assert runtime.Runtime.for_platform("gpu", depthwise_impl="shift").depthwise_impl == "shift"
+  # The stride-2 blocks' input gradient: transposed slices on CPU only, with 'shift' only.
+  assert runtime.Runtime.for_platform("cpu").strided_depthwise_impl == "shift_slices"
+  assert runtime.Runtime.for_platform("tpu").strided_depthwise_impl == ""
+  assert runtime.Runtime.for_platform("cpu", depthwise_impl="conv").strided_depthwise_impl == ""
   assert runtime.Runtime.for_platform("tpu", remat=True).remat == "stage"
   with pytest.raises(ValueError, match="depthwise_impl"):
     runtime.Runtime(depthwise_impl="fast")

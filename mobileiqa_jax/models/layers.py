@@ -185,7 +185,7 @@ def pointwise_as_matmul(depthwise_impl: str) -> bool:
   MobileViTv2 stage 1 block 1, GB per image): 7.1 conv + conv, 11.9 shift + conv, 4.1 shift +
   matmul.
   """
-  return depthwise_impl == "shift"
+  return depthwise_impl in ("shift", "shift_slices")
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
@@ -279,28 +279,32 @@ def _shift_sum(xp: jax.Array, kernel: jax.Array, out_hw: tuple[int, int], stride
   return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
-                     dilation: int) -> jax.Array:
+                     dilation: int, strided_grad: str = "conv") -> jax.Array:
   """Depthwise conv as k*k shifted (strided) slices times per-channel weights.
 
   Autodiff of the slices would transpose each into a padded map of its own (k*k maps
   written in the backward pass). The custom gradient instead computes, in the map's own
   layout: for stride 1 the input gradient as the same shift-sum over g with the flipped
-  kernel, for stride > 1 as the transposed grouped conv (cheaper there than a shift-sum over
-  a zero-interleaved g: 8.5 vs 14.4 GB for a 616x954x256 layer on TPU v5e), and the kernel
-  gradient as `_kernel_grad`'s fused reductions.
+  kernel, and the kernel gradient as `_kernel_grad`'s fused reductions. For stride > 1 the
+  input gradient is `strided_grad`'s form: 'conv', the transposed grouped conv (TPU: cheaper
+  there than a shift-sum over a zero-interleaved g, 8.5 vs 14.4 GB for a 616x954x256 layer on
+  a v5e), or 'slices', the transpose of the strided slices (each tap's g * w padded back into
+  place, summed in one fusion: XLA:CPU runs the grouped conv's form naively, 69 ms against
+  0.7 ms for 32 x 16 x 16 x 128 at stride 2).
   """
+  del strided_grad  # the backward pass's
   k = kernel.shape[0]
   out_hw = tuple((n + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
   return _shift_sum(_pad_hw(x, pad, pad), kernel, out_hw, stride, dilation)
 
 
-def _depthwise_shift_fwd(x, kernel, stride, pad, dilation):
-  return _depthwise_shift(x, kernel, stride, pad, dilation), (x, kernel)
+def _depthwise_shift_fwd(x, kernel, stride, pad, dilation, strided_grad):
+  return _depthwise_shift(x, kernel, stride, pad, dilation, strided_grad), (x, kernel)
 
 
-def _depthwise_shift_bwd(stride, pad, dilation, res, g):
+def _depthwise_shift_bwd(stride, pad, dilation, strided_grad, res, g):
   x, kernel = res
   k, s, d = kernel.shape[0], stride, dilation
   if s == 1:
@@ -308,6 +312,9 @@ def _depthwise_shift_bwd(stride, pad, dilation, res, g):
     # shift-sum over g padded by d*(k-1) - pad on each side, kernel flipped.
     edge = d * (k - 1) - pad
     dx = _shift_sum(_pad_hw(g, edge, edge), kernel[::-1, ::-1], x.shape[1:3], 1, d)
+  elif strided_grad == "slices":
+    shift = lambda x: _shift_sum(_pad_hw(x, pad, pad), kernel, g.shape[1:3], s, d)
+    dx, = jax.linear_transpose(shift, x)(g)
   else:
     dx = _grouped_conv_input_grad(g, kernel, x.shape[1:3], s, pad, d)
   dk = _kernel_grad(_pad_hw(x, pad, pad), g, k, s, d)
@@ -322,7 +329,8 @@ class DepthwiseConv2d(nn.Module):
 
   `impl='conv'` is XLA's grouped convolution (cuDNN on GPU); `impl='shift'` sums k*k
   strided, shifted slices times per-channel weights, which XLA fuses into one pass (CPU and
-  TPU; see `runtime.depthwise_impl_for`). Both read the same parameters, laid out as `nn.Conv`
+  TPU; see `runtime.depthwise_impl_for`); `impl='shift_slices'` is 'shift' whose stride > 1
+  input gradient transposes the slices rather than the convolution (CPU's stride-2 blocks). Both read the same parameters, laid out as `nn.Conv`
   would: kernel (k, k, 1, C).
   """
 
@@ -354,10 +362,11 @@ class DepthwiseConv2d(nn.Module):
         y = _depthwise_conv(x, kernel, s, pad)
       else:
         y = _grouped_conv(x, kernel, s, pad, d)
-    elif impl == "shift":
-      y = _depthwise_shift(x, kernel, s, pad, d)
+    elif impl in ("shift", "shift_slices"):
+      y = _depthwise_shift(x, kernel, s, pad, d, "slices" if impl == "shift_slices" else "conv")
     else:
-      raise ValueError(f"DepthwiseConv2d impl must be 'conv' or 'shift', got {impl!r}.")
+      raise ValueError(
+          f"DepthwiseConv2d impl must be 'conv', 'shift' or 'shift_slices', got {impl!r}.")
     if self.use_bias:
       y = y + bias.astype(self.dtype)
     return y

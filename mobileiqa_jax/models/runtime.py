@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any, Mapping
 
 PLATFORMS = ("cpu", "gpu", "tpu")
-DEPTHWISE_IMPLS = ("conv", "shift")
+DEPTHWISE_IMPLS = ("conv", "shift", "shift_slices")
 REMATS = (False, "stage", "block")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_FORMS = ("reference", "folded")
@@ -43,6 +43,20 @@ def depthwise_impl_for(platform: str) -> str:
   """
   _check("platform", platform, PLATFORMS)
   return "conv" if platform == "gpu" else "shift"
+
+
+def strided_depthwise_impl_for(platform: str, depthwise_impl: str) -> str:
+  """The stride-2 blocks' form on `platform` beside `depthwise_impl`; '' = the same form.
+
+  CPU with 'shift': 'shift_slices', whose input gradient transposes the strided slices
+  (k*k padded taps, one fusion) instead of the convolution: XLA:CPU runs that transposed
+  grouped convolution naively (32 x 16 x 16 x 128 at stride 2: 69 ms against 0.7 ms), and
+  it was a third of the demo teacher's training step (176 -> 134 ms per step of 32 on 2
+  cores, benchmarks/demo_phases.py). TPU keeps the convolution's form (`layers`'s
+  `_depthwise_shift`).
+  """
+  _check("platform", platform, PLATFORMS)
+  return "shift_slices" if platform == "cpu" and depthwise_impl == "shift" else ""
 
 
 def tie_weight_grads_for(platform: str) -> bool:
@@ -82,8 +96,9 @@ class Runtime:
     depthwise_impl: 'conv' (XLA's grouped convolution) or 'shift' (k*k shifted slices);
       the same parameters and, in float32, the same numbers to rounding.
     remat: False, 'stage' or 'block': what the backbone recomputes in the backward pass.
-    strided_depthwise_impl: the form of the stride-2 blocks; '' = `depthwise_impl`. A frozen
-      teacher on TPU takes 'conv' there (`frozen`).
+    strided_depthwise_impl: the form of the stride-2 blocks; '' = `depthwise_impl`. CPU
+      takes 'shift_slices' there (`strided_depthwise_impl_for`), a frozen teacher on TPU
+      'conv' (`frozen`).
     attention: the MALs' attention logits: 'reference' (Q K^T from `c_q`, `c_k`, the
       checkpoints' variables) or 'folded' (X (Wq Wk^T) X^T: a third fewer of the head's
       multiply-adds, for scoring only; its variables come from `mal.fold_attention`, see
@@ -136,8 +151,10 @@ class Runtime:
       remat = "stage"
     if tie_weight_grads is None:
       tie_weight_grads = tie_weight_grads_for(platform)
+    depthwise_impl = depthwise_impl or depthwise_impl_for(platform)
     return cls(platform=platform, compute_dtype=str(compute_dtype),
-               depthwise_impl=depthwise_impl or depthwise_impl_for(platform), remat=remat,
+               depthwise_impl=depthwise_impl, remat=remat,
+               strided_depthwise_impl=strided_depthwise_impl_for(platform, depthwise_impl),
                attention=attention, tie_weight_grads=bool(tie_weight_grads))
 
   def frozen(self) -> "Runtime":

@@ -41,7 +41,7 @@ flags.DEFINE_string("chip", "v5e:2x2", "a TPU topology; one of its chips is comp
 flags.DEFINE_integer("per_chip_batch", 2, "images per chip (the paper's 8 on 4 chips is 2)")
 flags.DEFINE_list("layers", [], "layers to compile (default: all); see LAYERS")
 flags.DEFINE_list("modes", ["forward", "train"], "forward (eval mode) and/or train")
-flags.DEFINE_enum("depthwise_impl", None, ["conv", "shift"],
+flags.DEFINE_enum("depthwise_impl", None, list(runtime.DEPTHWISE_IMPLS),
                   "layers.DepthwiseConv2d impl (default: what a TPU program gets)")
 
 BF16 = jnp.bfloat16

@@ -52,8 +52,9 @@ def strided_depthwise_impl_for(platform: str, depthwise_impl: str) -> str:
   (k*k padded taps, one fusion) instead of the convolution: XLA:CPU runs that transposed
   grouped convolution naively (32 x 16 x 16 x 128 at stride 2: 69 ms against 0.7 ms), and
   it was a third of the demo teacher's training step (176 -> 134 ms per step of 32 on 2
-  cores, benchmarks/demo_phases.py). TPU keeps the convolution's form (`layers`'s
-  `_depthwise_shift`).
+  cores, benchmarks/demo_phases.py). TPU keeps the convolution's form: there the slices'
+  form moves more (v5e, benchmarks/layer_traffic.py, stage 1 block 0's training step: 9.25
+  GB per image as 'shift', 15.46 as 'shift_slices').
   """
   _check("platform", platform, PLATFORMS)
   return "shift_slices" if platform == "cpu" and depthwise_impl == "shift" else ""

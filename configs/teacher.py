@@ -3,7 +3,7 @@ r"""Teacher: MobileViT-IQA (timm mobilevitv2_200 backbone + IQA head), the refer
 Adam lr 1e-5 with PyTorch-style L2 weight decay 1e-5, cosine annealing stepped per epoch
 (T_max 50), 10 epochs, batch 8, MSE; best epoch by SROCC + PLCC + KROCC on the held-out split.
 
-Demo on the built-in data (small model, from scratch, about 14 minutes on 2 CPU cores; see
+Demo on the built-in data (small model, from scratch, about 11 minutes on 2 CPU cores; see
 configs/common.py demo_overrides and docs/demo.md for its held-out SROCC):
 
   python launch/train.py --config=configs/teacher.py:demo

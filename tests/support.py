@@ -250,6 +250,7 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
   c.batch_size = 8
   c.data.eval_batch_size = 8
   c.num_epochs = 2
+  c.eval_every_epochs = 3  # a test run evaluates at its last epoch, not after each one
   c.log_every_steps = 1
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = False

@@ -50,8 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.backbone = "mobilenetv3_large_100"
     # Six epochs, the cosine over them: distilled over the teacher's 12 epochs the student's
     # held-out SROCC peaked at epoch 6 and fell while its training loss kept falling (it
-    # learns the four training photos); over 6 it is still rising at the end (0.756 from a
-    # 0.793 teacher, 7.9 min; docs/demo.md).
+    # learns the four training photos); over 6 its best epoch is the 5th or 6th (0.710-0.756
+    # over three seeds, about 8 min; docs/demo.md).
     c.num_epochs = 6
     c.optimizer.t_max_epochs = c.num_epochs
   return c

@@ -294,7 +294,7 @@ def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
   place, summed in one fusion: XLA:CPU runs the grouped conv's form naively, 69 ms against
   0.7 ms for 32 x 16 x 16 x 128 at stride 2).
   """
-  del strided_grad  # the backward pass's
+  del strided_grad  # only the backward pass reads it
   k = kernel.shape[0]
   out_hw = tuple((n + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
   return _shift_sum(_pad_hw(x, pad, pad), kernel, out_hw, stride, dilation)
@@ -330,8 +330,8 @@ class DepthwiseConv2d(nn.Module):
   `impl='conv'` is XLA's grouped convolution (cuDNN on GPU); `impl='shift'` sums k*k
   strided, shifted slices times per-channel weights, which XLA fuses into one pass (CPU and
   TPU; see `runtime.depthwise_impl_for`); `impl='shift_slices'` is 'shift' whose stride > 1
-  input gradient transposes the slices rather than the convolution (CPU's stride-2 blocks). Both read the same parameters, laid out as `nn.Conv`
-  would: kernel (k, k, 1, C).
+  input gradient transposes the slices rather than the convolution (CPU's stride-2 blocks).
+  All three read the same parameters, laid out as `nn.Conv` would: kernel (k, k, 1, C).
   """
 
   features: int

@@ -94,8 +94,9 @@ class Runtime:
     platform: 'cpu', 'gpu' or 'tpu': the platform the program is compiled for (not
       necessarily this host's, for ahead-of-time compiles).
     compute_dtype: 'float32' or 'bfloat16'; parameters and BatchNorm statistics stay float32.
-    depthwise_impl: 'conv' (XLA's grouped convolution) or 'shift' (k*k shifted slices);
-      the same parameters and, in float32, the same numbers to rounding.
+    depthwise_impl: 'conv' (XLA's grouped convolution), 'shift' (k*k shifted slices) or
+      'shift_slices' ('shift' with another stride-2 input gradient); the same parameters
+      and, in float32, the same numbers to rounding.
     remat: False, 'stage' or 'block': what the backbone recomputes in the backward pass.
     strided_depthwise_impl: the form of the stride-2 blocks; '' = `depthwise_impl`. CPU
       takes 'shift_slices' there (`strided_depthwise_impl_for`), a frozen teacher on TPU

@@ -196,13 +196,13 @@ def demo_overrides(c: ml_collections.ConfigDict) -> None:
   c.data.eval_split = "test"
   c.data.eval_batch_size = 128
   c.batch_size = 64
-  c.num_epochs = 8
-  c.eval_every_epochs = 2
+  c.num_epochs = 9
+  c.eval_every_epochs = 1
   c.log_every_steps = 50
   c.checkpoint.every_steps = 1000
   c.optimizer.lr = 4e-3
   c.optimizer.t_max_epochs = c.num_epochs
-  c.model.width = 96
+  c.model.width = 64
   c.model.num_mals = 1
   c.model.pooled_size = 4
   c.model.regressor_pool = 1

@@ -169,25 +169,23 @@ def demo_overrides(c: ml_collections.ConfigDict) -> None:
   random 32 x 32 windows of them (4x cheaper, and more distinct content per step than the
   300 training references alone give), evaluation the whole 64 x 64 patch (scoring the
   held-out patches as the mean of nine 32 x 32 windows instead gives the same SROCC: there
-  is no train/test resolution gap to fix). The head is 64 wide with one MAL before the
-  fusion MAL, and pools to 4 x 4 (the regressor's pool is then 1, so its 3x3 VALID conv
-  still fits). The demo trains from scratch, so instead of the reference's fine-tuning
-  recipe (lr 1e-5, cosine per epoch over T_max 50, which assumes an ImageNet-initialised
-  backbone) it takes Adam at lr 4e-3 in batches of 64 with the per-epoch cosine spanning the
-  run (9 epochs of 145 steps), evaluating every epoch.
+  is no train/test resolution gap to fix). The head is 64 wide and pools to 4 x 4 (the
+  regressor's pool is then 1, so its 3x3 VALID conv still fits). The demo trains from
+  scratch, so instead of the reference's fine-tuning recipe (lr 1e-5, cosine per epoch over
+  T_max 50, which assumes an ImageNet-initialised backbone) it takes Adam at lr 4e-3 in
+  batches of 64 with the per-epoch cosine spanning the run (9 epochs of 145 steps),
+  evaluating every epoch.
 
-  Why (2-core VM; docs/demo.md has every run): the teacher underfits (held-out SROCC tracks
-  its SROCC on its own training patches), so what helps is capacity and steps. At equal
-  steps (870 of 64) the 64-wide head reached 0.743 against 0.624 at width 32. The MALs are
-  where width costs: their attention blocks are (views x width)-wide dense layers, about two
-  thirds of the step's FLOPs with three MALs at width 64. One MAL instead of three takes a
-  third off the step (372 -> 250 ms) at the same held-out SROCC (seed 1: 0.723 against
-  0.734), which brings the run under 10 minutes. A 96-wide head with one MAL gave 0.800 on
-  seed 1 over 9 epochs but 0.640 on seed 3407 over 8: seeds differ more than these heads. Pooling to 3 x 3
-  costs SROCC (0.724 against 0.800 at width 96). Batch 64 costs 23% less per image than 32;
-  lr 8e-3 diverges. Earlier steps, from a held-out SROCC of 0.48: the graded label
-  (`data/demo.py`) and the 32 x 32 crops with the 4 x 4 head (2.9x the images per second of
-  64 x 64 with an 8 x 8 head).
+  Why (seed 3407, 2-core VM; docs/demo.md has every run): the teacher underfits (held-out
+  SROCC tracks its SROCC on its own training patches), so what helps is capacity and steps.
+  At equal steps (870 of 64) the 64-wide head reached 0.743 against 0.624 at width 32, for
+  53% more time per step; over 9 epochs it reached 0.793 (best epoch 9, 11.4 min), where the
+  32-wide head in batches of 32 at lr 2e-3 over 12 epochs reached 0.746 (14.6 min). The
+  model's three MALs stay: one MAL takes a third off the step (372 -> 250 ms) but lost
+  SROCC on both seeds measured (0.747 against 0.793 for seed 3407, 0.723 against 0.734 for
+  seed 1). Batch 64 costs 23% less per image than 32; lr 8e-3 diverges. Earlier steps, from
+  a held-out SROCC of 0.48: the graded label (`data/demo.py`) and the 32 x 32 crops with the
+  4 x 4 head (2.9x the images per second of 64 x 64 with an 8 x 8 head).
   """
   from mobileiqa_jax.data import demo  # pylint: disable=g-import-not-at-top
 
@@ -204,7 +202,6 @@ def demo_overrides(c: ml_collections.ConfigDict) -> None:
   c.optimizer.lr = 4e-3
   c.optimizer.t_max_epochs = c.num_epochs
   c.model.width = 64
-  c.model.num_mals = 1
   c.model.pooled_size = 4
   c.model.regressor_pool = 1
   c.model.dropout_rate = 0.0

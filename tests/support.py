@@ -241,7 +241,6 @@ def tiny_config(kind: str = "teacher", backbone: str = "mobilenetv3_small_050", 
   c.model.backbone = backbone
   c.depthwise_impl = "conv"
   c.model.width = 16
-  c.model.num_mals = 3  # the architecture's count, whatever the demo recipe takes
   c.model.pooled_size = 6
   c.model.regressor_pool = 2
   c.model.dropout_rate = 0.1

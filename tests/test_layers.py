@@ -131,3 +131,30 @@ def test_torch_padding_is_symmetric_timm_rule():
   assert layers.torch_padding(5, 2) == 2
   assert layers.torch_padding(1, 2) == 0
   assert layers.torch_padding(3, 1, 2) == 2
+
+
+@pytest.mark.parametrize("hw", [(9, 11), (16, 16), (1, 2)])
+def test_space_to_depth_stem_is_the_3x3_stride_2_conv(hw):
+  """The TPU stem form against the stem convolution as torch runs it: forward and gradients."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, *hw, 3)).astype(np.float32)
+  g = rng.standard_normal((2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 8)).astype(np.float32)
+  stem = layers.stem_conv(8, "space_to_depth", name="conv_stem")
+  variables = stem.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  kernel = np.asarray(variables["params"]["kernel"])
+  assert kernel.shape == (3, 3, 3, 8)  # the 3x3 form's variable, unchanged
+  y, vjp = jax.vjp(lambda v, xx: stem.apply(v, xx), variables, jnp.asarray(x))
+  dv, dx = vjp(jnp.asarray(g))
+
+  xt = _nchw(x).requires_grad_()
+  wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).requires_grad_()
+  yt = F.conv2d(xt, wt, stride=2, padding=1)
+  yt.backward(_nchw(g))
+  assert _rel(y, _nhwc(yt)) < 1e-6
+  assert _rel(dx, _nhwc(xt.grad)) < 1e-6
+  assert _rel(dv["params"]["kernel"], wt.grad.numpy().transpose(2, 3, 1, 0)) < 1e-6
+  # The 3x3 form builds the same variable from the same key.
+  conv = layers.stem_conv(8, "conv", name="conv_stem").init(jax.random.PRNGKey(0), x)
+  np.testing.assert_array_equal(conv["params"]["kernel"], kernel)
+  with pytest.raises(ValueError, match="stem"):
+    layers.stem_conv(8, "pixel_shuffle")

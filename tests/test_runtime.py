@@ -97,6 +97,14 @@ def test_platform_forms_and_validation():
   assert runtime.Runtime.for_platform("tpu").strided_depthwise_impl == ""
   assert runtime.Runtime.for_platform("cpu", depthwise_impl="conv").strided_depthwise_impl == ""
   assert runtime.Runtime.for_platform("tpu", remat=True).remat == "stage"
+  # The space-to-depth stem on TPU only, and never with tied gradients (no such form).
+  assert runtime.Runtime.for_platform("tpu").stem == "space_to_depth"
+  assert runtime.Runtime.for_platform("gpu").stem == "conv"
+  assert runtime.Runtime.for_platform("cpu").stem == "conv"
+  assert runtime.Runtime.for_platform("tpu", tie_weight_grads=True).stem == "conv"
+  assert runtime.Runtime.for_platform("tpu").frozen().stem == "conv"
+  with pytest.raises(ValueError, match="stem"):
+    runtime.Runtime(stem="space_to_depth", tie_weight_grads=True)
   with pytest.raises(ValueError, match="depthwise_impl"):
     runtime.Runtime(depthwise_impl="fast")
   with pytest.raises(ValueError, match="platform"):
@@ -222,3 +230,20 @@ def test_tied_weight_gradients_are_the_same_numbers(layer):
     results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * (1 + float(jnp.max(jnp.abs(a))))
+
+
+@pytest.mark.parametrize("variant,backbone", [("teacher", "mobilevitv2_050"),
+                                              ("student", "mobilenetv3_small_050")])
+def test_space_to_depth_stem_scores_as_the_3x3_stem(variant, backbone):
+  """Both backbones' stems in the TPU form: the same variables give the same scores."""
+  cfg = mobileiqa.model_config(variant, backbone=backbone, num_mals=1, width=16,
+                               pooled_size=6, regressor_pool=2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 33, 46, 3))
+  base = mobileiqa.build_model(cfg, runtime.Runtime(depthwise_impl="conv"))
+  s2d = mobileiqa.build_model(cfg, runtime.Runtime(depthwise_impl="conv",
+                                                   stem="space_to_depth"))
+  assert s2d.backbone.stem == "space_to_depth"
+  variables = base.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(s2d.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  a, b = base.apply(variables, x), s2d.apply(variables, x)
+  assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))

@@ -161,6 +161,64 @@ def conv2d(
   )
 
 
+def _space_to_depth_input(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, ceil(H/2) + 1, ceil(W/2) + 1, 4C): the 2x2 pixel blocks of x padded by
+  one pixel on top and left (and with zeros to an even size), channel (row, column, c)."""
+  _, h, w, _ = x.shape
+  hb, wb = (h + 3) // 2, (w + 3) // 2
+  x = jnp.pad(x, ((0, 0), (1, 2 * hb - h - 1), (1, 2 * wb - w - 1), (0, 0)))
+  # Four strided slices, not a 6-D reshape and transpose: on a TPU the latter's relayout of a
+  # 3-channel image did not finish compiling in minutes.
+  return jnp.concatenate([x[:, a::2, b::2] for a in (0, 1) for b in (0, 1)], axis=-1)
+
+
+def _space_to_depth_kernel(kernel: jax.Array) -> jax.Array:
+  """(3, 3, C, O) -> (2, 2, 4C, O): tap (2i + a, 2j + b) of the 3x3 kernel (zero past 2) at
+  block offset (i, j), channel (a, b, c), matching `_space_to_depth_input`."""
+  _, _, c, o = kernel.shape
+  k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0))).reshape(2, 2, 2, 2, c, o)
+  return k.transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, o)
+
+
+class SpaceToDepthConv(nn.Module):
+  """`conv2d(features, 3, 2, use_bias=False)` (timm's stems) as a 2x2 convolution on the
+  space-to-depth image. The same variable (`kernel`, (3, 3, C, O) HWIO, Flax's Conv init) and
+  the same function to float32 rounding.
+
+  On a TPU a 3-channel input fills 3 of a tile's 128 lanes, and XLA re-lays the image out
+  several times around the 3x3 stride-2 convolution; on 12 channels it does not
+  (docs/performance.md). `runtime.Runtime.stem` picks it.
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    return jax.lax.conv_general_dilated(
+        _space_to_depth_input(x.astype(self.dtype)),
+        _space_to_depth_kernel(kernel).astype(self.dtype), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def stem_conv(features: int, stem: str, *, dtype: Dtype = jnp.float32, tie: bool = False,
+              name: str | None = None) -> nn.Module:
+  """A backbone's 3x3 stride-2 stem convolution (no bias) in the `stem` form (`runtime.STEMS`).
+
+  Same variables in either form.
+  """
+  if stem == "space_to_depth":
+    if tie:
+      raise ValueError("the space-to-depth stem has no tied-gradient form; use stem='conv' "
+                       "with tie_weight_grads")
+    return SpaceToDepthConv(features, dtype=dtype, name=name)
+  if stem != "conv":
+    raise ValueError(f"stem must be one of {runtime.STEMS}, got {stem!r}")
+  return conv2d(features, 3, 2, use_bias=False, dtype=dtype, tie=tie, name=name)
+
+
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
                    round_limit: float = 0.9) -> int:
   """timm's `make_divisible`: nearest multiple of `divisor`, never more than 10% below `v`."""

@@ -320,6 +320,8 @@ class MobileNetV3(nn.Module):
     tie_weight_grads: every conv but the squeeze-excite ones hands its input gradient on only
       once its weight gradient is computed (`layers.tie_grads`,
       `runtime.Runtime.tie_weight_grads`).
+    stem: the stem convolution's form, 'conv' or 'space_to_depth' (`layers.stem_conv`,
+      `runtime.Runtime.stem`); the same variables and numbers.
   """
 
   arch: str = "large"
@@ -331,6 +333,7 @@ class MobileNetV3(nn.Module):
   remat: bool | str = False
   strided_depthwise_impl: str = ""
   tie_weight_grads: bool = False
+  stem: str = "conv"  # the stem convolution's form, `runtime.Runtime.stem`
 
   def _layout(self):
     return build_blocks(self.arch, self.channel_multiplier, self.depth_multiplier)
@@ -363,8 +366,8 @@ class MobileNetV3(nn.Module):
     """
     stem, stages, feats = self._layout()
     x = x.astype(self.dtype)
-    x = layers.conv2d(stem, 3, 2, use_bias=False, dtype=self.dtype,
-                      tie=self.tie_weight_grads, name="conv_stem")(x)
+    x = layers.stem_conv(stem, self.stem, dtype=self.dtype, tie=self.tie_weight_grads,
+                         name="conv_stem")(x)
     x = layers.BatchNorm2d(use_running_average=not train, dtype=self.dtype, name="bn1")(
         x, example_mask)
     x = layers.hard_swish(x)

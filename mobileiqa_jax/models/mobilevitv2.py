@@ -81,11 +81,17 @@ class ConvNormAct(nn.Module):
   dtype: Dtype = jnp.float32
   as_matmul: bool = False  # a 1x1 conv as `layers.PointwiseConv` (same variables)
   tie: bool = False  # the conv's input and weight gradients tied (`layers.tie_grads`)
+  stem: str = ""  # a 3x3 stride-2 stem in this form (`layers.stem_conv`); '' = not a stem
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                example_mask: jax.Array | None = None) -> jax.Array:
-    if self.as_matmul:
+    if self.stem:
+      if (self.kernel_size, self.stride, self.depthwise) != (3, 2, False):
+        raise ValueError("ConvNormAct(stem=...) is a 3x3 stride-2 dense convolution")
+      x = layers.stem_conv(self.features, self.stem, dtype=self.dtype, tie=self.tie,
+                           name="conv")(x)
+    elif self.as_matmul:
       x = layers.PointwiseConv(self.features, use_bias=False, dtype=self.dtype, tie=self.tie,
                                name="conv")(x)
     elif self.depthwise:
@@ -342,6 +348,8 @@ class MobileViTv2(nn.Module):
       inputs are kept, at most one block's activations are live again; same recompute).
     tie_weight_grads: every conv and projection hands its input gradient on only once its
       weight gradient is computed (`layers.tie_grads`, `runtime.Runtime.tie_weight_grads`).
+    stem: the stem convolution's form, 'conv' or 'space_to_depth' (`layers.stem_conv`,
+      `runtime.Runtime.stem`); the same variables and numbers.
   """
 
   width_multiplier: float = 2.0
@@ -350,6 +358,7 @@ class MobileViTv2(nn.Module):
   remat: bool | str = False
   strided_depthwise_impl: str = ""
   tie_weight_grads: bool = False
+  stem: str = "conv"  # the stem convolution's form, `runtime.Runtime.stem`
 
   @property
   def feature_channels(self) -> tuple[int, ...]:
@@ -378,7 +387,7 @@ class MobileViTv2(nn.Module):
     x = x.astype(self.dtype)
     x = ConvNormAct(
         stem_channels(self.width_multiplier), 3, 2, dtype=self.dtype,
-        tie=self.tie_weight_grads, name="stem")(x, train, example_mask)
+        tie=self.tie_weight_grads, stem=self.stem, name="stem")(x, train, example_mask)
     if self.remat not in (False, True, "stage", "block"):
       raise ValueError(f"MobileViTv2 remat must be False, True, 'stage' or 'block', got "
                        f"{self.remat!r}")

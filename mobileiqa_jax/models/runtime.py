@@ -30,6 +30,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_FORMS = ("reference", "folded")
 LDA_FORMS = ("banded", "whole")
 GELU_FORMS = ("erf", "jax_nn")
+STEMS = ("conv", "space_to_depth")
 
 
 def depthwise_impl_for(platform: str) -> str:
@@ -75,6 +76,22 @@ def tie_weight_grads_for(platform: str) -> bool:
   return platform == "gpu"
 
 
+def stem_for(platform: str, tie_weight_grads: bool = False) -> str:
+  """The backbones' 3x3 stride-2 stem convolution on `platform` (`layers.stem_conv`).
+
+  TPU: 'space_to_depth', a 2x2 convolution on the image's 2x2 pixel blocks as 12 channels
+  (the same function). The 3x3 form on 3 channels fills 3 of a tile's 128 lanes, and XLA
+  re-lays the image out around it. The stem's training step at 1231x1907 on a v5e, 2 images
+  per chip (benchmarks/layer_traffic.py): MobileViTv2-200's (64 channels) 4.04 -> 3.09 GB
+  per image, temporaries 2.04 -> 0.91 GiB; a 16-channel one (MobileNetV3's width)
+  2.86 -> 1.92 GB, 1.45 -> 0.60 GiB. Elsewhere 'conv' (cuDNN and XLA:CPU
+  take 3-channel convolutions as they are; not measured there), and with tied gradients,
+  which only the 3x3 form has.
+  """
+  _check("platform", platform, PLATFORMS)
+  return "space_to_depth" if platform == "tpu" and not tie_weight_grads else "conv"
+
+
 def platform_of(device: Any) -> str:
   """'cpu', 'gpu' or 'tpu' of a `jax.Device` the caller holds (a real one or a topology's)."""
   platform = str(device.platform).lower()
@@ -116,6 +133,8 @@ class Runtime:
       input gradient on only once its weight gradient is computed (`layers.tie_grads`, an
       optimization barrier), so the activations a weight gradient reads are freed layer by
       layer whatever the scheduler does; the same numbers. See `tie_weight_grads_for`.
+    stem: the backbones' stem convolution, 'conv' (3x3, stride 2) or 'space_to_depth' (the
+      same function as a 2x2 convolution on 12 channels); see `stem_for`.
   """
 
   platform: str = "cpu"
@@ -127,6 +146,7 @@ class Runtime:
   lda: str = "banded"
   gelu: str = "erf"
   tie_weight_grads: bool = False
+  stem: str = "conv"
 
   def __post_init__(self):
     _check("platform", self.platform, PLATFORMS)
@@ -138,6 +158,10 @@ class Runtime:
     _check("lda", self.lda, LDA_FORMS)
     _check("gelu", self.gelu, GELU_FORMS)
     _check("tie_weight_grads", self.tie_weight_grads, (False, True))
+    _check("stem", self.stem, STEMS)
+    if self.stem == "space_to_depth" and self.tie_weight_grads:
+      raise ValueError("Runtime: stem='space_to_depth' has no tied-gradient form; use "
+                       "stem='conv' with tie_weight_grads=True")
 
   @classmethod
   def for_platform(cls, platform: str, *, compute_dtype: str = "float32",
@@ -157,26 +181,29 @@ class Runtime:
     return cls(platform=platform, compute_dtype=str(compute_dtype),
                depthwise_impl=depthwise_impl, remat=remat,
                strided_depthwise_impl=strided_depthwise_impl_for(platform, depthwise_impl),
-               attention=attention, tie_weight_grads=bool(tie_weight_grads))
+               attention=attention, tie_weight_grads=bool(tie_weight_grads),
+               stem=stem_for(platform, bool(tie_weight_grads)))
 
   def frozen(self) -> "Runtime":
     """The runtime of a model that is only run forward (a distillation teacher).
 
-    No remat and no tied gradients (nothing is differentiated). On TPU, the stride-2 blocks take XLA's grouped
+    No remat, no tied gradients (nothing is differentiated) and the 3x3 stem. On TPU, the stride-2 blocks take XLA's grouped
     convolution: the 'shift' form's strided slices make XLA copy the input map into another
     layout first, which the training step's gradient pays for anyway but a forward-only
     teacher does not need; at 16 images per chip on a v5e that copy is what does not fit
     (the distillation step: 17.44 GiB of temporaries; docs/performance.md has the figures).
     """
     strided = "conv" if self.platform == "tpu" else self.strided_depthwise_impl
+    # The space-to-depth stem pays off in the backward pass; forward only, the 3x3 form
+    # moves a little less (1.18 against 1.24 GB per image, MobileViTv2-200 on a v5e).
     return dataclasses.replace(self, remat=False, strided_depthwise_impl=strided,
-                               tie_weight_grads=False)
+                               tie_weight_grads=False, stem="conv")
 
   def backbone_kwargs(self) -> dict[str, Any]:
     """The backbone constructor's runtime fields."""
     return {"depthwise_impl": self.depthwise_impl, "remat": self.remat,
             "strided_depthwise_impl": self.strided_depthwise_impl,
-            "tie_weight_grads": self.tie_weight_grads}
+            "tie_weight_grads": self.tie_weight_grads, "stem": self.stem}
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -103,6 +103,10 @@ def test_platform_forms_and_validation():
   assert runtime.Runtime.for_platform("cpu").stem == "conv"
   assert runtime.Runtime.for_platform("tpu", tie_weight_grads=True).stem == "conv"
   assert runtime.Runtime.for_platform("tpu").frozen().stem == "conv"
+  # ... and not in a distillation, where the image also feeds the teacher's 3x3 stem.
+  assert runtime.for_training(tiny_config("teacher"), "tpu").stem == "space_to_depth"
+  distill = tiny_config("student", teacher_checkpoint="runs/teacher")
+  assert runtime.for_training(distill, "tpu").stem == "conv"
   with pytest.raises(ValueError, match="stem"):
     runtime.Runtime(stem="space_to_depth", tie_weight_grads=True)
   with pytest.raises(ValueError, match="depthwise_impl"):

@@ -188,11 +188,12 @@ class Runtime:
   def frozen(self) -> "Runtime":
     """The runtime of a model that is only run forward (a distillation teacher).
 
-    No remat, no tied gradients (nothing is differentiated) and the 3x3 stem. On TPU, the stride-2 blocks take XLA's grouped
-    convolution: the 'shift' form's strided slices make XLA copy the input map into another
-    layout first, which the training step's gradient pays for anyway but a forward-only
-    teacher does not need; at 16 images per chip on a v5e that copy is what does not fit
-    (the distillation step: 17.44 GiB of temporaries; docs/performance.md has the figures).
+    No remat, no tied gradients (nothing is differentiated) and the 3x3 stem. On TPU, the
+    stride-2 blocks take XLA's grouped convolution: the 'shift' form's strided slices make XLA
+    copy the input map into another layout first, which the training step's gradient pays for
+    anyway but a forward-only teacher does not need; at 16 images per chip on a v5e that copy
+    is what does not fit (the distillation step: 17.44 GiB of temporaries; docs/performance.md
+    has the figures).
     """
     strided = "conv" if self.platform == "tpu" else self.strided_depthwise_impl
     # The space-to-depth stem pays off in the backward pass; forward only, the 3x3 form

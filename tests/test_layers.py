@@ -65,7 +65,8 @@ def test_depthwise_conv_matches_torch(impl, k, s, d, hw):
 @pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (9, 11)), (3, 2, 1, (9, 11)),
                                       (3, 2, 1, (10, 12)), (5, 1, 1, (8, 7)),
                                       (5, 2, 1, (10, 13)), (3, 1, 2, (9, 10)),
-                                      (3, 2, 2, (11, 9))])
+                                      (3, 2, 2, (11, 9)), (3, 2, 1, (1, 4)),
+                                      (5, 2, 1, (2, 3))])
 def test_depthwise_conv_gradients_match_torch(impl, k, s, d, hw):
   # Every impl takes its gradients from custom VJPs ('conv' its kernel gradient, 'shift'
   # both; 'shift_slices' another stride-2 input gradient); each must equal autograd.
@@ -88,6 +89,35 @@ def test_depthwise_conv_gradients_match_torch(impl, k, s, d, hw):
   gk, gx = jax.grad(loss, (0, 1))(jnp.asarray(np.transpose(w, (2, 3, 1, 0))), jnp.asarray(x))
   assert _rel(gx, _nhwc(xt.grad)) <= 1e-5
   assert _rel(gk, np.transpose(wt.grad.numpy(), (2, 3, 1, 0))) <= 1e-5
+
+
+def _strided_slices(jaxpr) -> list:
+  """Every slice with a stride > 1 in `jaxpr` and the jaxprs inside it (custom VJPs, jits)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "slice" and any(s > 1 for s in eqn.params["strides"] or ()):
+      found.append(eqn)
+    for v in eqn.params.values():
+      inner = getattr(v, "jaxpr", v)
+      if hasattr(inner, "eqns"):
+        found += _strided_slices(inner)
+  return found
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_stride_two_shift_reads_the_map_through_its_four_phases(k):
+  # The TPU form ('shift' at stride 2): four strided slices of the map itself, the k*k taps
+  # unstrided slices of those, forward and in the kernel gradient; not k*k strided slices of
+  # the padded map, which a TPU reads whole each time (docs/performance.md).
+  x = jnp.ones((2, 9, 11, 4))
+  mod = layers.DepthwiseConv2d(4, k, 2, impl="shift")
+  params = mod.init(jax.random.PRNGKey(0), x)
+  forward = _strided_slices(jax.make_jaxpr(lambda v: mod.apply(params, v))(x).jaxpr)
+  assert len(forward) == 4 and all(e.invars[0].aval.shape == x.shape for e in forward)
+  kernel_grad = jax.make_jaxpr(jax.grad(
+      lambda p: jnp.sum(mod.apply(p, x) ** 2)))(params).jaxpr
+  strided = _strided_slices(kernel_grad)
+  assert len(strided) == 8 and all(e.invars[0].aval.shape == x.shape for e in strided)
 
 
 def test_group_norm_1_matches_torch():

@@ -195,7 +195,7 @@ def demo_overrides(c: ml_collections.ConfigDict) -> None:
   c.data.eval_split = "test"
   c.data.eval_batch_size = 128
   c.batch_size = 64
-  c.num_epochs = 9
+  c.num_epochs = 6
   c.eval_every_epochs = 1
   c.log_every_steps = 50
   c.checkpoint.every_steps = 1000

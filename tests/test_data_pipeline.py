@@ -126,6 +126,19 @@ def test_train_crops_are_windows_of_the_resized_image(source):
     pipeline.Loader(source, 6, SIZE, train=True, crop_size=(SIZE[0] + 1, 4))
 
 
+def test_decoded_pixels_load_as_their_encoded_file_does(source):
+  # A source of decoded uint8 RGB arrays (the demo's) gives the batches of its files.
+  decoded = pipeline.memory_source(
+      [np.asarray(preprocess.decode_rgb(source[i]["image"], "")) for i in range(len(source))],
+      source.mos, source.names)
+  for train in (True, False):
+    common = dict(train=train, seed=4, num_workers=2, crop_size=(5, 7))
+    for a, b in zip(pipeline.Loader(source, 6, SIZE, **common).iter_epoch(0),
+                    pipeline.Loader(decoded, 6, SIZE, **common).iter_epoch(0)):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["mos"], b["mos"])
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_two_processes_see_every_example_once(source, train):
   loaders = [pipeline.Loader(source, 3, SIZE, train=train, seed=2, process_index=p,

@@ -28,12 +28,21 @@ def test_split_is_by_photo_and_covers_all():
   assert set(demo.TRAIN_PHOTOS) | set(demo.TEST_PHOTOS) == set(demo.PHOTOS)
   assert _PER_PHOTO == 25 * 31 == 775
   assert _PER_TRAIN_PHOTO == 75 * 31
-  assert demo.split_size('train') == 4 * _PER_TRAIN_PHOTO
+  assert demo.split_size('train') == 6 * _PER_TRAIN_PHOTO
   assert demo.split_size('test') == 2 * _PER_PHOTO
   with pytest.raises(ValueError, match="'train' or 'test'"):
     demo.examples('validation')
   with pytest.raises(ValueError, match='unknown demo photo'):
     demo.examples(photos=('lena',))
+
+
+def test_the_retinas_square_leaves_its_dark_rim_out():
+  # Every retina reference is fundus, none the black outside it (a black patch stays
+  # black under blur, contrast and pixelation, whatever its label says).
+  patches = demo.reference_patches(demo.load_photo('retina'))
+  assert len(patches) == demo.PATCHES_PER_PHOTO
+  dark = [np.mean(p.max(axis=-1) < 20) for p in patches]
+  assert max(dark) < 0.05, max(dark)
 
 
 def test_photos_load_offline_as_rgb():
@@ -143,13 +152,15 @@ def test_jpeg_label_is_of_the_stored_bytes():
 @pytest.mark.slow
 def test_full_set_and_source():
   train, test = demo.examples('train'), demo.examples('test')
-  assert len(train) == len(demo.TRAIN_PHOTOS) * _PER_TRAIN_PHOTO == demo.split_size('train') == 9300
+  assert len(train) == len(demo.TRAIN_PHOTOS) * _PER_TRAIN_PHOTO == demo.split_size('train') == 13950
   assert len(test) == len(demo.TEST_PHOTOS) * _PER_PHOTO == demo.split_size('test') == 1550
   assert {e['group'] for e in train}.isdisjoint({e['group'] for e in test})
   source = demo.source('test')
   assert len(source) == 1550
   r = source[5]
-  assert r['image'] == test[5]['image'] and r['mos'] == pytest.approx(test[5]['mos'])
+  # The source holds the records' files decoded (the loader then decodes nothing).
+  np.testing.assert_array_equal(r['image'], np.asarray(Image.open(io.BytesIO(test[5]['image']))))
+  assert r['mos'] == pytest.approx(test[5]['mos'])
   assert source.scale.low == 0.0 and source.scale.high == 1.0
 
 

@@ -57,12 +57,14 @@ from typing import Any, Iterator, Protocol, Sequence
 from absl import flags
 import grain
 import numpy as np
+from PIL import Image
 
 from mobileiqa_jax import storage
 from mobileiqa_jax.data import releases
 from mobileiqa_jax.data import preprocess
 
-Record = dict  # {'image': bytes, 'mos': float, 'name': str}
+# {'image': encoded bytes, or decoded uint8 (H, W, 3) RGB pixels, 'mos': float, 'name': str}
+Record = dict
 
 
 class Source(Protocol):
@@ -83,9 +85,10 @@ class Source(Protocol):
 
 @dataclasses.dataclass
 class MemorySource:
-  """Records held in lists. `mos` are the normalised [0, 1] targets."""
+  """Records held in lists. `mos` are the normalised [0, 1] targets; `images` are encoded
+  files or their decoded uint8 RGB pixels."""
 
-  images: Sequence[bytes]
+  images: Sequence[bytes | np.ndarray]
   mos: Sequence[float]
   names: Sequence[str]
   scale: releases.MosScale | None = None
@@ -344,9 +347,14 @@ def reference_split_source(
 
 def _load_example(record: Record, size_hw, hflip, vflip, crop=None,
                   pre_resize=None) -> np.ndarray:
-  if isinstance(record["image"], np.ndarray):  # already preprocessed (feed.ArraySource)
-    return preprocess.augment_array(record["image"], hflip=hflip, vflip=vflip, crop=crop)
-  img = preprocess.decode_rgb(record["image"], record["name"])
+  image = record["image"]
+  if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+    # Decoded RGB pixels (the demo's sources): the same steps as after a decode.
+    img = Image.fromarray(image)
+  elif isinstance(image, np.ndarray):  # already preprocessed (feed.ArraySource)
+    return preprocess.augment_array(image, hflip=hflip, vflip=vflip, crop=crop)
+  else:
+    img = preprocess.decode_rgb(image, record["name"])
   return preprocess.resize_normalize(img, size_hw, hflip=hflip, vflip=vflip, crop=crop,
                                      pre_resize_hw=pre_resize)
 

@@ -48,10 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # student's x and DOF with the teacher's element by element.
     common.demo_overrides(c)
     c.model.backbone = "mobilenetv3_large_100"
-    # Six epochs, the cosine over them: distilled over the teacher's 12 epochs the student's
-    # held-out SROCC peaked at epoch 6 and fell while its training loss kept falling (it
-    # learns the four training photos); over 6 its best epoch is the 5th or 6th (0.710-0.756
-    # over three seeds, about 8 min; docs/demo.md).
+    # Four epochs of 217 steps, the cosine over them: distilled over the teacher's 12 epochs
+    # of 145 the student's held-out SROCC peaked at epoch 6 and fell while its training loss
+    # kept falling (it learns the few training photos); over 6 of 145 (the same 870 steps
+    # as these 4) its best epoch was the 5th or 6th. docs/demo.md has its figures.
     c.num_epochs = 4
     c.optimizer.t_max_epochs = c.num_epochs
   return c

@@ -274,17 +274,20 @@ def _tap(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], stride: int) ->
                        (1, s, s, 1))
 
 
-def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int,
-                 dilation: int = 1) -> jax.Array:
-  """dW[i, j, 0, c] = sum over (b, h, w) of xp[b, s*h + d*i, s*w + d*j, c] * g[b, h, w, c].
+def _kernel_grad(tap: Callable[[int, int], jax.Array], g: jax.Array, k: int) -> jax.Array:
+  """dW[i, j, 0, c] = sum over (b, h, w) of tap(i, j)[b, h, w, c] * g[b, h, w, c].
 
-  k*k reductions over the padded input and g, which XLA fuses into passes that read both
+  k*k reductions over the input's taps and g, which XLA fuses into passes that read both
   directly (float32 sums)."""
-  out_hw = g.shape[1:3]
-  taps = [jnp.sum((_tap(xp, i * dilation, j * dilation, out_hw, stride) * g)
-                  .astype(jnp.float32), axis=(0, 1, 2))
+  taps = [jnp.sum((tap(i, j) * g).astype(jnp.float32), axis=(0, 1, 2))
           for i in range(k) for j in range(k)]
   return jnp.stack(taps).reshape(k, k, 1, g.shape[-1])
+
+
+def _padded_taps(xp: jax.Array, out_hw: tuple[int, int], stride: int,
+                 dilation: int = 1) -> Callable[[int, int], jax.Array]:
+  """Tap (i, j) of the padded map xp: a (strided) slice of it per tap."""
+  return lambda i, j: _tap(xp, i * dilation, j * dilation, out_hw, stride)
 
 
 def _pad_hw(x: jax.Array, lo: int, hi: int) -> jax.Array:
@@ -318,21 +321,20 @@ def _depthwise_conv_bwd(stride, pad, res, g):
   if s > 1:
     g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, s - 1), (0, 0, s - 1),
                                                 (0, 0, 0)))
-  dk = _kernel_grad(_pad_hw(x, pad, pad), g, k, 1)
+  dk = _kernel_grad(_padded_taps(_pad_hw(x, pad, pad), g.shape[1:3], 1), g, k)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-def _shift_sum(xp: jax.Array, kernel: jax.Array, out_hw: tuple[int, int], stride: int,
-               dilation: int) -> jax.Array:
+def _shift_sum(tap: Callable[[int, int], jax.Array], kernel: jax.Array) -> jax.Array:
   """sum over taps (i, j) of tap(i, j) * kernel[i, j]: one fused elementwise pass."""
   k = kernel.shape[0]
   y = None
   for i in range(k):
     for j in range(k):
-      term = _tap(xp, i * dilation, j * dilation, out_hw, stride) * kernel[i, j, 0]
+      term = tap(i, j) * kernel[i, j, 0]
       y = term if y is None else y + term
   return y
 
@@ -365,31 +367,25 @@ def _phases(x: jax.Array, pad: int, k: int, out_hw: tuple[int, int], stride: int
   return out
 
 
-def _phase_tap(phases, i: int, j: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
-  p = phases[(i % stride, j % stride)]
-  (oh, ow), di, dj = out_hw, i // stride, j // stride
-  return jax.lax.slice(p, (0, di, dj, 0), (p.shape[0], di + oh, dj + ow, p.shape[3]))
-
-
-def _phase_sum(x: jax.Array, kernel: jax.Array, out_hw: tuple[int, int], stride: int,
-               pad: int) -> jax.Array:
-  """`_shift_sum` of the padded x for stride > 1 (no dilation), read through `_phases`."""
-  k = kernel.shape[0]
+def _phase_taps(x: jax.Array, pad: int, k: int, out_hw: tuple[int, int],
+                stride: int) -> Callable[[int, int], jax.Array]:
+  """Tap (i, j) of x padded by `pad`, read through `_phases` (stride > 1, no dilation)."""
   phases = _phases(x, pad, k, out_hw, stride)
-  y = None
-  for i in range(k):
-    for j in range(k):
-      term = _phase_tap(phases, i, j, out_hw, stride) * kernel[i, j, 0]
-      y = term if y is None else y + term
-  return y
+
+  def tap(i: int, j: int) -> jax.Array:
+    p = phases[(i % stride, j % stride)]
+    (oh, ow), di, dj = out_hw, i // stride, j // stride
+    return jax.lax.slice(p, (0, di, dj, 0), (p.shape[0], di + oh, dj + ow, p.shape[3]))
+  return tap
 
 
-def _phase_kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
-  """`_kernel_grad` of the padded x for stride > 1 (no dilation), read through `_phases`."""
-  phases = _phases(x, pad, k, g.shape[1:3], stride)
-  taps = [jnp.sum((_phase_tap(phases, i, j, g.shape[1:3], stride) * g).astype(jnp.float32),
-                  axis=(0, 1, 2)) for i in range(k) for j in range(k)]
-  return jnp.stack(taps).reshape(k, k, 1, g.shape[-1])
+def _input_taps(x: jax.Array, pad: int, k: int, out_hw: tuple[int, int], stride: int,
+                dilation: int, strided_grad: str) -> Callable[[int, int], jax.Array]:
+  """The taps `_depthwise_shift` reads x through: its phases where the layer is strided with
+  the 'conv' input gradient (TPU), else slices of the padded map."""
+  if stride > 1 and dilation == 1 and strided_grad == "conv":
+    return _phase_taps(x, pad, k, out_hw, stride)
+  return _padded_taps(_pad_hw(x, pad, pad), out_hw, stride, dilation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -415,9 +411,7 @@ def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
   """
   k = kernel.shape[0]
   out_hw = tuple((n + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
-  if stride > 1 and dilation == 1 and strided_grad == "conv":
-    return _phase_sum(x, kernel, out_hw, stride, pad)
-  return _shift_sum(_pad_hw(x, pad, pad), kernel, out_hw, stride, dilation)
+  return _shift_sum(_input_taps(x, pad, k, out_hw, stride, dilation, strided_grad), kernel)
 
 
 def _depthwise_shift_fwd(x, kernel, stride, pad, dilation, strided_grad):
@@ -431,16 +425,15 @@ def _depthwise_shift_bwd(stride, pad, dilation, strided_grad, res, g):
     # y[p] = sum_i x[p - pad + d*i] w[i], so dx[q] = sum_i g[q + pad - d*i] w[i]: the same
     # shift-sum over g padded by d*(k-1) - pad on each side, kernel flipped.
     edge = d * (k - 1) - pad
-    dx = _shift_sum(_pad_hw(g, edge, edge), kernel[::-1, ::-1], x.shape[1:3], 1, d)
+    dx = _shift_sum(_padded_taps(_pad_hw(g, edge, edge), x.shape[1:3], 1, d),
+                    kernel[::-1, ::-1])
   elif strided_grad == "slices":
-    shift = lambda x: _shift_sum(_pad_hw(x, pad, pad), kernel, g.shape[1:3], s, d)
+    shift = lambda x: _shift_sum(_padded_taps(_pad_hw(x, pad, pad), g.shape[1:3], s, d),
+                                 kernel)
     dx, = jax.linear_transpose(shift, x)(g)
   else:
     dx = _grouped_conv_input_grad(g, kernel, x.shape[1:3], s, pad, d)
-  if s > 1 and d == 1 and strided_grad == "conv":
-    dk = _phase_kernel_grad(x, g, k, s, pad)
-  else:
-    dk = _kernel_grad(_pad_hw(x, pad, pad), g, k, s, d)
+  dk = _kernel_grad(_input_taps(x, pad, k, g.shape[1:3], s, d, strided_grad), g, k)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
